@@ -1,0 +1,52 @@
+"""Prepare your own text for training: writes <data_dir>/<name>/{train,val}.bin and meta.pkl.
+
+python data/prepare.py --input=FILE|FOLDER|GLOB --name=NAME [--tokenizer=gpt2|char] [--val_fraction=0.1]
+A folder is read recursively in sorted order (hidden and binary files skipped);
+quote a glob so the shell passes it through: --input='notes/**/*.md'.
+"""
+import sys
+from pathlib import Path
+
+# Runnable from any folder: make the repo's `trainer` package importable.
+REPO_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO_ROOT))
+
+from trainer import textprep  # noqa: E402
+
+FORMATS = ("text",)
+
+
+def parse_args():
+    parser = textprep.make_parser(__doc__)
+    parser.add_argument("--input", required=True, help="a text file, a folder of them, or a glob")
+    parser.add_argument("--name", required=True, help="dataset name: the folder under data_dir, and the recipe's dataset")
+    parser.add_argument("--tokenizer", default="gpt2", help="gpt2 (BPE, for finetuning GPT-2) or char")
+    parser.add_argument("--val_fraction", type=float, default=0.1, help="share of the characters, at the end, for validation")
+    parser.add_argument("--format", default="text", help="text (instruction data is not supported yet)")
+    parser.add_argument("--data_dir", default=str(REPO_ROOT / "data"), help="datasets folder (default: the repo's data/)")
+    return parser.parse_args()
+
+
+def check_args(args):
+    # Check everything before reading the input, so a typo fails in no time.
+    if args.format == "instructions":
+        raise textprep.PrepareError("--format=instructions is not supported yet; only --format=text is")
+    if args.format not in FORMATS:
+        raise textprep.PrepareError(f"unknown --format={args.format} (only --format=text is supported)")
+    if args.tokenizer not in textprep.TOKENIZERS:
+        raise textprep.PrepareError(f"unknown --tokenizer={args.tokenizer} (choose gpt2 or char)")
+    # The name becomes one folder under data_dir, never a path out of it.
+    if not args.name or args.name in (".", "..") or "/" in args.name or "\\" in args.name:
+        raise textprep.PrepareError(f"--name must be a plain folder name, got {args.name!r}")
+    textprep.check_val_fraction(args.val_fraction)
+
+
+def main():
+    args = parse_args()
+    check_args(args)
+    docs = textprep.read_documents(args.input)
+    textprep.prepare(docs, Path(args.data_dir) / args.name, args.tokenizer, args.val_fraction)
+
+
+if __name__ == "__main__":
+    textprep.run_cli(main)

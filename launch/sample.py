@@ -1,0 +1,65 @@
+"""Sample from a trained model: `python launch/sample.py --out_dir=out-shakespeare --start="To be"`.
+
+Also `--init_from=gpt2-xl` (a hub name) or `--init_from=path/to/hf_dir`.
+"""
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from trainer.cli import run_main  # noqa: E402
+from trainer.errors import UserError  # noqa: E402
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--out_dir", default="out", help="training run to sample from (its latest/best checkpoint)")
+    p.add_argument("--init_from", default="resume", help="'resume' (use --out_dir), a GPT-2 hub name or an HF directory")
+    p.add_argument("--start", default="\n", help="prompt text, or FILE:path to read it from a file")
+    p.add_argument("--num_samples", type=int, default=10)
+    p.add_argument("--max_new_tokens", type=int, default=500)
+    p.add_argument("--temperature", type=float, default=0.8, help="1.0 = as trained, lower = less random, 0 = greedy")
+    p.add_argument("--top_k", type=int, default=200, help="keep only the top_k most likely tokens")
+    p.add_argument("--seed", type=int, default=1337)
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    return p.parse_args(argv)
+
+
+def read_start(start):
+    if start.startswith("FILE:"):
+        path = Path(start[5:])
+        if not path.is_file():
+            raise UserError(f"--start=FILE:{path}: no such file")
+        return path.read_text(encoding="utf-8")
+    return start
+
+
+def main(argv):
+    args = parse_args(argv)
+    import torch
+    from trainer.inference import load_for_inference
+    from trainer.sampling import generate
+
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    source = args.out_dir if args.init_from == "resume" else args.init_from
+    loaded = load_for_inference(source)
+    lm = loaded.lm.to(device)
+    if device == "cuda":
+        lm = lm.to(torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16)
+    start = loaded.tokenizer.encode(read_start(args.start))
+    if not start:
+        raise UserError("--start is empty after tokenization; give some text, e.g. --start='\\n'")
+    torch.manual_seed(args.seed)
+    gen = torch.Generator(device=device).manual_seed(args.seed)
+    idx = torch.tensor([start], dtype=torch.long, device=device)
+    for _ in range(args.num_samples):
+        out = generate(lm, idx, args.max_new_tokens, loaded.block_size, temperature=args.temperature,
+                       top_k=args.top_k, vocab_limit=loaded.vocab_limit, generator=gen)
+        print(loaded.tokenizer.decode(out[0].tolist()))
+        print("---------------")
+    return 0
+
+
+if __name__ == "__main__":
+    run_main(main)

@@ -1,0 +1,97 @@
+"""The DeepSpeed engine: a config from ds_configs/ plus the plan, AdamW param groups, initialize."""
+import copy
+import json
+import math
+
+import deepspeed
+
+from trainer.config import REPO_ROOT
+
+DS_CONFIGS = REPO_ROOT / "ds_configs"
+
+
+def template_name(zero_stage, offload):
+    """Which ds_configs/ template a plan starts from."""
+    if offload != "none" and zero_stage >= 2:
+        return f"zero{zero_stage}_offload"
+    return f"zero{zero_stage}"
+
+
+def zero_section(zero_stage, offload, on_gpu):
+    name = template_name(zero_stage, offload)
+    zero = json.loads((DS_CONFIGS / f"{name}.json").read_text())["zero_optimization"]
+    if offload == "optimizer":
+        zero.pop("offload_param", None)
+    if offload != "none" and "offload_optimizer" not in zero:  # ZeRO-1 offload borrows ZeRO-2's section
+        offload_src = json.loads((DS_CONFIGS / "zero2_offload.json").read_text())["zero_optimization"]
+        zero["offload_optimizer"] = copy.deepcopy(offload_src["offload_optimizer"])
+    for key in ("offload_optimizer", "offload_param"):
+        if key in zero and not on_gpu:
+            zero[key]["pin_memory"] = False  # pinned memory means nothing without a GPU
+    return zero
+
+
+def build_ds_config(cfg, plan, world_size, on_gpu):
+    """The full DeepSpeed config for this run: batch sizes, precision, clipping, optimizer, ZeRO."""
+    config = {
+        "train_micro_batch_size_per_gpu": plan.micro_batch_size,
+        "gradient_accumulation_steps": plan.grad_accum_per_rank,
+        "train_batch_size": plan.micro_batch_size * plan.grad_accum_per_rank * world_size,
+        "gradient_clipping": cfg["grad_clip"] if cfg["grad_clip"] > 0 else 0.0,
+        "zero_optimization": zero_section(plan.zero_stage, plan.offload, on_gpu),
+        "optimizer": {
+            "type": "AdamW",
+            "params": {
+                "lr": cfg["learning_rate"],
+                "betas": [cfg["beta1"], cfg["beta2"]],
+                "eps": 1e-8,
+                "weight_decay": cfg["weight_decay"],
+                # torch's AdamW needs no compiled op; with offload DeepSpeed uses its CPU Adam instead
+                "torch_adam": plan.offload == "none",
+            },
+        },
+        "steps_per_print": 2**31 - 1,  # the trainer prints its own progress
+        "wall_clock_breakdown": False,
+    }
+    if plan.dtype == "bf16":
+        config["bf16"] = {"enabled": True}
+    elif plan.dtype == "fp16":
+        config["fp16"] = {"enabled": True, "loss_scale": 0, "initial_scale_power": 16,
+                          "loss_scale_window": 1000, "hysteresis": 2, "min_loss_scale": 1}
+    return config
+
+
+def param_groups(model, weight_decay):
+    """nanoGPT's rule: decay 2-D weights (matmuls, embeddings), not biases or LayerNorms."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if p.dim() >= 2]
+    no_decay = [p for p in params if p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": weight_decay}]
+    if no_decay:
+        groups.append({"params": no_decay, "weight_decay": 0.0})
+    return groups
+
+
+def create_engine(module, cfg, plan, world_size, on_gpu):
+    ds_config = build_ds_config(cfg, plan, world_size, on_gpu)
+    engine, _, _, _ = deepspeed.initialize(model=module, model_parameters=param_groups(module, cfg["weight_decay"]),
+                                           config=ds_config)
+    return engine, ds_config
+
+
+def lr_at(it, cfg):
+    """nanoGPT's schedule: linear warmup, cosine decay to min_lr, then min_lr (constant if decay_lr=False)."""
+    if not cfg["decay_lr"]:
+        return cfg["learning_rate"]
+    if it < cfg["warmup_iters"]:
+        return cfg["learning_rate"] * (it + 1) / (cfg["warmup_iters"] + 1)
+    if it > cfg["lr_decay_iters"]:
+        return cfg["min_lr"]
+    ratio = (it - cfg["warmup_iters"]) / max(1, cfg["lr_decay_iters"] - cfg["warmup_iters"])
+    coeff = 0.5 * (1.0 + math.cos(math.pi * ratio))
+    return cfg["min_lr"] + coeff * (cfg["learning_rate"] - cfg["min_lr"])
+
+
+def set_lr(engine, lr):
+    for group in engine.optimizer.param_groups:
+        group["lr"] = lr

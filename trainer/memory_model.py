@@ -1,0 +1,259 @@
+"""The memory model: bytes per device for one candidate plan, from the model's shape alone.
+
+Pure arithmetic (no torch, no model construction), so the planner can try hundreds of
+candidates for gpt2-xl in milliseconds. DESIGN.md, "The plan", is the contract; the
+DeepSpeed-specific details below (which fp32 copies exist when, which buffers are
+allocated) were read from deepspeed 0.19's engine, stage_1_and_2, stage3 and
+fp16/fused_optimizer code paths.
+
+Peak = weights + gradients + optimizer states + DeepSpeed buckets
+       + max(activations + logits/loss,  optimizer-step transient)
+       + fragmentation (a fraction of that) + the CUDA context.
+Activations and the optimizer-step transient never coexist: by the time the optimizer
+steps, the backward pass has released every activation.
+"""
+from dataclasses import dataclass
+
+MiB = 2**20
+GiB = 2**30
+
+# (n_layer, n_head, n_embd) of the published GPT-2 sizes; all have vocab 50257 and 1024 positions.
+GPT2_SHAPES = {"gpt2": (12, 12, 768), "gpt2-medium": (24, 16, 1024), "gpt2-large": (36, 20, 1280),
+               "gpt2-xl": (48, 25, 1600)}
+GPT2_VOCAB = 50257
+GPT2_POSITIONS = 1024
+
+# The loss is computed over chunks of the flattened tokens so that one chunk's fp32 logits
+# stay under this many bytes (trainer/model.py uses the same number).
+LOSS_CHUNK_BYTES = 256 * MiB
+
+# ---------------------------------------------------------------------------------------
+# Calibrated constants. No GPU was available when these were set: they are documented
+# defaults, TO BE CALIBRATED from bench/MEMORY.md (bench/memory_fit.py: predicted vs
+# measured max_memory_allocated / reserved per GPT-2 size and memory cap). Change them
+# here only, citing the table row they came from.
+# ---------------------------------------------------------------------------------------
+CUDA_CONTEXT_BYTES = 500 * MiB    # CUDA context + cuBLAS/NCCL workspaces, outside torch's allocator
+CPU_PROCESS_BYTES = 1 * GiB       # resident python + torch + deepspeed per rank on a CPU-only machine
+FRAGMENTATION = 0.10              # caching allocator: reserved exceeds allocated by this fraction at peak
+USABLE_FRACTION_GPU = 0.95        # plan into this share of a GPU's memory; the rest is headroom
+USABLE_FRACTION_CPU = 0.80        # share of *available* system memory (other processes, page cache)
+ACT_BYTES_PER_SBH = 34            # per layer, 16-bit, fused SDPA attention (Korthikanti et al. 2022)
+CKPT_BYTES_PER_SBH = 2            # per checkpointed layer: its 16-bit input hidden state
+OUTSIDE_LAYERS_SBH = 4            # embedding sum + final LayerNorm input/output, 16-bit
+LOGITS_BYTES_PER_ELEMENT = 12     # per chunk element: fp32 log-probs kept + their grad + logits' grad
+NF4_BYTES_PER_PARAM = 0.5 + 1 / 64 + 4 / (64 * 256)  # 4-bit + 8-bit absmax per 64 + fp32 per 256 blocks
+ZERO0_ALLREDUCE_ELEMENTS = 500_000_000  # engine.allreduce_gradients' fixed bucket (ZeRO-0 path)
+BUCKET_ELEMENTS_LARGE = 200_000_000     # ds_configs/zero1,zero2 templates
+BUCKET_ELEMENTS_SMALL = 50_000_000      # ds_configs/zero3 template; also ZeRO-1/2 on small GPUs
+SMALL_GPU_BYTES = 20 * GiB              # below this usable memory, ZeRO-1/2 use the small buckets
+PERSISTENCE_THRESHOLD = 100_000         # ZeRO-3 keeps tensors this small whole on every rank
+# CPU SDPA falls back to the math kernel when attention dropout is on, materializing scores,
+# softmax and the mask: measured here (torch 2.13 CPU, fp32) at ~13 bytes per score element.
+MATH_ATTN_BYTES_FP32 = 13
+# Adam temporaries (sqrt of exp_avg_sq, its scaled copy) the size of the largest tensor the
+# optimizer updates: torch's foreach path on GPUs keeps one, the per-tensor CPU path two.
+ADAM_TEMPS_GPU = 1
+ADAM_TEMPS_CPU = 2
+# ---------------------------------------------------------------------------------------
+
+DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
+LORA_TARGETS = ("c_attn", "c_proj", "c_fc")
+MEMORY_ITEMS = ("weights", "gradients", "optimizer_states", "ds_buckets", "activations",
+                "logits_and_loss", "optimizer_step_transient", "context_and_fragmentation")
+
+
+def gpt2_param_count(n_layer, n_head, n_embd, vocab_size, block_size):
+    """Parameters of GPT-2 with tied input/output embeddings and biases everywhere.
+
+    Per block: ln_1, ln_2 (2C each), c_attn C->3C, attn c_proj C->C, c_fc C->4C,
+    mlp c_proj 4C->C, each with a bias: 12C^2 + 13C. Plus wte, wpe and ln_f.
+    """
+    del n_head  # heads split C; they add no parameters
+    c = n_embd
+    return vocab_size * c + block_size * c + n_layer * (12 * c * c + 13 * c) + 2 * c
+
+
+def linear_weight_count(n_layer, n_embd):
+    """Weights of the four projections per block (what QLoRA quantizes to 4 bits)."""
+    return n_layer * 12 * n_embd * n_embd
+
+
+def lora_trainable_count(n_layer, n_embd, r, targets):
+    """LoRA adds A (in x r) and B (r x out) to each targeted projection: r * (in + out).
+
+    `c_proj` names both the attention output (C->C) and the MLP output (4C->C) projections.
+    """
+    c = n_embd
+    per_layer = {"c_attn": r * (c + 3 * c), "c_proj": r * (c + c) + r * (4 * c + c), "c_fc": r * (c + 4 * c)}
+    unknown = set(targets) - set(per_layer)
+    if unknown:
+        raise ValueError(f"unknown LoRA targets {sorted(unknown)}; choose from {LORA_TARGETS}")
+    return n_layer * sum(per_layer[t] for t in set(targets))
+
+
+@dataclass(frozen=True)
+class Shape:
+    n_layer: int
+    n_head: int
+    n_embd: int
+    vocab_size: int
+    block_size: int
+
+
+@dataclass(frozen=True)
+class Candidate:
+    mode: str          # full | lora | qlora
+    zero_stage: int
+    offload: str       # none | optimizer | optimizer+params
+    gradient_checkpointing: bool
+    micro_batch_size: int
+
+
+def bucket_sizes(zero_stage, trainable, usable_bytes):
+    """The DeepSpeed bucket sizes (elements) a plan writes into its zero_optimization section."""
+    if zero_stage == 0:
+        return {}
+    large = BUCKET_ELEMENTS_SMALL if zero_stage == 3 or usable_bytes < SMALL_GPU_BYTES else BUCKET_ELEMENTS_LARGE
+    # no point in a bucket larger than all the gradients; whole millions keep NCCL's alignment
+    size = min(large, -(-max(trainable, 1) // 1_000_000) * 1_000_000)
+    if zero_stage == 3:
+        return {"reduce_bucket_size": size, "stage3_prefetch_bucket_size": size,
+                "stage3_param_persistence_threshold": PERSISTENCE_THRESHOLD}
+    return {"reduce_bucket_size": size, "allgather_bucket_size": size}
+
+
+def parameter_counts(shape, mode, lora_r, lora_targets):
+    """(base parameters, trainable parameters, total held by the model)."""
+    base = gpt2_param_count(shape.n_layer, shape.n_head, shape.n_embd, shape.vocab_size, shape.block_size)
+    if mode == "full":
+        return base, base, base
+    adapters = lora_trainable_count(shape.n_layer, shape.n_embd, lora_r, lora_targets)
+    return base, adapters, base + adapters
+
+
+def estimate(shape, cand, dtype, n_devices, device_type, usable_bytes, lora_r=8,
+             lora_targets=LORA_TARGETS, lora_dropout=0.0, dropout=0.0):
+    """Per-device bytes for one candidate: (items dict, allocated peak, total peak, host bytes).
+
+    `host_bytes` is what offload puts in CPU memory per rank; on a CPU-only machine it is
+    the same memory, so it is added to the peak there.
+    """
+    w = DTYPE_BYTES[dtype]
+    n = n_devices
+    s, b, c, L, V = shape.block_size, cand.micro_batch_size, shape.n_embd, shape.n_layer, shape.vocab_size
+    base, trainable, _ = parameter_counts(shape, cand.mode, lora_r, lora_targets)
+    zero, offload = cand.zero_stage, cand.offload
+    shard = n if zero >= 1 else 1  # divisor for optimizer states
+
+    # --- weights: 16-bit (fp32 on CPU); QLoRA's projections in nf4; adapters in the compute dtype
+    if cand.mode == "qlora":
+        quantized = linear_weight_count(L, c)
+        base_bytes = quantized * NF4_BYTES_PER_PARAM + (base - quantized) * w
+    else:
+        base_bytes = base * w
+    model_bytes = base_bytes + (trainable * w if cand.mode != "full" else 0)
+    if zero == 3:
+        # ZeRO-3 gathers one module at a time (the largest is the tied wte/lm_head) plus what
+        # it prefetches; tensors under the persistence threshold (biases, LayerNorms) stay whole.
+        prefetch = min(BUCKET_ELEMENTS_SMALL, base)
+        in_flight = (V * c + prefetch) * w
+        persistent = (L * 13 * c + 2 * c) * w
+        resident = 0 if offload == "optimizer+params" else model_bytes / n
+        weights = resident + in_flight + persistent
+    else:
+        weights = model_bytes
+
+    # --- gradients (compute dtype) of the trainable parameters
+    grad_full = trainable * w
+    if offload != "none" and zero >= 2:
+        gradients = 0  # streamed to CPU through the reduce buckets as they are produced
+    elif zero >= 2:
+        gradients = grad_full / n
+    else:
+        gradients = grad_full
+
+    # --- optimizer states: Adam moments (8 bytes) + an fp32 master copy (4 bytes). In fp32
+    # training ZeRO-0 updates the parameters themselves; ZeRO>=1 still clones an fp32 partition.
+    master = 4 * trainable if (w != 4 or zero >= 1) else 0
+    states = (8 * trainable + master) / shard
+    host = 0
+    if offload != "none":
+        # CPU Adam: moments, master, fp32 grads and a 16-bit staging copy live in host memory
+        host += states + (4 + w) * trainable / shard
+        states = 0
+        if offload == "optimizer+params":
+            host += model_bytes / n
+
+    # --- DeepSpeed buckets held during the backward pass
+    buckets = bucket_sizes(zero, trainable, usable_bytes)
+    if zero == 0:
+        ds_buckets = 0
+    else:
+        copies = 1 if zero == 1 else 2  # overlap_comm (zero2/zero3 templates) double-buffers
+        ds_buckets = buckets["reduce_bucket_size"] * w * copies
+
+    # --- activations of one micro-batch
+    sbh = s * b * c
+    scale = w / 2  # the per-sbh constants are for 16-bit tensors
+    per_layer = ACT_BYTES_PER_SBH * sbh * scale
+    if device_type == "cpu" and dropout > 0:
+        per_layer += shape.n_head * s * s * b * (MATH_ATTN_BYTES_FP32 if w == 4 else 5)
+    if cand.mode != "full" and lora_dropout > 0:
+        # peft's LoRA dropout keeps a dropped copy of each targeted projection's input
+        inputs = {"c_attn": c, "c_proj": c + 4 * c, "c_fc": c}
+        per_layer += s * b * sum(inputs[t] for t in set(lora_targets)) * (w + 1)
+    if cand.gradient_checkpointing:
+        activations = L * CKPT_BYTES_PER_SBH * sbh * scale + per_layer  # + the layer recomputed
+    else:
+        activations = L * per_layer
+    activations += OUTSIDE_LAYERS_SBH * sbh * scale
+    if cand.mode == "qlora":
+        activations += 2 * 4 * c * c * w  # dequantized weight of the largest projection, fwd and bwd
+
+    # --- logits and loss: one chunk of logits, plus the hidden states feeding the head and their grad
+    tokens = s * b
+    chunk = min(tokens, max(1, LOSS_CHUNK_BYTES // (4 * V)))
+    logits = chunk * V * LOGITS_BYTES_PER_ELEMENT + 2 * tokens * c * w
+
+    # --- optimizer-step transient: fp32 gradient copies and Adam's temporaries
+    temps = ADAM_TEMPS_GPU if device_type == "cuda" else ADAM_TEMPS_CPU
+    if offload != "none":
+        transient = 0  # the step runs on the CPU; see host
+        host += temps * 4 * trainable / shard
+    elif zero == 0:
+        allreduce = min(trainable, ZERO0_ALLREDUCE_ELEMENTS) * w
+        if w != 4:
+            # FP16_Optimizer flattens fp32 copies of every gradient (per-parameter list + flat buffer)
+            transient = max(8 * trainable, allreduce, 4 * trainable * (1 + temps) - grad_full)
+        else:
+            # plain torch AdamW on the parameters; temporaries of the largest tensor (foreach: all)
+            largest = trainable if device_type == "cuda" else min(trainable, max(V * c, 4 * c * c))
+            transient = max(allreduce, temps * 4 * largest)
+    else:
+        # the fp32 gradient partition plus Adam's temporaries on the flat fp32 partition
+        transient = (4 + temps * 4) * trainable / n
+        if zero <= 2:
+            transient = max(transient, buckets["allgather_bucket_size"] * w)
+    if device_type == "cpu":
+        transient += 0  # offloaded bytes are added to the total below
+
+    items = {
+        "weights": int(weights),
+        "gradients": int(gradients),
+        "optimizer_states": int(states),
+        "ds_buckets": int(ds_buckets),
+        "activations": int(activations),
+        "logits_and_loss": int(logits),
+        "optimizer_step_transient": int(transient),
+    }
+    allocated = (items["weights"] + items["gradients"] + items["optimizer_states"] + items["ds_buckets"]
+                 + max(items["activations"] + items["logits_and_loss"], items["optimizer_step_transient"]))
+    if device_type == "cpu":
+        # offloading to "CPU memory" on a CPU-only machine moves nothing out of the budget
+        items["offloaded_to_host"] = int(host)
+        allocated += int(host)
+    context = CUDA_CONTEXT_BYTES if device_type == "cuda" else CPU_PROCESS_BYTES
+    items["context_and_fragmentation"] = int(FRAGMENTATION * allocated + context)
+    total = allocated + items["context_and_fragmentation"]
+    return items, int(allocated), int(total), int(host), buckets

@@ -1,0 +1,174 @@
+"""The model: transformers' GPT2LMHeadModel (SDPA attention) plus a memory-lean loss.
+
+`build_model` makes the GPT-2 from scratch, from a hub name or from a local Hugging Face
+directory; `LMWithLoss` is the module DeepSpeed trains: it returns the mean token loss,
+computed over chunks of tokens so that full fp32 logits are never held at once.
+"""
+import functools
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+from transformers import GPT2Config, GPT2LMHeadModel
+
+from trainer.errors import UserError
+from trainer.tokenizer import GPT2_EOT
+
+# (n_layer, n_head, n_embd) of the published GPT-2 sizes; all have vocab 50257 and 1024 positions.
+GPT2_SHAPES = {"gpt2": (12, 12, 768), "gpt2-medium": (24, 16, 1024), "gpt2-large": (36, 20, 1280),
+               "gpt2-xl": (48, 25, 1600)}
+HUB_NAMES = tuple(GPT2_SHAPES)
+IGNORE_INDEX = -100  # targets with this id carry no loss (masked instruction prompts)
+# One chunk's fp32 logits stay under this many bytes; the planner counts the loss with it.
+LOSS_CHUNK_BYTES = 256 * 2**20
+
+
+def padded_vocab(vocab_size, multiple=64):
+    """Round the vocabulary up: matmuls with a multiple of 64 run faster (nanoGPT's 50304)."""
+    return (vocab_size + multiple - 1) // multiple * multiple
+
+
+def is_pretrained_source(init_from):
+    return init_from in HUB_NAMES or Path(init_from).is_dir()
+
+
+def scratch_config(cfg, vocab_size):
+    return GPT2Config(
+        vocab_size=padded_vocab(vocab_size), n_positions=cfg["block_size"], n_embd=cfg["n_embd"],
+        n_layer=cfg["n_layer"], n_head=cfg["n_head"], resid_pdrop=cfg["dropout"],
+        embd_pdrop=cfg["dropout"], attn_pdrop=cfg["dropout"], use_cache=False,
+        # GPT-2's <|endoftext|> exists only in a GPT-2 vocabulary, not in a character one
+        bos_token_id=GPT2_EOT if vocab_size > GPT2_EOT else None,
+        eos_token_id=GPT2_EOT if vocab_size > GPT2_EOT else None,
+    )
+
+
+def load_pretrained(source, dropout, dtype=None, **kwargs):
+    """GPT-2 from the hub or a local HF directory, with dropout overridden."""
+    if source not in HUB_NAMES and not (Path(source) / "config.json").is_file():
+        raise UserError(f"init_from={source!r} is neither scratch, resume, a GPT-2 hub name "
+                        f"({', '.join(HUB_NAMES)}) nor a Hugging Face model directory with config.json")
+    try:
+        return GPT2LMHeadModel.from_pretrained(
+            source, attn_implementation="sdpa", resid_pdrop=dropout, embd_pdrop=dropout,
+            attn_pdrop=dropout, use_cache=False, dtype=dtype, **kwargs)
+    except OSError as exc:
+        raise UserError(f"could not load {source!r} ({str(exc).splitlines()[0]}); "
+                        f"check the name or download it first with network access") from None
+
+
+def crop_block_size(model, block_size):
+    """Keep the first block_size positions of a pretrained position table."""
+    n_positions = model.config.n_positions
+    if block_size > n_positions:
+        raise UserError(f"block_size={block_size} is larger than the model's {n_positions} positions; "
+                        f"use --block_size={n_positions} or less")
+    if block_size < n_positions:
+        wpe = model.transformer.wpe
+        wpe.weight = nn.Parameter(wpe.weight.data[:block_size].clone())
+        wpe.num_embeddings = block_size
+        model.config.n_positions = block_size
+
+
+def remove_biases(model):
+    """bias=False (nanoGPT's option): HF GPT-2 always has biases, so zero and freeze them."""
+    for name, param in model.named_parameters():
+        if name.endswith(".bias"):
+            param.data.zero_()
+            param.requires_grad_(False)
+
+
+def build_model(cfg, vocab_size):
+    """GPT2LMHeadModel for cfg['init_from'] (never 'resume': resume rebuilds from model_config.json)."""
+    init_from = cfg["init_from"]
+    if init_from == "scratch":
+        model = GPT2LMHeadModel(scratch_config(cfg, vocab_size))
+    else:
+        model = load_pretrained(init_from, cfg["dropout"])
+        crop_block_size(model, cfg["block_size"])
+    if not cfg["bias"]:
+        remove_biases(model)
+    return model
+
+
+def model_from_config_file(path):
+    """Rebuild the architecture saved at the start of a run (weights come from the checkpoint)."""
+    config = GPT2Config.from_json_file(path)
+    config._attn_implementation = "sdpa"
+    return GPT2LMHeadModel(config)
+
+
+def _chunk_loss_sum(lm_head, hidden, targets):
+    logits = lm_head(hidden).float()
+    return F.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX, reduction="sum")
+
+
+def chunked_lm_loss(lm_head, hidden, targets, chunk_bytes=LOSS_CHUNK_BYTES):
+    """Mean cross-entropy over tokens whose target is not IGNORE_INDEX.
+
+    Each chunk's logits are recomputed in the backward pass (checkpointed), so the peak is
+    one chunk of fp32 logits instead of batch x block x vocab of them.
+    """
+    hidden = hidden.reshape(-1, hidden.size(-1))
+    targets = targets.reshape(-1)
+    vocab = lm_head.out_features if hasattr(lm_head, "out_features") else lm_head.weight.shape[0]
+    chunk = max(1, chunk_bytes // (4 * vocab))
+    n_valid = (targets != IGNORE_INDEX).sum().clamp(min=1)
+    if hidden.size(0) <= chunk:
+        return _chunk_loss_sum(lm_head, hidden, targets) / n_valid
+    total = hidden.new_zeros((), dtype=torch.float32)
+    piece = functools.partial(_chunk_loss_sum, lm_head)
+    for start in range(0, hidden.size(0), chunk):
+        total = total + checkpoint(piece, hidden[start:start + chunk], targets[start:start + chunk],
+                                   use_reentrant=False)
+    return total / n_valid
+
+
+class LMWithLoss(nn.Module):
+    """What DeepSpeed trains: tokens in, mean loss out (the HF model is `self.lm`)."""
+
+    def __init__(self, lm):
+        super().__init__()
+        self.lm = lm
+
+    def forward(self, idx, targets, position_ids=None, attention_mask=None):
+        hidden = self.lm.transformer(input_ids=idx, position_ids=position_ids,
+                                     attention_mask=attention_mask).last_hidden_state
+        return chunked_lm_loss(self.lm.lm_head, hidden, targets)
+
+    @torch.no_grad()
+    def logits(self, idx):
+        return self.lm(input_ids=idx).logits
+
+
+def count_parameters(model):
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return total, trainable
+
+
+def strip_prefix(state_dict, prefix="lm."):
+    """State dicts saved from LMWithLoss -> keys of the bare HF model."""
+    return {k[len(prefix):] if k.startswith(prefix) else k: v for k, v in state_dict.items()}
+
+
+
+def model_shape(cfg, data_vocab_size, model_config_path=None):
+    """The shape the planner needs, without building the model or loading weights."""
+    init_from = cfg["init_from"]
+    if model_config_path is not None or (init_from not in HUB_NAMES and init_from != "scratch"):
+        path = Path(model_config_path or Path(init_from) / "config.json")
+        if not path.is_file():
+            raise UserError(f"init_from={init_from!r} is neither scratch, resume, a GPT-2 hub name "
+                            f"({', '.join(HUB_NAMES)}) nor a Hugging Face model directory with config.json")
+        hf = GPT2Config.from_json_file(path)
+        n_layer, n_head, n_embd, vocab = hf.n_layer, hf.n_head, hf.n_embd, hf.vocab_size
+    elif init_from in HUB_NAMES:
+        n_layer, n_head, n_embd = GPT2_SHAPES[init_from]
+        vocab = 50257
+    else:
+        n_layer, n_head, n_embd = cfg["n_layer"], cfg["n_head"], cfg["n_embd"]
+        vocab = padded_vocab(data_vocab_size)
+    return {"n_layer": n_layer, "n_head": n_head, "n_embd": n_embd, "vocab_size": vocab}

