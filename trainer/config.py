@@ -101,7 +101,7 @@ def check_value(key, value, source):
     if want is float and type(value) is int:
         value = float(value)
     if type(value) is not want:
-        raise ConfigError(f"{key}={value!r} in {source} must be a {want.__name__}"
+        raise ConfigError(f"{key}={value!r} in {source} must be of type {want.__name__}"
                           f"{' or auto' if key in AUTO_KEYS else ''} (like the default {default!r})")
     if key in CHOICES and value not in CHOICES[key]:
         raise ConfigError(f"{key}={value!r} in {source} must be one of {', '.join(map(str, CHOICES[key]))}")
@@ -166,6 +166,8 @@ def resolve_config(argv):
         elif word.startswith("--recipe="):
             recipe = word.split("=", 1)[1]
         elif not word.startswith("--"):
+            if "=" in word:
+                raise ConfigError(f"cannot read argument '{word}': write overrides as --{word}")
             if recipe is not None:
                 raise ConfigError(f"two recipes given ('{recipe}' and '{word}'): pass one")
             recipe = word

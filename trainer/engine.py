@@ -4,6 +4,7 @@ import json
 import math
 
 import deepspeed
+import torch
 
 from trainer.config import REPO_ROOT
 
@@ -95,3 +96,14 @@ def lr_at(it, cfg):
 def set_lr(engine, lr):
     for group in engine.optimizer.param_groups:
         group["lr"] = lr
+
+
+def reports_grad_norm(engine):
+    """DeepSpeed reports the global grad norm from its ZeRO and 16-bit optimizers, not plain fp32 stage 0."""
+    return bool(engine.zero_optimization() or engine.fp16_enabled() or engine.bfloat16_enabled())
+
+
+def grad_norm_before_step(engine):
+    """The norm of the accumulated (already all-reduced) gradients, for the fp32 stage-0 case."""
+    grads = [p.grad for p in engine.module.parameters() if p.grad is not None]
+    return float(torch.nn.utils.get_total_norm(grads)) if grads else None

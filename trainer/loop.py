@@ -16,7 +16,7 @@ import torch.distributed as dist
 from trainer import checkpoint, planner
 from trainer.adapters import apply_mode, uses_adapters
 from trainer.data import TokenData, TrainSampler, dataset_dir, eval_offsets
-from trainer.engine import create_engine, lr_at, set_lr
+from trainer.engine import create_engine, grad_norm_before_step, lr_at, reports_grad_norm, set_lr
 from trainer.errors import UserError
 from trainer.model import LMWithLoss, build_model, count_parameters, model_from_config_file, model_shape
 from trainer.run_logger import (RunLogger, flops_per_token, format_eta, human_bytes, peak_flops,
@@ -183,12 +183,13 @@ def train(cfg, hardware_overrides=None):
         return {"iter_num": iter_num, "best_val_loss": best_val_loss, "config": cfg, "plan": plan_dict,
                 "sampler": sampler.state_dict()}
 
+    ds_reports_norm = reports_grad_norm(engine)
     t_last, iters_since_log = time.time(), 0
     while True:
         lr = lr_at(iter_num, cfg)
         set_lr(engine, lr)
 
-        if iter_num % cfg["eval_interval"] == 0 or iter_num == cfg["max_iters"]:
+        if iter_num % cfg["eval_interval"] == 0 or iter_num == cfg["max_iters"] or cfg["eval_only"]:
             losses = estimate_loss(engine, data, cfg, plan.micro_batch_size, rank, world, device)
             log.print(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
             log.scalar("eval/train_loss", losses["train"], iter_num)
@@ -204,12 +205,16 @@ def train(cfg, hardware_overrides=None):
         if cfg["eval_only"] or iter_num >= cfg["max_iters"]:
             break
 
-        loss_sum = 0.0
+        loss_sum, grad_norm = 0.0, None
         for x, y in sampler.iteration_batches(sequences, rank, world, plan.micro_batch_size):
             loss = engine(x.to(device), y.to(device))
             engine.backward(loss)
+            if not ds_reports_norm and engine.is_gradient_accumulation_boundary():
+                grad_norm = grad_norm_before_step(engine)
             engine.step()
             loss_sum += loss.item()
+        if ds_reports_norm:
+            grad_norm = engine.get_global_grad_norm()
         iter_num += 1
         iters_since_log += 1
         log.advance()
@@ -220,7 +225,6 @@ def train(cfg, hardware_overrides=None):
             elapsed = time.time() - t_last
             ms_per_iter = 1000 * elapsed / iters_since_log
             tokens_per_sec = tokens_per_iter * iters_since_log / elapsed
-            grad_norm = engine.get_global_grad_norm()
             grad_norm = float(grad_norm) if grad_norm is not None else None
             peak = peak_memory_bytes()
             flops = peak_flops()

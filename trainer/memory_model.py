@@ -110,6 +110,15 @@ class Candidate:
     micro_batch_size: int
 
 
+@dataclass(frozen=True)
+class Estimate:
+    items: dict         # bytes per device for each of MEMORY_ITEMS (+ offloaded_to_host on CPU)
+    allocated: int      # peak of live tensors (what torch.cuda.max_memory_allocated measures)
+    total: int          # allocated + fragmentation + context: the number that must fit
+    host: int           # bytes per rank that offload keeps in CPU memory
+    buckets: dict       # DeepSpeed bucket sizes (elements) this estimate assumed
+
+
 def bucket_sizes(zero_stage, trainable, usable_bytes):
     """The DeepSpeed bucket sizes (elements) a plan writes into its zero_optimization section."""
     if zero_stage == 0:
@@ -118,7 +127,8 @@ def bucket_sizes(zero_stage, trainable, usable_bytes):
     # no point in a bucket larger than all the gradients; whole millions keep NCCL's alignment
     size = min(large, -(-max(trainable, 1) // 1_000_000) * 1_000_000)
     if zero_stage == 3:
-        return {"reduce_bucket_size": size, "stage3_prefetch_bucket_size": size,
+        # prefetch gathers frozen weights too, so it is not capped by the trainable count
+        return {"reduce_bucket_size": size, "stage3_prefetch_bucket_size": BUCKET_ELEMENTS_SMALL,
                 "stage3_param_persistence_threshold": PERSISTENCE_THRESHOLD}
     return {"reduce_bucket_size": size, "allgather_bucket_size": size}
 
@@ -134,11 +144,7 @@ def parameter_counts(shape, mode, lora_r, lora_targets):
 
 def estimate(shape, cand, dtype, n_devices, device_type, usable_bytes, lora_r=8,
              lora_targets=LORA_TARGETS, lora_dropout=0.0, dropout=0.0):
-    """Per-device bytes for one candidate: (items dict, allocated peak, total peak, host bytes).
-
-    `host_bytes` is what offload puts in CPU memory per rank; on a CPU-only machine it is
-    the same memory, so it is added to the peak there.
-    """
+    """Per-device bytes of one candidate plan (see the module docstring for the peak)."""
     w = DTYPE_BYTES[dtype]
     n = n_devices
     s, b, c, L, V = shape.block_size, cand.micro_batch_size, shape.n_embd, shape.n_layer, shape.vocab_size
@@ -156,8 +162,7 @@ def estimate(shape, cand, dtype, n_devices, device_type, usable_bytes, lora_r=8,
     if zero == 3:
         # ZeRO-3 gathers one module at a time (the largest is the tied wte/lm_head) plus what
         # it prefetches; tensors under the persistence threshold (biases, LayerNorms) stay whole.
-        prefetch = min(BUCKET_ELEMENTS_SMALL, base)
-        in_flight = (V * c + prefetch) * w
+        in_flight = min(V * c + BUCKET_ELEMENTS_SMALL, base) * w
         persistent = (L * 13 * c + 2 * c) * w
         resident = 0 if offload == "optimizer+params" else model_bytes / n
         weights = resident + in_flight + persistent
@@ -219,8 +224,7 @@ def estimate(shape, cand, dtype, n_devices, device_type, usable_bytes, lora_r=8,
     # --- optimizer-step transient: fp32 gradient copies and Adam's temporaries
     temps = ADAM_TEMPS_GPU if device_type == "cuda" else ADAM_TEMPS_CPU
     if offload != "none":
-        transient = 0  # the step runs on the CPU; see host
-        host += temps * 4 * trainable / shard
+        transient = 0  # DeepSpeedCPUAdam updates in place on the CPU
     elif zero == 0:
         allreduce = min(trainable, ZERO0_ALLREDUCE_ELEMENTS) * w
         if w != 4:
@@ -235,8 +239,6 @@ def estimate(shape, cand, dtype, n_devices, device_type, usable_bytes, lora_r=8,
         transient = (4 + temps * 4) * trainable / n
         if zero <= 2:
             transient = max(transient, buckets["allgather_bucket_size"] * w)
-    if device_type == "cpu":
-        transient += 0  # offloaded bytes are added to the total below
 
     items = {
         "weights": int(weights),
@@ -255,5 +257,5 @@ def estimate(shape, cand, dtype, n_devices, device_type, usable_bytes, lora_r=8,
         allocated += int(host)
     context = CUDA_CONTEXT_BYTES if device_type == "cuda" else CPU_PROCESS_BYTES
     items["context_and_fragmentation"] = int(FRAGMENTATION * allocated + context)
-    total = allocated + items["context_and_fragmentation"]
-    return items, int(allocated), int(total), int(host), buckets
+    return Estimate(items, int(allocated), int(allocated + items["context_and_fragmentation"]), int(host),
+                    buckets)

@@ -1,0 +1,71 @@
+"""Shared test fixtures: real data on disk, a tiny GPT-2 in Hugging Face format, real launches."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHAKESPEARE = REPO.parent / "shared" / "data" / "tinyshakespeare.txt"
+if not SHAKESPEARE.is_file():  # a checkout elsewhere: the workspace's copy
+    SHAKESPEARE = Path("/work/shared/data/tinyshakespeare.txt")
+
+
+def run_cmd(args, cwd, timeout=600, check=True, env=None):
+    """Run a documented command for real; return the CompletedProcess (output as text)."""
+    full_env = dict(os.environ)
+    full_env.pop("RANK", None)  # each launch makes its own process group
+    full_env.update(PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1")
+    full_env.update(env or {})
+    proc = subprocess.run(args, cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(map(str, args))} exited {proc.returncode}\n"
+                             f"stdout:\n{proc.stdout[-4000:]}\nstderr:\n{proc.stderr[-4000:]}")
+    return proc
+
+
+def python(*args):
+    return [sys.executable, *map(str, args)]
+
+
+def deepspeed_cmd(*args, num_gpus=None):
+    """The `deepspeed` launcher of this interpreter's environment."""
+    launcher = Path(sys.executable).with_name("deepspeed")
+    extra = [f"--num_gpus={num_gpus}"] if num_gpus else []
+    return [str(launcher), *extra, "--master_port", str(free_port()), *map(str, args)]
+
+
+def free_port():
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory):
+    """tiny Shakespeare prepared both ways (characters and GPT-2 BPE) in a temporary data_dir."""
+    root = tmp_path_factory.mktemp("data")
+    run_cmd(python(REPO / "data/shakespeare_char/prepare.py", f"--input={SHAKESPEARE}", f"--data_dir={root}"), REPO)
+    run_cmd(python(REPO / "data/shakespeare/prepare.py", f"--input={SHAKESPEARE}", f"--data_dir={root}"), REPO)
+    return root
+
+
+def make_tiny_gpt2(path, n_layer=2, n_head=2, n_embd=32, n_positions=128, vocab_size=50257, seed=0):
+    """A randomly initialised GPT-2 saved in Hugging Face format, standing in for real weights."""
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+    torch.manual_seed(seed)
+    config = GPT2Config(n_layer=n_layer, n_head=n_head, n_embd=n_embd, n_positions=n_positions,
+                        vocab_size=vocab_size)
+    model = GPT2LMHeadModel(config)
+    model.save_pretrained(path)
+    return model
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt2_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny-gpt2")
+    make_tiny_gpt2(path)
+    return path

@@ -1,0 +1,87 @@
+"""Recipes, overrides and their errors."""
+import pytest
+
+from trainer.config import DEFAULTS, RECIPES_DIR, ConfigError, resolve_config
+
+# DESIGN's recipe table: (init_from, batch_size, grad_accum, learning_rate, decay_lr, max_iters, eval_interval,
+# eval_iters, out_dir or dataset)
+DESIGN_TABLE = {
+    "gpt2_small": ("gpt2", 8, 8, 3e-5, True, 5000, 250, 200, "out-finetune-gpt2-small"),
+    "gpt2_medium": ("gpt2-medium", 4, 8, 3e-5, True, 5000, 250, 200, "out-finetune-gpt2-medium"),
+    "gpt2_large": ("gpt2-large", 2, 8, 3e-5, True, 5000, 250, 200, "out-finetune-gpt2-large"),
+    "gpt2_xl": ("gpt2-xl", 1, 8, 3e-5, True, 5000, 250, 200, "out-finetune-gpt2-xl"),
+    "finetune_shakespeare": ("gpt2-xl", 1, 32, 3e-5, False, 20, 5, 40, "out-shakespeare"),
+    "finetune_gpt2_medium": ("gpt2-medium", 2, 16, 3e-5, False, 20, 5, 40, "out-finetune-gpt2-medium"),
+    "gpt2_124m_single_gpu": ("scratch", 4, 12, 6e-4, True, 600000, 1000, 200, None),
+    "gpt2_124m_multi_gpu": ("scratch", 12, 40, 6e-4, True, 600000, 1000, 200, None),
+    "shakespeare_char": ("scratch", 64, 1, 1e-3, True, 5000, 250, 200, "out-shakespeare-char"),
+    "shakespeare_char_cpu": ("scratch", 12, 1, 1e-3, True, 2000, 250, 20, "out-shakespeare-char-cpu"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(DESIGN_TABLE))
+def test_recipe_values_match_design(name):
+    cfg, path = resolve_config(["--recipe", name])
+    init_from, bs, ga, lr, decay, iters, ev_int, ev_iters, out_dir = DESIGN_TABLE[name]
+    assert path == RECIPES_DIR / f"{name}.py"
+    assert (cfg["init_from"], cfg["batch_size"], cfg["gradient_accumulation_steps"]) == (init_from, bs, ga)
+    assert (cfg["learning_rate"], cfg["decay_lr"], cfg["max_iters"]) == (lr, decay, iters)
+    assert (cfg["eval_interval"], cfg["eval_iters"]) == (ev_int, ev_iters)
+    assert cfg["always_save_checkpoint"] is False
+    if out_dir:
+        assert cfg["out_dir"] == out_dir
+    if name.startswith("gpt2_1"):
+        assert (cfg["n_layer"], cfg["n_head"], cfg["n_embd"], cfg["block_size"]) == (12, 12, 768, 1024)
+        assert cfg["dataset"] == "openwebtext" and cfg["min_lr"] == 6e-5 and cfg["warmup_iters"] == 2000
+    elif name.startswith("shakespeare_char"):
+        assert cfg["dataset"] == "shakespeare_char" and cfg["min_lr"] == 1e-4
+    else:
+        assert cfg["dataset"] == "shakespeare"
+    if name in ("gpt2_small", "gpt2_medium", "gpt2_large", "gpt2_xl"):
+        assert (cfg["warmup_iters"], cfg["lr_decay_iters"], cfg["min_lr"]) == (100, 5000, 3e-6)
+
+
+def test_every_recipe_file_is_in_the_table():
+    assert sorted(p.stem for p in RECIPES_DIR.glob("*.py")) == sorted(DESIGN_TABLE)
+
+
+def test_char_recipes_shapes():
+    cfg, _ = resolve_config(["--recipe", "shakespeare_char"])
+    assert (cfg["n_layer"], cfg["n_head"], cfg["n_embd"], cfg["block_size"], cfg["dropout"]) == (6, 6, 384, 256, 0.2)
+    cfg, _ = resolve_config(["recipes/shakespeare_char_cpu.py"])
+    assert (cfg["n_layer"], cfg["n_head"], cfg["n_embd"], cfg["block_size"], cfg["dropout"]) == (4, 4, 128, 64, 0.0)
+
+
+def test_overrides_positional_recipe_and_both_forms():
+    cfg, _ = resolve_config(["recipes/gpt2_small.py", "--learning_rate=1e-5", "--max_iters=100",
+                             "--mode", "lora", "--zero_stage=2", "--lora_targets=['c_attn']"])
+    assert cfg["learning_rate"] == 1e-5 and cfg["max_iters"] == 100
+    assert cfg["mode"] == "lora" and cfg["zero_stage"] == 2 and cfg["lora_targets"] == ["c_attn"]
+    # an int where a float is expected widens; strings need no quotes
+    cfg, _ = resolve_config(["--learning_rate=1", "--out_dir=my-run"])
+    assert cfg["learning_rate"] == 1.0 and isinstance(cfg["learning_rate"], float)
+    assert cfg["out_dir"] == "my-run"
+    assert resolve_config([])[0] == DEFAULTS
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--learnin_rate=1e-4"], "did you mean learning_rate"),
+    (["--max_iters=1.5"], "max_iters=1.5 in override --max_iters=1.5 must be of type int"),
+    (["--decay_lr=yes"], "must be of type bool"),
+    (["--mode=fast"], "must be one of auto, full, lora, qlora"),
+    (["--zero_stage=4"], "must be one of auto, 0, 1, 2, 3"),
+    (["--lora_targets=['q_proj']"], "choose from 'c_attn', 'c_proj', 'c_fc'"),
+    (["--recipe", "gpt2_smal"], "did you mean gpt2_small"),
+    (["--recipe", "no/such/recipe.py"], "does not exist"),
+    (["learning_rate=3"], "write overrides as --learning_rate=3"),
+])
+def test_bad_overrides_name_the_problem(args, message):
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace("[", r"\[")):
+        resolve_config(args)
+
+
+def test_unknown_key_in_recipe_file(tmp_path):
+    recipe = tmp_path / "mine.py"
+    recipe.write_text("batch_size = 4\nlearning_rte = 1e-3\n")
+    with pytest.raises(ConfigError, match="unknown key 'learning_rte' in recipe .*did you mean learning_rate"):
+        resolve_config([str(recipe)])
