@@ -39,7 +39,8 @@ def build_ds_config(cfg, plan, world_size, on_gpu):
         "gradient_accumulation_steps": plan.grad_accum_per_rank,
         "train_batch_size": plan.micro_batch_size * plan.grad_accum_per_rank * world_size,
         "gradient_clipping": cfg["grad_clip"] if cfg["grad_clip"] > 0 else 0.0,
-        "zero_optimization": zero_section(plan.zero_stage, plan.offload, on_gpu),
+        # the bucket sizes the planner counted replace the template's
+        "zero_optimization": {**zero_section(plan.zero_stage, plan.offload, on_gpu), **plan.zero_buckets},
         "optimizer": {
             "type": "AdamW",
             "params": {

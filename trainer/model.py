@@ -14,15 +14,11 @@ from torch.utils.checkpoint import checkpoint
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from trainer.errors import UserError
+from trainer.memory_model import GPT2_SHAPES, LOSS_CHUNK_BYTES  # the planner counts the loss with the same chunk
 from trainer.tokenizer import GPT2_EOT
 
-# (n_layer, n_head, n_embd) of the published GPT-2 sizes; all have vocab 50257 and 1024 positions.
-GPT2_SHAPES = {"gpt2": (12, 12, 768), "gpt2-medium": (24, 16, 1024), "gpt2-large": (36, 20, 1280),
-               "gpt2-xl": (48, 25, 1600)}
 HUB_NAMES = tuple(GPT2_SHAPES)
 IGNORE_INDEX = -100  # targets with this id carry no loss (masked instruction prompts)
-# One chunk's fp32 logits stay under this many bytes; the planner counts the loss with it.
-LOSS_CHUNK_BYTES = 256 * 2**20
 
 
 def padded_vocab(vocab_size, multiple=64):
