@@ -1,10 +1,12 @@
 """Checkpoints in DeepSpeed's own format, made crash-safe.
 
-Layout under out_dir/checkpoints/: one DeepSpeed tag folder `iterNNNNNNN/` and DeepSpeed's
-`latest` file naming it. A save goes to a hidden temporary tag first; only when every rank
-has written its part is it renamed to its final name and `latest` atomically replaced, so
-a kill at any moment leaves the previous checkpoint loadable.
+Layout under out_dir/checkpoints/: DeepSpeed tag folders `iterNNNNNNN/` and DeepSpeed's `latest`
+file naming the newest. A save goes to a hidden temporary tag first; only when every rank has
+written its part (and a manifest of file sizes) is it renamed to its final name and `latest`
+atomically replaced. The previous checkpoint is kept until the next save, so a kill, a full
+disk or a corrupt file at any moment leaves a loadable checkpoint behind.
 """
+import json
 import os
 import random
 import shutil
@@ -18,6 +20,9 @@ from trainer.errors import UserError
 
 CHECKPOINT_DIR = "checkpoints"
 TMP_PREFIX = ".tmp-"
+MANIFEST = "manifest.json"
+INFO = "info.json"
+KEEP = 2  # the newest checkpoint and the one before it
 
 
 def checkpoint_dir(out_dir):
@@ -31,6 +36,19 @@ def latest_tag(out_dir):
         return None
     tag = latest.read_text().strip()
     return tag if (checkpoint_dir(out_dir) / tag).is_dir() else None
+
+
+def complete_tags(out_dir):
+    """Finished checkpoints, oldest first (temporary and universal folders excluded)."""
+    root = checkpoint_dir(out_dir)
+    if not root.is_dir():
+        return []
+    return sorted(p.name for p in root.iterdir() if p.is_dir() and p.name.startswith("iter")
+                  and not p.name.endswith("_universal"))
+
+
+def rank():
+    return dist.get_rank() if dist.is_initialized() else 0
 
 
 def rng_state():
@@ -47,9 +65,13 @@ def set_rng_state(state):
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def _barrier():
-    if dist.is_initialized():
-        dist.barrier()
+def all_ranks_ok(ok):
+    """True only if every rank says ok: a failure on one rank must not leave the others waiting."""
+    if not dist.is_initialized():
+        return ok
+    flag = torch.tensor([1 if ok else 0], dtype=torch.int32)
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag.item())
 
 
 def atomic_write_text(path, text):
@@ -61,11 +83,42 @@ def atomic_write_text(path, text):
     os.replace(tmp, path)
 
 
-def _fsync_tree(folder):
-    for path in Path(folder).rglob("*"):
+def write_manifest(folder):
+    """File sizes of a finished save, fsynced: loading checks them to catch truncated files."""
+    sizes = {}
+    for path in sorted(Path(folder).rglob("*")):
         if path.is_file():
             with open(path, "rb") as f:
                 os.fsync(f.fileno())
+            sizes[str(path.relative_to(folder))] = path.stat().st_size
+    atomic_write_text(Path(folder) / MANIFEST, json.dumps(sizes, indent=1))
+
+
+def check_manifest(folder):
+    """None if every file the manifest lists is present with its size, else what is wrong."""
+    manifest = Path(folder) / MANIFEST
+    if not manifest.is_file():
+        return "its manifest.json is missing"
+    try:
+        sizes = json.loads(manifest.read_text())
+    except ValueError:
+        return "its manifest.json is unreadable"
+    for name, size in sizes.items():
+        path = Path(folder) / name
+        if not path.is_file():
+            return f"{name} is missing"
+        if path.stat().st_size != size:
+            return f"{name} has {path.stat().st_size} bytes, not {size}"
+    return None
+
+
+def folder_bytes(folder):
+    return sum(p.stat().st_size for p in Path(folder).rglob("*") if p.is_file())
+
+
+def read_info(out_dir, tag):
+    """What the trainer must know before building the engine: the saved ranks, ZeRO stage and mode."""
+    return json.loads((checkpoint_dir(out_dir) / tag / INFO).read_text())
 
 
 def save(engine, out_dir, iter_num, client_state, adapters_only=False):
@@ -73,43 +126,101 @@ def save(engine, out_dir, iter_num, client_state, adapters_only=False):
     root = checkpoint_dir(out_dir)
     tag = f"iter{iter_num:07d}"
     tmp_tag = TMP_PREFIX + tag
-    rank = dist.get_rank() if dist.is_initialized() else 0
-    if rank == 0:
+    if rank() == 0:
         root.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(root / tmp_tag, ignore_errors=True)
-    _barrier()
-    engine.save_checkpoint(str(root), tag=tmp_tag, client_state=client_state, save_latest=False,
-                           exclude_frozen_parameters=adapters_only)
-    # Dropout and other RNG streams differ by rank, so every rank keeps its own.
-    torch.save(rng_state(), root / tmp_tag / f"rng_rank{rank}.pt")
-    _barrier()
-    if rank == 0:
-        _fsync_tree(root / tmp_tag)
+    all_ranks_ok(True)  # the folder exists before anyone writes into it
+    error = None
+    try:
+        engine.save_checkpoint(str(root), tag=tmp_tag, client_state=client_state, save_latest=False,
+                               exclude_frozen_parameters=adapters_only)
+        # Dropout and other RNG streams differ by rank, so every rank keeps its own.
+        torch.save(rng_state(), root / tmp_tag / f"rng_rank{rank()}.pt")
+    except (OSError, RuntimeError) as exc:  # a full disk shows as either, depending on the writer
+        error = exc
+    if all_ranks_ok(error is None) and rank() == 0:
+        try:
+            plan = client_state["plan"]
+            atomic_write_text(root / tmp_tag / INFO, json.dumps(
+                {"iter_num": iter_num, "world_size": plan["n_devices"], "zero_stage": plan["zero_stage"],
+                 "mode": plan["mode"]}))
+            write_manifest(root / tmp_tag)
+        except OSError as exc:
+            error = exc
+    if not all_ranks_ok(error is None):
+        if rank() == 0:
+            shutil.rmtree(root / tmp_tag, ignore_errors=True)
+        previous = latest_tag(out_dir)
+        kept = f"the previous checkpoint {root / previous} is intact" if previous else "no earlier checkpoint exists"
+        reason = str(error).splitlines()[0] if error else "another rank failed to write"
+        raise UserError(f"could not save the checkpoint of iteration {iter_num} ({reason}); {kept}; "
+                        f"free disk space in {root} and continue with --init_from=resume")
+    if rank() == 0:
         final = root / tag
         if final.exists():  # the same iteration saved again (e.g. on interrupt right after an eval)
             shutil.rmtree(final)
         os.rename(root / tmp_tag, final)
         atomic_write_text(root / "latest", tag)
-        for old in root.iterdir():  # older checkpoints go only once the new one is `latest`
-            if old.is_dir() and old.name != tag:
-                shutil.rmtree(old, ignore_errors=True)
-    _barrier()
-    size = sum(p.stat().st_size for p in (root / tag).rglob("*") if p.is_file())
-    return root / tag, size
+        for old in complete_tags(out_dir)[:-KEEP]:  # older checkpoints go only once the new one is `latest`
+            shutil.rmtree(root / old, ignore_errors=True)
+        # saves a kill interrupted, and universal conversions of older checkpoints
+        for leftover in [*root.glob(TMP_PREFIX + "*"), *root.glob("*_universal")]:
+            shutil.rmtree(leftover, ignore_errors=True)
+    all_ranks_ok(True)
+    return root / tag, folder_bytes(root / tag)
 
 
-def load(engine, out_dir, adapters_only=False):
-    """Load `latest` into the engine; returns the client state and restores this rank's RNG."""
-    tag = latest_tag(out_dir)
-    if tag is None:
-        raise UserError(f"init_from='resume' but {checkpoint_dir(out_dir)} holds no complete checkpoint; "
-                        f"start a new run without --init_from=resume")
+def choose_tag(out_dir, tag=""):
+    """The checkpoint to resume from (`latest` unless tag is given), verified against its manifest."""
     root = checkpoint_dir(out_dir)
-    load_path, client_state = engine.load_checkpoint(str(root), tag=tag, load_module_strict=not adapters_only)
+    tag = tag or latest_tag(out_dir)
+    if tag is None:
+        raise UserError(f"init_from='resume' but {root} holds no complete checkpoint; "
+                        f"start a new run without --init_from=resume")
+    if not (root / tag).is_dir():
+        raise UserError(f"resume_tag={tag!r}: no such checkpoint in {root}; "
+                        f"choose one of {', '.join(complete_tags(out_dir)) or 'none'}")
+    problem = check_manifest(root / tag)
+    if problem:
+        raise UserError(corrupt_message(out_dir, tag, problem))
+    return tag
+
+
+def corrupt_message(out_dir, tag, problem):
+    others = [t for t in complete_tags(out_dir) if t != tag and check_manifest(checkpoint_dir(out_dir) / t) is None]
+    fallback = (f"the previous good checkpoint is {others[-1]}: resume from it with --resume_tag={others[-1]}"
+                if others else "no other good checkpoint exists; start a new run")
+    return f"checkpoint {checkpoint_dir(out_dir) / tag} is corrupt ({problem}); {fallback}"
+
+
+def load(engine, out_dir, tag, adapters_only=False, universal=False):
+    """Load a checkpoint into the engine; returns the client state and restores this rank's RNG."""
+    root = checkpoint_dir(out_dir)
+    load_tag = f"{tag}_universal" if universal else tag
+    try:
+        load_path, client_state = engine.load_checkpoint(str(root), tag=load_tag,
+                                                         load_module_strict=not adapters_only)
+    except Exception as exc:  # unpickling errors of a damaged file come in many types
+        raise UserError(corrupt_message(out_dir, tag, f"{type(exc).__name__}: {str(exc).splitlines()[0]}")) from None
     if load_path is None:
-        raise UserError(f"checkpoint {root / tag} could not be loaded; it may be incomplete")
-    rank = dist.get_rank() if dist.is_initialized() else 0
-    rng_file = root / tag / f"rng_rank{rank}.pt"
-    if rng_file.is_file():
+        raise UserError(corrupt_message(out_dir, tag, "DeepSpeed could not load it"))
+    rng_file = root / tag / f"rng_rank{rank()}.pt"
+    if rng_file.is_file():  # a rank that did not exist in the saved run keeps its fresh seed
         set_rng_state(torch.load(rng_file, weights_only=False))
     return client_state
+
+
+def to_universal(out_dir, tag):
+    """Convert a ZeRO checkpoint to DeepSpeed's universal format (for another number of ranks)."""
+    root = checkpoint_dir(out_dir)
+    target = root / f"{tag}_universal"
+    if rank() == 0 and not (target / "zero").is_dir():
+        from argparse import Namespace
+
+        from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
+        shutil.rmtree(target, ignore_errors=True)
+        ds_to_universal(Namespace(input_folder=str(root / tag), output_folder=str(target), num_extract_workers=1,
+                                  num_merge_workers=1, keep_temp_folder=False, strict=True, no_strict=False,
+                                  inject_missing_state=False))
+    all_ranks_ok(True)
+    return target

@@ -30,6 +30,8 @@ DEFAULTS = {
     "always_save_checkpoint": True,
     "init_from": "scratch",  # scratch | resume | gpt2* hub name | local HF GPT-2 directory
     "overwrite": False,  # allow a fresh run in an out_dir that already holds another run
+    "resume_tag": "",  # with init_from='resume': a checkpoint tag to resume from instead of `latest`
+    "max_bad_steps": 10,  # stop after this many non-finite (NaN/inf) steps in a row
     # data
     "dataset": "openwebtext",
     "data_dir": "data",  # datasets live in data_dir/<dataset>/ (relative to the current directory)

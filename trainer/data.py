@@ -23,8 +23,13 @@ def read_meta(directory):
     if not path.is_file():
         raise UserError(f"{path} is missing; prepare the dataset first "
                         f"(python data/prepare.py --input=... --name={Path(directory).name})")
-    with open(path, "rb") as f:
-        return pickle.load(f)
+    try:
+        with open(path, "rb") as f:
+            meta = pickle.load(f)
+        int(meta["vocab_size"])
+    except Exception:  # truncated, not a pickle, or not our dict: all mean "prepare again"
+        raise UserError(f"{path} is unreadable or has no vocab_size; prepare the dataset again") from None
+    return meta
 
 
 class TokenData:
@@ -77,9 +82,16 @@ class TokenData:
         return torch.from_numpy(x), torch.from_numpy(y)
 
     def check_vocab(self, model_vocab):
+        """Every token id must index the model's embedding table (an id past it crashes mid-run)."""
         if self.vocab_size > model_vocab:
             raise UserError(f"dataset {self.directory} has vocab_size {self.vocab_size} but the model has "
                             f"{model_vocab}; prepare the data with the model's tokenizer")
+        for split, tokens in self.tokens.items():
+            chunk = 1 << 24  # scan in pieces: the whole split need not fit in memory
+            top = max(int(tokens[i:i + chunk].max()) for i in range(0, len(tokens), chunk))
+            if top >= model_vocab:
+                raise UserError(f"{self.directory / (split + '.bin')} holds token id {top}, but the model's "
+                                f"vocabulary has {model_vocab} ids; prepare the data with the model's tokenizer")
 
 
 class TrainSampler:

@@ -38,7 +38,7 @@ def build_ds_config(cfg, plan, world_size, on_gpu):
         "train_micro_batch_size_per_gpu": plan.micro_batch_size,
         "gradient_accumulation_steps": plan.grad_accum_per_rank,
         "train_batch_size": plan.micro_batch_size * plan.grad_accum_per_rank * world_size,
-        "gradient_clipping": cfg["grad_clip"] if cfg["grad_clip"] > 0 else 0.0,
+        "gradient_clipping": 0.0 if clips_by_hand(plan) else max(cfg["grad_clip"], 0.0),
         # the bucket sizes the planner counted replace the template's
         "zero_optimization": {**zero_section(plan.zero_stage, plan.offload, on_gpu), **plan.zero_buckets},
         "optimizer": {
@@ -74,8 +74,10 @@ def param_groups(model, weight_decay):
     return groups
 
 
-def create_engine(module, cfg, plan, world_size, on_gpu):
+def create_engine(module, cfg, plan, world_size, on_gpu, load_universal=False):
     ds_config = build_ds_config(cfg, plan, world_size, on_gpu)
+    if load_universal:  # resuming a checkpoint saved with another number of ranks
+        ds_config["checkpoint"] = {"load_universal": True}
     engine, _, _, _ = deepspeed.initialize(model=module, model_parameters=param_groups(module, cfg["weight_decay"]),
                                            config=ds_config)
     return engine, ds_config
@@ -99,12 +101,21 @@ def set_lr(engine, lr):
         group["lr"] = lr
 
 
-def reports_grad_norm(engine):
-    """DeepSpeed reports the global grad norm from its ZeRO and 16-bit optimizers, not plain fp32 stage 0."""
-    return bool(engine.zero_optimization() or engine.fp16_enabled() or engine.bfloat16_enabled())
+def clips_by_hand(plan):
+    """DeepSpeed's ZeRO and 16-bit optimizers report the grad norm and skip non-finite steps; with
+    plain fp32 at stage 0 it does neither, so the trainer clips and skips itself."""
+    return plan.zero_stage == 0 and plan.dtype == "fp32"
 
 
-def grad_norm_before_step(engine):
-    """The norm of the accumulated (already all-reduced) gradients, for the fp32 stage-0 case."""
-    grads = [p.grad for p in engine.module.parameters() if p.grad is not None]
-    return float(torch.nn.utils.get_total_norm(grads)) if grads else None
+def clip_or_skip(engine, max_norm):
+    """Clip the accumulated (already all-reduced) gradients; drop them if not finite. Returns the norm.
+
+    Dropped gradients (None) make torch's AdamW skip every parameter: a skipped step.
+    """
+    params = [p for p in engine.module.parameters() if p.grad is not None]
+    norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+    if not torch.isfinite(norm):
+        engine.zero_grad()
+    elif max_norm > 0:
+        torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
+    return float(norm)

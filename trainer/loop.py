@@ -14,10 +14,13 @@ import torch
 import torch.distributed as dist
 
 from trainer import checkpoint, planner
-from trainer.adapters import apply_mode, uses_adapters
+from trainer.adapters import apply_mode, build_base, uses_adapters
 from trainer.data import TokenData, TrainSampler, dataset_dir, eval_offsets
-from trainer.engine import create_engine, grad_norm_before_step, lr_at, reports_grad_norm, set_lr
+from trainer.engine import clip_or_skip, clips_by_hand, create_engine, lr_at, set_lr
+from trainer.config import DEFAULTS
 from trainer.errors import UserError
+from trainer.faults import maybe_poison
+from trainer.interrupts import StopRequest
 from trainer.model import LMWithLoss, build_model, count_parameters, model_from_config_file, model_shape
 from trainer.run_logger import (RunLogger, flops_per_token, format_eta, human_bytes, peak_flops,
                                 peak_memory_bytes)
@@ -31,6 +34,15 @@ def rank_and_world():
     if dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
+
+
+def agree_any(flags, device):
+    """Each flag true on every rank when it is true on any (one all-reduce per iteration)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return [bool(f) for f in flags]
+    tensor = torch.tensor([1 if f else 0 for f in flags], dtype=torch.int32, device=device)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return [bool(v) for v in tensor.tolist()]
 
 
 def all_reduce_sum(values, device):
@@ -68,10 +80,36 @@ def resume_config(cfg, out_dir):
     merged = dict(cfg)
     for key in ("n_layer", "n_head", "n_embd", "block_size", "bias", "dataset", "mode", "lora_r",
                 "lora_alpha", "lora_targets"):
+        # A value the recipe or command asks for (not the default) must match the run's.
+        if cfg[key] != saved[key] and cfg[key] != DEFAULTS[key]:
+            raise UserError(f"{out_dir} holds a model with {key}={saved[key]!r}, but this run asks for "
+                            f"{key}={cfg[key]!r}; resume with the run's own settings or start a new out_dir")
         merged[key] = saved[key]
     merged["init_from"] = saved["init_from"]
     merged["resumed_from"] = str(out_dir)
     return merged
+
+
+def resume_layout(cfg, info, world):
+    """Resume keeps the saved mode and ZeRO stage; another rank count goes through a universal checkpoint.
+
+    Returns (cfg, universal). DeepSpeed re-partitions ZeRO-1/2/3 optimizer states for a new number of
+    ranks only from its universal format; a ZeRO-0 checkpoint holds whole states and loads anywhere.
+    """
+    cfg = dict(cfg)
+    if cfg["mode"] == "auto":
+        cfg["mode"] = info["mode"]
+    if cfg["zero_stage"] == "auto":
+        cfg["zero_stage"] = info["zero_stage"]
+    saved, wanted = info["zero_stage"], cfg["zero_stage"]
+    if cfg["mode"] != info["mode"]:
+        raise UserError(f"the checkpoint was trained in {info['mode']} mode, not {cfg['mode']}; "
+                        f"resume with --mode={info['mode']}")
+    universal = saved >= 1 and (world != info["world_size"] or wanted != saved)
+    if wanted != saved and (saved == 0 or wanted == 0):
+        raise UserError(f"cannot resume a ZeRO-{saved} checkpoint with zero_stage={wanted}; "
+                        f"resume with --zero_stage={saved}")
+    return cfg, universal
 
 
 @torch.no_grad()
@@ -128,8 +166,11 @@ def train(cfg, hardware_overrides=None):
     master = rank == 0
     out_dir = prepare_out_dir(cfg, rank)
     resuming = cfg["init_from"] == "resume"
+    universal = False
     if resuming:
         cfg = resume_config(cfg, out_dir)
+        resume_tag = checkpoint.choose_tag(out_dir, cfg["resume_tag"])
+        cfg, universal = resume_layout(cfg, checkpoint.read_info(out_dir, resume_tag), world)
 
     data = TokenData(dataset_dir(cfg), cfg["block_size"])
     shape = model_shape(cfg, data.vocab_size, out_dir / "model_config.json" if resuming else None)
@@ -142,7 +183,10 @@ def train(cfg, hardware_overrides=None):
 
     # The same seed on every rank: all ranks must build identical initial weights.
     torch.manual_seed(cfg["seed"])
-    model = model_from_config_file(out_dir / "model_config.json") if resuming else build_model(cfg, data.vocab_size)
+    if uses_adapters(plan):  # the frozen base comes from init_from (the run's original on resume), never from
+        model = build_base(cfg, data.vocab_size, plan.mode, plan.dtype, hw.device_type)  # adapter checkpoints
+    else:
+        model = model_from_config_file(out_dir / "model_config.json") if resuming else build_model(cfg, data.vocab_size)
     data.check_vocab(model.config.vocab_size)
     if plan.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -151,7 +195,7 @@ def train(cfg, hardware_overrides=None):
     log.print(f"parameters: {total:,} total, {trainable:,} trainable ({100 * trainable / total:.2f}%)")
 
     on_gpu = hw.device_type == "cuda"
-    engine, ds_config = create_engine(LMWithLoss(model), cfg, plan, world, on_gpu)
+    engine, ds_config = create_engine(LMWithLoss(model), cfg, plan, world, on_gpu, load_universal=universal)
     device = engine.device
     torch.manual_seed(cfg["seed"] + rank)  # dropout differs by rank, as in nanoGPT
     sampler = TrainSampler(data, cfg["seed"])
@@ -159,7 +203,11 @@ def train(cfg, hardware_overrides=None):
 
     iter_num, best_val_loss = 0, float("inf")
     if resuming:
-        state = checkpoint.load(engine, out_dir, adapters_only)
+        if universal:
+            log.print(f"the checkpoint was saved on another number of ranks: converting it to DeepSpeed's "
+                      f"universal format")
+            checkpoint.to_universal(out_dir, resume_tag)
+        state = checkpoint.load(engine, out_dir, resume_tag, adapters_only, universal)
         iter_num, best_val_loss = state["iter_num"], state["best_val_loss"]
         sampler.load_state_dict(state["sampler"])
         log.print(f"resumed from iteration {iter_num} (best val loss {best_val_loss:.4f})")
@@ -183,7 +231,9 @@ def train(cfg, hardware_overrides=None):
         return {"iter_num": iter_num, "best_val_loss": best_val_loss, "config": cfg, "plan": plan_dict,
                 "sampler": sampler.state_dict()}
 
-    ds_reports_norm = reports_grad_norm(engine)
+    by_hand = clips_by_hand(plan)
+    stop = StopRequest().install()
+    bad_in_a_row = skipped = 0
     t_last, iters_since_log = time.time(), 0
     while True:
         lr = lr_at(iter_num, cfg)
@@ -207,17 +257,33 @@ def train(cfg, hardware_overrides=None):
 
         loss_sum, grad_norm = 0.0, None
         for x, y in sampler.iteration_batches(sequences, rank, world, plan.micro_batch_size):
-            loss = engine(x.to(device), y.to(device))
+            loss = maybe_poison(engine(x.to(device), y.to(device)), iter_num)
             engine.backward(loss)
-            if not ds_reports_norm and engine.is_gradient_accumulation_boundary():
-                grad_norm = grad_norm_before_step(engine)
+            if by_hand and engine.is_gradient_accumulation_boundary():
+                grad_norm = clip_or_skip(engine, cfg["grad_clip"])
             engine.step()
             loss_sum += loss.item()
-        if ds_reports_norm:
-            grad_norm = engine.get_global_grad_norm()
+        if not by_hand:
+            grad_norm = engine.get_global_grad_norm()  # DeepSpeed skips non-finite steps itself
         iter_num += 1
         iters_since_log += 1
         log.advance()
+
+        # Non-finite loss or gradients: the step was skipped; too many in a row ends the run.
+        stop_requested, bad = agree_any([stop.requested, not math.isfinite(loss_sum + (grad_norm or 0.0))], device)
+        bad_in_a_row = bad_in_a_row + 1 if bad else 0
+        if bad:
+            skipped += 1
+            log.print(f"iter {iter_num}: non-finite loss or gradient norm, step skipped "
+                      f"({bad_in_a_row} in a row, {skipped} in all)")
+            log.scalar("train/skipped_steps", skipped, iter_num)
+            if bad_in_a_row >= cfg["max_bad_steps"]:
+                last = checkpoint.latest_tag(out_dir)
+                raise UserError(f"{bad_in_a_row} non-finite steps in a row up to iteration {iter_num}; stopped "
+                                f"without saving (last good checkpoint: {last or 'none'}); lower --learning_rate "
+                                f"or check the data, then continue with --init_from=resume")
+        if plan.dtype == "fp16":
+            log.scalar("train/loss_scale", getattr(engine.optimizer, "cur_scale", None), iter_num)
 
         if iter_num % cfg["log_interval"] == 0:
             (loss_total,) = all_reduce_sum([loss_sum / plan.grad_accum_per_rank], device)
@@ -241,5 +307,13 @@ def train(cfg, hardware_overrides=None):
             log.scalar("mem/peak_bytes", peak, iter_num)
             t_last, iters_since_log = time.time(), 0
 
+        if stop_requested:  # SIGINT/SIGTERM: save this iteration and leave cleanly
+            stop.saving = True
+            path, size = checkpoint.save(engine, out_dir, iter_num, client_state(), adapters_only)
+            log.print(f"interrupted: saved checkpoint {path} ({human_bytes(size)}) at iteration {iter_num}; "
+                      f"resume with the same command and --init_from=resume")
+            break
+
+    stop.uninstall()
     log.close()
     return {"iter_num": iter_num, "best_val_loss": best_val_loss}
