@@ -52,23 +52,27 @@ def all_reduce_sum(values, device):
     return tensor.tolist()
 
 
-def prepare_out_dir(cfg, rank):
-    """A fresh run refuses an out_dir holding another run, unless overwrite=True clears it."""
+def check_out_dir(cfg):
+    """A fresh run refuses an out_dir holding another run, unless overwrite=True (nothing is touched yet)."""
     out_dir = Path(cfg["out_dir"])
     taken = (out_dir / "config.json").exists() or checkpoint.checkpoint_dir(out_dir).exists()
-    if cfg["init_from"] != "resume" and taken:
-        if not cfg["overwrite"]:
-            raise UserError(f"out_dir {out_dir} already holds a run; resume it with --init_from=resume, "
-                            f"choose another --out_dir, or pass --overwrite=True to replace it")
-        if rank == 0:
+    if cfg["init_from"] != "resume" and taken and not cfg["overwrite"]:
+        raise UserError(f"out_dir {out_dir} already holds a run; resume it with --init_from=resume, "
+                        f"choose another --out_dir, or pass --overwrite=True to replace it")
+    return out_dir
+
+
+def claim_out_dir(cfg, rank):
+    """Once every input is known good: clear a run being overwritten, create out_dir."""
+    out_dir = Path(cfg["out_dir"])
+    if rank == 0:
+        if cfg["init_from"] != "resume" and cfg["overwrite"]:
             shutil.rmtree(checkpoint.checkpoint_dir(out_dir), ignore_errors=True)
             for events in out_dir.glob("events.out.tfevents.*"):
                 events.unlink()
-    if rank == 0:
         out_dir.mkdir(parents=True, exist_ok=True)
     if dist.is_initialized():
         dist.barrier()
-    return out_dir
 
 
 def resume_config(cfg, out_dir):
@@ -164,7 +168,7 @@ def write_run_files(out_dir, cfg, model, plan_dict, meta):
 def train(cfg, hardware_overrides=None):
     rank, world = rank_and_world()
     master = rank == 0
-    out_dir = prepare_out_dir(cfg, rank)
+    out_dir = check_out_dir(cfg)
     resuming = cfg["init_from"] == "resume"
     universal = False
     if resuming:
@@ -178,9 +182,6 @@ def train(cfg, hardware_overrides=None):
     plan = planner.make_plan({**cfg, **shape}, hw)
     plan_dict = planner.plan_to_dict(plan)
 
-    log = RunLogger(out_dir, master, cfg["tensorboard"], cfg["max_iters"], 0)
-    log.print(planner.format_plan(plan))
-
     # The same seed on every rank: all ranks must build identical initial weights.
     torch.manual_seed(cfg["seed"])
     if uses_adapters(plan):  # the frozen base comes from init_from (the run's original on resume), never from
@@ -191,6 +192,11 @@ def train(cfg, hardware_overrides=None):
     if plan.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model = apply_mode(model, plan, cfg)
+
+    # Every input checked: only now is anything written.
+    claim_out_dir(cfg, rank)
+    log = RunLogger(out_dir, master, cfg["tensorboard"], cfg["max_iters"], 0)
+    log.print(planner.format_plan(plan))
     total, trainable = count_parameters(model)
     log.print(f"parameters: {total:,} total, {trainable:,} trainable ({100 * trainable / total:.2f}%)")
 
