@@ -69,3 +69,18 @@ def tiny_gpt2_dir(tmp_path_factory):
     path = tmp_path_factory.mktemp("tiny-gpt2")
     make_tiny_gpt2(path)
     return path
+
+
+def tb_scalars(out_dir, tag):
+    """{step: value} of one TensorBoard scalar; where a resumed run rewrote steps, the newest wins."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    acc = EventAccumulator(str(out_dir), size_guidance={"scalars": 0})
+    acc.Reload()
+    if tag not in acc.Tags()["scalars"]:
+        return {}
+    events = sorted(acc.Scalars(tag), key=lambda e: e.wall_time)
+    return {e.step: e.value for e in events}
+
+
+def train_args(data_dir, out_dir, *extra, recipe="shakespeare_char_cpu"):
+    return [REPO / "launch/train.py", "--recipe", recipe, f"--data_dir={data_dir}", f"--out_dir={out_dir}", *extra]
