@@ -88,6 +88,8 @@ def main(argv):
         if int(os.environ.get("RANK", "0")) == 0:
             print_plan(cfg, flags)
         return 0
+    from trainer.adapters import check_source
+    check_source(cfg["mode"], cfg["init_from"])  # before any rank starts or writes
     init_distributed()
     from trainer.loop import train
     hardware = {k: flags[k] for k in ("vram_gb", "gpus") if k in flags}

@@ -45,6 +45,10 @@ def load_run(out_dir):
     cfg = json.loads((out_dir / "config.json").read_text())
     with open(out_dir / "meta.pkl", "rb") as f:
         meta = pickle.load(f)
+    from trainer.adapters import ADAPTER_MODES, load_adapter_run, run_mode
+    if run_mode(out_dir) in ADAPTER_MODES:  # base rebuilt from the run's init_from, adapters from the checkpoint
+        lm = load_adapter_run(out_dir)
+        return LoadedModel(lm, load_tokenizer(meta), lm.config.n_positions, meta["vocab_size"], cfg)
     lm = model_from_config_file(out_dir / "model_config.json")
     missing, unexpected = lm.load_state_dict(consolidated_state_dict(out_dir), strict=False)
     missing = [k for k in missing if k != "lm_head.weight"]  # tied to wte, saved once

@@ -139,8 +139,14 @@ class LMWithLoss(nn.Module):
         return self.lm(input_ids=idx).logits
 
 
+def _weights_in(param):
+    """Weights a parameter holds: bitsandbytes packs two 4-bit weights per byte (QLoRA)."""
+    quant_state = getattr(param, "quant_state", None)
+    return int(torch.Size(quant_state.shape).numel()) if quant_state is not None else param.numel()
+
+
 def count_parameters(model):
-    total = sum(p.numel() for p in model.parameters())
+    total = sum(_weights_in(p) for p in model.parameters())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return total, trainable
 

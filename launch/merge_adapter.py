@@ -1,0 +1,41 @@
+"""Export a training run as a Hugging Face model: `python launch/merge_adapter.py --out_dir=out-lora --export_dir=DIR`.
+
+LoRA/QLoRA runs: the adapters are merged into the base weights (QLoRA: into the unquantized original
+weights); full runs: the checkpoint's weights (ZeRO shards consolidated). The result is a directory
+that `AutoModelForCausalLM.from_pretrained(DIR)` loads (model.safetensors, config.json,
+generation_config.json, and the tokenizer for GPT-2 BPE runs). `--adapter_only` writes a peft adapter
+directory instead, for `PeftModel.from_pretrained(base, DIR)`.
+
+Every export is reloaded and compared with the trained model on a fixed batch: the maximum absolute
+difference of the logits is printed, and above the tolerance nothing is written and the exit code is 2.
+"""
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from trainer.cli import run_main  # noqa: E402
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out_dir", required=True, help="the training run to export (its latest checkpoint)")
+    p.add_argument("--export_dir", required=True, help="where to write the model (must not exist or be empty)")
+    p.add_argument("--dtype", default="fp32", choices=("fp32", "bf16", "fp16"), help="dtype of the saved weights")
+    p.add_argument("--adapter_only", action="store_true", help="write a peft adapter directory, not a merged model")
+    p.add_argument("--tolerance", type=float, default=None,
+                   help="maximum absolute logit difference allowed (default: 1e-4 fp32, 1e-2 fp16, 5e-2 bf16, "
+                        "times the largest logit when that is above 1)")
+    return p.parse_args(argv)
+
+
+def main(argv):
+    args = parse_args(argv)
+    from trainer.export import export
+    export(args.out_dir, args.export_dir, dtype=args.dtype, adapter_only=args.adapter_only, tolerance=args.tolerance)
+    return 0
+
+
+if __name__ == "__main__":
+    run_main(main)
