@@ -1,6 +1,8 @@
 """Prepare your own text for training: writes <data_dir>/<name>/{train,val}.bin and meta.pkl.
 
 python data/prepare.py --input=FILE|FOLDER|GLOB --name=NAME [--tokenizer=gpt2|char] [--val_fraction=0.1]
+python data/prepare.py --input=alpaca.json --name=NAME --format=instructions [--template=alpaca|plain]
+    [--block_size=1024] [--overlong=truncate|drop] [--skip_invalid]   (JSON list or JSONL; see trainer/instructions.py)
 A folder is read recursively in sorted order (hidden and binary files skipped);
 quote a glob so the shell passes it through: --input='notes/**/*.md'.
 """
@@ -13,7 +15,7 @@ sys.path.insert(0, str(REPO_ROOT))
 
 from trainer import textprep  # noqa: E402
 
-FORMATS = ("text",)
+FORMATS = ("text", "instructions")
 
 
 def parse_args():
@@ -22,17 +24,20 @@ def parse_args():
     parser.add_argument("--name", required=True, help="dataset name: the folder under data_dir, and the recipe's dataset")
     parser.add_argument("--tokenizer", default="gpt2", help="gpt2 (BPE, for finetuning GPT-2) or char")
     parser.add_argument("--val_fraction", type=float, default=0.1, help="share of the characters, at the end, for validation")
-    parser.add_argument("--format", default="text", help="text (instruction data is not supported yet)")
+    parser.add_argument("--format", default="text", help="text, or instructions (Alpaca or chat records, JSON or JSONL)")
+    parser.add_argument("--template", default="alpaca", help="instructions: prompt template, alpaca or plain")
+    parser.add_argument("--block_size", type=int, default=1024, help="instructions: pack examples into blocks for this block_size")
+    parser.add_argument("--overlong", default="truncate", help="instructions: an example longer than a block is truncated or dropped")
+    parser.add_argument("--skip_invalid", action="store_true", help="instructions: drop malformed records (and count them) instead of stopping")
+    parser.add_argument("--seed", type=int, default=1337, help="instructions: seed of the train/val shuffle")
     parser.add_argument("--data_dir", default=str(REPO_ROOT / "data"), help="datasets folder (default: the repo's data/)")
     return parser.parse_args()
 
 
 def check_args(args):
     # Check everything before reading the input, so a typo fails in no time.
-    if args.format == "instructions":
-        raise textprep.PrepareError("--format=instructions is not supported yet; only --format=text is")
     if args.format not in FORMATS:
-        raise textprep.PrepareError(f"unknown --format={args.format} (only --format=text is supported)")
+        raise textprep.PrepareError(f"unknown --format={args.format} (choose text or instructions)")
     if args.tokenizer not in textprep.TOKENIZERS:
         raise textprep.PrepareError(f"unknown --tokenizer={args.tokenizer} (choose gpt2 or char)")
     # The name becomes one folder under data_dir, never a path out of it.
@@ -44,6 +49,11 @@ def check_args(args):
 def main():
     args = parse_args()
     check_args(args)
+    if args.format == "instructions":
+        from trainer.instructions import prepare_instructions
+        prepare_instructions(args.input, Path(args.data_dir) / args.name, args.template, args.block_size,
+                             args.val_fraction, args.skip_invalid, args.overlong, args.seed, args.tokenizer)
+        return
     docs = textprep.read_documents(args.input)
     textprep.prepare(docs, Path(args.data_dir) / args.name, args.tokenizer, args.val_fraction)
 

@@ -215,7 +215,7 @@ def test_empty_input_is_one_line_error(tmp_path, content):
 
 
 @pytest.mark.parametrize("args, fragment", [
-    (["--format=instructions"], "--format=instructions is not supported yet"),
+    (["--format=instructions"], "line 1: not valid JSON"),  # text is not instruction records
     (["--format=csv"], "unknown --format=csv"),
     (["--tokenizer=bpe"], "unknown --tokenizer=bpe"),
     (["--val_fraction=1.5"], "--val_fraction must be between 0 and 1"),
