@@ -33,7 +33,8 @@ DEFAULTS = {
     "resume_tag": "",  # with init_from='resume': a checkpoint tag to resume from instead of `latest`
     "max_bad_steps": 10,  # stop after this many non-finite (NaN/inf) steps in a row
     # data
-    "dataset": "openwebtext",
+    "dataset": "openwebtext",  # or a list of datasets to mix, e.g. ['alpaca', 'shakespeare']
+    "mix": "proportional",  # a list's sampling: 'proportional' (to size) or 'temperature:T' (size^(1/T))
     "data_dir": "data",  # datasets live in data_dir/<dataset>/ (relative to the current directory)
     "gradient_accumulation_steps": 40,  # total over all ranks, as in nanoGPT
     "batch_size": 12,
@@ -47,6 +48,7 @@ DEFAULTS = {
     # optimizer
     "learning_rate": 6e-4,
     "max_iters": 600000,
+    "max_epochs": 0.0,  # > 0: passes over the training data instead; sets max_iters and lr_decay_iters
     "weight_decay": 1e-1,
     "beta1": 0.9,
     "beta2": 0.95,
@@ -91,6 +93,17 @@ def closest(name, candidates):
     return f" (did you mean {', '.join(match)}?)" if match else ""
 
 
+def _is_mix(value):
+    """'proportional' or 'temperature:T' with a finite T > 0 (trainer/mixing.py reads it)."""
+    if value == "proportional":
+        return True
+    kind, _, t = str(value).partition(":")
+    try:
+        return kind == "temperature" and 0 < float(t) < float("inf")
+    except ValueError:
+        return False
+
+
 def check_value(key, value, source):
     """Type-check one value against its default; returns the value (ints widen to float)."""
     if key not in DEFAULTS:
@@ -99,6 +112,15 @@ def check_value(key, value, source):
     default = DEFAULTS[key]
     if key in AUTO_KEYS and value == "auto":
         return value
+    if key == "dataset" and type(value) is list:  # a mixture: a non-empty list of dataset names
+        if not value or not all(type(v) is str and v for v in value):
+            raise ConfigError(f"dataset={value!r} in {source} must be a name or a non-empty list of names")
+        return value
+    if key == "mix" and not _is_mix(value):
+        raise ConfigError(f"mix={value!r} in {source} must be 'proportional' or 'temperature:T' with T > 0 "
+                          f"(e.g. 'temperature:2')")
+    if key == "max_epochs" and type(value) in (int, float) and value < 0:
+        raise ConfigError(f"max_epochs={value!r} in {source} must be 0 (off: use max_iters) or more")
     want = AUTO_KEYS.get(key, type(default))
     if want is float and type(value) is int:
         value = float(value)

@@ -3,7 +3,13 @@
 One global sampler draws every window of an iteration, identical on all ranks, and each
 rank takes its slice: the data stream does not depend on the number of ranks, and its
 state is one small dict that the checkpoint saves.
+
+Instruction datasets (meta format 'instructions', see trainer/instructions.py) are packed: the
+sampler takes whole blocks of block_size + 1 tokens, each epoch in a fresh seeded order, and a
+batch is (x, y, position_ids) instead of (x, y); positions restart at 0 at each packed example.
+A list of datasets is mixed by trainer/mixing.MixedData, which has the same interface.
 """
+import functools
 import pickle
 from pathlib import Path
 
@@ -15,7 +21,9 @@ from trainer.model import IGNORE_INDEX
 
 
 def dataset_dir(cfg):
-    return Path(cfg["data_dir"]) / cfg["dataset"]
+    """data_dir/<dataset>; for a mixture (a list of datasets) the first one's."""
+    name = cfg["dataset"] if isinstance(cfg["dataset"], str) else cfg["dataset"][0]
+    return Path(cfg["data_dir"]) / name
 
 
 def read_meta(directory):
@@ -46,6 +54,14 @@ class TokenData:
         self.tokens = {split: self._open(split) for split in ("train", "val")}
         # Instruction datasets carry a loss mask (1 where the loss counts).
         self.masks = {split: self._open_mask(split) for split in ("train", "val")}
+        # Packed instruction datasets: whole blocks, and each token's position in its own example.
+        self.packed = self.meta.get("format") == "instructions"
+        if self.packed and self.meta["block_size"] != block_size:
+            raise UserError(f"{self.directory} is packed for block_size={self.meta['block_size']}, not "
+                            f"{block_size}; train with --block_size={self.meta['block_size']} or prepare it "
+                            f"again with --block_size={block_size}")
+        self.positions = {split: self._open_mask(split, "pos", np.uint16) for split in ("train", "val")}
+        self.names = [self.directory.name]
 
     def _open(self, split):
         path = self.directory / f"{split}.bin"
@@ -60,26 +76,68 @@ class TokenData:
                             f"{self.block_size + 1}; use more text or a smaller --block_size")
         return np.memmap(path, dtype=self.dtype, mode="r")
 
-    def _open_mask(self, split):
-        path = self.directory / f"{split}_mask.bin"
-        return np.memmap(path, dtype=np.uint8, mode="r") if path.is_file() else None
+    def _open_mask(self, split, kind="mask", dtype=np.uint8):
+        """{split}_mask.bin (or _pos.bin): one value per token, or None when the dataset has none."""
+        path = self.directory / f"{split}_{kind}.bin"
+        if not path.is_file():
+            if self.meta.get("format") == "instructions":
+                raise UserError(f"{path} is missing; prepare the instruction dataset again")
+            return None
+        values = np.memmap(path, dtype=dtype, mode="r")
+        if len(values) != len(self.tokens[split]):
+            raise UserError(f"{path} has {len(values)} entries for {len(self.tokens[split])} tokens (left from "
+                            f"an earlier preparation?); prepare the dataset again")
+        return values
 
     @property
     def vocab_size(self):
         return int(self.meta["vocab_size"])
 
     def n_windows(self, split):
+        if self.packed:
+            return len(self.tokens[split]) // (self.block_size + 1)
         return len(self.tokens[split]) - self.block_size
 
     def windows(self, split, offsets):
-        """(x, y) int64 tensors for windows starting at `offsets`; masked targets -> IGNORE_INDEX."""
+        """(x, y) int64 tensors for windows starting at `offsets`; masked targets -> IGNORE_INDEX.
+
+        Packed data: `offsets` number whole blocks, and the batch is (x, y, position_ids).
+        """
         data, mask, T = self.tokens[split], self.masks[split], self.block_size
-        x = np.stack([data[i:i + T] for i in offsets]).astype(np.int64)
-        y = np.stack([data[i + 1:i + 1 + T] for i in offsets]).astype(np.int64)
+        starts = np.asarray(offsets) * (T + 1) if self.packed else offsets
+        x = np.stack([data[i:i + T] for i in starts]).astype(np.int64)
+        y = np.stack([data[i + 1:i + 1 + T] for i in starts]).astype(np.int64)
         if mask is not None:
-            m = np.stack([mask[i + 1:i + 1 + T] for i in offsets])
+            m = np.stack([mask[i + 1:i + 1 + T] for i in starts])
             y[m == 0] = IGNORE_INDEX
-        return torch.from_numpy(x), torch.from_numpy(y)
+        if not self.packed:
+            return torch.from_numpy(x), torch.from_numpy(y)
+        pos = np.stack([self.positions[split][i:i + T] for i in starts]).astype(np.int64)
+        return torch.from_numpy(x), torch.from_numpy(y), torch.from_numpy(pos)
+
+    def epoch_sequences(self):
+        """Sequences in one pass over train.bin: its blocks (packed), else its tokens / block_size."""
+        return self.n_windows("train") if self.packed else len(self.tokens["train"]) / self.block_size
+
+    def draw(self, rng, count, drawn, seed):
+        """`count` training offsets; `drawn` (a one-item list, the sampler's) counts them.
+
+        Text: random windows, as nanoGPT. Packed: whole blocks, each epoch one seeded permutation,
+        so every example is seen once per epoch.
+        """
+        if self.packed:
+            key = seed if isinstance(seed, tuple) else (seed, 0)  # a mixture passes (seed, dataset number)
+            offsets = epoch_order(self.n_windows("train"), drawn[0], count, key)
+        else:
+            offsets = rng.integers(0, self.n_windows("train"), size=count)
+        drawn[0] += count
+        return offsets
+
+    def eval_offsets(self, split, count, seed):
+        rng = np.random.Generator(np.random.PCG64([seed, 1 if split == "val" else 0]))
+        if self.packed:  # whole blocks, each once: all of a split smaller than `count` blocks
+            return rng.permutation(self.n_windows(split))[:count]
+        return rng.integers(0, self.n_windows(split), size=count)
 
     def check_vocab(self, model_vocab):
         """Every token id must index the model's embedding table (an id past it crashes mid-run)."""
@@ -99,23 +157,47 @@ class TrainSampler:
 
     def __init__(self, data, seed):
         self.data = data
+        self.seed = seed
         self.rng = np.random.Generator(np.random.PCG64(seed))
+        self.drawn = [0] * len(data.names)  # windows drawn so far from each dataset (of a mixture)
 
     def iteration_batches(self, sequences, rank, world_size, micro):
         """This rank's micro-batches of one iteration: `sequences` windows shared out by rank."""
-        offsets = self.rng.integers(0, self.data.n_windows("train"), size=sequences)
+        offsets = self.data.draw(self.rng, sequences, self.drawn, self.seed)
         per_rank = sequences // world_size
         mine = offsets[rank * per_rank:(rank + 1) * per_rank]
         return [self.data.windows("train", mine[i:i + micro]) for i in range(0, per_rank, micro)]
 
+    def shares(self):
+        """{dataset: its share of the windows drawn so far} (the realised mix)."""
+        total = max(1, sum(self.drawn))
+        return {name: n / total for name, n in zip(self.data.names, self.drawn)}
+
     def state_dict(self):
-        return self.rng.bit_generator.state
+        return {"rng": self.rng.bit_generator.state, "drawn": list(self.drawn)}
 
     def load_state_dict(self, state):
-        self.rng.bit_generator.state = state
+        if "rng" not in state:  # saved before mixing existed: the generator's state alone
+            state = {"rng": state, "drawn": self.drawn}
+        self.rng.bit_generator.state = state["rng"]
+        if len(state["drawn"]) == len(self.drawn):
+            self.drawn = list(state["drawn"])
+
+
+@functools.lru_cache(maxsize=8)
+def _permutation(n, seed, epoch):
+    return np.random.Generator(np.random.PCG64([*seed, epoch])).permutation(n)
+
+
+def epoch_order(n, start, count, seed):
+    """Items start .. start+count-1 of a stream that visits 0..n-1 once per epoch, in a seeded order."""
+    out = []
+    while len(out) < count:
+        epoch, i = divmod(start + len(out), n)
+        out.extend(_permutation(n, seed, epoch)[i:i + count - len(out)])
+    return np.asarray(out, dtype=np.int64)
 
 
 def eval_offsets(data, split, count, seed):
     """The fixed evaluation windows of a split: the same at every evaluation and any rank count."""
-    rng = np.random.Generator(np.random.PCG64([seed, 1 if split == "val" else 0]))
-    return rng.integers(0, data.n_windows(split), size=count)
+    return data.eval_offsets(split, count, seed)

@@ -15,7 +15,8 @@ import torch.distributed as dist
 
 from trainer import checkpoint, planner
 from trainer.adapters import apply_mode, build_base, uses_adapters
-from trainer.data import TokenData, TrainSampler, dataset_dir, eval_offsets
+from trainer.data import TrainSampler, eval_offsets
+from trainer.mixing import epochs_to_iters, open_data, shares_line
 from trainer.engine import clip_or_skip, clips_by_hand, create_engine, lr_at, set_lr
 from trainer.config import DEFAULTS
 from trainer.errors import UserError
@@ -133,8 +134,8 @@ def estimate_loss(engine, data, cfg, micro, rank, world, device):
         for r in range(rounds):
             b = r * world + rank
             weight = 1.0 if b < len(batches) else 0.0
-            x, y = data.windows(split, batches[min(b, len(batches) - 1)])
-            loss = engine(x.to(device), y.to(device))
+            x, y, *pos = data.windows(split, batches[min(b, len(batches) - 1)])  # pos: packed data's positions
+            loss = engine(x.to(device), y.to(device), *[p.to(device) for p in pos])
             n = float((y != -100).sum())
             loss_sum += weight * loss.item() * n
             count += weight * n
@@ -176,7 +177,9 @@ def train(cfg, hardware_overrides=None):
         resume_tag = checkpoint.choose_tag(out_dir, cfg["resume_tag"])
         cfg, universal = resume_layout(cfg, checkpoint.read_info(out_dir, resume_tag), world)
 
-    data = TokenData(dataset_dir(cfg), cfg["block_size"])
+    data = open_data(cfg)  # one dataset, or a MixedData for a list of them
+    if cfg["max_epochs"] > 0:
+        cfg, epochs_line = epochs_to_iters(cfg, data)
     shape = model_shape(cfg, data.vocab_size, out_dir / "model_config.json" if resuming else None)
     hw = planner.detect_hardware(world, **(hardware_overrides or {}))
     plan = planner.make_plan({**cfg, **shape}, hw)
@@ -197,6 +200,10 @@ def train(cfg, hardware_overrides=None):
     claim_out_dir(cfg, rank)
     log = RunLogger(out_dir, master, cfg["tensorboard"], cfg["max_iters"], 0)
     log.print(planner.format_plan(plan))
+    if cfg["max_epochs"] > 0:
+        log.print(epochs_line)
+    if len(data.names) > 1:
+        log.print(f"mixing datasets ({cfg['mix']}): {data.describe()}")
     total, trainable = count_parameters(model)
     log.print(f"parameters: {total:,} total, {trainable:,} trainable ({100 * trainable / total:.2f}%)")
 
@@ -262,8 +269,8 @@ def train(cfg, hardware_overrides=None):
             break
 
         loss_sum, grad_norm = 0.0, None
-        for x, y in sampler.iteration_batches(sequences, rank, world, plan.micro_batch_size):
-            loss = maybe_poison(engine(x.to(device), y.to(device)), iter_num)
+        for x, y, *pos in sampler.iteration_batches(sequences, rank, world, plan.micro_batch_size):
+            loss = maybe_poison(engine(x.to(device), y.to(device), *[p.to(device) for p in pos]), iter_num)
             engine.backward(loss)
             if by_hand and engine.is_gradient_accumulation_boundary():
                 grad_norm = clip_or_skip(engine, cfg["grad_clip"])
@@ -311,6 +318,10 @@ def train(cfg, hardware_overrides=None):
             log.scalar("perf/tokens_per_sec", tokens_per_sec, iter_num)
             log.scalar("perf/mfu", mfu, iter_num)
             log.scalar("mem/peak_bytes", peak, iter_num)
+            if len(data.names) > 1:  # a mixture: the realised share of each dataset so far
+                log.print(shares_line(sampler))
+                for name, share in sampler.shares().items():
+                    log.scalar(f"data/share/{name}", share, iter_num)
             t_last, iters_since_log = time.time(), 0
 
         if stop_requested:  # SIGINT/SIGTERM: save this iteration and leave cleanly

@@ -122,16 +122,38 @@ def chunked_lm_loss(lm_head, hidden, targets, chunk_bytes=LOSS_CHUNK_BYTES):
     return total / n_valid
 
 
+def packed_causal_mask(position_ids):
+    """Block-diagonal causal attention for packed examples, (B, T) positions -> (B, 1, T, T) bool.
+
+    An example starts where its position is 0; a token attends (True) only to itself and the earlier
+    tokens of its own example. transformers passes a 4-D mask to SDPA as it is.
+    """
+    example = (position_ids == 0).cumsum(-1)
+    same = example.unsqueeze(-1) == example.unsqueeze(-2)
+    T = position_ids.size(-1)
+    causal = torch.ones(T, T, dtype=torch.bool, device=position_ids.device).tril()
+    return (same & causal).unsqueeze(1)
+
+
 class LMWithLoss(nn.Module):
-    """What DeepSpeed trains: tokens in, mean loss out (the HF model is `self.lm`)."""
+    """What DeepSpeed trains: tokens in, mean loss out (the HF model is `self.lm`).
+
+    Packed instruction batches also pass position_ids (restarting at 0 at each example); they
+    then get block-diagonal causal attention, so an example never sees the ones before it.
+    """
 
     def __init__(self, lm):
         super().__init__()
         self.lm = lm
 
     def forward(self, idx, targets, position_ids=None, attention_mask=None):
+        if position_ids is not None and attention_mask is None:
+            attention_mask = packed_causal_mask(position_ids)
         hidden = self.lm.transformer(input_ids=idx, position_ids=position_ids,
                                      attention_mask=attention_mask).last_hidden_state
+        if position_ids is not None:  # packed instruction data: logits only where the loss counts
+            keep = targets != IGNORE_INDEX
+            hidden, targets = hidden[keep], targets[keep]
         return chunked_lm_loss(self.lm.lm_head, hidden, targets)
 
     @torch.no_grad()
