@@ -67,11 +67,11 @@ def print_plan(cfg, flags):
     """--plan: the plan for the given or detected hardware, without loading weights or data."""
     from trainer import planner
     from trainer.data import dataset_dir, read_meta
-    from trainer.model import model_shape
 
     meta_path = dataset_dir(cfg) / "meta.pkl"
     vocab = read_meta(dataset_dir(cfg))["vocab_size"] if meta_path.is_file() else 50257
-    shape = model_shape(cfg, vocab)
+    run_config = Path(cfg["out_dir"]) / "model_config.json" if cfg["init_from"] == "resume" else None
+    shape = planner.run_shape(cfg, vocab, run_config)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     hw = planner.detect_hardware(world, vram_gb=flags.get("vram_gb"), gpus=flags.get("gpus"))
     plan = planner.make_plan({**cfg, **shape}, hw)

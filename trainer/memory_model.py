@@ -63,6 +63,11 @@ MEMORY_ITEMS = ("weights", "gradients", "optimizer_states", "ds_buckets", "activ
                 "logits_and_loss", "optimizer_step_transient", "context_and_fragmentation")
 
 
+def padded_vocab(vocab_size, multiple=64):
+    """A scratch model's vocabulary, rounded up: matmuls with a multiple of 64 run faster (nanoGPT's 50304)."""
+    return (vocab_size + multiple - 1) // multiple * multiple
+
+
 def gpt2_param_count(n_layer, n_head, n_embd, vocab_size, block_size):
     """Parameters of GPT-2 with tied input/output embeddings and biases everywhere.
 
@@ -72,6 +77,27 @@ def gpt2_param_count(n_layer, n_head, n_embd, vocab_size, block_size):
     del n_head  # heads split C; they add no parameters
     c = n_embd
     return vocab_size * c + block_size * c + n_layer * (12 * c * c + 13 * c) + 2 * c
+
+
+def gpt2_tensor_numels(n_layer, n_embd, vocab_size, block_size):
+    """Element counts of every parameter tensor of HF's GPT2LMHeadModel (lm_head tied to wte).
+
+    Sums to gpt2_param_count; ZeRO-3 needs the single tensors (which stay whole on every rank).
+    """
+    c = n_embd
+    block = [c, c, 3 * c * c, 3 * c, c * c, c, c, c, 4 * c * c, 4 * c, 4 * c * c, c]  # ln_1, attn, ln_2, mlp
+    return [vocab_size * c, block_size * c] + block * n_layer + [c, c]
+
+
+def lora_tensor_numels(n_layer, n_embd, r, targets):
+    """Element counts of the LoRA A and B matrices (in x r and r x out per targeted projection)."""
+    c = n_embd
+    shapes = {"c_attn": [(c, 3 * c)], "c_proj": [(c, c), (4 * c, c)], "c_fc": [(c, 4 * c)]}
+    unknown = set(targets) - set(shapes)
+    if unknown:
+        raise ValueError(f"unknown LoRA targets {sorted(unknown)}; choose from {LORA_TARGETS}")
+    per_layer = [n for t in set(targets) for i, o in shapes[t] for n in (i * r, r * o)]
+    return per_layer * n_layer
 
 
 def linear_weight_count(n_layer, n_embd):
@@ -117,6 +143,8 @@ class Estimate:
     total: int          # allocated + fragmentation + context: the number that must fit
     host: int           # bytes per rank that offload keeps in CPU memory
     buckets: dict       # DeepSpeed bucket sizes (elements) this estimate assumed
+    states: dict        # model states held between steps: weights (without ZeRO-3's gathered
+                        # modules), gradients, optimizer states; what the engine's tensors add up to
 
 
 def bucket_sizes(zero_stage, trainable, usable_bytes):
@@ -160,14 +188,23 @@ def estimate(shape, cand, dtype, n_devices, device_type, usable_bytes, lora_r=8,
         base_bytes = base * w
     model_bytes = base_bytes + (trainable * w if cand.mode != "full" else 0)
     if zero == 3:
-        # ZeRO-3 gathers one module at a time (the largest is the tied wte/lm_head) plus what
-        # it prefetches; tensors under the persistence threshold (biases, LayerNorms) stay whole.
-        in_flight = min(V * c + BUCKET_ELEMENTS_SMALL, base) * w
-        persistent = (L * 13 * c + 2 * c) * w
-        resident = 0 if offload == "optimizer+params" else model_bytes / n
-        weights = resident + in_flight + persistent
+        # Each rank keeps its partition, plus whole copies of the tensors at or under the
+        # persistence threshold (biases and LayerNorms of the GPT-2 sizes; LoRA's A and B).
+        # In the forward and backward passes it gathers one module at a time (the largest is
+        # the tied wte/lm_head) plus what it prefetches. On one rank the partition is the
+        # whole tensor and gathering allocates nothing (measured, tests/engine_states.py).
+        numels = gpt2_tensor_numels(L, c, V, s)
+        if cand.mode != "full":
+            numels = numels + lora_tensor_numels(L, c, lora_r, lora_targets)
+        small = sum(k for k in numels if k <= PERSISTENCE_THRESHOLD)
+        gathered = min(max(k for k in numels if k > PERSISTENCE_THRESHOLD) + BUCKET_ELEMENTS_SMALL,
+                       sum(numels) - small) if small < sum(numels) else 0
+        partition = 0 if offload == "optimizer+params" else model_bytes / n
+        resident = partition + small * w if n > 1 else max(partition, small * w)
+        in_flight = gathered * w if n > 1 or offload == "optimizer+params" else 0
+        weights = resident + in_flight
     else:
-        weights = model_bytes
+        resident = weights = model_bytes
 
     # --- gradients (compute dtype) of the trainable parameters
     grad_full = trainable * w
@@ -257,5 +294,7 @@ def estimate(shape, cand, dtype, n_devices, device_type, usable_bytes, lora_r=8,
         allocated += int(host)
     context = CUDA_CONTEXT_BYTES if device_type == "cuda" else CPU_PROCESS_BYTES
     items["context_and_fragmentation"] = int(FRAGMENTATION * allocated + context)
+    states = {"weights": int(resident), "gradients": items["gradients"],
+              "optimizer_states": items["optimizer_states"]}
     return Estimate(items, int(allocated), int(allocated + items["context_and_fragmentation"]), int(host),
-                    buckets)
+                    buckets, states)

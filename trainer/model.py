@@ -14,16 +14,13 @@ from torch.utils.checkpoint import checkpoint
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from trainer.errors import UserError
-from trainer.memory_model import GPT2_SHAPES, LOSS_CHUNK_BYTES  # the planner counts the loss with the same chunk
+# The planner counts the loss with the same chunk, pads a scratch vocabulary and reads the shape the same way.
+from trainer.memory_model import GPT2_SHAPES, LOSS_CHUNK_BYTES, padded_vocab
+from trainer.planner import run_shape as model_shape  # noqa: F401
 from trainer.tokenizer import GPT2_EOT
 
 HUB_NAMES = tuple(GPT2_SHAPES)
 IGNORE_INDEX = -100  # targets with this id carry no loss (masked instruction prompts)
-
-
-def padded_vocab(vocab_size, multiple=64):
-    """Round the vocabulary up: matmuls with a multiple of 64 run faster (nanoGPT's 50304)."""
-    return (vocab_size + multiple - 1) // multiple * multiple
 
 
 def is_pretrained_source(init_from):
@@ -176,23 +173,3 @@ def count_parameters(model):
 def strip_prefix(state_dict, prefix="lm."):
     """State dicts saved from LMWithLoss -> keys of the bare HF model."""
     return {k[len(prefix):] if k.startswith(prefix) else k: v for k, v in state_dict.items()}
-
-
-
-def model_shape(cfg, data_vocab_size, model_config_path=None):
-    """The shape the planner needs, without building the model or loading weights."""
-    init_from = cfg["init_from"]
-    if model_config_path is not None or (init_from not in HUB_NAMES and init_from != "scratch"):
-        path = Path(model_config_path or Path(init_from) / "config.json")
-        if not path.is_file():
-            raise UserError(f"init_from={init_from!r} is neither scratch, resume, a GPT-2 hub name "
-                            f"({', '.join(HUB_NAMES)}) nor a Hugging Face model directory with config.json")
-        hf = GPT2Config.from_json_file(path)
-        n_layer, n_head, n_embd, vocab = hf.n_layer, hf.n_head, hf.n_embd, hf.vocab_size
-    elif init_from in HUB_NAMES:
-        n_layer, n_head, n_embd = GPT2_SHAPES[init_from]
-        vocab = 50257
-    else:
-        n_layer, n_head, n_embd = cfg["n_layer"], cfg["n_head"], cfg["n_embd"]
-        vocab = padded_vocab(data_vocab_size)
-    return {"n_layer": n_layer, "n_head": n_head, "n_embd": n_embd, "vocab_size": vocab}

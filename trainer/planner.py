@@ -10,17 +10,18 @@ largest micro-batch that fits. A fixed mode also allows offload. Keys the user f
 never changed; the micro-batch and accumulation change, tokens per iteration never do.
 """
 import dataclasses
+import json
 import os
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from trainer.errors import UserError
-from trainer.memory_model import (DTYPE_BYTES, GPT2_SHAPES, LORA_TARGETS, LOSS_CHUNK_BYTES, USABLE_FRACTION_CPU,
-                                  USABLE_FRACTION_GPU, Candidate, GiB, MiB, Shape, estimate, gpt2_param_count,
-                                  lora_trainable_count, parameter_counts)
+from trainer.memory_model import (DTYPE_BYTES, GPT2_SHAPES, GPT2_VOCAB, LORA_TARGETS, USABLE_FRACTION_CPU,
+                                  USABLE_FRACTION_GPU, Candidate, GiB, MiB, Shape, estimate, padded_vocab,
+                                  parameter_counts)
 
-# The lead's code imports these from here; they live in memory_model with the arithmetic.
-__all__ = ["Hardware", "Plan", "PlanError", "detect_hardware", "make_plan", "step_down", "format_plan",
-           "plan_to_dict", "gpt2_param_count", "lora_trainable_count", "GPT2_SHAPES", "LOSS_CHUNK_BYTES"]
+__all__ = ["Hardware", "Plan", "PlanError", "detect_hardware", "run_shape", "make_plan", "step_down", "format_plan",
+           "plan_to_dict"]
 
 MODES = ("full", "lora", "qlora")
 OFFLOADS = ("none", "optimizer", "optimizer+params")
@@ -69,6 +70,7 @@ class Plan:
     sequences_per_iteration: int = 0
     tokens_per_iteration: int = 0
     zero_buckets: dict = field(default_factory=dict)  # bucket sizes (elements) for zero_optimization
+    model_states: dict = field(default_factory=dict)  # weights/gradients/optimizer states held between steps
 
 
 # ----------------------------------------------------------------------------- hardware
@@ -120,6 +122,31 @@ def detect_hardware(world_size, vram_gb=None, gpus=None):
 def usable_bytes(hw):
     fraction = USABLE_FRACTION_GPU if hw.device_type == "cuda" else USABLE_FRACTION_CPU
     return int(hw.bytes_per_device * fraction)
+
+
+# ----------------------------------------------------------------------------- shape
+
+def run_shape(cfg, data_vocab_size, model_config_path=None):
+    """The model's shape for the planner, without building the model or reading weights.
+
+    A hub name has GPT-2's published shape; a local Hugging Face directory (or, on resume, the
+    run's model_config.json) is read as JSON; a scratch model pads the data's vocabulary as
+    trainer/model.py does. Only json is needed, so `--plan` stays fast.
+    """
+    init_from = cfg["init_from"]
+    if model_config_path is not None or (init_from not in GPT2_SHAPES and init_from != "scratch"):
+        path = Path(model_config_path or Path(init_from) / "config.json")
+        if not path.is_file():
+            raise UserError(f"init_from={init_from!r} is neither scratch, resume, a GPT-2 hub name "
+                            f"({', '.join(GPT2_SHAPES)}) nor a Hugging Face model directory with config.json")
+        hf = json.loads(path.read_text())
+        return {"n_layer": hf["n_layer"], "n_head": hf["n_head"], "n_embd": hf["n_embd"],
+                "vocab_size": hf["vocab_size"]}
+    if init_from in GPT2_SHAPES:
+        n_layer, n_head, n_embd = GPT2_SHAPES[init_from]
+        return {"n_layer": n_layer, "n_head": n_head, "n_embd": n_embd, "vocab_size": GPT2_VOCAB}
+    return {"n_layer": cfg["n_layer"], "n_head": cfg["n_head"], "n_embd": cfg["n_embd"],
+            "vocab_size": padded_vocab(data_vocab_size)}
 
 
 # ----------------------------------------------------------------------------- config
@@ -359,7 +386,8 @@ def _plan(ctx, cand, est, reasons):
                 hardware=ctx.hw.name, allocated_bytes=est.allocated, host_bytes=est.host,
                 device_bytes=ctx.hw.bytes_per_device, device_type=ctx.hw.device_type,
                 block_size=ctx.shape.block_size, sequences_per_iteration=ctx.sequences,
-                tokens_per_iteration=ctx.sequences * ctx.shape.block_size, zero_buckets=dict(est.buckets))
+                tokens_per_iteration=ctx.sequences * ctx.shape.block_size, zero_buckets=dict(est.buckets),
+                model_states=dict(est.states))
 
 
 def _need(ctx, cand):

@@ -1,0 +1,178 @@
+"""Count the bytes of the tensors a real DeepSpeed engine holds, next to the planner's prediction.
+
+    python tests/engine_states.py OUT.json                   # one rank
+    deepspeed --num_gpus 2 tests/engine_states.py OUT.json   # two CPU ranks
+
+For full and LoRA modes and ZeRO stages 0-3 it plans a small GPT-2 (fp32 on the CPU), builds
+the engine the trainer builds (trainer.model, trainer.adapters, trainer.engine), runs two
+iterations of two micro-batches per rank, and counts every tensor storage alive in the
+process (gc), sorted into:
+  weights           storages of the module's parameters (ZeRO-3: partitions and whole persistent ones)
+  optimizer_states  the torch optimizer's states and its parameters when they are not the module's
+                    (the fp32 master partitions of ZeRO)
+  buckets           DeepSpeed's gradient buckets (ipg), less the gradients accumulated inside them
+                    (ZeRO-1/2; under ZeRO-3 a p.grad in a bucket is a copy on its way to the partition)
+  gradients         everything else that is new: p.grad, ZeRO's gradient partitions, small flags
+Weights and optimizer states are counted after the second step, gradients and buckets at
+their largest after a backward pass of the second iteration. Rank 0 writes one record per configuration to OUT.json.
+"""
+import gc
+import json
+import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import deepspeed  # noqa: E402
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+
+from trainer import planner  # noqa: E402
+from trainer.adapters import apply_mode  # noqa: E402
+from trainer.config import DEFAULTS  # noqa: E402
+from trainer.engine import create_engine  # noqa: E402
+from trainer.model import LMWithLoss, build_model  # noqa: E402
+
+DATA_VOCAB = 65  # a character vocabulary: the scratch model pads it to 128
+# n_embd 384: the projections (>= 147,456 elements) are above ZeRO-3's persistence threshold,
+# the embeddings, biases, LayerNorms and LoRA matrices under it, as in the real GPT-2 sizes.
+SHAPE = {"n_layer": 2, "n_head": 2, "n_embd": 384, "block_size": 64}
+# ZeRO-3 last: it rewires the module in place, and engines are built one after another
+CONFIGS = [("full", 0), ("full", 1), ("full", 2), ("lora", 0), ("lora", 1), ("lora", 2), ("full", 3), ("lora", 3)]
+
+
+def storage(t):
+    if not isinstance(t, torch.Tensor) or t.device.type == "meta":
+        return None
+    s = t.untyped_storage()
+    return (s.data_ptr(), s.nbytes()) if s.nbytes() else None
+
+
+def live_storages(collect=True):
+    if collect:
+        gc.collect()
+    out = {}
+    for obj in gc.get_objects():
+        if isinstance(obj, torch.Tensor) and (s := storage(obj)):
+            out[s[0]] = s[1]
+    return out
+
+
+def tensors_under(obj, name_filter=None, path="", depth=0, seen=None, out=None):
+    """Storages of the tensors reachable from obj through attributes, lists and dicts."""
+    seen = set() if seen is None else seen
+    out = {} if out is None else out
+    if id(obj) in seen or depth > 5:
+        return out
+    seen.add(id(obj))
+    if isinstance(obj, torch.Tensor):
+        if (s := storage(obj)) and (name_filter is None or name_filter in path):
+            out[s[0]] = s[1]
+    elif isinstance(obj, dict):
+        for k, v in obj.items():
+            tensors_under(v, name_filter, f"{path}[{k if isinstance(k, (str, int)) else '.'}]", depth + 1, seen, out)
+    elif isinstance(obj, (list, tuple)):
+        for v in obj:
+            tensors_under(v, name_filter, path, depth + 1, seen, out)
+    elif hasattr(obj, "__dict__") and not isinstance(obj, torch.nn.Module):
+        for k, v in vars(obj).items():
+            tensors_under(v, name_filter, f"{path}.{k}", depth + 1, seen, out)
+    return out
+
+
+def inner_optimizer(engine):
+    opt = engine.optimizer
+    while hasattr(opt, "optimizer"):
+        opt = opt.optimizer
+    return opt
+
+
+def classify(engine, base, collect=True):
+    """Bytes of the new storages by kind (see the module docstring).
+
+    collect=False skips the cycle collector (most of the time taken): cyclic garbage holding
+    tensors would then count as gradients, which can only make the comparison fail, never pass.
+    """
+    new = {p: b for p, b in live_storages(collect).items() if p not in base}
+    for p in engine.module.parameters():  # autograd's p.grad may have no Python object for gc to find
+        if p.grad is not None and (s := storage(p.grad)) and s[0] not in base:
+            new[s[0]] = s[1]
+    weights = {}
+    for p in engine.module.parameters():
+        for t in (p, getattr(p, "ds_tensor", None)):
+            if (s := storage(t)):
+                weights[s[0]] = s[1]
+    opt = inner_optimizer(engine)
+    optim = tensors_under(opt.state)
+    masters = list(opt.state) + [p for group in opt.param_groups for p in group["params"]]
+    for p in masters:
+        if (s := storage(p)):
+            optim[s[0]] = s[1]
+    optim = {p: b for p, b in optim.items() if p not in weights}
+    grad_views = {}
+    for p in engine.module.parameters():
+        if p.grad is not None and (s := storage(p.grad)):
+            grad_views[(s[0], p.grad.storage_offset())] = p.grad.numel() * p.grad.element_size()
+    ipg = {p: b for p, b in tensors_under(engine.optimizer, "ipg").items() if p not in weights and p not in optim}
+    # p.grad are the gradients even where they live inside a bucket (ZeRO-1 accumulates them there),
+    # except under ZeRO-3, whose gradients are the partitions and p.grad only a view being reduced
+    staging = engine.zero_optimization_stage() == 3
+    in_buckets = 0 if staging else sum(b for (ptr, _), b in grad_views.items() if ptr in ipg)
+    w = sum(weights.values())
+    o = sum(optim.values())
+    buckets = max(0, sum(ipg.values()) - in_buckets)
+    return {"weights": w, "optimizer_states": o, "buckets": buckets,
+            "gradients": sum(new.values()) - sum(b for p, b in new.items() if p in weights or p in optim)
+            - buckets}
+
+
+def measure(mode, zero, world):
+    micro, accum = 1, 2
+    cfg = {**DEFAULTS, **SHAPE, "init_from": "scratch", "dropout": 0.0, "mode": mode, "zero_stage": zero,
+           "offload": "none", "micro_batch_size": micro, "gradient_checkpointing": False,
+           "batch_size": micro, "gradient_accumulation_steps": accum * world, "lora_dropout": 0.0}
+    hw = planner.detect_hardware(world)
+    plan = planner.make_plan({**cfg, **planner.run_shape(cfg, DATA_VOCAB)}, hw)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randint(0, DATA_VOCAB, (micro, SHAPE["block_size"]), generator=gen)
+    y = torch.randint(0, DATA_VOCAB, (micro, SHAPE["block_size"]), generator=gen)
+    base = live_storages()
+    torch.manual_seed(0)
+    model = apply_mode(build_model(cfg, DATA_VOCAB), plan, cfg)
+    engine, _ = create_engine(LMWithLoss(model), cfg, plan, world, False)
+    gradients = buckets = 0
+    for it in range(2):  # the second iteration is the steady state: DeepSpeed sets some buffers up lazily
+        for _ in range(accum):
+            loss = engine(x, y)
+            engine.backward(loss)
+            if it == 1:
+                during = classify(engine, base, collect=False)
+                gradients, buckets = max(gradients, during["gradients"]), max(buckets, during["buckets"])
+            engine.step()
+    del loss
+    measured = classify(engine, base)
+    measured.update(gradients=gradients, buckets=buckets)
+    record = {"mode": mode, "zero_stage": zero, "ranks": world, "params_total": plan.params_total,
+              "params_trainable": plan.params_trainable, "predicted": plan.model_states,
+              "predicted_buckets": plan.memory["ds_buckets"], "measured": measured}
+    engine.destroy()
+    del engine, model
+    gc.collect()
+    return record
+
+
+def main():
+    out = [a for a in sys.argv[1:] if not a.startswith("--local")][0]
+    if "RANK" not in os.environ:
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT=os.environ.get("MASTER_PORT", "29517"))
+    deepspeed.init_distributed()
+    world = dist.get_world_size()
+    records = [measure(mode, zero, world) for mode, zero in CONFIGS]
+    if dist.get_rank() == 0:
+        Path(out).write_text(json.dumps(records, indent=1))
+
+
+if __name__ == "__main__":
+    main()
