@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from trainer import checkpoint, planner
+from trainer import checkpoint, oom, planner
 from trainer.adapters import apply_mode, build_base, uses_adapters
 from trainer.data import TrainSampler, eval_offsets
 from trainer.mixing import epochs_to_iters, open_data, shares_line
@@ -245,6 +245,7 @@ def train(cfg, hardware_overrides=None):
                 "sampler": sampler.state_dict()}
 
     by_hand = clips_by_hand(plan)
+    recovery = oom.Recovery(cfg, hw, shape, data.vocab_size, out_dir, log, master, world)
     stop = StopRequest().install()
     bad_in_a_row = skipped = 0
     t_last, iters_since_log = time.time(), 0
@@ -268,14 +269,24 @@ def train(cfg, hardware_overrides=None):
         if cfg["eval_only"] or iter_num >= cfg["max_iters"]:
             break
 
-        loss_sum, grad_norm = 0.0, None
-        for x, y, *pos in sampler.iteration_batches(sequences, rank, world, plan.micro_batch_size):
-            loss = maybe_poison(engine(x.to(device), y.to(device), *[p.to(device) for p in pos]), iter_num)
-            engine.backward(loss)
-            if by_hand and engine.is_gradient_accumulation_boundary():
-                grad_norm = clip_or_skip(engine, cfg["grad_clip"])
-            engine.step()
-            loss_sum += loss.item()
+        sampler_state = sampler.state_dict()  # out of memory: the iteration is redone on the same windows
+        while True:
+            try:
+                loss_sum, grad_norm = 0.0, None
+                for x, y, *pos in sampler.iteration_batches(sequences, rank, world, plan.micro_batch_size):
+                    oom.maybe_inject(iter_num, engine)
+                    loss = maybe_poison(engine(x.to(device), y.to(device), *[p.to(device) for p in pos]), iter_num)
+                    engine.backward(loss)
+                    if by_hand and engine.is_gradient_accumulation_boundary():
+                        grad_norm = clip_or_skip(engine, cfg["grad_clip"])
+                    engine.step()
+                    loss_sum += loss.item()
+                break
+            except torch.OutOfMemoryError as exc:
+                error, loss = oom.describe(exc), None  # let go of the traceback and graph holding the activations
+            engine, plan, plan_dict = recovery.step_down(error, engine, plan, iter_num)  # trainer/oom.py
+            by_hand, adapters_only = clips_by_hand(plan), uses_adapters(plan)
+            sampler.load_state_dict(sampler_state)
         if not by_hand:
             grad_norm = engine.get_global_grad_norm()  # DeepSpeed skips non-finite steps itself
         iter_num += 1

@@ -1,0 +1,83 @@
+"""Out of memory during a step: the plan steps down and the run goes on with nothing lost.
+
+GPT2DS_INJECT_OOM (trainer/oom.py) raises a real torch.OutOfMemoryError in the last micro-batch
+of the listed iterations, after the earlier micro-batches' gradients are accumulated. Without
+dropout the run is deterministic, so "nothing lost" is exact: every iteration's training loss
+equals the uninterrupted run's (the console prints 4 decimals; two ranks differ from one only
+by the order of floating-point sums, measured below 1e-4).
+"""
+import json
+import re
+
+import pytest
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from conftest import REPO, deepspeed_cmd, python, run_cmd, train_args
+
+ITERS = 6
+RUN = [f"--max_iters={ITERS}", f"--eval_interval={ITERS}", "--eval_iters=2", "--log_interval=1",
+       "--warmup_iters=2", "--sample_max_new_tokens=0"]  # shakespeare_char_cpu: 12 sequences x 1
+
+
+def train_losses(stdout):
+    """[(iteration, loss)] from the console lines, in order (an iteration printed twice shows twice)."""
+    return [(int(i), float(loss)) for i, loss in re.findall(rf"iter (\d+)/{ITERS}: loss ([\d.]+)", stdout)]
+
+
+def val_loss(stdout):
+    return float(re.findall(rf"step {ITERS}: train loss [\d.]+, val loss ([\d.]+)", stdout)[0])
+
+
+@pytest.fixture(scope="module")
+def reference(data_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("ref") / "out"
+    return run_cmd(python(*train_args(data_dir, out, *RUN)), cwd=REPO).stdout
+
+
+def test_checkpointing_then_micro_batch_in_place(data_dir, tmp_path, reference):
+    out = tmp_path / "out"
+    proc = run_cmd(python(*train_args(data_dir, out, *RUN)), cwd=REPO, env={"GPT2DS_INJECT_OOM": "2,4"})
+    losses = train_losses(proc.stdout)
+    assert [i for i, _ in losses] == list(range(1, ITERS + 1))  # same iteration count, none skipped or repeated
+    assert losses == train_losses(reference), (losses, train_losses(reference))
+    assert val_loss(proc.stdout) == val_loss(reference)
+    assert "out of memory (CUDA out of memory (injected by GPT2DS_INJECT_OOM at iteration 2)). iteration 2: " \
+           "out of memory with full, ZeRO-0, micro-batch 12: turned gradient checkpointing on" in proc.stdout
+    assert "iteration 4: out of memory with full, ZeRO-0, checkpointing, micro-batch 12: micro-batch 12 -> 6, " \
+           "accumulation 2 per rank" in proc.stdout
+    plan = json.loads((out / "plan.json").read_text())
+    assert (plan["gradient_checkpointing"], plan["micro_batch_size"], plan["grad_accum_per_rank"]) == (True, 6, 2)
+    assert [(h["iteration"], h["engine_rebuilt"]) for h in plan["history"]] == [(2, False), (4, False)]
+    assert plan["history"][1]["from"]["micro_batch_size"] == 12 and plan["history"][1]["to"]["micro_batch_size"] == 6
+    events = EventAccumulator(str(out), size_guidance={"tensors": 0})
+    events.Reload()
+    assert [e.step for e in events.Tensors("plan/text_summary")] == [0, 2, 4]
+
+
+def test_zero_stage_change_rebuilds_the_engine_with_its_state(data_dir, tmp_path, reference):
+    """Two ranks, checkpointing and micro-batch fixed: the step-down is ZeRO-0 -> ZeRO-1, a new engine
+    given the old one's weights and Adam moments; the losses go on exactly as without the error."""
+    out = tmp_path / "out"
+    proc = run_cmd(deepspeed_cmd(*train_args(data_dir, out, *RUN, "--micro_batch_size=3",
+                                             "--gradient_checkpointing=True"), num_gpus=2),
+                   cwd=REPO, env={"GPT2DS_INJECT_OOM": "3"})
+    losses, ref = train_losses(proc.stdout), dict(train_losses(reference))
+    assert [i for i, _ in losses] == list(range(1, ITERS + 1))
+    assert all(abs(loss - ref[i]) <= 2e-4 for i, loss in losses), (losses, ref)
+    assert abs(val_loss(proc.stdout) - val_loss(reference)) <= 2e-4
+    assert "ZeRO-0 -> ZeRO-1: shards more over 2 ranks; redoing the iteration with a rebuilt engine" in proc.stdout
+    plan = json.loads((out / "plan.json").read_text())
+    assert plan["zero_stage"] == 1 and plan["history"][0]["engine_rebuilt"] is True
+    info = json.loads(next((out / "checkpoints").glob("iter*/info.json")).read_text())
+    assert info["zero_stage"] == 1  # the checkpoint says what it holds, for resume
+
+
+def test_nothing_left_to_give_up_is_one_error_line(data_dir, tmp_path):
+    fixed = ["--mode=full", "--zero_stage=0", "--offload=none", "--gradient_checkpointing=True",
+             "--micro_batch_size=12"]
+    proc = run_cmd(python(*train_args(data_dir, tmp_path / "out", *RUN, *fixed)), cwd=REPO, check=False,
+                   env={"GPT2DS_INJECT_OOM": "1"})
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: out of memory at iteration 1 (CUDA out of memory (injected") and \
+        "nothing left to give up within the keys you fixed; last checkpoint: none" in last, last

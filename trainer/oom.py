@@ -1,0 +1,289 @@
+"""Out of memory during a step: step the plan down and redo the iteration, with nothing lost.
+
+The loop catches torch.OutOfMemoryError around one iteration, lets go of the traceback (it holds
+the activations), and calls Recovery.step_down. That asks trainer.planner.step_down for the next
+plan (checkpointing on, then a smaller micro-batch with more accumulation, then on several ranks
+a higher ZeRO stage, then offload or the next mode, each only where the user left the key on
+auto), says why on the console, in plan.json (a `history` list) and in TensorBoard, and returns
+the engine to go on with. The loop then restores the sampler to the start of the iteration, so
+the iteration is redone on the same windows; its partial gradients are discarded.
+
+- ZeRO-0, only checkpointing or the micro-batch changing: the same engine. Its partial gradients
+  are dropped, its micro-step counter rewound, and the micro-batch and accumulation set anew.
+- Anything else (a ZeRO stage, offload or mode change, or any change under ZeRO 1-3, whose
+  half-reduced gradient buckets cannot be rewound): the weights (fp32 masters) and Adam's
+  moments and step count are copied to CPU memory by parameter name, the old engine is freed,
+  and a new engine is built for the new plan and given them back. A mode change (full -> LoRA ->
+  QLoRA) is only taken before the first optimizer step: it starts the new mode from the
+  original weights, as a fresh run of that mode would, so nothing trained is dropped.
+- Out of memory inside the optimizer step (the update may be half applied), or nothing left to
+  give up: a one-line error naming the last checkpoint and what to try.
+
+On several ranks every rank must run out of memory in the same iteration (they run the same
+shapes, so they normally do); a rank that fails alone leaves the others waiting in a collective.
+
+For tests, GPT2DS_INJECT_OOM="3,5" raises a real torch.OutOfMemoryError in the last micro-batch
+of those iterations (once each, before its forward pass: the earlier micro-batches' gradients
+are already accumulated and must be discarded).
+"""
+import copy
+import gc
+import json
+import os
+import warnings
+
+import torch
+
+from trainer import planner
+from trainer.errors import UserError
+
+INJECT_VARIABLE = "GPT2DS_INJECT_OOM"
+_INJECT = {int(p) for p in os.environ.get(INJECT_VARIABLE, "").split(",") if p.strip()}
+_injected = set()
+# function names of the optimizer step: an error raised under them may leave the update half applied
+_STEP_FUNCTIONS = {"_take_model_step", "_optimizer_step"}
+
+
+def maybe_inject(iter_num, engine):
+    """Raise a real torch.OutOfMemoryError in the last micro-batch of an iteration in GPT2DS_INJECT_OOM."""
+    if iter_num in _INJECT and iter_num not in _injected and engine.is_gradient_accumulation_boundary():
+        _injected.add(iter_num)
+        raise torch.OutOfMemoryError(f"CUDA out of memory (injected by {INJECT_VARIABLE} at iteration {iter_num})")
+
+
+def describe(exc):
+    """(first line of the message, whether it was raised inside the optimizer step)."""
+    tb, in_step = exc.__traceback__, False
+    while tb is not None:
+        in_step = in_step or tb.tb_frame.f_code.co_name in _STEP_FUNCTIONS
+        tb = tb.tb_next
+    return str(exc).strip().splitlines()[0][:300], in_step
+
+
+# ----------------------------------------------------------------------------- state transfer
+
+def _inner(optimizer):
+    """The torch optimizer under DeepSpeed's wrappers (ZeRO, 16-bit)."""
+    while hasattr(optimizer, "optimizer"):
+        optimizer = optimizer.optimizer
+    return optimizer
+
+
+def _stage0_fp32_copies(engine):
+    """{id(16-bit parameter): its fp32 master} for DeepSpeed's stage-0 16-bit optimizer; {} otherwise."""
+    opt = engine.optimizer
+    low, high = getattr(opt, "fp16_groups", None), getattr(opt, "fp32_groups", None)
+    if not (isinstance(low, list) and isinstance(high, list) and len(low) == len(high)):
+        return {}
+    return {id(p): q for lp, hp in zip(low, high) for p, q in zip(lp, hp) if p.shape == q.shape}
+
+
+def _adam_step(engine):
+    for state in _inner(engine.optimizer).state.values():
+        if "step" in state:
+            return float(state["step"])
+    return 0.0
+
+
+def export_state(engine):
+    """Weights (fp32 masters where they exist) and Adam's moments, full size on the CPU, by name.
+
+    Collective under ZeRO (every rank calls it). Returns (weights, moments, adam_step); moments is
+    None when it could not be read (then the new engine starts them from zero, and says so).
+    """
+    from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
+    from deepspeed.runtime.zero.partition_parameters import GatheredParameters
+
+    inner, fp32_of, step = _inner(engine.optimizer), _stage0_fp32_copies(engine), _adam_step(engine)
+    weights, moments = {}, ({} if step else None)
+    for name, p in engine.module.named_parameters():
+        full = safe_get_full_fp32_param(p) if p.requires_grad else None
+        if full is None and hasattr(p, "ds_id"):  # ZeRO-3, frozen: gather the partitions
+            with GatheredParameters([p]):
+                full = p.data.detach().float().cpu().clone()
+        elif full is None:
+            full = fp32_of.get(id(p), p).detach().float()
+        weights[name] = full.cpu().clone()
+        if p.requires_grad and moments is not None:
+            try:
+                avg = safe_get_full_optimizer_state(p, "exp_avg")
+                sq = safe_get_full_optimizer_state(p, "exp_avg_sq")
+                if avg is None:  # stage 0: torch's own state of the parameter (or its fp32 master)
+                    state = inner.state[fp32_of.get(id(p), p)]
+                    avg, sq = state["exp_avg"], state["exp_avg_sq"]
+                moments[name] = (avg.detach().float().cpu().clone(), sq.detach().float().cpu().clone())
+            except (KeyError, TypeError, ValueError, AttributeError):
+                moments = None
+    return weights, moments, step
+
+
+def free_engine(engine):
+    """Release what an engine holds while the loop still has a reference to it."""
+    engine.destroy()  # DeepSpeed's own clean-up: gradient hooks, buffers
+    inner = _inner(engine.optimizer)
+    inner.state.clear()
+    inner.param_groups.clear()
+    for p in engine.module.parameters():
+        p.grad = None
+        p.data = torch.empty(0, dtype=p.dtype, device=p.device)
+        vars(p).clear()  # ZeRO's partitions and fp32 mappings hang off the parameters
+    if engine.optimizer is not inner:
+        vars(engine.optimizer).clear()  # ZeRO's flat buffers, partitions and buckets
+    engine.optimizer = engine.basic_optimizer = None
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def import_state(engine, weights, moments, step):
+    """Give a fresh engine the fp32 weights and Adam state exported from the old one."""
+    from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
+
+    inner, fp32_of = _inner(engine.optimizer), _stage0_fp32_copies(engine)
+    if moments is not None:
+        # torch's AdamW creates its state at the first step; create it now (zeros, then filled in)
+        for group in inner.param_groups:
+            for hp in group["params"]:
+                inner.state[hp] = {"step": torch.tensor(step, dtype=torch.float32),
+                                   "exp_avg": torch.zeros_like(hp), "exp_avg_sq": torch.zeros_like(hp)}
+        if hasattr(engine.optimizer, "_lazy_init_hp_params_optimizer_state"):  # ZeRO-1/2, bf16: link them
+            engine.optimizer._hp_optimizer_states_linked = False
+            engine.optimizer._lazy_init_hp_params_optimizer_state()
+    for name, p in engine.module.named_parameters():
+        if not p.requires_grad:
+            continue
+        if hasattr(p, "ds_id") or hasattr(p, "_hp_mapping"):
+            safe_set_full_fp32_param(p, weights[name].to(engine.device))
+            if moments is not None:
+                for key, value in zip(("exp_avg", "exp_avg_sq"), moments[name]):
+                    safe_set_full_optimizer_state(p, value.to(engine.device), key)
+        else:
+            hp = fp32_of.get(id(p), p)
+            with torch.no_grad():
+                hp.copy_(weights[name].to(hp.device, hp.dtype))
+                if hp is not p:
+                    p.copy_(hp)
+            if moments is not None:
+                state = inner.state[hp]
+                state["exp_avg"].copy_(moments[name][0])
+                state["exp_avg_sq"].copy_(moments[name][1])
+
+
+# ----------------------------------------------------------------------------- recovery
+
+def _checkpointing_on(lm, mode):
+    """HF's gradient checkpointing, non-reentrant, as the loop turns it on."""
+    with warnings.catch_warnings():  # transformers 5 renames it activation checkpointing (FutureWarning)
+        warnings.simplefilter("ignore", FutureWarning)
+        lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if mode != "full":
+        lm.enable_input_require_grads()  # frozen embeddings: checkpointed blocks need inputs that require grad
+
+
+def _keys(plan):
+    return {k: getattr(plan, k) for k in planner.PLAN_KEYS}
+
+
+def _overrides(plan):
+    """The plan as command-line keys, for the message that asks the user to continue with it."""
+    return " ".join(f"--{k}={getattr(plan, k)}" for k in ("zero_stage", "offload", "gradient_checkpointing",
+                                                           "micro_batch_size"))
+
+
+class Recovery:
+    """Out-of-memory step-downs of one run (see the module docstring)."""
+
+    def __init__(self, cfg, hw, shape, vocab_size, out_dir, log, master, world):
+        self.cfg, self.hw, self.shape, self.vocab_size = cfg, hw, shape, vocab_size
+        self.out_dir, self.log, self.master, self.world = out_dir, log, master, world
+        self.history = []
+
+    def step_down(self, error, engine, plan, iter_num):
+        """(engine, plan, plan_dict) to redo iteration iter_num with; `error` is describe(exc)."""
+        message, in_optimizer_step = error
+        from trainer import checkpoint
+        last = checkpoint.latest_tag(self.out_dir) or "none"
+        new = planner.step_down(plan, {**self.cfg, **self.shape}, self.hw)
+        if new is not None and new.mode != plan.mode and engine.global_steps > 0:
+            new = None  # see the module docstring: a mode change only before the first step
+        if in_optimizer_step or new is None:
+            why = ("inside the optimizer step, so the update may be half applied" if in_optimizer_step else
+                   "and the plan has nothing left to give up within the keys you fixed")
+            hint = (f"continue with --init_from=resume {_overrides(new)}" if new is not None else
+                    "set fixed plan keys back to auto, use more GPUs, or a smaller block_size")
+            raise UserError(f"out of memory at iteration {iter_num} ({message}) {why}; last checkpoint: {last}; "
+                            f"{hint}")
+
+        rebuild = engine.zero_optimization_stage() > 0 or (new.zero_stage, new.offload, new.mode) != \
+            (plan.zero_stage, plan.offload, plan.mode)
+        line = f"iteration {iter_num}: {new.reasons['step_down']}; redoing the iteration"
+        self.log.print(f"out of memory ({message}). {line}"
+                       f"{' with a rebuilt engine (weights and optimizer state carried)' if rebuild else ''}")
+        if rebuild:
+            engine, carried = self._rebuild(engine, plan, new)
+            if carried is not None:
+                self.log.print(carried)
+        else:
+            self._in_place(engine, plan, new)
+        self.history.append({"iteration": iter_num, "error": message, "change": new.reasons["step_down"],
+                             "engine_rebuilt": rebuild, "from": _keys(plan), "to": _keys(new)})
+        plan_dict = {**planner.plan_to_dict(new), "history": list(self.history)}
+        if self.master:
+            (self.out_dir / "plan.json").write_text(json.dumps(plan_dict, indent=2))
+        self.log.print(planner.format_plan(new))
+        self.log.json_text("plan", plan_dict, iter_num)
+        return engine, new, plan_dict
+
+    def _in_place(self, engine, plan, new):
+        """ZeRO-0: drop the partial gradients, rewind the micro-steps, set checkpointing and batch sizes."""
+        engine.zero_grad()
+        accum = new.grad_accum_per_rank
+        engine.set_train_micro_batch_size(new.micro_batch_size)
+        engine.set_train_batch_size(new.micro_batch_size * accum * self.world)
+        engine.micro_steps = engine.global_steps * accum
+        if new.gradient_checkpointing and not plan.gradient_checkpointing:
+            _checkpointing_on(engine.module.lm, new.mode)
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+    def _rebuild(self, engine, plan, new):
+        """Carry weights and Adam state through CPU memory into an engine for the new plan."""
+        from transformers import GPT2LMHeadModel
+
+        from trainer.adapters import apply_mode, build_base
+        from trainer.engine import create_engine, set_lr
+        from trainer.model import LMWithLoss
+
+        lr = engine.optimizer.param_groups[0]["lr"]
+        same_mode = new.mode == plan.mode
+        weights, moments, step = export_state(engine) if same_mode else ({}, None, 0.0)
+        config = copy.deepcopy(engine.module.lm.config)
+        trainable = {n: p.requires_grad for n, p in engine.module.named_parameters()}
+        free_engine(engine)
+        del engine
+
+        torch.manual_seed(self.cfg["seed"])  # identical on every rank, as the loop builds it
+        if new.mode == "qlora" or not same_mode:  # a frozen base from init_from, as resume builds it
+            model = build_base(self.cfg, self.vocab_size, new.mode, new.dtype, self.hw.device_type)
+        else:
+            model = GPT2LMHeadModel(config)  # its weights come from the old engine
+        if new.gradient_checkpointing:
+            _checkpointing_on(model, "full")  # before apply_mode, as the loop does
+        module = LMWithLoss(apply_mode(model, new, self.cfg))
+        if weights:
+            with torch.no_grad():
+                for name, p in module.named_parameters():
+                    if name in weights and (p.requires_grad or new.mode != "qlora"):
+                        p.copy_(weights[name].to(p.dtype))
+                        p.requires_grad_(trainable.get(name, p.requires_grad))
+        engine, ds_config = create_engine(module, self.cfg, new, self.world, self.hw.device_type == "cuda")
+        if weights:
+            import_state(engine, weights, moments, step)
+        set_lr(engine, lr)
+        self.log.json_text("deepspeed_config", ds_config)
+        if not same_mode:
+            return engine, f"{new.mode} starts from the original weights (no optimizer step was taken yet)"
+        if moments is None and step:
+            return engine, "the optimizer state could not be read from the old engine: Adam's moments restart at zero"
+        return engine, None
