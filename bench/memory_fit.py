@@ -235,7 +235,8 @@ def summary(rows):
                      f"(worst {worst['model']} at {worst['cap_gb']:g} GB: "
                      f"{pct(worst['predicted_allocated'], worst['allocated']):+.1f}%)")
         frag = statistics.median(r["reserved"] / r["allocated"] - 1 for r in ran)
-        lines.append(f"- suggested FRAGMENTATION = {frag:.3f} (median reserved / allocated - 1; now {mm.FRAGMENTATION})")
+        lines.append(f"- suggested FRAGMENTATION = {frag:.3f} (median reserved / allocated - 1; "
+                     f"now {mm.FRAGMENTATION})")
         outside = [r["outside"] for r in ran if r.get("outside")]
         if outside:
             lines.append(f"- suggested CUDA_CONTEXT_BYTES = {statistics.median(outside) / MiB:.0f} MiB (median memory "

@@ -81,3 +81,23 @@ def test_nothing_left_to_give_up_is_one_error_line(data_dir, tmp_path):
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("error: out of memory at iteration 1 (CUDA out of memory (injected") and \
         "nothing left to give up within the keys you fixed; last checkpoint: none" in last, last
+
+
+def test_an_error_inside_the_optimizer_step_is_recognised():
+    """An update that may be half applied cannot be redone: describe() tells the two cases apart."""
+    import torch
+
+    from trainer.oom import describe
+
+    def _take_model_step():  # the name DeepSpeed's engine steps the optimizer under
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    def forward():
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 1.00 GiB\nmore")
+
+    for fn, in_step in ((_take_model_step, True), (forward, False)):
+        try:
+            fn()
+        except torch.OutOfMemoryError as exc:
+            message, seen = describe(exc)
+        assert seen is in_step and message.startswith("CUDA out of memory. Tried to allocate") and "\n" not in message

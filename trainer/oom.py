@@ -184,12 +184,6 @@ def _keys(plan):
     return {k: getattr(plan, k) for k in planner.PLAN_KEYS}
 
 
-def _overrides(plan):
-    """The plan as command-line keys, for the message that asks the user to continue with it."""
-    return " ".join(f"--{k}={getattr(plan, k)}" for k in ("zero_stage", "offload", "gradient_checkpointing",
-                                                           "micro_batch_size"))
-
-
 class Recovery:
     """Out-of-memory step-downs of one run (see the module docstring)."""
 
@@ -209,7 +203,8 @@ class Recovery:
         if in_optimizer_step or new is None:
             why = ("inside the optimizer step, so the update may be half applied" if in_optimizer_step else
                    "and the plan has nothing left to give up within the keys you fixed")
-            hint = (f"continue with --init_from=resume {_overrides(new)}" if new is not None else
+            hint = ("continue from it with --init_from=resume; if this repeats, start a new run with "
+                    "--offload=optimizer (and --mode fixed) or --mode=lora" if in_optimizer_step else
                     "set fixed plan keys back to auto, use more GPUs, or a smaller block_size")
             raise UserError(f"out of memory at iteration {iter_num} ({message}) {why}; last checkpoint: {last}; "
                             f"{hint}")
