@@ -51,15 +51,15 @@ class TokenData:
         self.meta = read_meta(self.directory)
         self.block_size = block_size
         self.dtype = np.dtype(self.meta.get("dtype", "uint16"))
-        self.tokens = {split: self._open(split) for split in ("train", "val")}
-        # Instruction datasets carry a loss mask (1 where the loss counts).
-        self.masks = {split: self._open_mask(split) for split in ("train", "val")}
         # Packed instruction datasets: whole blocks, and each token's position in its own example.
         self.packed = self.meta.get("format") == "instructions"
         if self.packed and self.meta["block_size"] != block_size:
             raise UserError(f"{self.directory} is packed for block_size={self.meta['block_size']}, not "
                             f"{block_size}; train with --block_size={self.meta['block_size']} or prepare it "
                             f"again with --block_size={block_size}")
+        self.tokens = {split: self._open(split) for split in ("train", "val")}
+        # Instruction datasets carry a loss mask (1 where the loss counts).
+        self.masks = {split: self._open_mask(split) for split in ("train", "val")}
         self.positions = {split: self._open_mask(split, "pos", np.uint16) for split in ("train", "val")}
         self.names = [self.directory.name]
 

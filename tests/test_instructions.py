@@ -1,0 +1,309 @@
+"""Instruction data: prepare, masks, packing, sealed attention, and a tiny GPT-2 that learns a task."""
+import json
+import pickle
+import random
+import re
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import REPO, make_tiny_gpt2, python, run_cmd
+from trainer.data import TokenData
+from trainer.instructions import (TEMPLATES, PrepareError, layout, pack, prepare_instructions, render,
+                                  tokenize)
+from trainer.model import IGNORE_INDEX, LMWithLoss, packed_causal_mask
+from trainer.tokenizer import GPT2_EOT, Gpt2Tokenizer
+
+ALPACA = [
+    {"instruction": "Give three tips for staying healthy.", "input": "",
+     "output": "1. Eat a balanced diet.\n2. Exercise regularly.\n3. Sleep well."},
+    {"instruction": "Translate to French.", "input": "Good morning", "output": "Bonjour"},
+    {"instruction": "Name a primary colour.", "output": "Red."},
+    {"instruction": "What is 2 + 2?", "input": "", "output": "4"},
+]
+CHAT = {"messages": [{"role": "system", "content": "You are terse."},
+                     {"role": "user", "content": "Capital of France?"},
+                     {"role": "assistant", "content": "Paris."},
+                     {"role": "user", "content": "And of Italy?"},
+                     {"role": "assistant", "content": "Rome."}]}
+
+
+def load_split(folder, split):
+    meta = pickle.loads((folder / "meta.pkl").read_bytes())
+    tokens = np.fromfile(folder / f"{split}.bin", dtype=meta["dtype"]).astype(np.int64)
+    mask = np.fromfile(folder / f"{split}_mask.bin", dtype=np.uint8)
+    pos = np.fromfile(folder / f"{split}_pos.bin", dtype=np.uint16).astype(np.int64)
+    return meta, tokens, mask, pos
+
+
+def examples_of(tokens, mask, pos):
+    """The packed examples of a split: runs starting at position 0 that carry loss (padding does not)."""
+    starts = list(np.nonzero(pos == 0)[0]) + [len(tokens)]
+    return [(tokens[a:b], mask[a:b]) for a, b in zip(starts, starts[1:]) if mask[a:b].any()]
+
+
+# ---------------------------------------------------------------- prepare
+
+def test_prepare_alpaca_and_chat_files(tmp_path):
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "a.json").write_text(json.dumps(ALPACA))
+    (tmp_path / "in" / "b.jsonl").write_text(json.dumps(CHAT) + "\n\n" + json.dumps(ALPACA[0]) + "\n")
+    proc = run_cmd(python(REPO / "data/prepare.py", f"--input={tmp_path / 'in'}", "--name=instr",
+                          "--format=instructions", "--block_size=128", "--val_fraction=0.2",
+                          f"--data_dir={tmp_path}"), cwd=tmp_path)
+    out = proc.stdout
+    assert "read 6 examples from 2 file(s) (5 alpaca, 1 chat), template alpaca" in out
+    assert re.search(r"train: 5 examples in \d+ blocks of 129 tokens = [\d,]+ tokens; [\d.]+% carry loss", out)
+    assert "longer than block_size + 1 = 129 tokens: 0 example(s)" in out
+
+    folder = tmp_path / "instr"
+    tok = Gpt2Tokenizer()
+    responses = []
+    for split in ("train", "val"):
+        meta, tokens, mask, pos = load_split(folder, split)
+        assert len(tokens) % 129 == 0 and len(tokens) == len(mask) == len(pos)
+        for ids, m in examples_of(tokens, mask, pos):
+            # mask 1 exactly on the response pieces, each ending in <|endoftext|>; the prompt is mask 0
+            assert m[0] == 0 and m[-1] == 1 and ids[-1] == GPT2_EOT
+            responses.append(tok.decode(ids[m == 1].tolist()))
+    assert meta["format"] == "instructions" and meta["block_size"] == 128 and meta["template"] == "alpaca"
+    assert sorted(responses) == sorted([r["output"] + "<|endoftext|>" for r in ALPACA + ALPACA[:1]]
+                                       + ["Paris.<|endoftext|>Rome.<|endoftext|>"])
+
+
+def test_alpaca_template_is_stanford_alpaca():
+    pieces = render(ALPACA[1], TEMPLATES["alpaca"])
+    assert pieces == [("Below is an instruction that describes a task, paired with an input that provides further "
+                       "context. Write a response that appropriately completes the request.\n\n### Instruction:\n"
+                       "Translate to French.\n\n### Input:\nGood morning\n\n### Response:\n", False),
+                      ("Bonjour", True)]
+    assert render(ALPACA[2], TEMPLATES["plain"]) == [("Name a primary colour.\n\n", False), ("Red.", True)]
+    ids, mask = tokenize(render(ALPACA[2], TEMPLATES["plain"]), Gpt2Tokenizer())
+    assert ids[-1] == GPT2_EOT and mask == [0] * (len(ids) - 3) + [1, 1, 1]  # "Red", ".", <|endoftext|>
+
+
+@pytest.mark.parametrize("records, message", [
+    ('[{"instruction": "a", "output": "b"}, {"instruction": "c"}]', "index 1: missing field 'output'"),
+    ('{"instruction": "a", "output": "b"}\n{"output": 3, "instruction": "x"}\n', "line 2: field 'output' is int"),
+    ('{"instruction": "a", "output": "b"}\n\n{"instruction": "a", "output": "b"\n', "line 3: not valid JSON"),
+    ('[{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant"}]}]',
+     "index 0: missing field 'messages[1].content'"),
+    ('[{"messages": [{"role": "user", "content": "hi"}]}]', "index 0: the last message must be the assistant's"),
+    ('[{"prompt": "a", "completion": "b"}]', "index 0: missing field 'instruction'"),
+])
+def test_malformed_records_name_file_place_and_field(tmp_path, records, message):
+    path = tmp_path / "bad.json"
+    path.write_text(records)
+    with pytest.raises(PrepareError, match=re.escape(f"{path} {message}")):
+        prepare_instructions(str(path), tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_malformed_record_cli_error_and_skip_invalid(tmp_path):
+    path = tmp_path / "data.jsonl"
+    good = [json.dumps(r) for r in ALPACA]
+    path.write_text("\n".join(good[:2] + ['{"instruction": "no output"}'] + good[2:] + ["[1, 2]"]) + "\n")
+    args = python(REPO / "data/prepare.py", f"--input={path}", "--name=x", "--format=instructions",
+                  f"--data_dir={tmp_path}")
+    proc = run_cmd(args, cwd=tmp_path, check=False)
+    assert proc.returncode != 0 and not (tmp_path / "x").exists()
+    assert proc.stderr.strip() == (f"error: {path} line 3: missing field 'output'; fix the record or pass "
+                                   f"--skip_invalid to drop such records")
+    proc = run_cmd(args + ["--skip_invalid"], cwd=tmp_path)
+    assert (f"skipped 2 invalid record(s) (--skip_invalid); the first: {path} line 3: missing field 'output'"
+            in proc.stdout)
+    assert "read 4 examples" in proc.stdout and (tmp_path / "x" / "train_mask.bin").is_file()
+
+
+def test_overlong_examples_truncated_or_dropped(tmp_path):
+    long = {"instruction": "Repeat.", "output": " word" * 200}
+    path = tmp_path / "d.json"
+    path.write_text(json.dumps(ALPACA + [long]))
+    prepare_instructions(str(path), tmp_path / "t", block_size=64, val_fraction=0.2)
+    _, tokens, mask, pos = load_split(tmp_path / "t", "train")
+    assert max(len(ids) for ids, _ in examples_of(tokens, mask, pos)) <= 65
+    meta = prepare_instructions(str(path), tmp_path / "d", block_size=64, overlong="drop", val_fraction=0.2)
+    assert sum(meta["examples"].values()) == len(ALPACA)
+    with pytest.raises(PrepareError, match="needs --tokenizer=gpt2"):
+        prepare_instructions(str(path), tmp_path / "c", tokenizer="char")
+
+
+def test_packing_never_splits_an_example_and_fills_blocks():
+    rng = random.Random(0)
+    lengths = [rng.randint(5, 120) for _ in range(2000)] + [129]
+    blocks = pack(lengths, 129)
+    assert sorted(i for b in blocks for i in b) == list(range(len(lengths)))  # each example once, whole
+    assert all(sum(lengths[i] for i in b) <= 129 for b in blocks)
+    assert sum(lengths) / (129 * len(blocks)) > 0.97  # best-fit decreasing leaves little padding
+
+
+def test_loader_gives_whole_blocks_positions_and_epoch_order(tmp_path):
+    path = tmp_path / "d.json"
+    path.write_text(json.dumps(ALPACA * 5))
+    prepare_instructions(str(path), tmp_path / "p", block_size=64, template_name="plain", val_fraction=0.2)
+    data = TokenData(tmp_path / "p", 64)
+    n = data.n_windows("train")
+    x, y, pos = data.windows("train", np.arange(n))
+    _, tokens, mask, positions = load_split(tmp_path / "p", "train")
+    assert torch.equal(x.flatten(), torch.from_numpy(tokens.reshape(n, 65)[:, :64]).flatten())
+    assert torch.equal(pos.flatten(), torch.from_numpy(positions.reshape(n, 65)[:, :64]).flatten())
+    assert torch.equal(y == IGNORE_INDEX, torch.from_numpy(mask.reshape(n, 65)[:, 1:] == 0))
+    drawn = [0]
+    stream = np.concatenate([data.draw(None, 3, drawn, 1337) for _ in range(2 * n // 3)])
+    assert sorted(stream[:n]) == list(range(n)) and drawn == [len(stream)]  # every block once per epoch
+    with pytest.raises(Exception, match="packed for block_size=64, not 128; train with --block_size=64"):
+        TokenData(tmp_path / "p", 128)
+
+
+# ---------------------------------------------------------------- sealed packing, exact masking
+
+@pytest.fixture(scope="module")
+def tiny_lm():
+    from transformers import GPT2Config, GPT2LMHeadModel
+    torch.manual_seed(0)
+    lm = GPT2LMHeadModel(GPT2Config(n_layer=2, n_head=2, n_embd=32, n_positions=128))
+    lm.config._attn_implementation = "sdpa"
+    return lm.eval()
+
+
+def packed_block(examples, capacity=129):
+    tokens, mask, pos = layout(examples, capacity, GPT2_EOT)
+    T = capacity - 1
+    x = torch.from_numpy(tokens[:T])[None]
+    y = torch.from_numpy(tokens[1:]).clone()[None]
+    y[0, torch.from_numpy(mask[1:] == 0)] = IGNORE_INDEX
+    return x, y, torch.from_numpy(pos[:T].astype(np.int64))[None]
+
+
+def test_packing_is_sealed(tiny_lm):
+    tok = Gpt2Tokenizer()
+    a1 = tokenize(render(ALPACA[0], TEMPLATES["alpaca"]), tok)
+    a2 = tokenize(render(ALPACA[1], TEMPLATES["alpaca"]), tok)  # another example, another length
+    b = tokenize(render(ALPACA[3], TEMPLATES["alpaca"]), tok)
+
+    def logits_of_b(first):
+        x, _, pos = packed_block([first, b])  # layout keeps the order: first, then b
+        logits = tiny_lm(input_ids=x, position_ids=pos, attention_mask=packed_causal_mask(pos)).logits
+        start = len(first[0])
+        assert pos[0, start] == 0 and pos[0, start - 1] > 0
+        return logits[0, start:start + len(b[0])]
+
+    with torch.no_grad():
+        alone = tiny_lm(input_ids=torch.tensor([b[0]])).logits[0]
+        after_a1, after_a2 = logits_of_b(a1), logits_of_b(a2)
+    assert len(a1[0]) != len(a2[0])
+    assert torch.allclose(after_a1, after_a2, atol=1e-5) and torch.allclose(after_a1, alone, atol=1e-5)
+    # without the block-diagonal mask b would see a1: the check above is not vacuous
+    x, _, pos = packed_block([a1, b])
+    with torch.no_grad():
+        leaky = tiny_lm(input_ids=x, position_ids=pos).logits[0, len(a1[0]):len(a1[0]) + len(b[0])]
+    assert not torch.allclose(leaky, alone, atol=1e-3)
+
+
+def test_masking_is_exact(tiny_lm):
+    tok = Gpt2Tokenizer()
+    examples = [tokenize(render(r, TEMPLATES["alpaca"]), tok) for r in ALPACA[:3]]
+    x, y, pos = packed_block(examples, capacity=257)
+    model = LMWithLoss(tiny_lm)
+    with torch.no_grad():
+        loss = model(x, y, pos)
+        # independent: full logits with the same attention, cross-entropy on the response tokens only
+        logits = tiny_lm(input_ids=x, position_ids=pos, attention_mask=packed_causal_mask(pos)).logits[0]
+        keep = y[0] != IGNORE_INDEX
+        manual = torch.nn.functional.cross_entropy(logits[keep], y[0][keep])
+        assert torch.allclose(loss, manual, atol=1e-5)
+        n_response = sum(sum(m) for _, m in examples)
+        assert int(keep.sum()) == n_response  # every response token and each <|endoftext|>, nothing else
+
+        # a response token changes: the loss changes (mask-0 targets: test_loader_masks_prompt_targets_...)
+        response = y.clone()
+        first = int(torch.nonzero(keep)[0])
+        response[0, first] = (response[0, first] + 1) % 50257
+        assert not torch.allclose(model(x, response, pos), loss)
+
+
+def test_loader_masks_prompt_targets_whatever_they_hold(tmp_path, tiny_lm):
+    """Changing the tokens under mask 0, as targets, changes neither the targets nor the loss."""
+    path = tmp_path / "d.json"
+    path.write_text(json.dumps(ALPACA))
+    prepare_instructions(str(path), tmp_path / "a", block_size=256, val_fraction=0.25)
+    data = TokenData(tmp_path / "a", 256)
+    x, y, pos = data.windows("train", [0])
+    tokens = np.fromfile(tmp_path / "a" / "train.bin", dtype=np.uint16)
+    mask = np.fromfile(tmp_path / "a" / "train_mask.bin", dtype=np.uint8)
+    prompt = np.nonzero(mask[1:257] == 0)[0] + 1  # targets under mask 0
+    tokens[prompt] = (tokens[prompt] + 7) % 50257
+    tokens.tofile(tmp_path / "a" / "train.bin")
+    _, y2, _ = TokenData(tmp_path / "a", 256).windows("train", [0])
+    assert torch.equal(y, y2) and (y[0, prompt - 1] == IGNORE_INDEX).all()
+    model = LMWithLoss(tiny_lm)
+    with torch.no_grad():
+        assert torch.equal(model(x, y, pos), model(x, y2, pos))
+
+
+# ---------------------------------------------------------------- a tiny GPT-2 learns a task
+
+WORDS = ["apple", "river", "stone", "cloud", "green", "music", "table", "water",
+         "horse", "paper", "bread", "chair", "light", "north", "happy", "silver"]  # one BPE token each
+
+
+def reverse_task():
+    combos = [(a, b, c) for a in WORDS for b in WORDS for c in WORDS]
+    random.Random(0).shuffle(combos)
+    held_out, train = combos[:64], combos[64:1864]
+    # the answer starts with a space, so each word is the same token in the prompt and in the answer
+    record = lambda ws: {"instruction": "reverse " + " ".join(ws), "output": " " + " ".join(reversed(ws))}  # noqa: E731
+    return [record(ws) for ws in train], [record(ws) for ws in held_out]
+
+
+def exact_match(lm, records):
+    """Greedy answers to the held-out prompts (all the same length: one batch) that match exactly, then EOT."""
+    tok = Gpt2Tokenizer()
+    prompts = torch.tensor([tok.encode_ordinary(TEMPLATES["plain"].prompt(r["instruction"])) for r in records])
+    want = [tok.encode_ordinary(r["output"]) + [GPT2_EOT] for r in records]
+    idx = prompts
+    with torch.no_grad():
+        for _ in range(max(map(len, want))):
+            idx = torch.cat([idx, lm(input_ids=idx).logits[:, -1, :50257].argmax(-1, keepdim=True)], dim=1)
+    return sum(idx[i, prompts.size(1):prompts.size(1) + len(w)].tolist() == w for i, w in enumerate(want))
+
+
+def test_tiny_gpt2_learns_reversing_words(tmp_path):
+    """Reverse three words: about 0/64 held-out prompts right at the start, at least 48/64 after training.
+
+    Measured: 0/64 before; 64/64 after 58 iterations (2 epochs of 229 blocks, 8 blocks per iteration), val loss
+    10.8 -> about 0.1; about 50 s on 2 busy CPU cores.
+    """
+    from trainer.inference import load_for_inference
+    train, held_out = reverse_task()
+    (tmp_path / "rev.jsonl").write_text("".join(json.dumps(r) + "\n" for r in train))
+    run_cmd(python(REPO / "data/prepare.py", f"--input={tmp_path / 'rev.jsonl'}", "--name=rev", "--format=instructions",
+                   "--template=plain", "--block_size=64", f"--data_dir={tmp_path}"), cwd=tmp_path)
+    base = tmp_path / "tiny"
+    start = make_tiny_gpt2(base, n_layer=2, n_head=4, n_embd=128, n_positions=64)
+    before = exact_match(start.eval(), held_out)
+
+    blocks = (tmp_path / "rev" / "train.bin").stat().st_size // 2 // 65
+    proc = run_cmd(python(REPO / "launch/train.py", f"--init_from={base}", "--dataset=rev", f"--data_dir={tmp_path}",
+                          f"--out_dir={tmp_path / 'out'}", "--block_size=64", "--batch_size=8",
+                          "--gradient_accumulation_steps=1", "--max_epochs=2", "--learning_rate=3e-3",
+                          "--warmup_iters=10", "--min_lr=3e-4", "--weight_decay=0.0", "--eval_interval=1000",
+                          "--eval_iters=4", "--log_interval=50", "--mode=full", "--sample_max_new_tokens=0",
+                          "--tensorboard=False"), cwd=tmp_path)
+    iters = -(-2 * blocks // 8)  # ceil(2 epochs * blocks / 8 blocks per iteration)
+    assert f"-> max_iters={iters} " in proc.stdout
+    losses = [float(v) for v in re.findall(r"val loss ([\d.]+)", proc.stdout)]
+    assert losses[0] > 9 and losses[-1] < 0.5, losses
+
+    after = exact_match(load_for_inference(str(tmp_path / "out")).lm, held_out)
+    print(f"exact match on {len(held_out)} held-out prompts: {before} before, {after} after {iters} iterations")
+    assert before <= 2 and after >= 48, (before, after)
+
+    # sample.py wraps the instruction in the template and stops at end-of-text
+    record = held_out[0]
+    proc = run_cmd(python(REPO / "launch/sample.py", f"--out_dir={tmp_path / 'out'}", "--prompt_template=plain",
+                          f"--start={record['instruction']}", "--num_samples=1", "--temperature=0",
+                          "--max_new_tokens=20"), cwd=tmp_path)
+    answer = proc.stdout.split("---------------")[0].strip().splitlines()[-1]  # after any library warnings
+    assert answer.strip() == record["output"].strip()
