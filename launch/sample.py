@@ -1,6 +1,7 @@
 """Sample from a trained model: `python launch/sample.py --out_dir=out-shakespeare --start="To be"`.
 
 Also `--init_from=gpt2-xl` (a hub name) or `--init_from=path/to/hf_dir`.
+Instruction-tuned models: `--prompt_template=alpaca --start="Give three tips for staying healthy."`.
 """
 import argparse
 import sys
@@ -23,6 +24,8 @@ def parse_args(argv):
     p.add_argument("--top_k", type=int, default=200, help="keep only the top_k most likely tokens")
     p.add_argument("--seed", type=int, default=1337)
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    p.add_argument("--prompt_template", default="", help="alpaca or plain: --start is an instruction, wrapped "
+                   "in that template; sampling stops at end-of-text and prints the response only")
     return p.parse_args(argv)
 
 
@@ -47,7 +50,15 @@ def main(argv):
     lm = loaded.lm.to(device)
     if device == "cuda":
         lm = lm.to(torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16)
-    start = loaded.tokenizer.encode(read_start(args.start))
+    template = None
+    if args.prompt_template:  # an instruction: wrap it as in training, stop at end-of-text, print the response
+        from trainer.instructions import get_template
+        template = get_template(args.prompt_template, UserError)
+        if loaded.tokenizer.eot_token is None:
+            raise UserError("--prompt_template needs a GPT-2 BPE model (instruction data ends with <|endoftext|>)")
+        start = loaded.tokenizer.encode_ordinary(template.prompt(read_start(args.start)))
+    else:
+        start = loaded.tokenizer.encode(read_start(args.start))
     if not start:
         raise UserError("--start is empty after tokenization; give some text, e.g. --start='\\n'")
     torch.manual_seed(args.seed)
@@ -55,8 +66,13 @@ def main(argv):
     idx = torch.tensor([start], dtype=torch.long, device=device)
     for _ in range(args.num_samples):
         out = generate(lm, idx, args.max_new_tokens, loaded.block_size, temperature=args.temperature,
-                       top_k=args.top_k, vocab_limit=loaded.vocab_limit, generator=gen)
-        print(loaded.tokenizer.decode(out[0].tolist()))
+                       top_k=args.top_k, vocab_limit=loaded.vocab_limit, generator=gen,
+                       stop_token=loaded.tokenizer.eot_token if template else None)
+        if template:
+            response = out[0, len(start):].tolist()
+            print(loaded.tokenizer.decode(response[:-1] if response[-1:] == [loaded.tokenizer.eot_token] else response))
+        else:
+            print(loaded.tokenizer.decode(out[0].tolist()))
         print("---------------")
     return 0
 
