@@ -41,8 +41,23 @@ def test_recipe_values_match_design(name):
         assert (cfg["warmup_iters"], cfg["lr_decay_iters"], cfg["min_lr"]) == (100, 5000, 3e-6)
 
 
+EXTRA_RECIPES = {"alpaca_lora"}  # recipes beyond DESIGN's table, each checked by its own test below
+
+
 def test_every_recipe_file_is_in_the_table():
-    assert sorted(p.stem for p in RECIPES_DIR.glob("*.py")) == sorted(DESIGN_TABLE)
+    assert sorted(p.stem for p in RECIPES_DIR.glob("*.py")) == sorted([*DESIGN_TABLE, *EXTRA_RECIPES])
+
+
+def test_alpaca_lora_recipe():
+    # issue 6: gpt2-medium, LoRA, lr 1e-4 with warmup and cosine decay, weight decay 0.01-0.1, ~3 epochs
+    cfg, _ = resolve_config(["--recipe", "alpaca_lora"])
+    assert (cfg["init_from"], cfg["mode"], cfg["dataset"], cfg["out_dir"]) == (
+        "gpt2-medium", "lora", "alpaca", "out-alpaca-lora")
+    assert cfg["learning_rate"] == 1e-4 and cfg["decay_lr"] and 0 < cfg["warmup_iters"] and cfg["min_lr"] < 1e-4
+    assert 0.01 <= cfg["weight_decay"] <= 0.1
+    assert cfg["max_epochs"] == 3  # max_iters and lr_decay_iters come from the dataset's size
+    assert cfg["always_save_checkpoint"] is False and cfg["block_size"] == 1024
+    assert set(cfg["lora_targets"]) == {"c_attn", "c_proj", "c_fc"}
 
 
 def test_char_recipes_shapes():
