@@ -201,6 +201,30 @@ def test_packing_is_sealed(tiny_lm):
     assert not torch.allclose(leaky, alone, atol=1e-3)
 
 
+def test_packing_is_sealed_in_the_training_loss_with_lora(tiny_lm):
+    """Through LMWithLoss (the module DeepSpeed trains) with peft LoRA adapters on the projections."""
+    import copy
+
+    from peft import LoraConfig, get_peft_model
+    torch.manual_seed(1)
+    lora = get_peft_model(copy.deepcopy(tiny_lm), LoraConfig(
+        r=4, lora_alpha=8, target_modules=["c_attn", "c_proj", "c_fc"], fan_in_fan_out=True,
+        init_lora_weights=False))  # random adapters, so they change the outputs
+    model = LMWithLoss(lora).eval()
+    tok = Gpt2Tokenizer()
+    a1, a2, b = (tokenize(render(r, TEMPLATES["alpaca"]), tok) for r in (ALPACA[0], ALPACA[1], ALPACA[3]))
+
+    def loss_on_b(examples):
+        x, y, pos = packed_block(examples)
+        y[0, :sum(len(ids) for ids, _ in examples[:-1])] = IGNORE_INDEX  # only b's targets count
+        return model(x, y, pos)
+
+    with torch.no_grad():
+        alone, after_a1, after_a2 = loss_on_b([b]), loss_on_b([a1, b]), loss_on_b([a2, b])
+        assert not torch.allclose(alone, LMWithLoss(tiny_lm)(*packed_block([b])), atol=1e-4)  # adapters act
+    assert torch.allclose(after_a1, alone, atol=1e-5) and torch.allclose(after_a2, alone, atol=1e-5)
+
+
 def test_masking_is_exact(tiny_lm):
     tok = Gpt2Tokenizer()
     examples = [tokenize(render(r, TEMPLATES["alpaca"]), tok) for r in ALPACA[:3]]
@@ -307,3 +331,15 @@ def test_tiny_gpt2_learns_reversing_words(tmp_path):
                           "--max_new_tokens=20"), cwd=tmp_path)
     answer = proc.stdout.split("---------------")[0].strip().splitlines()[-1]  # after any library warnings
     assert answer.strip() == record["output"].strip()
+
+
+def test_text_prepared_over_an_instruction_dataset_drops_its_masks(tmp_path):
+    path = tmp_path / "d.json"
+    path.write_text(json.dumps(ALPACA))
+    prepare_instructions(str(path), tmp_path / "same", block_size=64, val_fraction=0.25)
+    (tmp_path / "t.txt").write_text("Plain text for the same name. " * 200)
+    run_cmd(python(REPO / "data/prepare.py", f"--input={tmp_path / 't.txt'}", "--name=same",
+                   f"--data_dir={tmp_path}"), cwd=tmp_path)
+    assert sorted(p.name for p in (tmp_path / "same").iterdir()) == ["meta.pkl", "train.bin", "val.bin"]
+    data = TokenData(tmp_path / "same", 64)
+    assert not data.packed and data.masks == {"train": None, "val": None}

@@ -247,6 +247,8 @@ def write_dataset(out_dir: Path, tok, train_ids: list[int], val_ids: list[int]) 
     for split, ids in (("train", train_ids), ("val", val_ids)):
         arr = np.asarray(ids, dtype=meta["dtype"])
         _atomic_write(out_dir / f"{split}.bin", arr.tofile)
+        for extra in ("mask", "pos"):  # left by an instruction dataset of the same name: not this text's
+            (out_dir / f"{split}_{extra}.bin").unlink(missing_ok=True)
     _atomic_write(out_dir / "meta.pkl", lambda f: pickle.dump(meta, f))
     return meta
 
