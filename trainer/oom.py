@@ -141,11 +141,13 @@ def import_state(engine, weights, moments, step):
 
     inner, fp32_of = _inner(engine.optimizer), _stage0_fp32_copies(engine)
     if moments is not None:
-        # torch's AdamW creates its state at the first step; create it now (zeros, then filled in)
-        for group in inner.param_groups:
-            for hp in group["params"]:
-                inner.state[hp] = {"step": torch.tensor(step, dtype=torch.float32),
-                                   "exp_avg": torch.zeros_like(hp), "exp_avg_sq": torch.zeros_like(hp)}
+        # torch's AdamW creates its state at the first step; create it now (zeros, then filled in).
+        # ZeRO-3 puts its flat fp32 partitions into the param groups only while it steps.
+        masters = [hp for group in inner.param_groups for hp in group["params"]]
+        masters += list(getattr(engine.optimizer, "fp32_partitioned_groups_flat", None) or [])
+        for hp in masters:
+            inner.state[hp] = {"step": torch.tensor(step, dtype=torch.float32),
+                               "exp_avg": torch.zeros_like(hp), "exp_avg_sq": torch.zeros_like(hp)}
         if hasattr(engine.optimizer, "_lazy_init_hp_params_optimizer_state"):  # ZeRO-1/2, bf16: link them
             engine.optimizer._hp_optimizer_states_linked = False
             engine.optimizer._lazy_init_hp_params_optimizer_state()
@@ -211,13 +213,15 @@ class Recovery:
 
         rebuild = engine.zero_optimization_stage() > 0 or (new.zero_stage, new.offload, new.mode) != \
             (plan.zero_stage, plan.offload, plan.mode)
-        line = f"iteration {iter_num}: {new.reasons['step_down']}; redoing the iteration"
-        self.log.print(f"out of memory ({message}). {line}"
-                       f"{' with a rebuilt engine (weights and optimizer state carried)' if rebuild else ''}")
+        how = ("" if not rebuild else f" with a new {new.mode} engine on the original weights (no optimizer step "
+               f"was taken yet)" if new.mode != plan.mode else " with a rebuilt engine (weights and optimizer state "
+               "carried)")
+        self.log.print(f"out of memory ({message}). iteration {iter_num}: {new.reasons['step_down']}; "
+                       f"redoing the iteration{how}")
         if rebuild:
-            engine, carried = self._rebuild(engine, plan, new)
-            if carried is not None:
-                self.log.print(carried)
+            engine, warning = self._rebuild(engine, plan, new)
+            if warning is not None:
+                self.log.print(warning)
         else:
             self._in_place(engine, plan, new)
         self.history.append({"iteration": iter_num, "error": message, "change": new.reasons["step_down"],
@@ -277,8 +281,6 @@ class Recovery:
             import_state(engine, weights, moments, step)
         set_lr(engine, lr)
         self.log.json_text("deepspeed_config", ds_config)
-        if not same_mode:
-            return engine, f"{new.mode} starts from the original weights (no optimizer step was taken yet)"
         if moments is None and step:
             return engine, "the optimizer state could not be read from the old engine: Adam's moments restart at zero"
         return engine, None
