@@ -113,3 +113,24 @@ def test_eval_errors_are_one_line(tiny_gpt2_dir, tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1] == (
         f"error: {tiny_gpt2_dir} is not a training run, so it has no dataset: give --dataset=NAME or --text=FILE")
+
+
+def test_eval_refuses_what_it_cannot_compare(tmp_path):
+    import importlib.util
+    import pickle
+    from types import SimpleNamespace
+
+    from trainer.errors import UserError
+    from trainer.tokenizer import Gpt2Tokenizer
+    spec = importlib.util.spec_from_file_location("eval_cli", REPO / "launch/eval.py")
+    eval_cli = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(eval_cli)
+    scratch = SimpleNamespace(run_config={"init_from": "scratch"})
+    with pytest.raises(UserError, match=r"out-x was trained from scratch: there is no base model to compare with"):
+        eval_cli.base_source(SimpleNamespace(base=None, out_dir="out-x"), scratch)
+    assert eval_cli.base_source(SimpleNamespace(base="gpt2", out_dir="out-x"), scratch) == "gpt2"
+    (tmp_path / "chars").mkdir()
+    with open(tmp_path / "chars" / "meta.pkl", "wb") as f:
+        pickle.dump({"tokenizer": "char", "vocab_size": 2, "stoi": {"a": 0, "b": 1}, "itos": {0: "a", 1: "b"}}, f)
+    with pytest.raises(UserError, match="was prepared with the char tokenizer, but the model uses gpt2; evaluate on"):
+        eval_cli.open_dataset(tmp_path / "chars", Gpt2Tokenizer(), 64)

@@ -100,6 +100,14 @@ def test_malformed_records_name_file_place_and_field(tmp_path, records, message)
     assert not (tmp_path / "out").exists()
 
 
+def test_broken_json_list_is_a_file_error(tmp_path):
+    path = tmp_path / "bad.json"
+    path.write_text('[{"instruction": "a", "output": "b"},\n {"instruction": "c", "output": }]')
+    with pytest.raises(PrepareError, match=re.escape(f"{path} is not valid JSON (line 2 column 33: Expecting value); "
+                                                     f"fix it, or write one JSON record per line (JSONL)")):
+        prepare_instructions(str(path), tmp_path / "out")
+
+
 def test_malformed_record_cli_error_and_skip_invalid(tmp_path):
     path = tmp_path / "data.jsonl"
     good = [json.dumps(r) for r in ALPACA]
@@ -154,6 +162,10 @@ def test_loader_gives_whole_blocks_positions_and_epoch_order(tmp_path):
     assert sorted(stream[:n]) == list(range(n)) and drawn == [len(stream)]  # every block once per epoch
     with pytest.raises(Exception, match="packed for block_size=64, not 128; train with --block_size=64"):
         TokenData(tmp_path / "p", 128)
+    mask = tmp_path / "p" / "val_mask.bin"
+    mask.write_bytes(mask.read_bytes()[:-1])
+    with pytest.raises(Exception, match="val_mask.bin has 64 entries for 65 tokens .*; prepare the dataset again"):
+        TokenData(tmp_path / "p", 64)
 
 
 # ---------------------------------------------------------------- sealed packing, exact masking

@@ -61,6 +61,18 @@ def test_mixing_gives_the_configured_shares(three, mix, expected):
     assert np.all(np.abs(shares - expected) < 4 * sigma), (shares, expected, n)  # within sampling error
 
 
+def test_a_mixture_needs_one_tokenizer(three):
+    chars = three / "chars"
+    chars.mkdir()
+    np.zeros(100, dtype=np.uint16).tofile(chars / "train.bin")
+    np.zeros(100, dtype=np.uint16).tofile(chars / "val.bin")
+    with open(chars / "meta.pkl", "wb") as f:
+        pickle.dump({"tokenizer": "char", "vocab_size": 3, "dtype": "uint16", "stoi": {"a": 0}, "itos": {0: "a"}}, f)
+    with pytest.raises(Exception, match=re.escape("the datasets of a mixture must share one tokenizer (small: gpt2 "
+                                                  "(50257), chars: char (3)); prepare them all with the same")):
+        open_data({"dataset": ["small", "chars"], "data_dir": str(three), "block_size": BLOCK, "mix": "proportional"})
+
+
 def test_mix_probabilities_formula():
     assert np.allclose(mix_probabilities([100, 400], "proportional"), [0.2, 0.8])
     assert np.allclose(mix_probabilities([100, 400], "temperature:2"), [1 / 3, 2 / 3])
