@@ -39,11 +39,13 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+sys.path.insert(0, str(REPO / "bench"))
+
+from plan_table import RECIPES, recipe_cfg  # noqa: E402
 from trainer import memory_model as mm  # noqa: E402  (pure arithmetic: no torch at import)
 
-MODELS = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
+MODELS = tuple(RECIPES)
 CAPS_GB = (8, 12, 16, 24, 40)
-RECIPES = {"gpt2": "gpt2_small", "gpt2-medium": "gpt2_medium", "gpt2-large": "gpt2_large", "gpt2-xl": "gpt2_xl"}
 TINY = {"n_layer": 2, "n_head": 2, "n_embd": 64, "block_size": 64, "batch_size": 4,
         "gradient_accumulation_steps": 2}  # --dry_run's model and batch
 DRY_CAPS_GB = (1, 2)  # --dry_run: CPU budgets
@@ -64,12 +66,11 @@ def pct(predicted, measured):
 # ----------------------------------------------------------------------------- one run (child process)
 
 def run_cfg(model, dry_run):
-    from trainer.config import DEFAULTS, RECIPES_DIR, read_recipe
+    """The recipe's config with the model's true shape, as bench/plan_table.py plans it."""
     if dry_run:
+        from trainer.config import DEFAULTS
         return {**DEFAULTS, **TINY, "vocab_size": mm.GPT2_VOCAB, "dropout": 0.0, "lora_dropout": 0.0}
-    n_layer, n_head, n_embd = mm.GPT2_SHAPES[model]
-    cfg = {**DEFAULTS, **read_recipe(RECIPES_DIR / f"{RECIPES[model]}.py")}
-    return {**cfg, "n_layer": n_layer, "n_head": n_head, "n_embd": n_embd, "vocab_size": mm.GPT2_VOCAB}
+    return recipe_cfg(model)
 
 
 def build_module(cfg, plan, device_type, workdir):

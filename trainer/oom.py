@@ -145,8 +145,9 @@ def import_state(engine, weights, moments, step):
         # ZeRO-3 puts its flat fp32 partitions into the param groups only while it steps.
         masters = [hp for group in inner.param_groups for hp in group["params"]]
         masters += list(getattr(engine.optimizer, "fp32_partitioned_groups_flat", None) or [])
+        cpu_adam = "CPUAdam" in type(inner).__name__  # DeepSpeed's CPU Adam (offload) counts steps in an int
         for hp in masters:
-            inner.state[hp] = {"step": torch.tensor(step, dtype=torch.float32),
+            inner.state[hp] = {"step": int(step) if cpu_adam else torch.tensor(step, dtype=torch.float32),
                                "exp_avg": torch.zeros_like(hp), "exp_avg_sq": torch.zeros_like(hp)}
         if hasattr(engine.optimizer, "_lazy_init_hp_params_optimizer_state"):  # ZeRO-1/2, bf16: link them
             engine.optimizer._hp_optimizer_states_linked = False
