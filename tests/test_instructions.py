@@ -79,6 +79,7 @@ def test_alpaca_template_is_stanford_alpaca():
                        "Translate to French.\n\n### Input:\nGood morning\n\n### Response:\n", False),
                       ("Bonjour", True)]
     assert render(ALPACA[2], TEMPLATES["plain"]) == [("Name a primary colour.\n\n", False), ("Red.", True)]
+    assert render({**ALPACA[2], "input": None}, TEMPLATES["plain"]) == render(ALPACA[2], TEMPLATES["plain"])
     ids, mask = tokenize(render(ALPACA[2], TEMPLATES["plain"]), Gpt2Tokenizer())
     assert ids[-1] == GPT2_EOT and mask == [0] * (len(ids) - 3) + [1, 1, 1]  # "Red", ".", <|endoftext|>
 

@@ -112,6 +112,8 @@ def _string_field(record, field, where="", required=True, allow_empty=False):
             raise InvalidRecord(f"missing field '{where}{field}'")
         return ""
     value = record[field]
+    if value is None and not required:  # "input": null is common for "no input"
+        return ""
     if not isinstance(value, str):
         raise InvalidRecord(f"field '{where}{field}' is {type(value).__name__}, not a string")
     if not allow_empty and not value.strip():
