@@ -73,15 +73,24 @@ def test_zero_stage_changes_rebuild_the_engine_with_its_state(data_dir, tmp_path
     assert plan["zero_stage"] == info["zero_stage"] == 3  # the checkpoint says what it holds, for resume
 
 
-def test_nothing_left_to_give_up_is_one_error_line(data_dir, tmp_path):
-    fixed = ["--mode=full", "--zero_stage=0", "--offload=none", "--gradient_checkpointing=True",
-             "--micro_batch_size=12"]
-    proc = run_cmd(python(*train_args(data_dir, tmp_path / "out", *RUN, *fixed)), cwd=REPO, check=False,
-                   env={"GPT2DS_INJECT_OOM": "1"})
-    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
-    last = proc.stderr.strip().splitlines()[-1]
-    assert last.startswith("error: out of memory at iteration 1 (CUDA out of memory (injected") and \
-        "nothing left to give up within the keys you fixed; last checkpoint: none" in last, last
+def test_nothing_left_to_give_up_is_one_error_line(tmp_path):
+    """Every plan key fixed: no step-down exists, and the run stops with one line (a UserError: exit code 2)."""
+    from trainer.errors import UserError
+    from trainer.oom import Recovery
+    from trainer.planner import Hardware, make_plan
+
+    cfg = {"batch_size": 12, "gradient_accumulation_steps": 1, "block_size": 64, "n_layer": 4, "n_head": 4,
+           "n_embd": 128, "vocab_size": 128, "mode": "full", "zero_stage": 0, "offload": "none",
+           "gradient_checkpointing": True, "micro_batch_size": 12, "dtype": "auto"}
+    hw = Hardware("cpu", 8 * 2**30, 1, False, "CPU")
+    recovery = Recovery(cfg, hw, {}, 65, tmp_path, log=None, master=True, world=1)
+    with pytest.raises(UserError) as info:
+        recovery.step_down(("CUDA out of memory. Tried to allocate 2.00 GiB", False), None, make_plan(cfg, hw), 7)
+    assert str(info.value) == ("out of memory at iteration 7 (CUDA out of memory. Tried to allocate 2.00 GiB) and "
+                               "the plan has nothing left to give up within the keys you fixed; last checkpoint: "
+                               "none; set fixed plan keys back to auto, use more GPUs, or a smaller block_size")
+    with pytest.raises(UserError, match="inside the optimizer step, so the update may be half applied"):
+        recovery.step_down(("CUDA out of memory.", True), None, make_plan({**cfg, "micro_batch_size": "auto"}, hw), 7)
 
 
 def test_an_error_inside_the_optimizer_step_is_recognised():
