@@ -350,3 +350,15 @@ def test_step_down_with_everything_fixed_is_none():
     cfg = cfg_for("gpt2", mode="full", zero_stage=0, offload="none", gradient_checkpointing=True,
                   micro_batch_size=1)
     assert step_down(make_plan(cfg, gpu(80)), cfg, gpu(80)) is None
+
+
+def test_run_shape_reads_config_json_without_transformers(tmp_path):
+    from trainer.planner import run_shape
+    (tmp_path / "config.json").write_text(json.dumps({"n_layer": 3, "n_head": 2, "n_embd": 64, "vocab_size": 50257}))
+    assert run_shape({"init_from": str(tmp_path)}, 65) == {"n_layer": 3, "n_head": 2, "n_embd": 64,
+                                                            "vocab_size": 50257}
+    assert run_shape({"init_from": "resume"}, 65, tmp_path / "config.json")["n_layer"] == 3
+    assert run_shape({"init_from": "gpt2-medium"}, 65) == {"n_layer": 24, "n_head": 16, "n_embd": 1024,
+                                                            "vocab_size": 50257}
+    with pytest.raises(PlanError.__mro__[1], match="neither scratch, resume"):
+        run_shape({"init_from": str(tmp_path / "missing")}, 65)
