@@ -180,7 +180,8 @@ def measure(size, mode, model_dir, data_dir, work, block_size, batch_size, iters
                predicted_allocated=plan["allocated_bytes"], trainable=plan["params_trainable"],
                total=plan["params_total"],
                plan=f"ZeRO-{plan['zero_stage']}{', ckpt' if plan['gradient_checkpointing'] else ''}, "
-                    f"micro {plan['micro_batch_size']}{', offload ' + plan['offload'] if plan['offload'] != 'none' else ''}")
+                    f"micro {plan['micro_batch_size']}"
+                    f"{', offload ' + plan['offload'] if plan['offload'] != 'none' else ''}")
     shutil.rmtree(out_dir / "checkpoints")  # a full gpt2-xl checkpoint is tens of GB
     return row
 

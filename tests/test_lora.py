@@ -8,8 +8,9 @@ two CPU ranks with ZeRO-2 and ZeRO-3 and gradient checkpointing.
 
 Figures printed by test_adapter_checkpoint_is_small on the development machine: the LoRA checkpoint
 (r=8: 28,672 adapter weights and their Adam states, on a base of 108,352 weights) is 248,783 bytes, 14.0%
-of the full run's 1,771,751 bytes (QLoRA: 248,848). The share is large only because this base is tiny;
-for GPT-2 124M at block 256 bench/modes_memory.py measures it (bench/RESULTS.md).
+of the full run's 1,771,687 bytes (QLoRA, saved through ZeRO-1: 304,750, 17.2%). The share is large only
+because this base is tiny; for GPT-2 124M bench/modes_memory.py measured 14 MiB against 1.38 GiB (1.0%,
+bench/RESULTS.md).
 """
 import json
 import re
@@ -114,7 +115,8 @@ def lora_run(data_dir, pretrained, runs):
 @pytest.fixture(scope="module")
 def qlora_run(data_dir, pretrained, runs):
     out = runs / "out-qlora"
-    return out, run(python(TRAIN, *lora_args(data_dir, pretrained, out, mode="qlora"))).stdout
+    # ZeRO-1 on one rank: the 4-bit base under a ZeRO optimizer, adapters consolidated by zero_to_fp32
+    return out, run(python(TRAIN, *lora_args(data_dir, pretrained, out, mode="qlora"), "--zero_stage=1")).stdout
 
 
 @pytest.fixture(scope="module")
@@ -135,6 +137,9 @@ def test_full_run_trains_and_exports_from_zero_shards(full_run, pretrained):
     from transformers import AutoModelForCausalLM
     model = AutoModelForCausalLM.from_pretrained(folder)
     assert model.config.n_positions == 64 and model.config.vocab_size == VOCAB  # block_size cropped the table
+    from trainer.inference import load_for_inference  # what sample.py and eval.py do with an export
+    loaded = load_for_inference(str(folder))
+    assert loaded.tokenizer.decode(loaded.tokenizer.encode("To be")) == "To be" and loaded.vocab_limit == VOCAB
 
 
 @pytest.mark.parametrize("which", ["lora", "qlora"])
@@ -154,7 +159,8 @@ def test_adapter_checkpoint_is_small(full_run, lora_run, qlora_run, capsys):
     for out, _ in (lora_run, qlora_run):
         size = checkpoint_bytes(out)
         with capsys.disabled():
-            print(f"\n{out.name}: checkpoint {size:,} bytes = {100 * size / full:.1f}% of the full run's {full:,} bytes")
+            print(f"\n{out.name}: checkpoint {size:,} bytes = {100 * size / full:.1f}% of the full run's "
+                  f"{full:,} bytes")
         assert size < 0.2 * full
         saved = torch.load(next((out / "checkpoints").glob("iter*/mp_rank_00_model_states.pt")), weights_only=False)
         # adapters only: no tied lm_head (DeepSpeed's exclude_frozen_parameters keeps it), no 4-bit constants
@@ -254,6 +260,11 @@ def test_refusals_are_one_line(data_dir, full_run, pretrained, runs):
         assert not path.exists() and not list(runs.glob(f".tmp-export-{path.name}"))
     with pytest.raises(UserError, match="init_from='scratch' has none"):
         check_source("qlora", "scratch")
+    from trainer.adapters import build_base
+    moved = {**json.loads((full_run[0] / "config.json").read_text()), "init_from": str(runs / "moved"),
+             "resumed_from": "out-x"}
+    with pytest.raises(UserError, match="the base weights of the adapter run out-x, .* are no longer there"):
+        build_base(moved, VOCAB, "lora")
     with pytest.raises(UserError, match="--adapter_only needs a lora or qlora run"):
         export_run(full_run[0], runs / "no-ad", adapter_only=True)
     with pytest.raises(UserError, match="already exists and is not empty"):
@@ -265,6 +276,6 @@ def test_gpt2_bpe_exports_carry_the_tokenizer(tmp_path):
 
     from trainer.export import _write_tokenizer
     from trainer.tokenizer import gpt2_encoding
-    assert _write_tokenizer({"tokenizer": "gpt2"}, tmp_path) and not _write_tokenizer({"tokenizer": "char"}, tmp_path)
+    assert _write_tokenizer({"tokenizer": "gpt2"}, tmp_path)
     text = "To be, or not to be: that is the question.\n\n  Whither   thou go'st 123"
     assert AutoTokenizer.from_pretrained(tmp_path).encode(text) == gpt2_encoding().encode(text)

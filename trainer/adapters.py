@@ -13,12 +13,11 @@ An adapter run's checkpoint holds only the adapters (and their optimizer state):
 from the run's original `init_from` (config.json) for resume, sampling, evaluation and export.
 """
 import json
+import logging
 import os
 import pickle
 import warnings
 from pathlib import Path
-
-import logging
 
 import torch
 
@@ -26,7 +25,7 @@ import torch
 # inference layout is missing; the trainer never uses that layout (use_dequantizing_matmul).
 logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
-from trainer.errors import UserError
+from trainer.errors import UserError  # noqa: E402
 
 ADAPTER_MODES = ("lora", "qlora")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -94,7 +93,12 @@ def build_base(cfg, vocab_size, mode, dtype="fp32", device_type="cpu"):
 
     cfg['init_from'] is the run's original source (on resume, the one saved in out_dir/config.json).
     """
-    from trainer.model import build_model, crop_block_size, remove_biases
+    from trainer.model import HUB_NAMES, build_model, crop_block_size, remove_biases
+    source = cfg["init_from"]
+    run = cfg.get("resumed_from") or cfg.get("exported_from")
+    if run and source not in HUB_NAMES + ("scratch",) and not (Path(source) / "config.json").is_file():
+        raise UserError(f"the base weights of the adapter run {run}, init_from={source!r}, are no longer there "
+                        f"(adapter checkpoints hold only the adapters); put the base back at that path")
     if mode != "qlora":
         return build_model(cfg, vocab_size)
     check_source(mode, cfg["init_from"])
@@ -174,11 +178,12 @@ def adapter_state_dict(out_dir):
     return state
 
 
-def load_adapter_run(out_dir, quantized=None):
+def load_adapter_run(out_dir, quantized=None, weights=None):
     """A trained adapter run as a PeftModel (eval mode, fp32 on the CPU): base rebuilt, adapters loaded.
 
     quantized=None: as trained (4-bit base for qlora); False: the adapters on the original, unquantized
-    weights (Conv1D layers), which is what export merges into.
+    weights (Conv1D layers), which is what export merges into. weights: adapter_state_dict(out_dir), if
+    the caller already has it.
     """
     out_dir = Path(out_dir)
     cfg = run_config(out_dir)
@@ -188,8 +193,8 @@ def load_adapter_run(out_dir, quantized=None):
     quantized = (mode == "qlora") if quantized is None else quantized
     with open(out_dir / "meta.pkl", "rb") as f:
         vocab_size = pickle.load(f)["vocab_size"]
-    weights = adapter_state_dict(out_dir)
-    base_cfg = {**cfg, "dropout": 0.0}
+    weights = adapter_state_dict(out_dir) if weights is None else weights
+    base_cfg = {**cfg, "dropout": 0.0, "exported_from": str(out_dir)}
     torch.manual_seed(cfg["seed"])  # a scratch base is rebuilt from the run's seed, as the loop built it
     base = build_base(base_cfg, vocab_size, "qlora" if quantized else "lora", "fp32", "cpu")
     model = wrap_lora(base, lora_config(cfg, quantized=quantized))

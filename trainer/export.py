@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from trainer import checkpoint
-from trainer.adapters import ADAPTER_MODES, DTYPES, lora_config, load_adapter_run, run_config, run_mode
+from trainer.adapters import ADAPTER_MODES, DTYPES, adapter_state_dict, load_adapter_run, run_config, run_mode
 from trainer.errors import UserError
 
 # Parity tolerance, relative to the largest reference logit (at least 1): the float rounding a merge
@@ -81,8 +81,12 @@ def _finish(tmp, export_dir):
 
 
 def _write_tokenizer(meta, folder):
-    """GPT-2 BPE runs get the tokenizer files too (the same encoder.json / vocab.bpe the trainer uses)."""
+    """GPT-2 BPE runs get the tokenizer files too (the same encoder.json / vocab.bpe the trainer uses);
+    other runs (characters) get the dataset's meta.pkl, which sample.py and eval.py read."""
     if meta.get("tokenizer") != "gpt2":
+        import pickle
+        with open(Path(folder) / "meta.pkl", "wb") as f:
+            pickle.dump(meta, f)
         return False
     import json
 
@@ -173,13 +177,14 @@ def _export(out_dir, folder, cfg, mode, meta, dtype, adapter_only, tolerance, ta
         loaded = load_run(out_dir)
         model = loaded.lm
     else:
+        weights = adapter_state_dict(out_dir)
         if mode == "qlora":
-            quantized = load_adapter_run(out_dir, quantized=True)
+            quantized = load_adapter_run(out_dir, quantized=True, weights=weights)
             idx = parity_batch(meta["vocab_size"], quantized.config.n_positions)
             trained_4bit = logits_of(quantized, idx)
             del quantized
             gc.collect()
-        model = load_adapter_run(out_dir, quantized=False)  # adapters on the unquantized original weights
+        model = load_adapter_run(out_dir, quantized=False, weights=weights)  # on the unquantized original weights
     idx = parity_batch(meta["vocab_size"], model.config.n_positions)
     reference = logits_of(model, idx)
     if mode == "qlora":
@@ -215,8 +220,9 @@ def _export(out_dir, folder, cfg, mode, meta, dtype, adapter_only, tolerance, ta
         tokenizer = _write_tokenizer(meta, folder)
         files = sorted(p.name for p in folder.iterdir())
         size = sum(p.stat().st_size for p in folder.iterdir() if p.name.endswith(".safetensors"))
+        vocab = "the GPT-2 tokenizer" if tokenizer else "the characters' meta.pkl"
         log(f"saved a transformers model ({dtype}, vocab {reference.size(-1):,}, {size / 2**20:.1f} MiB of "
-            f"safetensors{', with the GPT-2 tokenizer' if tokenizer else ''}): {', '.join(files)}")
+            f"safetensors, with {vocab}): {', '.join(files)}")
         exported = AutoModelForCausalLM.from_pretrained(str(folder), dtype=DTYPES[dtype]).eval()
         how = "AutoModelForCausalLM.from_pretrained(export)"
 

@@ -61,6 +61,11 @@ def load_run(out_dir):
 
 def load_hf(source):
     lm = load_pretrained(source, dropout=0.0)
+    meta_file = Path(source) / "meta.pkl"  # exports of character-level runs carry their vocabulary
+    if meta_file.is_file():
+        with open(meta_file, "rb") as f:
+            meta = pickle.load(f)
+        return LoadedModel(lm.eval(), load_tokenizer(meta), lm.config.n_positions, meta["vocab_size"], None)
     return LoadedModel(lm.eval(), load_tokenizer({"tokenizer": "gpt2"}), lm.config.n_positions,
                        min(lm.config.vocab_size, 50257), None)
 
