@@ -4,22 +4,21 @@ The GPU variant (`--device=cuda`: four sizes at block 1024, max_memory_allocated
 allocated/total prediction) runs the same measure() and table(); only the table's columns differ,
 checked here on the CPU row.
 """
-import json
 import sys
 
-from conftest import REPO, python, run_cmd
+from conftest import REPO
 
 sys.path.insert(0, str(REPO / "bench"))
 import modes_memory  # noqa: E402
 
 
-def test_modes_memory_cpu_run_and_gpu_table(data_dir, tmp_path):
+def test_modes_memory_cpu_run_and_gpu_table(data_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the trainer it launches inherits it
     results = tmp_path / "RESULTS.md"
-    proc = run_cmd(python(REPO / "bench/modes_memory.py", "--device=cpu", "--sizes=tiny", "--modes=qlora",
-                          "--block_size=64", "--batch_size=2", "--iters=2", f"--data_dir={data_dir}",
-                          f"--work_dir={tmp_path / 'work'}", f"--results={results}"), cwd=REPO,
-                   env={"OMP_NUM_THREADS": "1"})
-    row = json.loads([line for line in proc.stdout.splitlines() if line.startswith("{")][0])
+    # main() in this process (it launches the trainer as a subprocess, as the command does)
+    (row,) = modes_memory.main(["--device=cpu", "--sizes=tiny", "--modes=qlora", "--block_size=64", "--batch_size=2",
+                                "--iters=2", f"--data_dir={data_dir}", f"--work_dir={tmp_path / 'work'}",
+                                f"--results={results}"])
     assert row["mode"] == "qlora" and "error" not in row, row
     assert 0 < row["training_rss"] and row["s_per_iter"] > 0 and row["cpu_s_per_iter"] > 0 and row["checkpoint"] > 0
     assert row["trainable"] == 2 * 8 * 16 * 64 and row["predicted_total"] > row["predicted_allocated"] > 0
