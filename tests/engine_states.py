@@ -13,8 +13,9 @@ process (gc), sorted into:
   buckets           DeepSpeed's gradient buckets (ipg), less the gradients accumulated inside them
                     (ZeRO-1/2; under ZeRO-3 a p.grad in a bucket is a copy on its way to the partition)
   gradients         everything else that is new: p.grad, ZeRO's gradient partitions, small flags
-Weights and optimizer states are counted after the second step, gradients and buckets at
-their largest after a backward pass of the second iteration. Rank 0 writes one record per configuration to OUT.json.
+Weights and optimizer states are counted after the second step (every storage in the process),
+gradients and buckets at their largest after a backward pass of the second iteration (the
+storages reachable from the engine: its optimizer's attributes, the module's parameters and grads). Rank 0 writes one record per configuration to OUT.json.
 """
 import gc
 import json
@@ -49,9 +50,8 @@ def storage(t):
     return (s.data_ptr(), s.nbytes()) if s.nbytes() else None
 
 
-def live_storages(collect=True):
-    if collect:
-        gc.collect()
+def live_storages():
+    gc.collect()  # cyclic garbage holding tensors would otherwise count as the engine's
     out = {}
     for obj in gc.get_objects():
         if isinstance(obj, torch.Tensor) and (s := storage(obj)):
@@ -88,13 +88,15 @@ def inner_optimizer(engine):
     return opt
 
 
-def classify(engine, base, collect=True):
+def classify(engine, base, everything=True):
     """Bytes of the new storages by kind (see the module docstring).
 
-    collect=False skips the cycle collector (most of the time taken): cyclic garbage holding
-    tensors would then count as gradients, which can only make the comparison fail, never pass.
+    everything: every storage alive in the process (gc); otherwise only those reachable from the
+    engine (its optimizer's attributes and the module's parameters), which is much faster.
     """
-    new = {p: b for p, b in live_storages(collect).items() if p not in base}
+    found = live_storages() if everything else {**tensors_under(engine.optimizer), **tensors_under(
+        [(p, getattr(p, "ds_tensor", None)) for p in engine.module.parameters()])}
+    new = {p: b for p, b in found.items() if p not in base}
     for p in engine.module.parameters():  # autograd's p.grad may have no Python object for gc to find
         if p.grad is not None and (s := storage(p.grad)) and s[0] not in base:
             new[s[0]] = s[1]
@@ -147,7 +149,7 @@ def measure(mode, zero, world):
             loss = engine(x, y)
             engine.backward(loss)
             if it == 1:
-                during = classify(engine, base, collect=False)
+                during = classify(engine, base, everything=False)
                 gradients, buckets = max(gradients, during["gradients"]), max(buckets, during["buckets"])
             engine.step()
     del loss
