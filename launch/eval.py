@@ -9,10 +9,13 @@ or --base) on the same tokens and prints the change: what the finetune cost on g
 """
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+# DeepSpeed only reads checkpoints here: no accelerator probing (and its warning on stdout).
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 from trainer.cli import run_main  # noqa: E402
 from trainer.errors import UserError  # noqa: E402

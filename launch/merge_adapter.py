@@ -10,10 +10,13 @@ Every export is reloaded and compared with the trained model on a fixed batch: t
 difference of the logits is printed, and above the tolerance nothing is written and the exit code is 2.
 """
 import argparse
+import os
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+# DeepSpeed only reads checkpoints here: no accelerator probing (and its warning on stdout).
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 from trainer.cli import run_main  # noqa: E402
 

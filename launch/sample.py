@@ -4,10 +4,13 @@ Also `--init_from=gpt2-xl` (a hub name) or `--init_from=path/to/hf_dir`.
 Instruction-tuned models: `--prompt_template=alpaca --start="Give three tips for staying healthy."`.
 """
 import argparse
+import os
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+# DeepSpeed only reads checkpoints here: no accelerator probing (and its warning on stdout).
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 from trainer.cli import run_main  # noqa: E402
 from trainer.errors import UserError  # noqa: E402

@@ -15,8 +15,6 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
-from deepspeed.checkpoint.constants import (UNIVERSAL_CHECKPOINT_INFO, UNIVERSAL_CHECKPOINT_VERSION_KEY,
-                                          UNIVERSAL_CHECKPOINT_VERSION_VALUE)
 
 from trainer.errors import UserError
 
@@ -132,6 +130,8 @@ def save(engine, out_dir, iter_num, client_state, adapters_only=False):
         root.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(root / tmp_tag, ignore_errors=True)
     all_ranks_ok(True)  # the folder exists before anyone writes into it
+    from deepspeed.checkpoint.constants import (UNIVERSAL_CHECKPOINT_INFO, UNIVERSAL_CHECKPOINT_VERSION_KEY,
+                                              UNIVERSAL_CHECKPOINT_VERSION_VALUE)
     # Plain data parallelism (no tensor/pipeline slices) is all the universal converter needs to know.
     client_state = {**client_state, UNIVERSAL_CHECKPOINT_INFO: {UNIVERSAL_CHECKPOINT_VERSION_KEY:
                                                                 UNIVERSAL_CHECKPOINT_VERSION_VALUE}}

@@ -224,6 +224,7 @@ def train(cfg, hardware_overrides=None):
         iter_num, best_val_loss = state["iter_num"], state["best_val_loss"]
         sampler.load_state_dict(state["sampler"])
         log.print(f"resumed from iteration {iter_num} (best val loss {best_val_loss:.4f})")
+    start_iter = iter_num
     if master:
         write_run_files(out_dir, cfg, model, plan_dict, data.meta)
     log.json_text("config", cfg)
@@ -262,7 +263,7 @@ def train(cfg, hardware_overrides=None):
                 log.text("sample", sample_text(engine, tokenizer, cfg, data.vocab_size, device), iter_num)
             if losses["val"] < best_val_loss or cfg["always_save_checkpoint"]:
                 best_val_loss = min(best_val_loss, losses["val"])
-                if iter_num > 0 and not cfg["eval_only"]:
+                if iter_num > start_iter and not cfg["eval_only"]:  # nothing new to save at the start
                     path, size = checkpoint.save(engine, out_dir, iter_num, client_state(), adapters_only)
                     log.print(f"saved checkpoint {path} ({human_bytes(size)})")
             t_last, iters_since_log = time.time(), 0  # evaluation time is not training time
