@@ -71,6 +71,8 @@ def test_signal_saves_and_exits_cleanly_even_if_repeated(data_dir, tmp_path, sig
     assert line.endswith("resume with the same command and --init_from=resume")
     tag = checkpoint.latest_tag(out)
     assert checkpoint.check_manifest(out / "checkpoints" / tag) is None
+    if sig == signal.SIGTERM:
+        return  # resuming is the same for both signals: checked once, after SIGINT
     resumed = run_cmd(python(*train_args(data_dir, out, *QUICK, f"--max_iters={int(tag[4:]) + 2}",
                                          "--eval_interval=100000", "--init_from=resume")), REPO)
     assert f"resumed from iteration {int(tag[4:])}" in resumed.stdout
@@ -84,7 +86,7 @@ def test_kills_at_many_moments_during_saves_never_lose_the_checkpoint(data_dir, 
     args = train_args(data_dir, out, *QUICK, "--n_embd=256", "--n_layer=4", "--eval_interval=1",
                       "--always_save_checkpoint=True", "--max_iters=100000")
     mid_save = 0
-    for attempt, delay in enumerate([0.0, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15]):
+    for attempt, delay in enumerate([0.0, 0.02, 0.05, 0.08, 0.12]):
         proc = start(python(*args, *(["--init_from=resume"] if attempt else [])))
         wait_for(proc, "saved checkpoint")  # a first good checkpoint of this attempt
         wait_for(proc, "step ")  # the evaluation line: the next save starts now

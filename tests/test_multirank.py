@@ -3,7 +3,7 @@
 The data stream is drawn globally (trainer/data.py), so one rank and two ranks see the same
 windows each iteration; without dropout the only difference is the order of floating-point
 reductions. Measured on the CI machine: |val(2 ranks) - val(1 rank)| below 1e-4 after
-60 iterations; the test allows 2e-3.
+30 and 60 iterations; the test allows 2e-3.
 """
 import pytest
 
@@ -11,8 +11,8 @@ from conftest import REPO, deepspeed_cmd, run_cmd
 from test_train_e2e import val_losses
 
 TOLERANCE = 2e-3
-RUN = ["--recipe", "shakespeare_char_cpu", "--max_iters=60", "--eval_interval=60", "--eval_iters=10",
-       "--log_interval=20", "--warmup_iters=10", "--lr_decay_iters=60"]
+RUN = ["--recipe", "shakespeare_char_cpu", "--max_iters=30", "--eval_interval=30", "--eval_iters=10",
+       "--log_interval=10", "--warmup_iters=5", "--lr_decay_iters=30", "--sample_max_new_tokens=0"]
 
 
 def launch(data_dir, out_dir, num_gpus, zero_stage):
@@ -30,6 +30,6 @@ def one_rank(data_dir, tmp_path_factory):
 def test_two_ranks_match_one_rank(data_dir, tmp_path, one_rank, zero_stage):
     losses, stdout = launch(data_dir, tmp_path / "out", 2, zero_stage)
     assert "x 2 ranks" in stdout and f'"zero_stage": {zero_stage}' in (tmp_path / "out" / "plan.json").read_text()
-    assert one_rank[60] < one_rank[0] - 0.8  # it trained
-    assert abs(losses[60] - one_rank[60]) < TOLERANCE, (losses, one_rank)
+    assert one_rank[30] < one_rank[0] - 0.8  # it trained
+    assert abs(losses[30] - one_rank[30]) < TOLERANCE, (losses, one_rank)
     assert abs(losses[0] - one_rank[0]) < 1e-4  # same initial weights, same evaluation windows

@@ -22,7 +22,8 @@ from trainer.config import DEFAULTS
 from trainer.errors import UserError
 from trainer.faults import maybe_poison
 from trainer.interrupts import StopRequest
-from trainer.model import LMWithLoss, build_model, count_parameters, model_from_config_file, model_shape
+from trainer.model import (LMWithLoss, build_model, count_parameters, model_from_config_file, model_shape,
+                           remove_biases)
 from trainer.run_logger import (RunLogger, flops_per_token, format_eta, human_bytes, peak_flops,
                                 peak_memory_bytes)
 from trainer.sampling import generate
@@ -191,6 +192,8 @@ def train(cfg, hardware_overrides=None):
         model = build_base(cfg, data.vocab_size, plan.mode, plan.dtype, hw.device_type)  # adapter checkpoints
     else:
         model = model_from_config_file(out_dir / "model_config.json") if resuming else build_model(cfg, data.vocab_size)
+        if resuming and not cfg["bias"]:
+            remove_biases(model)  # the same trainable parameters as the saved run, hence the same optimizer groups
     data.check_vocab(model.config.vocab_size)
     if plan.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
