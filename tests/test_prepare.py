@@ -13,8 +13,8 @@ sys.path.insert(0, str(REPO))  # `pytest` without -m does not put the repo on sy
 from trainer import textprep  # noqa: E402
 from trainer.tokenizer import gpt2_encoding, load_tokenizer  # noqa: E402
 
-# CI clones the repo next to a shared/ folder that holds the test data.
-TINY_SHAKESPEARE = Path(__file__).resolve().parents[2] / "shared/data/tinyshakespeare.txt"
+# CI clones the repo next to a shared/ folder that holds the test data (conftest finds it).
+from conftest import SHAKESPEARE as TINY_SHAKESPEARE  # noqa: E402
 
 
 def run_script(script: str, *args, cwd=None) -> subprocess.CompletedProcess:
