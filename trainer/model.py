@@ -23,10 +23,6 @@ HUB_NAMES = tuple(GPT2_SHAPES)
 IGNORE_INDEX = -100  # targets with this id carry no loss (masked instruction prompts)
 
 
-def is_pretrained_source(init_from):
-    return init_from in HUB_NAMES or Path(init_from).is_dir()
-
-
 def scratch_config(cfg, vocab_size):
     return GPT2Config(
         vocab_size=padded_vocab(vocab_size), n_positions=cfg["block_size"], n_embd=cfg["n_embd"],
@@ -153,9 +149,6 @@ class LMWithLoss(nn.Module):
             hidden, targets = hidden[keep], targets[keep]
         return chunked_lm_loss(self.lm.lm_head, hidden, targets)
 
-    @torch.no_grad()
-    def logits(self, idx):
-        return self.lm(input_ids=idx).logits
 
 
 def _weights_in(param):
