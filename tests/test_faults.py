@@ -78,25 +78,38 @@ def test_signal_saves_and_exits_cleanly_even_if_repeated(data_dir, tmp_path, sig
     assert f"resumed from iteration {int(tag[4:])}" in resumed.stdout
 
 
+def wait_for_save_in_progress(proc, root, timeout=120):
+    """Polls until a save has created its temporary folder (the save that is running right now)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if any(name.startswith(checkpoint.TMP_PREFIX) for name in os.listdir(root)):
+            return
+        if proc.poll() is not None:
+            raise AssertionError(f"the run ended before a save began: {proc.stdout.read()[-3000:]}")
+        time.sleep(0.001)
+    raise AssertionError("no save began")
+
+
 def test_kills_at_many_moments_during_saves_never_lose_the_checkpoint(data_dir, tmp_path):
-    """A checkpoint after every evaluation, SIGKILLed again and again at moments spread over the save
-    that follows the evaluation line (a 37 MiB save takes about 0.1 s here); each time `latest` must
-    name a complete checkpoint, and the next attempt resumes from it."""
+    """A checkpoint after every evaluation, SIGKILLed again and again at moments spread over a save
+    (a 37 MiB save takes about 0.1 s here), counted from the moment its temporary folder appears; each
+    time `latest` must name a complete checkpoint, and the next attempt resumes from it."""
     out = tmp_path / "out"
+    root = out / "checkpoints"
     args = train_args(data_dir, out, *QUICK, "--n_embd=256", "--n_layer=4", "--eval_interval=1",
                       "--always_save_checkpoint=True", "--max_iters=100000")
     mid_save = 0
-    for attempt, delay in enumerate([0.0, 0.02, 0.05, 0.08, 0.12]):
+    for attempt, delay in enumerate([0.0, 0.01, 0.03, 0.06, 0.1]):
         proc = start(python(*args, *(["--init_from=resume"] if attempt else [])))
-        wait_for(proc, "saved checkpoint")  # a first good checkpoint of this attempt
-        wait_for(proc, "step ")  # the evaluation line: the next save starts now
+        wait_for(proc, "saved checkpoint")  # a first good save of this attempt, which clears leftovers
+        wait_for_save_in_progress(proc, root)
         time.sleep(delay)
         proc.kill()
         proc.communicate(timeout=60)
-        mid_save += any(p.name.startswith(checkpoint.TMP_PREFIX) for p in (out / "checkpoints").iterdir())
+        mid_save += any(p.name.startswith(checkpoint.TMP_PREFIX) for p in root.iterdir())
         tag = checkpoint.latest_tag(out)
-        assert tag is not None and checkpoint.check_manifest(out / "checkpoints" / tag) is None
-    assert mid_save >= 2, mid_save  # the kills did land inside saves
+        assert tag is not None and checkpoint.check_manifest(root / tag) is None
+    assert mid_save >= 2, mid_save  # the kills did land inside saves (the first two all but surely)
     run_cmd(python(*train_args(data_dir, out, *QUICK, "--n_embd=256", "--n_layer=4", "--eval_interval=1000",
                                "--max_iters=" + str(int(checkpoint.latest_tag(out)[4:]) + 1),
                                "--init_from=resume")), REPO)
