@@ -42,6 +42,20 @@ def test_sigkill_then_resume_logs_the_same_losses(data_dir, tmp_path):
     assert tb_scalars(whole, "eval/val_loss")[40] == tb_scalars(killed, "eval/val_loss")[40]
 
 
+
+def test_bias_false_run_resumes_exactly(data_dir, tmp_path):
+    """bias=False zeroes and freezes GPT-2's biases; the resumed model must freeze the same ones, or the
+    optimizer's parameter groups no longer match the checkpoint's."""
+    short = [*EXACT, "--max_iters=20", "--bias=False"]
+    whole, killed = tmp_path / "whole", tmp_path / "killed"
+    run_cmd(python(*train_args(data_dir, whole, *short)), REPO)
+    run_until(python(*train_args(data_dir, killed, *short)), "iter 13/20")
+    proc = run_cmd(python(*train_args(data_dir, killed, *short, "--init_from=resume")), REPO)
+    assert "resumed from iteration 10" in proc.stdout
+    a, b = tb_scalars(whole, "train/loss"), tb_scalars(killed, "train/loss")
+    assert max(abs(a[i] - b[i]) for i in range(11, 21)) < 1e-6
+    assert tb_scalars(whole, "eval/val_loss")[20] == tb_scalars(killed, "eval/val_loss")[20]
+
 CHANGE = ["--eval_interval=10", "--eval_iters=4", "--log_interval=1", "--always_save_checkpoint=True",
           "--sample_max_new_tokens=0", "--zero_stage=2", "--warmup_iters=5", "--lr_decay_iters=30"]
 # Two ranks reduce gradients in another order than one: the losses agree to about 1e-5 (measured),
