@@ -44,6 +44,14 @@ def recipe(data_dir, max_iters, seed):
     return cfg
 
 
+def fixed_val_batches(data, cfg):
+    """The recipe's evaluation: eval_iters fixed val batches, the windows the trainer evaluates on."""
+    from trainer.data import eval_offsets
+    B = cfg["batch_size"]
+    offsets = eval_offsets(data, "val", cfg["eval_iters"] * B, cfg["seed"])
+    return [data.windows("val", offsets[i:i + B]) for i in range(0, len(offsets), B)]
+
+
 def run_trainer(data_dir, out_dir, max_iters, seed):
     """(val loss at max_iters on the recipe's batches, ms/iter, loss on the whole val split)."""
     launcher = Path(sys.executable).with_name("deepspeed")
@@ -68,7 +76,7 @@ def run_plain(data_dir, max_iters, seed):
     import torch
     import torch.nn.functional as F
 
-    from trainer.data import TokenData, TrainSampler, eval_offsets
+    from trainer.data import TokenData, TrainSampler
     from trainer.engine import lr_at, param_groups
     from trainer.model import build_model
 
@@ -99,9 +107,7 @@ def run_plain(data_dir, max_iters, seed):
             timed += time.perf_counter() - t0
     model.eval()
     with torch.no_grad():
-        offsets = eval_offsets(data, "val", cfg["eval_iters"] * cfg["batch_size"], cfg["seed"])
-        losses = [loss_of(*data.windows("val", offsets[i:i + cfg["batch_size"]])).item()
-                  for i in range(0, len(offsets), cfg["batch_size"])]
+        losses = [loss_of(x, y).item() for x, y in fixed_val_batches(data, cfg)]
     return sum(losses) / len(losses), 1000 * timed / (max_iters - 10)
 
 
@@ -110,7 +116,7 @@ def run_reference(data_dir, max_iters, seed):
     import torch
 
     from bench.nanogpt_reference import mean_loss, random_windows, train_reference
-    from trainer.data import TokenData, eval_offsets
+    from trainer.data import TokenData
     from trainer.engine import lr_at
     from trainer.evaluate import stream_batches
 
@@ -118,8 +124,7 @@ def run_reference(data_dir, max_iters, seed):
     data = TokenData(Path(data_dir) / "shakespeare_char", cfg["block_size"])
     model = train_reference(cfg, data.tokens["train"], data.vocab_size, seed, lr_at)
     B, T = cfg["batch_size"], cfg["block_size"]
-    offsets = eval_offsets(data, "val", cfg["eval_iters"] * B, seed)
-    fixed = mean_loss(model, (data.windows("val", offsets[i:i + B]) for i in range(0, len(offsets), B)))
+    fixed = mean_loss(model, fixed_val_batches(data, cfg))
     whole = mean_loss(model, stream_batches(data.tokens["val"], T, 64))
     generator = torch.Generator().manual_seed(seed)
     nanogpt_estimate = mean_loss(model, [random_windows(data.tokens["val"], T, B, generator)

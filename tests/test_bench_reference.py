@@ -3,7 +3,6 @@ import math
 
 import torch
 
-from conftest import REPO  # noqa: F401  (puts the repository on sys.path)
 from bench.nanogpt_reference import ReferenceGPT, mean_loss, random_windows, train_reference
 from trainer.config import resolve_config
 from trainer.data import TokenData

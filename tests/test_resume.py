@@ -28,33 +28,32 @@ def run_until(args, marker, env=None):
     return "".join(seen)
 
 
-def test_sigkill_then_resume_logs_the_same_losses(data_dir, tmp_path):
+def assert_kill_and_resume_match_whole_run(data_dir, tmp_path, args, last, kill_at, resumed_at):
+    """The run of `args` SIGKILLed when it prints `iter {kill_at}/{last}` and resumed logs the same losses as
+    the same run left alone."""
     whole, killed = tmp_path / "whole", tmp_path / "killed"
-    run_cmd(python(*train_args(data_dir, whole, *EXACT)), REPO)
-    run_until(python(*train_args(data_dir, killed, *EXACT)), "iter 27/40")
-    assert (killed / "checkpoints" / "latest").read_text() == "iter0000020"
-    proc = run_cmd(python(*train_args(data_dir, killed, *EXACT, "--init_from=resume")), REPO)
-    assert "resumed from iteration 20" in proc.stdout
+    run_cmd(python(*train_args(data_dir, whole, *args)), REPO)
+    run_until(python(*train_args(data_dir, killed, *args)), f"iter {kill_at}/{last}")
+    assert (killed / "checkpoints" / "latest").read_text() == f"iter{resumed_at:07d}"
+    proc = run_cmd(python(*train_args(data_dir, killed, *args, "--init_from=resume")), REPO)
+    assert f"resumed from iteration {resumed_at}" in proc.stdout
     a, b = tb_scalars(whole, "train/loss"), tb_scalars(killed, "train/loss")
-    assert sorted(a) == sorted(b) == list(range(1, 41))
-    worst = max(abs(a[i] - b[i]) for i in range(21, 41))
+    assert sorted(a) == sorted(b) == list(range(1, last + 1))
+    worst = max(abs(a[i] - b[i]) for i in range(resumed_at + 1, last + 1))
     assert worst < 1e-6, worst  # measured: 0.0 (bit-identical) on CPU
-    assert tb_scalars(whole, "eval/val_loss")[40] == tb_scalars(killed, "eval/val_loss")[40]
+    assert tb_scalars(whole, "eval/val_loss")[last] == tb_scalars(killed, "eval/val_loss")[last]
 
+
+def test_sigkill_then_resume_logs_the_same_losses(data_dir, tmp_path):
+    assert_kill_and_resume_match_whole_run(data_dir, tmp_path, EXACT, last=40, kill_at=27, resumed_at=20)
 
 
 def test_bias_false_run_resumes_exactly(data_dir, tmp_path):
     """bias=False zeroes and freezes GPT-2's biases; the resumed model must freeze the same ones, or the
     optimizer's parameter groups no longer match the checkpoint's."""
-    short = [*EXACT, "--max_iters=20", "--bias=False"]
-    whole, killed = tmp_path / "whole", tmp_path / "killed"
-    run_cmd(python(*train_args(data_dir, whole, *short)), REPO)
-    run_until(python(*train_args(data_dir, killed, *short)), "iter 13/20")
-    proc = run_cmd(python(*train_args(data_dir, killed, *short, "--init_from=resume")), REPO)
-    assert "resumed from iteration 10" in proc.stdout
-    a, b = tb_scalars(whole, "train/loss"), tb_scalars(killed, "train/loss")
-    assert max(abs(a[i] - b[i]) for i in range(11, 21)) < 1e-6
-    assert tb_scalars(whole, "eval/val_loss")[20] == tb_scalars(killed, "eval/val_loss")[20]
+    assert_kill_and_resume_match_whole_run(data_dir, tmp_path, [*EXACT, "--max_iters=20", "--bias=False"],
+                                           last=20, kill_at=13, resumed_at=10)
+
 
 CHANGE = ["--eval_interval=10", "--eval_iters=4", "--log_interval=1", "--always_save_checkpoint=True",
           "--sample_max_new_tokens=0", "--zero_stage=2", "--warmup_iters=5", "--lr_decay_iters=30"]
