@@ -3,13 +3,14 @@ import os
 import resource
 import signal
 import subprocess
-import sys
 import time
 
 import pytest
 
 from conftest import REPO, python, run_cmd, tb_scalars, train_args
 from trainer import checkpoint
+
+pytestmark = pytest.mark.slow  # launches training runs
 
 QUICK = ["--eval_iters=2", "--log_interval=1", "--sample_max_new_tokens=0"]
 

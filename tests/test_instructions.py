@@ -12,7 +12,8 @@ from conftest import REPO, make_tiny_gpt2, python, run_cmd
 from trainer.data import TokenData
 from trainer.instructions import (TEMPLATES, PrepareError, layout, pack, prepare_instructions, render,
                                   tokenize)
-from trainer.model import IGNORE_INDEX, LMWithLoss, packed_causal_mask
+from trainer.model import LMWithLoss, packed_causal_mask
+from trainer.tokenizer import IGNORE_INDEX
 from trainer.tokenizer import GPT2_EOT, Gpt2Tokenizer
 
 ALPACA = [
@@ -306,6 +307,7 @@ def exact_match(lm, records):
     return sum(idx[i, prompts.size(1):prompts.size(1) + len(w)].tolist() == w for i, w in enumerate(want))
 
 
+@pytest.mark.slow
 def test_tiny_gpt2_learns_reversing_words(tmp_path):
     """Reverse three words: about 0/64 held-out prompts right at the start, at least 48/64 after training.
 

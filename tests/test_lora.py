@@ -26,6 +26,8 @@ sys.path.insert(0, str(REPO))  # `pytest` without -m does not put the repo on sy
 from trainer.errors import UserError  # noqa: E402
 from trainer.memory_model import gpt2_param_count  # noqa: E402
 
+pytestmark = pytest.mark.slow  # launches training runs
+
 TRAIN = REPO / "launch/train.py"
 MERGE = REPO / "launch/merge_adapter.py"
 VOCAB = 65  # shakespeare_char
@@ -261,10 +263,9 @@ def test_refusals_are_one_line(data_dir, full_run, pretrained, runs):
     with pytest.raises(UserError, match="init_from='scratch' has none"):
         check_source("qlora", "scratch")
     from trainer.adapters import build_base
-    moved = {**json.loads((full_run[0] / "config.json").read_text()), "init_from": str(runs / "moved"),
-             "resumed_from": "out-x"}
+    moved = {**json.loads((full_run[0] / "config.json").read_text()), "init_from": str(runs / "moved")}
     with pytest.raises(UserError, match="the base weights of the adapter run out-x, .* are no longer there"):
-        build_base(moved, VOCAB, "lora")
+        build_base(moved, VOCAB, "lora", run_dir="out-x")
     with pytest.raises(UserError, match="--adapter_only needs a lora or qlora run"):
         export_run(full_run[0], runs / "no-ad", adapter_only=True)
     with pytest.raises(UserError, match="already exists and is not empty"):

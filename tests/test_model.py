@@ -6,7 +6,8 @@ from transformers import GPT2LMHeadModel
 
 from trainer.config import DEFAULTS
 from trainer.errors import UserError
-from trainer.model import LMWithLoss, build_model, chunked_lm_loss, model_shape, padded_vocab
+from trainer.model import LMWithLoss, build_model, chunked_lm_loss, padded_vocab
+from trainer.planner import run_shape as model_shape
 
 
 def cfg_with(**kw):

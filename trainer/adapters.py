@@ -14,7 +14,6 @@ from the run's original `init_from` (config.json) for resume, sampling, evaluati
 """
 import json
 import logging
-import os
 import pickle
 import warnings
 from pathlib import Path
@@ -25,10 +24,13 @@ import torch
 # inference layout is missing; the trainer never uses that layout (use_dequantizing_matmul).
 logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
+from trainer.checkpoint import consolidated_state_dict  # noqa: E402
+from trainer.config import ADAPTER_MODES  # noqa: E402
 from trainer.errors import UserError  # noqa: E402
+from trainer.model import HUB_NAMES, build_model, crop_block_size, load_pretrained, remove_biases  # noqa: E402
+from trainer.ranks import local_rank  # noqa: E402
 
-ADAPTER_MODES = ("lora", "qlora")
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def uses_adapters(plan_or_mode):
@@ -72,10 +74,9 @@ def use_dequantizing_matmul(model):
 
 def load_quantized(source, dropout, compute_dtype, device_type="cpu"):
     """GPT-2 from the hub or an HF directory with its projections in 4-bit nf4 (double quantization)."""
-    from trainer.model import load_pretrained
     kwargs = {}
-    if device_type == "cuda":  # quantize straight onto this rank's GPU
-        kwargs["device_map"] = {"": int(os.environ.get("LOCAL_RANK", "0"))}
+    if device_type == "cuda":  # quantize straight onto this rank's GPU (its index on this node)
+        kwargs["device_map"] = {"": local_rank()}
     model = load_pretrained(source, dropout, dtype=compute_dtype,
                             quantization_config=quantization_config(compute_dtype), **kwargs)
     use_dequantizing_matmul(model)
@@ -88,21 +89,21 @@ def check_source(mode, init_from):
                         "--mode=full (or lora), or --init_from=gpt2 (any GPT-2 hub name or HF directory)")
 
 
-def build_base(cfg, vocab_size, mode, dtype="fp32", device_type="cpu"):
+def build_base(cfg, vocab_size, mode, dtype="fp32", device_type="cpu", run_dir=None):
     """The frozen base of an adapter run: build_model's GPT-2, or for qlora the same weights in 4 bits.
 
-    cfg['init_from'] is the run's original source (on resume, the one saved in out_dir/config.json).
+    cfg['init_from'] is the run's original source (on resume, the one saved in out_dir/config.json);
+    run_dir is the trained run being rebuilt (resume, sampling, export), named if its base is gone.
     """
-    from trainer.model import HUB_NAMES, build_model, crop_block_size, remove_biases
     source = cfg["init_from"]
-    run = cfg.get("resumed_from") or cfg.get("exported_from")
+    run = run_dir
     if run and source not in HUB_NAMES + ("scratch",) and not (Path(source) / "config.json").is_file():
         raise UserError(f"the base weights of the adapter run {run}, init_from={source!r}, are no longer there "
                         f"(adapter checkpoints hold only the adapters); put the base back at that path")
     if mode != "qlora":
         return build_model(cfg, vocab_size)
     check_source(mode, cfg["init_from"])
-    model = load_quantized(cfg["init_from"], cfg["dropout"], DTYPES[dtype], device_type)
+    model = load_quantized(cfg["init_from"], cfg["dropout"], TORCH_DTYPES[dtype], device_type)
     crop_block_size(model, cfg["block_size"])
     if not cfg["bias"]:
         remove_biases(model)
@@ -168,7 +169,6 @@ def adapter_state_dict(out_dir):
     ZeRO 1-3 checkpoints go through DeepSpeed's zero_to_fp32 (under ZeRO-3 the module file holds empty,
     shape-[0] tensors: the real values are only in the optimizer shards).
     """
-    from trainer.inference import consolidated_state_dict
     state = {k: v for k, v in consolidated_state_dict(out_dir).items() if ".lora_" in k}
     if not state:
         raise UserError(f"the checkpoint in {out_dir} holds no LoRA adapters; was it trained with --mode=full?")
@@ -194,9 +194,9 @@ def load_adapter_run(out_dir, quantized=None, weights=None):
     with open(out_dir / "meta.pkl", "rb") as f:
         vocab_size = pickle.load(f)["vocab_size"]
     weights = adapter_state_dict(out_dir) if weights is None else weights
-    base_cfg = {**cfg, "dropout": 0.0, "exported_from": str(out_dir)}
     torch.manual_seed(cfg["seed"])  # a scratch base is rebuilt from the run's seed, as the loop built it
-    base = build_base(base_cfg, vocab_size, "qlora" if quantized else "lora", "fp32", "cpu")
+    base = build_base({**cfg, "dropout": 0.0}, vocab_size, "qlora" if quantized else "lora", "fp32", "cpu",
+                      run_dir=out_dir)
     model = wrap_lora(base, lora_config(cfg, quantized=quantized))
     if quantized:
         use_dequantizing_matmul(model)

@@ -14,9 +14,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
 from trainer.errors import UserError
+from trainer.ranks import all_ranks_ok, rank
 
 CHECKPOINT_DIR = "checkpoints"
 TMP_PREFIX = ".tmp-"
@@ -47,10 +47,6 @@ def complete_tags(out_dir):
                   and not p.name.endswith("_universal"))
 
 
-def rank():
-    return dist.get_rank() if dist.is_initialized() else 0
-
-
 def rng_state():
     return {"python": random.getstate(), "numpy": np.random.get_state(),
             "torch": torch.get_rng_state(),
@@ -63,15 +59,6 @@ def set_rng_state(state):
     torch.set_rng_state(state["torch"])
     if state.get("cuda") is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def all_ranks_ok(ok):
-    """True only if every rank says ok: a failure on one rank must not leave the others waiting."""
-    if not dist.is_initialized():
-        return ok
-    flag = torch.tensor([1 if ok else 0], dtype=torch.int32)
-    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-    return bool(flag.item())
 
 
 def atomic_write_text(path, text):
@@ -229,3 +216,24 @@ def to_universal(out_dir, tag):
                                   inject_missing_state=False))
     all_ranks_ok(True)
     return target
+
+
+def strip_prefix(state_dict, prefix="lm."):
+    """State dicts saved from LMWithLoss -> keys of the bare HF model."""
+    return {k[len(prefix):] if k.startswith(prefix) else k: v for k, v in state_dict.items()}
+
+
+def consolidated_state_dict(out_dir):
+    """The latest checkpoint's full fp32 weights keyed as the bare HF model, ZeRO shards merged by
+    DeepSpeed's own zero_to_fp32 (under ZeRO-3 the module file holds empty tensors)."""
+    tag = latest_tag(out_dir)
+    if tag is None:
+        raise UserError(f"{out_dir} has no checkpoint yet; train longer than one eval_interval "
+                        f"or set --always_save_checkpoint=True")
+    folder = checkpoint_dir(out_dir) / tag
+    if list(folder.glob("*zero_pp_rank_*optim_states.pt")):
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+        state = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint_dir(out_dir)), tag=tag)
+    else:  # ZeRO stage 0: the module's weights are saved whole by rank 0
+        state = torch.load(folder / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)["module"]
+    return {k: v.float() for k, v in strip_prefix(state).items()}

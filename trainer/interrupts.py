@@ -1,14 +1,11 @@
 """SIGINT/SIGTERM: finish the current iteration, save, exit 0 with how to resume.
 
 The handler only sets a flag; the loop checks it between iterations, where a checkpoint is
-consistent. Ranks agree on it through one small all-reduce, so they all stop at the same
+consistent. Ranks agree on it through the loop's one small all-reduce per iteration, so they all stop at the same
 iteration. A second signal while saving is refused, so it cannot corrupt the save.
 """
 import signal
 import sys
-
-import torch
-import torch.distributed as dist
 
 
 class StopRequest:
@@ -30,14 +27,6 @@ class StopRequest:
         self.requested = True
         print(f"{signal.Signals(signum).name}: stopping after this iteration and saving a checkpoint",
               file=sys.stderr, flush=True)
-
-    def any_rank_requested(self):
-        """True on every rank when any rank was signalled."""
-        if not (dist.is_initialized() and dist.get_world_size() > 1):
-            return self.requested
-        flag = torch.tensor([1 if self.requested else 0], dtype=torch.int32)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
 
     def uninstall(self):
         for sig, handler in self._previous.items():

