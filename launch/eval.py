@@ -7,7 +7,6 @@ each packed example on its own); a text file is tokenized with the model's token
 exp of the mean token loss. --compare_base evaluates the model the run started from (its init_from,
 or --base) on the same tokens and prints the change: what the finetune cost on general text.
 """
-import argparse
 import json
 import os
 import sys
@@ -17,12 +16,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 # DeepSpeed only reads checkpoints here: no accelerator probing (and its warning on stdout).
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
-from trainer.cli import run_main  # noqa: E402
+from trainer.cli import FlagParser, at_least, check_ranges, run_main  # noqa: E402
 from trainer.errors import UserError  # noqa: E402
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = FlagParser(__doc__)
     p.add_argument("--out_dir", required=True, help="a training run, an exported HF directory, or a GPT-2 hub name")
     p.add_argument("--dataset", default=None, help="a prepared dataset under --data_dir (default: the run's)")
     p.add_argument("--text", default=None, help="a UTF-8 text file to evaluate on instead of a dataset")
@@ -31,9 +30,9 @@ def parse_args(argv):
     p.add_argument("--base", default=None, help="the starting model for --compare_base (default: the run's init_from)")
     p.add_argument("--block_size", type=int, default=0, help="context per window (default: the model's)")
     p.add_argument("--batch_size", type=int, default=8)
-    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.add_argument("--json", action="store_true", help="print one JSON object instead of lines")
-    return p.parse_args(argv)
+    return check_ranges(p.parse_args(argv), {"batch_size": at_least(1), "block_size": at_least(0)})
 
 
 def load_model(source):

@@ -9,7 +9,6 @@ directory instead, for `PeftModel.from_pretrained(base, DIR)`.
 Every export is reloaded and compared with the trained model on a fixed batch: the maximum absolute
 difference of the logits is printed, and above the tolerance nothing is written and the exit code is 2.
 """
-import argparse
 import os
 import sys
 from pathlib import Path
@@ -18,11 +17,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 # DeepSpeed only reads checkpoints here: no accelerator probing (and its warning on stdout).
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
-from trainer.cli import run_main  # noqa: E402
+from trainer.cli import FlagParser, check_ranges, more_than, run_main  # noqa: E402
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = FlagParser(__doc__)
     p.add_argument("--out_dir", required=True, help="the training run to export (its latest checkpoint)")
     p.add_argument("--export_dir", required=True, help="where to write the model (must not exist or be empty)")
     p.add_argument("--dtype", default="fp32", choices=("fp32", "bf16", "fp16"), help="dtype of the saved weights")
@@ -30,7 +29,7 @@ def parse_args(argv):
     p.add_argument("--tolerance", type=float, default=None,
                    help="maximum absolute logit difference allowed (default: 1e-4 fp32, 1e-2 fp16, 5e-2 bf16, "
                         "times the largest logit when that is above 1)")
-    return p.parse_args(argv)
+    return check_ranges(p.parse_args(argv), {"tolerance": more_than(0.0)})
 
 
 def main(argv):

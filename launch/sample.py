@@ -3,7 +3,6 @@
 Also `--init_from=gpt2-xl` (a hub name) or `--init_from=path/to/hf_dir`.
 Instruction-tuned models: `--prompt_template=alpaca --start="Give three tips for staying healthy."`.
 """
-import argparse
 import os
 import sys
 from pathlib import Path
@@ -12,12 +11,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 # DeepSpeed only reads checkpoints here: no accelerator probing (and its warning on stdout).
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
-from trainer.cli import run_main  # noqa: E402
+from trainer.cli import FlagParser, at_least, check_ranges, run_main  # noqa: E402
 from trainer.errors import UserError  # noqa: E402
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(description=__doc__)
+    p = FlagParser(__doc__)
     p.add_argument("--out_dir", default="out", help="training run to sample from (its latest/best checkpoint)")
     p.add_argument("--init_from", default="resume", help="'resume' (use --out_dir), a GPT-2 hub name or an HF directory")
     p.add_argument("--start", default="\n", help="prompt text, or FILE:path to read it from a file")
@@ -26,10 +25,11 @@ def parse_args(argv):
     p.add_argument("--temperature", type=float, default=0.8, help="1.0 = as trained, lower = less random, 0 = greedy")
     p.add_argument("--top_k", type=int, default=200, help="keep only the top_k most likely tokens")
     p.add_argument("--seed", type=int, default=1337)
-    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.add_argument("--prompt_template", default="", help="alpaca or plain: --start is an instruction, wrapped "
                    "in that template; sampling stops at end-of-text and prints the response only")
-    return p.parse_args(argv)
+    return check_ranges(p.parse_args(argv), {"num_samples": at_least(1), "max_new_tokens": at_least(1),
+                                             "temperature": at_least(0.0), "top_k": at_least(1), "seed": at_least(0)})
 
 
 def read_start(start):

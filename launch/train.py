@@ -15,8 +15,10 @@ from trainer.cli import run_main  # noqa: E402
 from trainer.config import resolve_config  # noqa: E402
 from trainer.errors import UserError  # noqa: E402
 
-# Flags of this command that are not recipe keys.
+# Flags of this command that are not recipe keys: type, and for numbers the valid range.
 LAUNCH_FLAGS = {"--plan": bool, "--json": bool, "--vram_gb": float, "--gpus": int}
+LAUNCH_RANGES = {"--vram_gb": ((lambda v: v > 0), "more than 0 (GiB of memory per GPU)"),
+                 "--gpus": ((lambda v: v >= 1), "1 or more")}
 
 
 def split_launch_flags(argv):
@@ -40,9 +42,13 @@ def split_launch_flags(argv):
                     raise UserError(f"{name} needs a value, e.g. {name}=24")
                 value = words.pop(0)
             try:
-                flags[name[2:]] = kind(value)
+                number = kind(value)
             except ValueError:
                 raise UserError(f"{name}={value!r} must be a number, e.g. {name}=24") from None
+            valid, must = LAUNCH_RANGES[name]
+            if not valid(number):
+                raise UserError(f"{name}={value} must be {must}")
+            flags[name[2:]] = number
             continue
         rest.append(word)
     return flags, rest

@@ -1,7 +1,9 @@
 """Recipes, overrides and their errors."""
+import re
+
 import pytest
 
-from trainer.config import DEFAULTS, RECIPES_DIR, ConfigError, resolve_config
+from trainer.config import DEFAULTS, RECIPES_DIR, ConfigError, recipe_names, resolve_config
 
 # DESIGN's recipe table: (init_from, batch_size, grad_accum, learning_rate, decay_lr, max_iters, eval_interval,
 # eval_iters, out_dir or dataset)
@@ -100,3 +102,53 @@ def test_unknown_key_in_recipe_file(tmp_path):
     recipe.write_text("batch_size = 4\nlearning_rte = 1e-3\n")
     with pytest.raises(ConfigError, match="unknown key 'learning_rte' in recipe .*did you mean learning_rate"):
         resolve_config([str(recipe)])
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--batch_size=0"], "batch_size=0 in override --batch_size=0 must be 1 or more"),
+    (["--block_size=-8"], "block_size=-8 in override --block_size=-8 must be 1 or more"),
+    (["--gradient_accumulation_steps=0"], "must be 1 or more"),
+    (["--n_layer=0"], "n_layer=0 in override --n_layer=0 must be 1 or more"),
+    (["--learning_rate=0"], "learning_rate=0.0 in override --learning_rate=0 must be more than 0"),
+    (["--learning_rate=-1e-4"], "must be more than 0"),
+    (["--min_lr=-1e-5"], "min_lr=-1e-05 in override --min_lr=-1e-5 must be 0.0 or more"),
+    (["--max_iters=-1"], "max_iters=-1 in override --max_iters=-1 must be 0 or more"),
+    (["--eval_interval=0"], "eval_interval=0 in override --eval_interval=0 must be 1 or more"),
+    (["--eval_iters=0"], "must be 1 or more"),
+    (["--log_interval=0"], "must be 1 or more"),
+    (["--max_bad_steps=0"], "must be 1 or more"),
+    (["--lora_r=0"], "lora_r=0 in override --lora_r=0 must be 1 or more"),
+    (["--lora_alpha=-16"], "must be 1 or more"),
+    (["--lora_dropout=1.0"], "lora_dropout=1.0 in override --lora_dropout=1.0 must be in [0.0, 1.0)"),
+    (["--dropout=-0.1"], "must be in [0.0, 1.0)"),
+    (["--beta2=1.5"], "beta2=1.5 in override --beta2=1.5 must be in [0.0, 1.0)"),
+    (["--weight_decay=-0.1"], "must be 0.0 or more"),
+    (["--grad_clip=-1.0"], "must be 0.0 or more"),
+    (["--warmup_iters=-5"], "must be 0 or more"),
+    (["--micro_batch_size=0"], "micro_batch_size=0 in override --micro_batch_size=0 must be 1 or more"),
+    (["--sample_max_new_tokens=-1"], "must be 0 or more"),
+    (["--seed=-1"], "seed=-1 in override --seed=-1 must be 0 or more"),
+    (["--out_dir="], "out_dir='' in override --out_dir= must be a folder path"),
+    (["--n_embd=100", "--n_head=3"], "n_embd=100 in the overrides must be a multiple of n_head=3"),
+])
+def test_values_out_of_range_name_key_value_and_range(args, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        resolve_config(args)
+
+
+def test_a_recipe_value_out_of_range_names_the_recipe(tmp_path):
+    recipe = tmp_path / "mine.py"
+    recipe.write_text("batch_size = 4\nlora_r = -2\n")
+    with pytest.raises(ConfigError, match=re.escape(f"lora_r=-2 in recipe {recipe} must be 1 or more")):
+        resolve_config([str(recipe)])
+
+
+def test_an_out_dir_that_is_a_file_is_refused(tmp_path):
+    (tmp_path / "taken").write_text("not a folder")
+    with pytest.raises(ConfigError, match="is a file, not a folder; choose another --out_dir"):
+        resolve_config([f"--out_dir={tmp_path / 'taken'}"])
+
+
+def test_every_recipe_is_within_range():
+    for name in recipe_names():
+        resolve_config(["--recipe", name])  # raises on any key out of range

@@ -114,6 +114,7 @@ def copy_run(run, tmp_path):
     return out
 
 
+@pytest.mark.slow
 def test_out_dir_holding_another_run(data_dir, finished_run, tmp_path):
     out = copy_run(finished_run, tmp_path)
     fails_cleanly(char_run(data_dir, out), f"out_dir {out} already holds a run; resume it with --init_from=resume, "
@@ -126,6 +127,7 @@ def test_resume_without_a_run(data_dir, tmp_path):
                   "does not exist; start a new run without --init_from=resume", watch=tmp_path / "out")
 
 
+@pytest.mark.slow
 def test_resume_with_a_corrupt_checkpoint_names_the_good_one(data_dir, finished_run, tmp_path):
     out = copy_run(finished_run, tmp_path)
     states = out / "checkpoints" / "iter0000004" / "mp_rank_00_model_states.pt"
@@ -139,6 +141,7 @@ def test_resume_with_a_corrupt_checkpoint_names_the_good_one(data_dir, finished_
     assert "resumed from iteration 2" in proc.stdout
 
 
+@pytest.mark.slow
 def test_resume_with_another_model_shape(data_dir, finished_run, tmp_path):
     out = copy_run(finished_run, tmp_path)
     fails_cleanly(char_run(data_dir, out, "--init_from=resume", "--n_layer=6"),
@@ -155,9 +158,35 @@ def test_sample_pointed_at_a_directory_with_no_run(tmp_path):
                   f"{tmp_path} is not a training run (no config.json and model_config.json)", watch=tmp_path)
 
 
+@pytest.mark.slow
 def test_meta_pickle_written_by_nanogpt_is_accepted(bad_data, tmp_path):
     """nanoGPT's own shakespeare_char meta.pkl (no tokenizer key) is not an error."""
     meta_path = bad_data / "shakespeare_char" / "meta.pkl"
     meta = pickle.loads(meta_path.read_bytes())
     meta_path.write_bytes(pickle.dumps({k: meta[k] for k in ("vocab_size", "itos", "stoi")}))
     run_cmd(python(*char_run(bad_data, tmp_path / "out", "--sample_max_new_tokens=0")), REPO)
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["launch/train.py", "--recipe", "shakespeare_char_cpu", "--plan", "--gpus=0"], "--gpus=0 must be 1 or more"),
+    (["launch/train.py", "--recipe", "shakespeare_char_cpu", "--plan", "--vram_gb=-4"],
+     "--vram_gb=-4 must be more than 0"),
+    (["launch/train.py", "--recipe", "shakespeare_char_cpu", "--lora_r=0"], "lora_r=0 in override --lora_r=0 must be "
+                                                                             "1 or more"),
+    (["launch/sample.py", "--temperature=-0.5"], "--temperature=-0.5 must be 0.0 or more"),
+    (["launch/sample.py", "--top_k=0"], "--top_k=0 must be 1 or more"),
+    (["launch/sample.py", "--num_samples=abc"], "argument --num_samples: invalid int value: 'abc'"),
+    (["launch/eval.py", "--out_dir=x", "--batch_size=0"], "--batch_size=0 must be 1 or more"),
+    (["launch/merge_adapter.py", "--out_dir=x", "--export_dir=y", "--tolerance=0"], "--tolerance=0.0 must be more "
+                                                                                     "than 0.0"),
+    (["launch/merge_adapter.py", "--out_dir=x"], "the following arguments are required: --export_dir"),
+])
+def test_flags_out_of_range_are_one_line_and_write_nothing(tmp_path, args, expected):
+    fails_cleanly([REPO / args[0], *args[1:], f"--out_dir={tmp_path / 'out'}"] if args[0].endswith("train.py")
+                  else [REPO / args[0], *args[1:]], expected, watch=tmp_path)
+
+
+def test_an_out_dir_that_is_a_file_is_one_line(tmp_path):
+    (tmp_path / "out").write_text("a file")
+    fails_cleanly(char_run(tmp_path, tmp_path / "out"), "is a file, not a folder; choose another --out_dir",
+                  watch=tmp_path)

@@ -1,12 +1,15 @@
-"""Recipes and overrides -> one resolved config dict.
+"""Recipes and overrides -> one resolved, validated config dict.
 
-A recipe is a nanoGPT-style Python file of `key = value` lines. Every key must be
-one of DEFAULTS; overrides `--key=value` are parsed as Python literals and must
-have the default's type. Mistakes end in a one-line ConfigError.
+A recipe is a nanoGPT-style Python file of `key = value` lines. Every key is declared once, in
+KEYS below, with its default, its valid values and a one-line meaning; that table is the contract
+the rest of the trainer relies on (the planner, the loop and `--help` read it and check nothing
+again). Overrides `--key=value` are parsed as Python literals and checked the same way. A mistake
+is one ConfigError line naming the key, the value and what it must be.
 """
 import ast
 import difflib
 import os
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from trainer.errors import UserError
@@ -14,76 +17,150 @@ from trainer.errors import UserError
 REPO_ROOT = Path(__file__).resolve().parents[1]
 RECIPES_DIR = REPO_ROOT / "recipes"
 
+# The choices of the plan keys (the planner and the adapters import these, nothing repeats them).
+MODES = ("full", "lora", "qlora")
+ADAPTER_MODES = ("lora", "qlora")
+OFFLOADS = ("none", "optimizer", "optimizer+params")
+DTYPES = ("bf16", "fp16", "fp32")
+ZERO_STAGES = (0, 1, 2, 3)
+LORA_TARGETS = ("c_attn", "c_proj", "c_fc")
+
 
 class ConfigError(UserError):
     """A user mistake in a recipe or an override; main() prints it as one line."""
 
 
-# The one place every key and its default lives (nanoGPT's train.py defaults, plus ours).
-DEFAULTS = {
-    # I/O
-    "out_dir": "out",
-    "eval_interval": 2000,
-    "log_interval": 1,
-    "eval_iters": 200,
-    "eval_only": False,
-    "always_save_checkpoint": True,
-    "init_from": "scratch",  # scratch | resume | gpt2* hub name | local HF GPT-2 directory
-    "overwrite": False,  # allow a fresh run in an out_dir that already holds another run
-    "resume_tag": "",  # with init_from='resume': a checkpoint tag to resume from instead of `latest`
-    "max_bad_steps": 10,  # stop after this many non-finite (NaN/inf) steps in a row
-    # data
-    "dataset": "openwebtext",  # or a list of datasets to mix, e.g. ['alpaca', 'shakespeare']
-    "mix": "proportional",  # a list's sampling: 'proportional' (to size) or 'temperature:T' (size^(1/T))
-    "data_dir": "data",  # datasets live in data_dir/<dataset>/ (relative to the current directory)
-    "gradient_accumulation_steps": 40,  # total over all ranks, as in nanoGPT
-    "batch_size": 12,
-    "block_size": 1024,
-    # model (from scratch; pretrained checkpoints bring their own shape)
-    "n_layer": 12,
-    "n_head": 12,
-    "n_embd": 768,
-    "dropout": 0.0,
-    "bias": True,
-    # optimizer
-    "learning_rate": 6e-4,
-    "max_iters": 600000,
-    "max_epochs": 0.0,  # > 0: passes over the training data instead; sets max_iters and lr_decay_iters
-    "weight_decay": 1e-1,
-    "beta1": 0.9,
-    "beta2": 0.95,
-    "grad_clip": 1.0,
-    # learning-rate schedule
-    "decay_lr": True,
-    "warmup_iters": 2000,
-    "lr_decay_iters": 600000,
-    "min_lr": 6e-5,
-    # the plan: 'auto' lets the planner choose
-    "mode": "auto",  # auto | full | lora | qlora
-    "zero_stage": "auto",  # auto | 0 | 1 | 2 | 3
-    "offload": "auto",  # auto | none | optimizer | optimizer+params
-    "gradient_checkpointing": "auto",  # auto | True | False
-    "micro_batch_size": "auto",  # auto | int
-    "dtype": "auto",  # auto | bf16 | fp16 | fp32
-    # LoRA / QLoRA
-    "lora_r": 8,
-    "lora_alpha": 16,
-    "lora_dropout": 0.05,
-    "lora_targets": ["c_attn", "c_proj", "c_fc"],
-    # logging and sampling
-    "tensorboard": True,
-    "sample_max_new_tokens": 200,
-    "sample_start": "\n",
-    "seed": 1337,
-}
+def parse_mix(value):
+    """'proportional' -> 1.0, 'temperature:T' -> T (finite, > 0); anything else -> None."""
+    if value == "proportional":
+        return 1.0
+    kind, _, t = str(value).partition(":")
+    try:
+        t = float(t)
+    except ValueError:
+        return None
+    return t if kind == "temperature" and 0 < t < float("inf") else None
 
-# Keys whose value may be 'auto' or a value of another type.
-AUTO_KEYS = {"zero_stage": int, "gradient_checkpointing": bool, "micro_batch_size": int}
-CHOICES = {
-    "mode": ("auto", "full", "lora", "qlora"),
-    "offload": ("auto", "none", "optimizer", "optimizer+params"),
-    "dtype": ("auto", "bf16", "fp16", "fp32"),
-    "zero_stage": ("auto", 0, 1, 2, 3),
+
+@dataclass(frozen=True)
+class Key:
+    """One config key: its default, the values it accepts and what it means."""
+    default: object
+    meaning: str
+    must: str = ""            # what a valid value is, as the error and --help say it ("1 or more")
+    valid: object = None      # value -> bool, checked after the type; None: any value of the type
+    auto: type = None         # the key also takes 'auto' (the planner decides); else values of this type
+    group: str = ""
+
+
+def _at_least(low):
+    return (lambda v: v >= low), f"{low} or more"
+
+
+def _between(low, high):
+    return (lambda v: low <= v < high), f"in [{low}, {high})"
+
+
+_POSITIVE = _at_least(1)
+_NON_NEGATIVE = _at_least(0)
+_PROBABILITY = _between(0.0, 1.0)
+
+
+def _key(default, meaning, rule=(None, ""), **kw):
+    valid, must = rule
+    return Key(default, meaning, must, valid, **kw)
+
+
+def _choice(default, choices, meaning, **kw):
+    return Key(default, meaning, f"one of {', '.join(map(str, choices))}", lambda v: v in choices, **kw)
+
+
+# The one place every key lives (nanoGPT's train.py names and defaults, plus the plan and adapters).
+_GROUPS = {
+    "I/O and checkpoints": {
+        "out_dir": _key("out", "the run's folder: checkpoints, config, plan, TensorBoard events",
+                        ((lambda v: bool(v)), "a folder path")),
+        "eval_interval": _key(2000, "evaluate (and maybe save) every this many iterations", _POSITIVE),
+        "log_interval": _key(1, "print and log training metrics every this many iterations", _POSITIVE),
+        "eval_iters": _key(200, "evaluation batches per split (fixed windows, the same at every evaluation)",
+                           _POSITIVE),
+        "eval_only": _key(False, "evaluate once and exit"),
+        "always_save_checkpoint": _key(True, "save at every evaluation, not only when val loss improves"),
+        "init_from": _key("scratch", "scratch | resume | a GPT-2 hub name (gpt2, gpt2-medium, ...) | an HF "
+                          "model directory", ((lambda v: bool(v)), "scratch, resume, a hub name or a folder")),
+        "overwrite": _key(False, "allow a fresh run in an out_dir that already holds another run"),
+        "resume_tag": _key("", "with init_from=resume: the checkpoint tag to resume from instead of `latest`"),
+        "max_bad_steps": _key(10, "stop after this many non-finite (NaN/inf) steps in a row", _POSITIVE),
+    },
+    "data": {
+        "dataset": _key("openwebtext", "data_dir/<dataset>, or a list of datasets to mix, e.g. "
+                        "['alpaca', 'shakespeare']"),
+        "mix": _key("proportional", "sampling of a dataset list: 'proportional' (to size) or 'temperature:T' "
+                    "(size^(1/T))", ((lambda v: parse_mix(v) is not None),
+                                     "'proportional' or 'temperature:T' with T > 0 (e.g. 'temperature:2')")),
+        "data_dir": _key("data", "where datasets live (relative to the current directory)",
+                         ((lambda v: bool(v)), "a folder path")),
+        "gradient_accumulation_steps": _key(40, "micro-steps per iteration, over all ranks (as in nanoGPT)",
+                                            _POSITIVE),
+        "batch_size": _key(12, "sequences per micro-step; an iteration is batch_size x "
+                           "gradient_accumulation_steps sequences", _POSITIVE),
+        "block_size": _key(1024, "tokens per sequence (context length)", _POSITIVE),
+    },
+    "model (scratch; pretrained models bring their own shape)": {
+        "n_layer": _key(12, "transformer blocks", _POSITIVE),
+        "n_head": _key(12, "attention heads (must divide n_embd)", _POSITIVE),
+        "n_embd": _key(768, "embedding width", _POSITIVE),
+        "dropout": _key(0.0, "dropout probability (also overrides a pretrained model's)", _PROBABILITY),
+        "bias": _key(True, "biases in linear layers and LayerNorms (False: zeroed and frozen)"),
+    },
+    "optimizer (AdamW)": {
+        "learning_rate": _key(6e-4, "peak learning rate", ((lambda v: v > 0), "more than 0")),
+        "max_iters": _key(600000, "iterations to train", _NON_NEGATIVE),
+        "max_epochs": _key(0.0, "> 0: passes over the training data instead; sets max_iters and lr_decay_iters",
+                           ((lambda v: v >= 0), "0 (off: use max_iters) or more")),
+        "weight_decay": _key(1e-1, "AdamW weight decay of 2-D weights", _at_least(0.0)),
+        "beta1": _key(0.9, "AdamW beta1", _PROBABILITY),
+        "beta2": _key(0.95, "AdamW beta2", _PROBABILITY),
+        "grad_clip": _key(1.0, "clip gradients at this global norm (0: no clipping)", _at_least(0.0)),
+    },
+    "learning-rate schedule": {
+        "decay_lr": _key(True, "linear warmup then cosine decay (False: constant learning_rate)"),
+        "warmup_iters": _key(2000, "warmup iterations", _NON_NEGATIVE),
+        "lr_decay_iters": _key(600000, "iteration where the cosine reaches min_lr", _NON_NEGATIVE),
+        "min_lr": _key(6e-5, "learning rate at the end of the decay", _at_least(0.0)),
+    },
+    "the plan ('auto': the planner chooses for your memory)": {
+        "mode": _choice("auto", ("auto",) + MODES, "full finetuning, LoRA adapters, or LoRA on a 4-bit base"),
+        "zero_stage": _choice("auto", ("auto",) + ZERO_STAGES, "DeepSpeed ZeRO stage", auto=int),
+        "offload": _choice("auto", ("auto",) + OFFLOADS, "move optimizer states (and weights) to CPU memory"),
+        "gradient_checkpointing": _key("auto", "recompute activations in the backward pass", auto=bool),
+        "micro_batch_size": _key("auto", "sequences per forward pass per rank (accumulation makes up the rest)",
+                                 _POSITIVE, auto=int),
+        "dtype": _choice("auto", ("auto",) + DTYPES, "training precision (auto: bf16 or fp16 on GPUs, fp32 on CPU)"),
+    },
+    "LoRA / QLoRA": {
+        "lora_r": _key(8, "adapter rank", _POSITIVE),
+        "lora_alpha": _key(16, "adapter scaling numerator (scale = lora_alpha / lora_r)", _POSITIVE),
+        "lora_dropout": _key(0.05, "dropout on the adapters' input", _PROBABILITY),
+        "lora_targets": _key(list(LORA_TARGETS), "GPT-2 layers that get adapters",
+                             ((lambda v: bool(v) and all(t in LORA_TARGETS for t in v)),
+                              f"a non-empty list; choose from {', '.join(repr(t) for t in LORA_TARGETS)}")),
+    },
+    "logging and sampling": {
+        "tensorboard": _key(True, "write TensorBoard events to out_dir"),
+        "sample_max_new_tokens": _key(200, "tokens of the sample logged at each evaluation (0: none)",
+                                      _NON_NEGATIVE),
+        "sample_start": _key("\n", "prompt of that sample"),
+        "seed": _key(1337, "seed of weights, data order and dropout", _NON_NEGATIVE),
+    },
+}
+KEYS = {name: replace(key, group=group) for group, keys in _GROUPS.items() for name, key in keys.items()}
+DEFAULTS = {name: key.default for name, key in KEYS.items()}
+
+# Keys a run adds itself; a recipe or override cannot set them.
+RUNTIME_KEYS = {
+    "resumed_from": "the out_dir this run resumed (set on --init_from=resume; init_from then names the run's "
+                    "original source)",
 }
 
 
@@ -93,47 +170,43 @@ def closest(name, candidates):
     return f" (did you mean {', '.join(match)}?)" if match else ""
 
 
-def _is_mix(value):
-    """'proportional' or 'temperature:T' with a finite T > 0 (trainer/mixing.py reads it)."""
-    if value == "proportional":
-        return True
-    kind, _, t = str(value).partition(":")
-    try:
-        return kind == "temperature" and 0 < float(t) < float("inf")
-    except ValueError:
-        return False
+def _type_of(key):
+    spec = KEYS[key]
+    return spec.auto or type(spec.default)
 
 
 def check_value(key, value, source):
-    """Type-check one value against its default; returns the value (ints widen to float)."""
-    if key not in DEFAULTS:
-        raise ConfigError(f"unknown key '{key}' in {source}{closest(key, DEFAULTS)}; "
-                          f"see trainer/config.py for every key")
-    default = DEFAULTS[key]
-    if key in AUTO_KEYS and value == "auto":
+    """Type- and range-check one value; returns it (an int where a float is expected widens)."""
+    if key not in KEYS:
+        raise ConfigError(f"unknown key '{key}' in {source}{closest(key, KEYS)}; "
+                          f"see `python launch/train.py --help` for every key")
+    spec = KEYS[key]
+    if spec.auto is not None and value == "auto":
         return value
-    if key == "dataset" and type(value) is list:  # a mixture: a non-empty list of dataset names
-        if not value or not all(type(v) is str and v for v in value):
+    if key == "dataset":  # a name, or a mixture: a non-empty list of names
+        if not (type(value) is str and value) and not (type(value) is list and value
+                                                       and all(type(v) is str and v for v in value)):
             raise ConfigError(f"dataset={value!r} in {source} must be a name or a non-empty list of names")
         return value
-    if key == "mix" and not _is_mix(value):
-        raise ConfigError(f"mix={value!r} in {source} must be 'proportional' or 'temperature:T' with T > 0 "
-                          f"(e.g. 'temperature:2')")
-    if key == "max_epochs" and type(value) in (int, float) and value < 0:
-        raise ConfigError(f"max_epochs={value!r} in {source} must be 0 (off: use max_iters) or more")
-    want = AUTO_KEYS.get(key, type(default))
+    want = _type_of(key)
     if want is float and type(value) is int:
         value = float(value)
     if type(value) is not want:
         raise ConfigError(f"{key}={value!r} in {source} must be of type {want.__name__}"
-                          f"{' or auto' if key in AUTO_KEYS else ''} (like the default {default!r})")
-    if key in CHOICES and value not in CHOICES[key]:
-        raise ConfigError(f"{key}={value!r} in {source} must be one of {', '.join(map(str, CHOICES[key]))}")
-    if key == "lora_targets":
-        bad = [t for t in value if t not in ("c_attn", "c_proj", "c_fc")]
-        if bad or not value:
-            raise ConfigError(f"lora_targets={value!r} in {source}: choose from 'c_attn', 'c_proj', 'c_fc'")
+                          f"{' or auto' if spec.auto else ''} (like the default {spec.default!r})")
+    if spec.valid is not None and not spec.valid(value):
+        raise ConfigError(f"{key}={value!r} in {source} must be {spec.must}")
     return value
+
+
+def check_config(cfg, source="the config"):
+    """What no single key can say: constraints between keys and on the file system."""
+    if cfg["n_embd"] % cfg["n_head"]:
+        raise ConfigError(f"n_embd={cfg['n_embd']} in {source} must be a multiple of n_head={cfg['n_head']}")
+    out_dir = Path(cfg["out_dir"])
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ConfigError(f"out_dir={cfg['out_dir']!r} is a file, not a folder; choose another --out_dir")
+    return cfg
 
 
 def resolve_recipe_path(name_or_path):
@@ -145,10 +218,14 @@ def resolve_recipe_path(name_or_path):
         return path
     path = RECIPES_DIR / f"{name_or_path}.py"
     if not path.is_file():
-        names = sorted(p.stem for p in RECIPES_DIR.glob("*.py"))
+        names = recipe_names()
         raise ConfigError(f"unknown recipe '{name_or_path}'{closest(name_or_path, names)}; "
                           f"known recipes: {', '.join(names)}")
     return path
+
+
+def recipe_names():
+    return sorted(p.stem for p in RECIPES_DIR.glob("*.py"))
 
 
 def read_recipe(path):
@@ -207,4 +284,4 @@ def resolve_config(argv):
     for arg in overrides:
         key, value = parse_override(arg)
         config[key] = value
-    return config, recipe_path
+    return check_config(config, f"recipe {recipe_path}" if recipe_path else "the overrides"), recipe_path

@@ -15,16 +15,15 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from trainer.config import MODES, OFFLOADS
 from trainer.errors import UserError
-from trainer.memory_model import (DTYPE_BYTES, GPT2_SHAPES, GPT2_VOCAB, LORA_TARGETS, USABLE_FRACTION_CPU,
+from trainer.memory_model import (GPT2_SHAPES, GPT2_VOCAB, USABLE_FRACTION_CPU,
                                   USABLE_FRACTION_GPU, Candidate, GiB, MiB, Shape, estimate, padded_vocab,
                                   parameter_counts)
 
 __all__ = ["Hardware", "Plan", "PlanError", "detect_hardware", "run_shape", "make_plan", "step_down", "format_plan",
            "plan_to_dict"]
 
-MODES = ("full", "lora", "qlora")
-OFFLOADS = ("none", "optimizer", "optimizer+params")
 PLAN_KEYS = ("mode", "zero_stage", "offload", "gradient_checkpointing", "micro_batch_size", "dtype")
 SHARDED = {1: "optimizer states", 2: "optimizer states and gradients", 3: "weights, gradients and optimizer states"}
 MAX_SUGGESTED_GPUS = 64
@@ -152,15 +151,9 @@ def run_shape(cfg, data_vocab_size, model_config_path=None):
 # ----------------------------------------------------------------------------- config
 
 def _fixed(cfg, key):
-    """The user's value for a plan key, or None for 'auto'."""
-    value = cfg.get(key, "auto")
-    if value is None or value == "auto":
-        return None
-    if key in ("zero_stage", "micro_batch_size"):
-        return int(value)
-    if key == "gradient_checkpointing" and isinstance(value, str):
-        return value.lower() in ("true", "1", "yes", "on")
-    return value
+    """The user's value for a plan key, or None for 'auto' (trainer/config.py has checked its type and range)."""
+    value = cfg[key]
+    return None if value == "auto" else value
 
 
 def _divisors_desc(n):
@@ -195,36 +188,27 @@ class _Context:
 def _context(cfg, hw, **overrides):
     cfg = {**cfg, **overrides}
     n = hw.n_devices
-    sequences = int(cfg["batch_size"]) * int(cfg["gradient_accumulation_steps"])
+    sequences = cfg["batch_size"] * cfg["gradient_accumulation_steps"]
     if sequences % n:
         raise PlanError(f"batch_size x gradient_accumulation_steps = {sequences} sequences per iteration cannot be "
                         f"split evenly over {n} ranks; make it a multiple of {n}")
     fixed = {k: v for k in PLAN_KEYS if (v := _fixed(cfg, k)) is not None}
     dtype = fixed.get("dtype") or ("fp32" if hw.device_type == "cpu" else "bf16" if hw.bf16 else "fp16")
-    if dtype not in DTYPE_BYTES:
-        raise PlanError(f"dtype={dtype!r}: choose auto, bf16, fp16 or fp32")
     if hw.device_type == "cuda" and dtype == "bf16" and not hw.bf16:
         raise PlanError(f"dtype=bf16 but {hw.name} does not support bf16; use dtype=fp16 (loss scaling) or auto")
     if hw.device_type == "cpu" and dtype == "fp16":
         raise PlanError("dtype=fp16 needs a GPU; on the CPU use fp32 (auto) or bf16")
-    shape = Shape(int(cfg["n_layer"]), int(cfg["n_head"]), int(cfg["n_embd"]), int(cfg["vocab_size"]),
-                  int(cfg["block_size"]))
+    shape = Shape(cfg["n_layer"], cfg["n_head"], cfg["n_embd"], cfg["vocab_size"], cfg["block_size"])
     ctx = _Context(cfg, hw, shape, sequences, sequences // n, dtype, usable_bytes(hw), fixed,
-                   int(cfg.get("lora_r", 8)), tuple(cfg.get("lora_targets", LORA_TARGETS)),
-                   float(cfg.get("lora_dropout", 0.0)), float(cfg.get("dropout", 0.0)))
+                   cfg["lora_r"], tuple(cfg["lora_targets"]), cfg["lora_dropout"], cfg["dropout"])
     _check_fixed(ctx)
     return ctx
 
 
 def _check_fixed(ctx):
+    """Combinations of fixed plan keys that cannot work (each key's own values are checked by config)."""
     f = ctx.fixed
-    if f.get("mode") not in (None,) + MODES:
-        raise PlanError(f"mode={f['mode']!r}: choose auto, full, lora or qlora")
-    if f.get("offload") not in (None,) + OFFLOADS:
-        raise PlanError(f"offload={f['offload']!r}: choose auto, none, optimizer or optimizer+params")
     zero, offload = f.get("zero_stage"), f.get("offload")
-    if zero is not None and zero not in (0, 1, 2, 3):
-        raise PlanError(f"zero_stage={zero}: choose auto, 0, 1, 2 or 3")
     if f.get("mode") == "qlora" and (zero == 3 or offload == "optimizer+params"):
         raise PlanError("QLoRA cannot run with ZeRO-3 (nor parameter offload, which needs it): bitsandbytes' "
                         "4-bit parameters cannot be partitioned by ZeRO-3; use zero_stage 0, 1 or 2")
@@ -233,7 +217,7 @@ def _check_fixed(ctx):
     if offload == "optimizer" and zero == 0:
         raise PlanError("offload=optimizer needs ZeRO stage 1, 2 or 3, but zero_stage=0; set zero_stage=auto")
     micro = f.get("micro_batch_size")
-    if micro is not None and (micro < 1 or ctx.per_rank % micro):
+    if micro is not None and ctx.per_rank % micro:
         options = ", ".join(str(d) for d in reversed(_divisors_desc(ctx.per_rank)))
         raise PlanError(f"micro_batch_size={micro} does not divide the {ctx.per_rank} sequences each rank "
                         f"processes per iteration (batch_size x gradient_accumulation_steps / ranks); "
