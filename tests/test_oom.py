@@ -34,6 +34,7 @@ def reference(data_dir, tmp_path_factory):
     return run_cmd(python(*train_args(data_dir, out, *RUN)), cwd=REPO).stdout
 
 
+@pytest.mark.slow
 def test_checkpointing_then_micro_batch_in_place(data_dir, tmp_path, reference):
     out = tmp_path / "out"
     proc = run_cmd(python(*train_args(data_dir, out, *RUN)), cwd=REPO, env={"GPT2DS_INJECT_OOM": "2,4"})
@@ -54,6 +55,7 @@ def test_checkpointing_then_micro_batch_in_place(data_dir, tmp_path, reference):
     assert [e.step for e in events.Tensors("plan/text_summary")] == [0, 2, 4]
 
 
+@pytest.mark.slow
 def test_zero_stage_changes_rebuild_the_engine_with_its_state(data_dir, tmp_path, reference):
     """Two ranks, checkpointing and micro-batch fixed: each step-down raises the ZeRO stage (0 -> 1 -> 2 -> 3),
     a new engine given the old one's fp32 weights and Adam moments; the losses go on as without the errors."""
@@ -75,22 +77,27 @@ def test_zero_stage_changes_rebuild_the_engine_with_its_state(data_dir, tmp_path
 
 def test_nothing_left_to_give_up_is_one_error_line(tmp_path):
     """Every plan key fixed: no step-down exists, and the run stops with one line (a UserError: exit code 2)."""
+    from trainer.build import Run
+    from trainer.config import DEFAULTS
     from trainer.errors import UserError
     from trainer.oom import Recovery
     from trainer.planner import Hardware, make_plan
 
-    cfg = {"batch_size": 12, "gradient_accumulation_steps": 1, "block_size": 64, "n_layer": 4, "n_head": 4,
-           "n_embd": 128, "vocab_size": 128, "mode": "full", "zero_stage": 0, "offload": "none",
+    cfg = {**DEFAULTS, "batch_size": 12, "gradient_accumulation_steps": 1, "block_size": 64, "n_layer": 4,
+           "n_head": 4, "n_embd": 128, "vocab_size": 128, "mode": "full", "zero_stage": 0, "offload": "none",
            "gradient_checkpointing": True, "micro_batch_size": 12, "dtype": "auto"}
     hw = Hardware("cpu", 8 * 2**30, 1, False, "CPU")
-    recovery = Recovery(cfg, hw, {}, 65, tmp_path, log=None, master=True, world=1)
+    run = Run(cfg=cfg, out_dir=tmp_path, rank=0, world=1, data=None, shape={}, hw=hw, plan=make_plan(cfg, hw),
+              engine=None, ds_config={}, sampler=None, log=None, tokenizer=None, n_params=0, iter_num=7)
+    recovery = Recovery(run)
     with pytest.raises(UserError) as info:
-        recovery.step_down(("CUDA out of memory. Tried to allocate 2.00 GiB", False), None, make_plan(cfg, hw), 7)
+        recovery.step_down(("CUDA out of memory. Tried to allocate 2.00 GiB", False))
     assert str(info.value) == ("out of memory at iteration 7 (CUDA out of memory. Tried to allocate 2.00 GiB) and "
                                "the plan has nothing left to give up within the keys you fixed; last checkpoint: "
                                "none; set fixed plan keys back to auto, use more GPUs, or a smaller block_size")
+    run.plan = make_plan({**cfg, "micro_batch_size": "auto"}, hw)
     with pytest.raises(UserError, match="inside the optimizer step, so the update may be half applied"):
-        recovery.step_down(("CUDA out of memory.", True), None, make_plan({**cfg, "micro_batch_size": "auto"}, hw), 7)
+        recovery.step_down(("CUDA out of memory.", True))
 
 
 def test_an_error_inside_the_optimizer_step_is_recognised():

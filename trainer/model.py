@@ -5,6 +5,7 @@ directory; `LMWithLoss` is the module DeepSpeed trains: it returns the mean toke
 computed over chunks of tokens so that full fp32 logits are never held at once.
 """
 import functools
+import warnings
 from pathlib import Path
 
 import torch
@@ -14,13 +15,11 @@ from torch.utils.checkpoint import checkpoint
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from trainer.errors import UserError
-# The planner counts the loss with the same chunk, pads a scratch vocabulary and reads the shape the same way.
+# The planner counts the loss with the same chunk and pads a scratch vocabulary the same way.
 from trainer.memory_model import GPT2_SHAPES, LOSS_CHUNK_BYTES, padded_vocab
-from trainer.planner import run_shape as model_shape  # noqa: F401
-from trainer.tokenizer import GPT2_EOT
+from trainer.tokenizer import GPT2_EOT, IGNORE_INDEX
 
 HUB_NAMES = tuple(GPT2_SHAPES)
-IGNORE_INDEX = -100  # targets with this id carry no loss (masked instruction prompts)
 
 
 def scratch_config(cfg, vocab_size):
@@ -80,6 +79,19 @@ def build_model(cfg, vocab_size):
     if not cfg["bias"]:
         remove_biases(model)
     return model
+
+
+def enable_checkpointing(lm, frozen_inputs=False):
+    """Hugging Face's gradient checkpointing, non-reentrant (the one way the trainer turns it on).
+
+    frozen_inputs: the embeddings are frozen (LoRA/QLoRA on an already wrapped model), so the
+    checkpointed blocks' inputs must be made to require grad for the adapters inside to get one.
+    """
+    with warnings.catch_warnings():  # transformers 5 renames it activation checkpointing (FutureWarning)
+        warnings.simplefilter("ignore", FutureWarning)
+        lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if frozen_inputs:
+        lm.enable_input_require_grads()
 
 
 def model_from_config_file(path):
@@ -161,8 +173,3 @@ def count_parameters(model):
     total = sum(_weights_in(p) for p in model.parameters())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return total, trainable
-
-
-def strip_prefix(state_dict, prefix="lm."):
-    """State dicts saved from LMWithLoss -> keys of the bare HF model."""
-    return {k[len(prefix):] if k.startswith(prefix) else k: v for k, v in state_dict.items()}

@@ -4,8 +4,9 @@ The loop catches torch.OutOfMemoryError around one iteration, lets go of the tra
 the activations), and calls Recovery.step_down. That asks trainer.planner.step_down for the next
 plan (checkpointing on, then a smaller micro-batch with more accumulation, then on several ranks
 a higher ZeRO stage, then offload or the next mode, each only where the user left the key on
-auto), says why on the console, in plan.json (a `history` list) and in TensorBoard, and returns
-the engine to go on with. The loop then restores the sampler to the start of the iteration, so
+auto), says why on the console, in plan.json (a `history` list) and in TensorBoard, and moves
+the run to it: a new run.plan, and run.engine rebuilt through the setup's own builders
+(trainer/build.py) where the old engine cannot be adjusted in place. The loop then restores the sampler to the start of the iteration, so
 the iteration is redone on the same windows; its partial gradients are discarded.
 
 - ZeRO-0, only checkpointing or the micro-batch changing: the same engine. Its partial gradients
@@ -22,33 +23,21 @@ the iteration is redone on the same windows; its partial gradients are discarded
 On several ranks every rank must run out of memory in the same iteration (they run the same
 shapes, so they normally do); a rank that fails alone leaves the others waiting in a collective.
 
-For tests, GPT2DS_INJECT_OOM="3,5" raises a real torch.OutOfMemoryError in the last micro-batch
-of those iterations (once each, before its forward pass: the earlier micro-batches' gradients
-are already accumulated and must be discarded).
+Tests inject real out-of-memory errors through GPT2DS_INJECT_OOM (trainer/faults.py).
 """
-import copy
 import gc
 import json
-import os
-import warnings
 
 import torch
 
-from trainer import planner
+from trainer import checkpoint, planner
+from trainer.build import build_engine, build_module
+from trainer.engine import set_lr
 from trainer.errors import UserError
+from trainer.model import enable_checkpointing
 
-INJECT_VARIABLE = "GPT2DS_INJECT_OOM"
-_INJECT = {int(p) for p in os.environ.get(INJECT_VARIABLE, "").split(",") if p.strip()}
-_injected = set()
 # function names of the optimizer step: an error raised under them may leave the update half applied
 _STEP_FUNCTIONS = {"_take_model_step", "_optimizer_step"}
-
-
-def maybe_inject(iter_num, engine):
-    """Raise a real torch.OutOfMemoryError in the last micro-batch of an iteration in GPT2DS_INJECT_OOM."""
-    if iter_num in _INJECT and iter_num not in _injected and engine.is_gradient_accumulation_boundary():
-        _injected.add(iter_num)
-        raise torch.OutOfMemoryError(f"CUDA out of memory (injected by {INJECT_VARIABLE} at iteration {iter_num})")
 
 
 def describe(exc):
@@ -174,15 +163,6 @@ def import_state(engine, weights, moments, step):
 
 # ----------------------------------------------------------------------------- recovery
 
-def _checkpointing_on(lm, mode):
-    """HF's gradient checkpointing, non-reentrant, as the loop turns it on."""
-    with warnings.catch_warnings():  # transformers 5 renames it activation checkpointing (FutureWarning)
-        warnings.simplefilter("ignore", FutureWarning)
-        lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    if mode != "full":
-        lm.enable_input_require_grads()  # frozen embeddings: checkpointed blocks need inputs that require grad
-
-
 def _keys(plan):
     return {k: getattr(plan, k) for k in planner.PLAN_KEYS}
 
@@ -190,18 +170,21 @@ def _keys(plan):
 class Recovery:
     """Out-of-memory step-downs of one run (see the module docstring)."""
 
-    def __init__(self, cfg, hw, shape, vocab_size, out_dir, log, master, world):
-        self.cfg, self.hw, self.shape, self.vocab_size = cfg, hw, shape, vocab_size
-        self.out_dir, self.log, self.master, self.world = out_dir, log, master, world
-        self.history = []
+    def __init__(self, run):
+        self.run = run
 
-    def step_down(self, error, engine, plan, iter_num):
-        """(engine, plan, plan_dict) to redo iteration iter_num with; `error` is describe(exc)."""
+    def step_down(self, error):
+        """Move the run to the next plan down, so that its current iteration can be redone.
+
+        `error` is describe(exc). Updates run.engine, run.plan, run.ds_config and run.history, and
+        rewrites plan.json; raises a UserError when nothing is left to give up.
+        """
+        run = self.run
         message, in_optimizer_step = error
-        from trainer import checkpoint
-        last = checkpoint.latest_tag(self.out_dir) or "none"
-        new = planner.step_down(plan, {**self.cfg, **self.shape}, self.hw)
-        if new is not None and new.mode != plan.mode and engine.global_steps > 0:
+        plan, iter_num = run.plan, run.iter_num
+        last = checkpoint.latest_tag(run.out_dir) or "none"
+        new = planner.step_down(plan, {**run.cfg, **run.shape}, run.hw)
+        if new is not None and new.mode != plan.mode and run.engine.global_steps > 0:
             new = None  # see the module docstring: a mode change only before the first step
         if in_optimizer_step or new is None:
             why = ("inside the optimizer step, so the update may be half applied" if in_optimizer_step else
@@ -212,76 +195,63 @@ class Recovery:
             raise UserError(f"out of memory at iteration {iter_num} ({message}) {why}; last checkpoint: {last}; "
                             f"{hint}")
 
-        rebuild = engine.zero_optimization_stage() > 0 or (new.zero_stage, new.offload, new.mode) != \
+        rebuild = run.engine.zero_optimization_stage() > 0 or (new.zero_stage, new.offload, new.mode) != \
             (plan.zero_stage, plan.offload, plan.mode)
         how = ("" if not rebuild else f" with a new {new.mode} engine on the original weights (no optimizer step "
                f"was taken yet)" if new.mode != plan.mode else " with a rebuilt engine (weights and optimizer state "
                "carried)")
-        self.log.print(f"out of memory ({message}). iteration {iter_num}: {new.reasons['step_down']}; "
-                       f"redoing the iteration{how}")
+        run.log.print(f"out of memory ({message}). iteration {iter_num}: {new.reasons['step_down']}; "
+                      f"redoing the iteration{how}")
         if rebuild:
-            engine, warning = self._rebuild(engine, plan, new)
-            if warning is not None:
-                self.log.print(warning)
+            self._rebuild(new)
         else:
-            self._in_place(engine, plan, new)
-        self.history.append({"iteration": iter_num, "error": message, "change": new.reasons["step_down"],
-                             "engine_rebuilt": rebuild, "from": _keys(plan), "to": _keys(new)})
-        plan_dict = {**planner.plan_to_dict(new), "history": list(self.history)}
-        if self.master:
-            (self.out_dir / "plan.json").write_text(json.dumps(plan_dict, indent=2))
-        self.log.print(planner.format_plan(new))
-        self.log.json_text("plan", plan_dict, iter_num)
-        return engine, new, plan_dict
+            self._in_place(new)
+        run.plan = new
+        run.history.append({"iteration": iter_num, "error": message, "change": new.reasons["step_down"],
+                            "engine_rebuilt": rebuild, "from": _keys(plan), "to": _keys(new)})
+        if run.master:
+            (run.out_dir / "plan.json").write_text(json.dumps(run.plan_dict, indent=2))
+        run.log.print(planner.format_plan(new))
+        run.log.json_text("plan", run.plan_dict, iter_num)
 
-    def _in_place(self, engine, plan, new):
+    def _in_place(self, new):
         """ZeRO-0: drop the partial gradients, rewind the micro-steps, set checkpointing and batch sizes."""
+        engine, plan = self.run.engine, self.run.plan
         engine.zero_grad()
         accum = new.grad_accum_per_rank
         engine.set_train_micro_batch_size(new.micro_batch_size)
-        engine.set_train_batch_size(new.micro_batch_size * accum * self.world)
+        engine.set_train_batch_size(new.micro_batch_size * accum * self.run.world)
         engine.micro_steps = engine.global_steps * accum
         if new.gradient_checkpointing and not plan.gradient_checkpointing:
-            _checkpointing_on(engine.module.lm, new.mode)
+            enable_checkpointing(engine.module.lm, frozen_inputs=plan.mode != "full")
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
 
-    def _rebuild(self, engine, plan, new):
+    def _rebuild(self, new):
         """Carry weights and Adam state through CPU memory into an engine for the new plan."""
-        from transformers import GPT2LMHeadModel
-
-        from trainer.adapters import apply_mode, build_base
-        from trainer.engine import create_engine, set_lr
-        from trainer.model import LMWithLoss
-
-        lr = engine.optimizer.param_groups[0]["lr"]
+        run, plan = self.run, self.run.plan
+        lr = run.engine.optimizer.param_groups[0]["lr"]
         same_mode = new.mode == plan.mode
-        weights, moments, step = export_state(engine) if same_mode else ({}, None, 0.0)
-        config = copy.deepcopy(engine.module.lm.config)
-        trainable = {n: p.requires_grad for n, p in engine.module.named_parameters()}
-        free_engine(engine)
-        del engine
+        weights, moments, step = export_state(run.engine) if same_mode else ({}, None, 0.0)
+        trainable = {n: p.requires_grad for n, p in run.engine.module.named_parameters()}
+        free_engine(run.engine)
+        run.engine = None
 
-        torch.manual_seed(self.cfg["seed"])  # identical on every rank, as the loop builds it
-        if new.mode == "qlora" or not same_mode:  # a frozen base from init_from, as resume builds it
-            model = build_base(self.cfg, self.vocab_size, new.mode, new.dtype, self.hw.device_type)
-        else:
-            model = GPT2LMHeadModel(config)  # its weights come from the old engine
-        if new.gradient_checkpointing:
-            _checkpointing_on(model, "full")  # before apply_mode, as the loop does
-        module = LMWithLoss(apply_mode(model, new, self.cfg))
+        # The same architecture, its weights carried over; a 4-bit or new-mode base comes from init_from.
+        carried = same_mode and new.mode != "qlora"
+        module = build_module(run.cfg, new, run.data.vocab_size, run.hw.device_type,
+                              model_config=run.out_dir / "model_config.json" if carried else None)
         if weights:
             with torch.no_grad():
                 for name, p in module.named_parameters():
                     if name in weights and (p.requires_grad or new.mode != "qlora"):
                         p.copy_(weights[name].to(p.dtype))
                         p.requires_grad_(trainable.get(name, p.requires_grad))
-        engine, ds_config = create_engine(module, self.cfg, new, self.world, self.hw.device_type == "cuda")
+        run.engine, run.ds_config = build_engine(run, module, new)
         if weights:
-            import_state(engine, weights, moments, step)
-        set_lr(engine, lr)
-        self.log.json_text("deepspeed_config", ds_config)
+            import_state(run.engine, weights, moments, step)
+        set_lr(run.engine, lr)
+        run.log.json_text("deepspeed_config", run.ds_config)
         if moments is None and step:
-            return engine, "the optimizer state could not be read from the old engine: Adam's moments restart at zero"
-        return engine, None
+            run.log.print("the optimizer state could not be read from the old engine: Adam's moments restart at zero")
