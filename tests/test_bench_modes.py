@@ -10,6 +10,9 @@ from conftest import REPO
 
 sys.path.insert(0, str(REPO / "bench"))
 import modes_memory  # noqa: E402
+import pytest
+
+pytestmark = pytest.mark.slow  # launches training runs
 
 
 def test_modes_memory_cpu_run_and_gpu_table(data_dir, tmp_path, monkeypatch):

@@ -1,6 +1,7 @@
 """bench/nanogpt_reference.py, the nanoGPT model and procedure the shakespeare_char_cpu benchmark compares with."""
 import math
 
+import pytest
 import torch
 
 from bench.nanogpt_reference import ReferenceGPT, mean_loss, random_windows, train_reference
@@ -20,6 +21,7 @@ def test_reference_model_is_nanogpts_shape():
     assert abs(model.blocks[0].qkv.weight.std().item() - 0.02) < 5e-4
 
 
+@pytest.mark.slow
 def test_reference_procedure_learns_shakespeare(data_dir):
     cfg, _ = resolve_config(["--recipe", "shakespeare_char_cpu", "--max_iters=60", "--lr_decay_iters=60",
                              "--warmup_iters=5"])

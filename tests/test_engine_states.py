@@ -12,6 +12,8 @@ import pytest
 
 from conftest import REPO, deepspeed_cmd, python, run_cmd
 
+pytestmark = pytest.mark.slow  # launches training runs
+
 TOLERANCE = 0.05
 ITEMS = ("weights", "gradients", "optimizer_states")
 CONFIGS = {(mode, zero) for mode in ("full", "lora") for zero in (0, 1, 2, 3)}

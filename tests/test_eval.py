@@ -64,6 +64,7 @@ def instruction_run(tiny_gpt2_dir, tmp_path_factory):
     return root, out
 
 
+@pytest.mark.slow
 def test_instruction_eval_uses_the_training_masking(instruction_run, tmp_path):
     """The packed val split scored by eval.py = each val example scored alone by transformers, responses only."""
     from trainer.inference import load_for_inference
@@ -91,6 +92,7 @@ def test_instruction_eval_uses_the_training_masking(instruction_run, tmp_path):
     assert result["loss"] == pytest.approx(total / count, rel=1e-5)
 
 
+@pytest.mark.slow
 def test_compare_base_prints_the_change(instruction_run, tiny_gpt2_dir, text_file, tmp_path):
     _, out = instruction_run
     proc = run_cmd(python(REPO / "launch/eval.py", f"--out_dir={out}", f"--text={text_file}", "--compare_base"),

@@ -2,6 +2,9 @@
 import json
 
 from conftest import REPO, python, run_cmd
+import pytest
+
+pytestmark = pytest.mark.slow  # launches training runs
 
 SCRIPT = REPO / "bench/memory_fit.py"
 

@@ -141,6 +141,7 @@ def test_mixing_config_accepts_lists_and_temperatures():
     assert resolve_config(["--dataset=shakespeare"])[0]["dataset"] == "shakespeare"
 
 
+@pytest.mark.slow
 def test_training_on_a_mixture_logs_realised_shares(three, tmp_path):
     tiny = tmp_path / "tiny"
     make_tiny_gpt2(tiny, n_layer=1, n_head=2, n_embd=16, n_positions=BLOCK)

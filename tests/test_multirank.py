@@ -10,6 +10,8 @@ import pytest
 from conftest import REPO, deepspeed_cmd, run_cmd
 from test_train_e2e import val_losses
 
+pytestmark = pytest.mark.slow  # launches training runs
+
 TOLERANCE = 2e-3
 RUN = ["--recipe", "shakespeare_char_cpu", "--max_iters=30", "--eval_interval=30", "--eval_iters=10",
        "--log_interval=10", "--warmup_iters=5", "--lr_decay_iters=30", "--sample_max_new_tokens=0"]

@@ -8,6 +8,8 @@ import pytest
 
 from conftest import deepspeed_cmd, python, run_cmd, tb_scalars, train_args, REPO
 
+pytestmark = pytest.mark.slow  # launches training runs
+
 # dropout > 0 so that the per-rank RNG states matter; a checkpoint at every evaluation
 EXACT = ["--max_iters=40", "--eval_interval=10", "--eval_iters=2", "--log_interval=1", "--dropout=0.1",
          "--always_save_checkpoint=True", "--sample_max_new_tokens=0"]

@@ -7,6 +7,8 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from conftest import REPO, deepspeed_cmd, python, run_cmd
 
+pytestmark = pytest.mark.slow  # launches training runs
+
 SHORT = ["--max_iters=200", "--eval_interval=100", "--eval_iters=10", "--log_interval=20"]
 
 
