@@ -215,8 +215,15 @@ def _quiet_datasets():
     import datasets
     # Their progress bars and logs would break the one-line error (and clutter the output).
     datasets.disable_progress_bars()
-    datasets.logging.set_verbosity_error()
+    datasets.logging.set_verbosity(datasets.logging.CRITICAL)
     return datasets
+
+
+def _reason(e: BaseException) -> str:
+    """The innermost cause of a library error, on one line."""
+    while e.__cause__ is not None or (e.__context__ is not None and not e.__suppress_context__):
+        e = e.__cause__ or e.__context__
+    return " ".join(str(e).split())[:300] or type(e).__name__
 
 
 def _row_source(name: str, dataset, field: str) -> RowSource:
@@ -239,8 +246,7 @@ def _load_rows_file(path: Path, field: str) -> RowSource:
     try:
         dataset = datasets.load_dataset(row_format(path), data_files=str(path), split="train")
     except Exception as e:  # the reader's own words, on one line
-        reason = " ".join(str(e).split())[:300] or type(e).__name__
-        raise PrepareError(f"{path} could not be read as {row_format(path)} ({reason}); fix the file") from None
+        raise PrepareError(f"{path} could not be read as {row_format(path)} ({_reason(e)}); fix the file") from None
     return _row_source(str(path), dataset, field)
 
 
@@ -257,8 +263,7 @@ def collect_sources(spec: str, text_field: str = "text", split: str = "train") -
         try:
             loaded = datasets.load_dataset(name, split=split)
         except Exception as e:
-            reason = " ".join(str(e).split())[:300] or type(e).__name__
-            raise PrepareError(f"could not load hub dataset {name} ({reason}); check the name and --split, "
+            raise PrepareError(f"could not load hub dataset {name} ({_reason(e)}); check the name and --split, "
                                f"or download it and pass its folder") from None
         return [_row_source(name, loaded, text_field)]
     if Path(spec).is_dir() and is_saved_dataset(Path(spec)):
