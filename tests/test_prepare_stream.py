@@ -261,3 +261,23 @@ def test_kill_midway_keeps_the_previous_dataset(tmp_path):
     prepare(tmp_path, f"--input={SHAKESPEARE}", "--val_fraction=0.2")
     assert not list(folder.glob(".*.tmp"))
     assert {p.name for p in folder.iterdir()} == {"train.bin", "val.bin", "meta.pkl"}
+
+
+# ---------------------------------------------------------------- nanoGPT's prepared datasets
+
+def test_nanogpt_dataset_without_meta_reads_as_gpt2_uint16(tmp_path, capsys):
+    # nanoGPT's data/shakespeare/prepare.py writes these two files and no meta.pkl.
+    from trainer.data import TokenData
+    enc = gpt2_encoding()
+    text = SHAKESPEARE.read_text()[:20_000]
+    folder = tmp_path / "shakespeare"
+    folder.mkdir()
+    np.array(enc.encode_ordinary(text[:18_000]), dtype=np.uint16).tofile(folder / "train.bin")
+    np.array(enc.encode_ordinary(text[18_000:]), dtype=np.uint16).tofile(folder / "val.bin")
+    data = TokenData(folder, block_size=16)
+    notice = capsys.readouterr().err.strip().splitlines()
+    assert len(notice) == 1 and "no meta.pkl" in notice[0] and "GPT-2 BPE ids, uint16" in notice[0]
+    assert (data.vocab_size, data.dtype) == (50257, np.uint16)
+    x, y = data.windows("train", [0])
+    assert enc.decode(x[0].tolist()) + enc.decode(y[0, -1:].tolist()) == enc.decode(
+        np.fromfile(folder / "train.bin", dtype=np.uint16)[:17].tolist())
