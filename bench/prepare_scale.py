@@ -1,0 +1,149 @@
+"""data/prepare.py at corpus scale: peak memory and throughput against raw tiktoken, side by side.
+
+python bench/prepare_scale.py [--sizes_mb=50,200,1000] [--file_mb=2] [--num_proc=N] [--workdir=DIR]
+
+For each size it generates a corpus of many files (tiny Shakespeare's lines, shuffled per file by
+a seed, so no two files are alike), then in the same run:
+  raw   one process encoding the corpus files with tiktoken's encode_ordinary on one core
+        (this machine's single-core speed, measured right beside the prepare run, since the
+        cores may be shared with other work),
+  prepare   `python data/prepare.py --input=DIR --name=bench --val_fraction=0.0005`, with the
+        peak memory of its whole process tree (the sum of the RSS of the main process and its
+        workers, sampled every 50 ms with psutil).
+Target: peak memory flat across sizes and under 1 GiB; prepare tokens/s >= 0.8 x cores x raw.
+Prints a Markdown table (for bench/RESULTS.md).
+"""
+import argparse
+import os
+import platform
+import random
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import psutil
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+SHAKESPEARE = REPO / "data" / "tinyshakespeare.txt"
+MiB = 2**20
+
+RAW = """
+import sys, time
+sys.path.insert(0, sys.argv[1])
+from trainer.tokenizer import gpt2_encoding
+enc = gpt2_encoding()
+files, budget = sys.argv[3:], float(sys.argv[2])
+tokens = nbytes = 0
+start = time.perf_counter()
+for path in files:  # as many files as fit in the time budget: a rate, not a total
+    text = open(path, encoding="utf-8").read()
+    tokens += len(enc.encode_ordinary(text))
+    nbytes += len(text.encode())
+    if time.perf_counter() - start > budget:
+        break
+print(tokens / (time.perf_counter() - start), nbytes)
+"""
+
+
+def make_corpus(folder, size_mb, file_mb, seed=0):
+    """size_mb of text in files of file_mb, each a seeded shuffle of tiny Shakespeare's lines."""
+    folder.mkdir(parents=True, exist_ok=True)
+    lines = SHAKESPEARE.read_text().splitlines(keepends=True)
+    n_files = max(1, round(size_mb / file_mb))
+    for i in range(n_files):
+        rng = random.Random(seed * 100_000 + i)
+        out, size = [], 0
+        while size < file_mb * MiB:
+            line = lines[rng.randrange(len(lines))]
+            out.append(line)
+            size += len(line)
+        (folder / f"{i:05d}.txt").write_text("".join(out))
+    return sorted(folder.iterdir())
+
+
+def raw_speed(files, budget_s):
+    """tokens/s of tiktoken alone on one core (one process), over the corpus files."""
+    proc = subprocess.run([sys.executable, "-c", RAW, str(REPO), str(budget_s), *map(str, files)],
+                          capture_output=True, text=True, check=True)
+    return float(proc.stdout.split()[0])
+
+
+def tree_rss(proc):
+    try:
+        procs = [proc] + proc.children(recursive=True)
+    except psutil.NoSuchProcess:
+        return 0
+    total = 0
+    for p in procs:
+        try:
+            total += p.memory_info().rss
+        except psutil.NoSuchProcess:
+            pass
+    return total
+
+
+def run_prepare(corpus, data_dir, num_proc):
+    """(seconds, tokens written, peak RSS of the process tree) of one data/prepare.py run."""
+    args = [sys.executable, str(REPO / "data/prepare.py"), f"--input={corpus}", "--name=bench",
+            f"--data_dir={data_dir}", "--val_fraction=0.0005"] + ([f"--num_proc={num_proc}"] if num_proc else [])
+    start = time.perf_counter()
+    proc = psutil.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    peak = 0
+    while proc.poll() is None:
+        peak = max(peak, tree_rss(proc))
+        time.sleep(0.05)
+    seconds = time.perf_counter() - start
+    out, err = proc.communicate()
+    if proc.returncode:
+        sys.exit(f"prepare failed:\n{out[-2000:]}\n{err[-2000:]}")
+    tokens = sum((Path(data_dir) / "bench" / f"{s}.bin").stat().st_size // 2 for s in ("train", "val"))
+    return seconds, tokens, peak
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sizes_mb", default="50,200,1000")
+    parser.add_argument("--file_mb", type=float, default=2.0)
+    parser.add_argument("--num_proc", type=int, default=None, help="default: prepare's own (all cores)")
+    parser.add_argument("--raw_seconds", type=float, default=20, help="time spent measuring raw tiktoken per size")
+    parser.add_argument("--workdir", default=None, help="where corpora and outputs go (default: a temp folder)")
+    args = parser.parse_args()
+    cores = args.num_proc or len(os.sched_getaffinity(0))
+    work = Path(args.workdir or tempfile.mkdtemp(prefix="prepare-scale-"))
+    print(f"machine: {platform.processor() or platform.machine()}, {cores} cores used of {os.cpu_count()}, "
+          f"{psutil.virtual_memory().total / 2**30:.0f} GiB RAM; load average {os.getloadavg()[0]:.1f}", flush=True)
+    rows = []
+    try:
+        for size in map(float, args.sizes_mb.split(",")):
+            corpus = work / f"corpus-{size:g}mb"
+            files = make_corpus(corpus, size, args.file_mb)
+            nbytes = sum(f.stat().st_size for f in files)
+            raw_before = raw_speed(files, args.raw_seconds / 2)
+            seconds, tokens, peak = run_prepare(corpus, work / "out", args.num_proc)
+            raw_after = raw_speed(files[::-1], args.raw_seconds / 2)
+            raw = (raw_before + raw_after) / 2
+            rate = tokens / seconds
+            rows.append((nbytes, len(files), tokens, seconds, peak, rate, raw, rate / (cores * raw)))
+            print(f"{nbytes / 1e6:,.0f} MB in {len(files)} files: {tokens:,} tokens in {seconds:.1f} s = "
+                  f"{rate:,.0f} tokens/s; raw tiktoken {raw:,.0f} tokens/s/core "
+                  f"(before {raw_before:,.0f}, after {raw_after:,.0f}); peak RSS {peak / MiB:,.0f} MiB", flush=True)
+            shutil.rmtree(corpus)
+            shutil.rmtree(work / "out", ignore_errors=True)
+    finally:
+        if not args.workdir:
+            shutil.rmtree(work, ignore_errors=True)
+    print()
+    print("| corpus | files | tokens | time | peak memory (process tree) | prepare tokens/s | "
+          "raw tiktoken tokens/s (1 core) | prepare / (cores x raw) |")
+    print("|---|---|---|---|---|---|---|---|")
+    for nbytes, n_files, tokens, seconds, peak, rate, raw, ratio in rows:
+        print(f"| {nbytes / 1e6:,.0f} MB | {n_files} | {tokens:,} | {seconds:.1f} s | {peak / MiB:,.0f} MiB | "
+              f"{rate:,.0f} | {raw:,.0f} | {ratio:.2f} |")
+
+
+if __name__ == "__main__":
+    main()
