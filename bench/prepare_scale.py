@@ -10,6 +10,9 @@ a seed, so no two files are alike), then in the same run:
   prepare   `python data/prepare.py --input=DIR --name=bench --val_fraction=0.0005`, with the
         peak memory of its whole process tree (the sum of the RSS of the main process and its
         workers, sampled every 50 ms with psutil).
+It also counts CPU seconds (the prepare tree's from getrusage of reaped children, the raw process's
+own): tokens per CPU second of prepare over raw's is its efficiency whatever else runs on the
+machine; on a busy machine the wall-clock ratio also measures the other load.
 Target: peak memory flat across sizes and under 1 GiB; prepare tokens/s >= 0.8 x cores x raw.
 Prints a Markdown table (for bench/RESULTS.md).
 """
@@ -17,6 +20,7 @@ import argparse
 import os
 import platform
 import random
+import resource
 import shutil
 import subprocess
 import sys
@@ -38,14 +42,14 @@ from trainer.tokenizer import gpt2_encoding
 enc = gpt2_encoding()
 files, budget = sys.argv[3:], float(sys.argv[2])
 tokens = nbytes = 0
-start = time.perf_counter()
+start, cpu = time.perf_counter(), time.process_time()
 for path in files:  # as many files as fit in the time budget: a rate, not a total
     text = open(path, encoding="utf-8").read()
     tokens += len(enc.encode_ordinary(text))
     nbytes += len(text.encode())
     if time.perf_counter() - start > budget:
         break
-print(tokens / (time.perf_counter() - start), nbytes)
+print(tokens / (time.perf_counter() - start), tokens / (time.process_time() - cpu), nbytes)
 """
 
 
@@ -66,10 +70,11 @@ def make_corpus(folder, size_mb, file_mb, seed=0):
 
 
 def raw_speed(files, budget_s):
-    """tokens/s of tiktoken alone on one core (one process), over the corpus files."""
+    """(tokens/s, tokens per CPU second) of tiktoken alone in one process, over the corpus files."""
     proc = subprocess.run([sys.executable, "-c", RAW, str(REPO), str(budget_s), *map(str, files)],
                           capture_output=True, text=True, check=True)
-    return float(proc.stdout.split()[0])
+    wall, cpu, _ = proc.stdout.split()
+    return float(wall), float(cpu)
 
 
 def tree_rss(proc):
@@ -87,10 +92,10 @@ def tree_rss(proc):
 
 
 def run_prepare(corpus, data_dir, num_proc):
-    """(seconds, tokens written, peak RSS of the process tree) of one data/prepare.py run."""
+    """(seconds, tokens written, peak RSS of the process tree, CPU seconds of the tree) of one data/prepare.py run."""
     args = [sys.executable, str(REPO / "data/prepare.py"), f"--input={corpus}", "--name=bench",
             f"--data_dir={data_dir}", "--val_fraction=0.0005"] + ([f"--num_proc={num_proc}"] if num_proc else [])
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), resource.getrusage(resource.RUSAGE_CHILDREN)
     proc = psutil.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     peak = 0
     while proc.poll() is None:
@@ -98,10 +103,12 @@ def run_prepare(corpus, data_dir, num_proc):
         time.sleep(0.05)
     seconds = time.perf_counter() - start
     out, err = proc.communicate()
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)  # the workers' time too: reaped by prepare, then by us
+    cpu_s = after.ru_utime + after.ru_stime - cpu.ru_utime - cpu.ru_stime
     if proc.returncode:
         sys.exit(f"prepare failed:\n{out[-2000:]}\n{err[-2000:]}")
     tokens = sum((Path(data_dir) / "bench" / f"{s}.bin").stat().st_size // 2 for s in ("train", "val"))
-    return seconds, tokens, peak
+    return seconds, tokens, peak, cpu_s
 
 
 def main():
@@ -122,27 +129,31 @@ def main():
             corpus = work / f"corpus-{size:g}mb"
             files = make_corpus(corpus, size, args.file_mb)
             nbytes = sum(f.stat().st_size for f in files)
-            raw_before = raw_speed(files, args.raw_seconds / 2)
-            seconds, tokens, peak = run_prepare(corpus, work / "out", args.num_proc)
-            raw_after = raw_speed(files[::-1], args.raw_seconds / 2)
-            raw = (raw_before + raw_after) / 2
+            raw_before, raw_cpu_before = raw_speed(files, args.raw_seconds / 2)
+            load = os.getloadavg()[0]
+            seconds, tokens, peak, cpu_s = run_prepare(corpus, work / "out", args.num_proc)
+            raw_after, raw_cpu_after = raw_speed(files[::-1], args.raw_seconds / 2)
+            raw, raw_cpu = (raw_before + raw_after) / 2, (raw_cpu_before + raw_cpu_after) / 2
             rate = tokens / seconds
-            rows.append((nbytes, len(files), tokens, seconds, peak, rate, raw, rate / (cores * raw)))
+            rows.append((nbytes, len(files), tokens, seconds, peak, rate, raw, rate / (cores * raw),
+                         tokens / cpu_s, raw_cpu, tokens / cpu_s / raw_cpu, load))
             print(f"{nbytes / 1e6:,.0f} MB in {len(files)} files: {tokens:,} tokens in {seconds:.1f} s = "
-                  f"{rate:,.0f} tokens/s; raw tiktoken {raw:,.0f} tokens/s/core "
-                  f"(before {raw_before:,.0f}, after {raw_after:,.0f}); peak RSS {peak / MiB:,.0f} MiB", flush=True)
+                  f"{rate:,.0f} tokens/s, {cpu_s:.1f} CPU s; raw tiktoken {raw:,.0f} tokens/s on one core "
+                  f"(before {raw_before:,.0f}, after {raw_after:,.0f}), {raw_cpu:,.0f} per CPU s; "
+                  f"peak RSS {peak / MiB:,.0f} MiB; load average {load:.1f}", flush=True)
             shutil.rmtree(corpus)
             shutil.rmtree(work / "out", ignore_errors=True)
     finally:
         if not args.workdir:
             shutil.rmtree(work, ignore_errors=True)
     print()
-    print("| corpus | files | tokens | time | peak memory (process tree) | prepare tokens/s | "
-          "raw tiktoken tokens/s (1 core) | prepare / (cores x raw) |")
-    print("|---|---|---|---|---|---|---|---|")
-    for nbytes, n_files, tokens, seconds, peak, rate, raw, ratio in rows:
+    print(f"| corpus | files | tokens | time | peak memory (process tree) | prepare tokens/s | "
+          f"raw tiktoken tokens/s (1 process) | prepare / ({cores} x raw) | prepare tokens per CPU s | "
+          f"raw tokens per CPU s | CPU efficiency | load average |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for nbytes, n_files, tokens, seconds, peak, rate, raw, ratio, per_cpu, raw_cpu, eff, load in rows:
         print(f"| {nbytes / 1e6:,.0f} MB | {n_files} | {tokens:,} | {seconds:.1f} s | {peak / MiB:,.0f} MiB | "
-              f"{rate:,.0f} | {raw:,.0f} | {ratio:.2f} |")
+              f"{rate:,.0f} | {raw:,.0f} | {ratio:.2f} | {per_cpu:,.0f} | {raw_cpu:,.0f} | {eff:.2f} | {load:.1f} |")
 
 
 if __name__ == "__main__":

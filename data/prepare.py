@@ -70,7 +70,8 @@ def main():
     if args.format == "instructions":
         from trainer.instructions import prepare_instructions
         prepare_instructions(args.input, Path(args.data_dir) / args.name, args.template, args.block_size,
-                             args.val_fraction, args.skip_invalid, args.overlong, args.seed, args.tokenizer)
+                             args.val_fraction, args.skip_invalid, args.overlong, args.seed, args.tokenizer,
+                             args.num_proc)
         return
     textprep.prepare_corpus(args.input, Path(args.data_dir) / args.name, args.tokenizer, args.val_fraction,
                             args.seed, args.text_field, args.num_proc, args.chunk_bytes, args.split)

@@ -441,23 +441,24 @@ def encode_task(pieces):
     return {s: (first[s], np.concatenate(parts[s]), last_nl[s], chars[s]) for s in first}
 
 
-def _run_tasks(tasks, num_proc: int, initargs):
+def _run_tasks(tasks, num_proc: int, initargs, init=None, func=None):
     """Yield (meta, result) of each (meta, pieces) task in order, at most 2 x num_proc in flight.
 
     Workers start only when there is more than one task: a small input is encoded in-process.
     """
+    init, func = init or _init_worker, func or encode_task  # (instructions.py brings its own)
     tasks = iter(tasks)
     head = list(itertools.islice(tasks, 2))
     if num_proc <= 1 or len(head) < 2:
-        _init_worker(*initargs)
+        init(*initargs)
         for meta, pieces in itertools.chain(head, tasks):
-            yield meta, encode_task(pieces)
+            yield meta, func(pieces)
         return
     # spawn: workers start clean on every platform (no forked pyarrow threads or locks).
-    with multiprocessing.get_context("spawn").Pool(num_proc, _init_worker, initargs) as pool:
+    with multiprocessing.get_context("spawn").Pool(num_proc, init, initargs) as pool:
         in_flight = collections.deque()
         for meta, pieces in itertools.chain(head, tasks):
-            in_flight.append((meta, pool.apply_async(encode_task, (pieces,))))
+            in_flight.append((meta, pool.apply_async(func, (pieces,))))
             if len(in_flight) >= 2 * num_proc:
                 meta, result = in_flight.popleft()
                 yield meta, result.get()
