@@ -263,6 +263,29 @@ def test_kill_midway_keeps_the_previous_dataset(tmp_path):
     assert {p.name for p in folder.iterdir()} == {"train.bin", "val.bin", "meta.pkl"}
 
 
+def test_full_disk_keeps_the_previous_dataset(tmp_path):
+    # A file-size limit makes the writes fail as a full disk does (EFBIG instead of ENOSPC).
+    import resource
+    prepare(tmp_path, f"--input={SHAKESPEARE}")
+    folder = tmp_path / "data" / "ds"
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+    big = tmp_path / "big"
+    big.mkdir()
+    for i in range(3):
+        (big / f"{i}.txt").write_text(SHAKESPEARE.read_text())
+    limit = 1 << 20  # train.bin will need about 1.7 MB
+
+    def small_files():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    proc = subprocess.run([sys.executable, str(REPO / "data/prepare.py"), f"--input={big}", "--name=ds",
+                           f"--data_dir={tmp_path / 'data'}", "--num_proc=1"],
+                          capture_output=True, text=True, preexec_fn=small_files, timeout=120)
+    assert_one_line_error(proc, "could not write", "File too large", "free some disk space",
+                          "the previous dataset is kept")
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before  # and no temp file left
+
+
 # ---------------------------------------------------------------- nanoGPT's prepared datasets
 
 def test_nanogpt_dataset_without_meta_reads_as_gpt2_uint16(tmp_path, capsys):
