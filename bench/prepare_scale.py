@@ -15,6 +15,12 @@ own): tokens per CPU second of prepare over raw's is its efficiency whatever els
 machine; on a busy machine the wall-clock ratio also measures the other load.
 Target: peak memory flat across sizes and under 1 GiB; prepare tokens/s >= 0.8 x cores x raw.
 Prints a Markdown table (for bench/RESULTS.md).
+
+python bench/prepare_scale.py --memory_only=jsonl|instructions [--sizes_mb=50,150]
+  memory and time only, for the other streamed inputs: JSON lines of ~5 KB rows in 2 MB files
+  (read through `datasets`), or one JSON-lines file of Alpaca records (--format=instructions);
+  reports peak RSS and peak private memory (RSS minus file-backed pages such as memory-mapped
+  Arrow files) of the process tree.
 """
 import argparse
 import os
@@ -111,6 +117,71 @@ def run_prepare(corpus, data_dir, num_proc):
     return seconds, tokens, peak, cpu_s
 
 
+def tree_memory(proc):
+    """(RSS, private = RSS minus file-backed shared pages) summed over the process tree."""
+    rss = private = 0
+    try:
+        procs = [proc] + proc.children(recursive=True)
+    except psutil.NoSuchProcess:
+        return 0, 0
+    for p in procs:
+        try:
+            m = p.memory_info()
+        except psutil.NoSuchProcess:
+            continue
+        rss, private = rss + m.rss, private + m.rss - m.shared
+    return rss, private
+
+
+def make_rows_corpus(folder, size_mb, kind):
+    import json
+    folder.mkdir(parents=True, exist_ok=True)
+    lines = SHAKESPEARE.read_text().splitlines(keepends=True)
+    words = SHAKESPEARE.read_text().split()
+    rng = random.Random(0)
+    if kind == "jsonl":
+        for i in range(max(1, round(size_mb / 2))):
+            records, size = [], 0
+            while size < 2 * MiB:
+                text = "".join(lines[rng.randrange(len(lines))] for _ in range(100))
+                records.append(json.dumps({"text": text}))
+                size += len(text)
+            (folder / f"{i:05d}.jsonl").write_text("\n".join(records) + "\n")
+        return []
+    with open(folder / "records.jsonl", "w") as f:
+        size = 0
+        while size < size_mb * 1e6:
+            i = rng.randrange(len(words) - 200)
+            line = json.dumps({"instruction": " ".join(words[i:i + 20]),
+                               "output": " ".join(words[i + 20:i + 20 + rng.randint(5, 150)])}) + "\n"
+            f.write(line)
+            size += len(line)
+    return ["--format=instructions", "--block_size=512"]
+
+
+def memory_only(kind, sizes, work):
+    print(f"| input | size | peak RSS (process tree) | peak private memory | time | load average |")
+    print("|---|---|---|---|---|---|")
+    for size in sizes:
+        corpus = work / f"{kind}-{size:g}mb"
+        extra = make_rows_corpus(corpus, size, kind)
+        env = {**os.environ, "HF_DATASETS_CACHE": str(work / "hf-cache")}
+        load, start = os.getloadavg()[0], time.perf_counter()
+        proc = psutil.Popen([sys.executable, str(REPO / "data/prepare.py"), f"--input={corpus}", "--name=bench",
+                             f"--data_dir={work / 'out'}", *extra], env=env, stdout=subprocess.DEVNULL)
+        peak = (0, 0)
+        while proc.poll() is None:
+            peak = tuple(map(max, peak, tree_memory(proc)))
+            time.sleep(0.05)
+        if proc.returncode:
+            sys.exit(f"prepare failed on {corpus}")
+        nbytes = sum(f.stat().st_size for f in corpus.iterdir())
+        print(f"| {kind} | {nbytes / 1e6:,.0f} MB | {peak[0] / MiB:,.0f} MiB | {peak[1] / MiB:,.0f} MiB | "
+              f"{time.perf_counter() - start:.0f} s | {load:.1f} |", flush=True)
+        shutil.rmtree(corpus)
+        shutil.rmtree(work / "hf-cache", ignore_errors=True)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes_mb", default="50,200,1000")
@@ -118,7 +189,16 @@ def main():
     parser.add_argument("--num_proc", type=int, default=None, help="default: prepare's own (all cores)")
     parser.add_argument("--raw_seconds", type=float, default=20, help="time spent measuring raw tiktoken per size")
     parser.add_argument("--workdir", default=None, help="where corpora and outputs go (default: a temp folder)")
+    parser.add_argument("--memory_only", default=None, help="jsonl or instructions: memory and time of those inputs")
     args = parser.parse_args()
+    if args.memory_only:
+        work = Path(args.workdir or tempfile.mkdtemp(prefix="prepare-scale-"))
+        try:
+            memory_only(args.memory_only, list(map(float, args.sizes_mb.split(","))), work)
+        finally:
+            if not args.workdir:
+                shutil.rmtree(work, ignore_errors=True)
+        return
     cores = args.num_proc or len(os.sched_getaffinity(0))
     work = Path(args.workdir or tempfile.mkdtemp(prefix="prepare-scale-"))
     print(f"machine: {platform.processor() or platform.machine()}, {cores} cores used of {os.cpu_count()}, "
