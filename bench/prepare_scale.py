@@ -83,6 +83,14 @@ def raw_speed(files, budget_s):
     return float(wall), float(cpu)
 
 
+def raw_parallel(files, budget_s, n):
+    """tokens/s of n raw processes at once (each on its share of the files), summed: the most n cores
+    of tiktoken give under the machine's current load."""
+    procs = [subprocess.Popen([sys.executable, "-c", RAW, str(REPO), str(budget_s), *map(str, files[i::n])],
+                              stdout=subprocess.PIPE, text=True) for i in range(n)]
+    return sum(float(p.communicate()[0].split()[0]) for p in procs)
+
+
 def tree_rss(proc):
     try:
         procs = [proc] + proc.children(recursive=True)
@@ -189,6 +197,9 @@ def main():
     parser.add_argument("--num_proc", type=int, default=None, help="default: prepare's own (all cores)")
     parser.add_argument("--raw_seconds", type=float, default=20, help="time spent measuring raw tiktoken per size")
     parser.add_argument("--workdir", default=None, help="where corpora and outputs go (default: a temp folder)")
+    parser.add_argument("--parallel_raw", action="store_true",
+                        help="also run `cores` raw processes at once, before and after prepare: the ceiling under "
+                             "the same load (for a shared machine)")
     parser.add_argument("--memory_only", default=None, help="jsonl or instructions: memory and time of those inputs")
     args = parser.parse_args()
     if args.memory_only:
@@ -203,16 +214,23 @@ def main():
     work = Path(args.workdir or tempfile.mkdtemp(prefix="prepare-scale-"))
     print(f"machine: {platform.processor() or platform.machine()}, {cores} cores used of {os.cpu_count()}, "
           f"{psutil.virtual_memory().total / 2**30:.0f} GiB RAM; load average {os.getloadavg()[0]:.1f}", flush=True)
-    rows = []
+    rows, parallel = [], []
     try:
         for size in map(float, args.sizes_mb.split(",")):
             corpus = work / f"corpus-{size:g}mb"
             files = make_corpus(corpus, size, args.file_mb)
             nbytes = sum(f.stat().st_size for f in files)
             raw_before, raw_cpu_before = raw_speed(files, args.raw_seconds / 2)
+            par_before = raw_parallel(files, args.raw_seconds / 2, cores) if args.parallel_raw else None
             load = os.getloadavg()[0]
             seconds, tokens, peak, cpu_s = run_prepare(corpus, work / "out", args.num_proc)
+            par_after = raw_parallel(files[::-1], args.raw_seconds / 2, cores) if args.parallel_raw else None
             raw_after, raw_cpu_after = raw_speed(files[::-1], args.raw_seconds / 2)
+            if args.parallel_raw:
+                par = (par_before + par_after) / 2
+                parallel.append((nbytes, tokens / seconds, par, tokens / seconds / par))
+                print(f"{cores} raw processes at once: {par:,.0f} tokens/s (before {par_before:,.0f}, after "
+                      f"{par_after:,.0f}); prepare / that = {tokens / seconds / par:.2f}", flush=True)
             raw, raw_cpu = (raw_before + raw_after) / 2, (raw_cpu_before + raw_cpu_after) / 2
             rate = tokens / seconds
             rows.append((nbytes, len(files), tokens, seconds, peak, rate, raw, rate / (cores * raw),
@@ -234,6 +252,12 @@ def main():
     for nbytes, n_files, tokens, seconds, peak, rate, raw, ratio, per_cpu, raw_cpu, eff, load in rows:
         print(f"| {nbytes / 1e6:,.0f} MB | {n_files} | {tokens:,} | {seconds:.1f} s | {peak / MiB:,.0f} MiB | "
               f"{rate:,.0f} | {raw:,.0f} | {ratio:.2f} | {per_cpu:,.0f} | {raw_cpu:,.0f} | {eff:.2f} | {load:.1f} |")
+    if parallel:
+        print()
+        print(f"| corpus | prepare tokens/s | {cores} raw processes at once, tokens/s | prepare / that |")
+        print("|---|---|---|---|")
+        for nbytes, rate, par, ratio in parallel:
+            print(f"| {nbytes / 1e6:,.0f} MB | {rate:,.0f} | {par:,.0f} | {ratio:.2f} |")
 
 
 if __name__ == "__main__":
