@@ -1,10 +1,17 @@
 """Prepare your own text for training: writes <data_dir>/<name>/{train,val}.bin and meta.pkl.
 
-python data/prepare.py --input=FILE|FOLDER|GLOB --name=NAME [--tokenizer=gpt2|char] [--val_fraction=0.1]
+python data/prepare.py --input=FILE|FOLDER|GLOB|hf:NAME --name=NAME [--tokenizer=gpt2|char]
+    [--val_fraction=0.1] [--seed=1337] [--text_field=text] [--num_proc=N]
 python data/prepare.py --input=alpaca.json --name=NAME --format=instructions [--template=alpaca|plain]
     [--block_size=1024] [--overlong=truncate|drop] [--skip_invalid]   (JSON list or JSONL; see trainer/instructions.py)
+Text files (.gz too) are one document each; .jsonl/.json/.parquet/.csv files, a folder saved by
+datasets' save_to_disk and hf:NAME (a hub dataset) give one document per row (its --text_field).
 A folder is read recursively in sorted order (hidden and binary files skipped);
 quote a glob so the shell passes it through: --input='notes/**/*.md'.
+One document is split as nanoGPT does (the last val_fraction of its characters for val); many are
+split by whole documents, round(n x val_fraction) drawn by --seed. The corpus is streamed: memory
+stays bounded whatever its size, and the previous dataset of that name is replaced only at the end.
+See docs/data.md.
 """
 import sys
 from pathlib import Path
@@ -23,13 +30,20 @@ def parse_args():
     parser.add_argument("--input", required=True, help="a text file, a folder of them, or a glob")
     parser.add_argument("--name", required=True, help="dataset name: the folder under data_dir, and the recipe's dataset")
     parser.add_argument("--tokenizer", default="gpt2", help="gpt2 (BPE, for finetuning GPT-2) or char")
-    parser.add_argument("--val_fraction", type=float, default=0.1, help="share of the characters, at the end, for validation")
+    parser.add_argument("--val_fraction", type=float, default=0.1,
+                        help="one document: share of its characters, at the end, for validation; "
+                             "many: share of the documents (nanoGPT's openwebtext: 0.0005)")
     parser.add_argument("--format", default="text", help="text, or instructions (Alpaca or chat records, JSON or JSONL)")
     parser.add_argument("--template", default="alpaca", help="instructions: prompt template, alpaca or plain")
     parser.add_argument("--block_size", type=int, default=1024, help="instructions: pack examples into blocks for this block_size")
     parser.add_argument("--overlong", default="truncate", help="instructions: an example longer than a block is truncated or dropped")
     parser.add_argument("--skip_invalid", action="store_true", help="instructions: drop malformed records (and count them) instead of stopping")
-    parser.add_argument("--seed", type=int, default=1337, help="instructions: seed of the train/val shuffle")
+    parser.add_argument("--seed", type=int, default=1337, help="seed of the train/val draw of documents (or examples)")
+    parser.add_argument("--text_field", default="text", help="rows (jsonl, json, parquet, csv, datasets): the text column")
+    parser.add_argument("--split", default="train", help="saved DatasetDict or hub dataset: the split to read")
+    parser.add_argument("--num_proc", type=int, default=None, help="worker processes (default: all cores)")
+    parser.add_argument("--chunk_bytes", type=int, default=textprep.CHUNK_BYTES,
+                        help="text per piece of work (memory grows with it; default 4 MiB)")
     parser.add_argument("--data_dir", default=str(REPO_ROOT / "data"), help="datasets folder (default: the repo's data/)")
     return parser.parse_args()
 
@@ -44,6 +58,10 @@ def check_args(args):
     if not args.name or args.name in (".", "..") or "/" in args.name or "\\" in args.name:
         raise textprep.PrepareError(f"--name must be a plain folder name, got {args.name!r}")
     textprep.check_val_fraction(args.val_fraction)
+    if args.num_proc is not None and args.num_proc < 1:
+        raise textprep.PrepareError(f"--num_proc must be at least 1, got {args.num_proc}")
+    if args.chunk_bytes < 1024:
+        raise textprep.PrepareError(f"--chunk_bytes must be at least 1024, got {args.chunk_bytes}")
 
 
 def main():
@@ -52,10 +70,11 @@ def main():
     if args.format == "instructions":
         from trainer.instructions import prepare_instructions
         prepare_instructions(args.input, Path(args.data_dir) / args.name, args.template, args.block_size,
-                             args.val_fraction, args.skip_invalid, args.overlong, args.seed, args.tokenizer)
+                             args.val_fraction, args.skip_invalid, args.overlong, args.seed, args.tokenizer,
+                             args.num_proc)
         return
-    docs = textprep.read_documents(args.input)
-    textprep.prepare(docs, Path(args.data_dir) / args.name, args.tokenizer, args.val_fraction)
+    textprep.prepare_corpus(args.input, Path(args.data_dir) / args.name, args.tokenizer, args.val_fraction,
+                            args.seed, args.text_field, args.num_proc, args.chunk_bytes, args.split)
 
 
 if __name__ == "__main__":

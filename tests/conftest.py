@@ -7,9 +7,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-SHAKESPEARE = REPO.parent / "shared" / "data" / "tinyshakespeare.txt"
-if not SHAKESPEARE.is_file():  # a checkout elsewhere: the workspace's copy
-    SHAKESPEARE = Path("/work/shared/data/tinyshakespeare.txt")
+SHAKESPEARE = REPO / "data" / "tinyshakespeare.txt"  # shipped with the repo: the tests need nothing outside it
 
 
 def run_cmd(args, cwd, timeout=600, check=True, env=None):

@@ -358,3 +358,39 @@ def test_text_prepared_over_an_instruction_dataset_drops_its_masks(tmp_path):
     assert sorted(p.name for p in (tmp_path / "same").iterdir()) == ["meta.pkl", "train.bin", "val.bin"]
     data = TokenData(tmp_path / "same", 64)
     assert not data.packed and data.masks == {"train": None, "val": None}
+
+
+def test_streamed_prepare_equals_packing_in_memory(tmp_path):
+    # More records than one task holds, over 2 worker processes: the output is exactly what
+    # rendering, splitting and packing every example in memory gives (layout/pack above).
+    from trainer import instructions
+    rng = random.Random(0)
+    records = [dict(r, output=r["output"] * rng.randint(1, 40)) for r in ALPACA * 700] + [CHAT] * 300
+    rng.shuffle(records)
+    path = tmp_path / "many.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    assert len(records) > instructions.RECORDS_PER_TASK
+    meta = prepare_instructions(str(path), tmp_path / "s", block_size=128, val_fraction=0.1, num_proc=2)
+
+    tok, template = Gpt2Tokenizer(), TEMPLATES["alpaca"]
+    examples = [tokenize(render(r, template), tok) for r in records]
+    examples = [(ids[:129], mask[:129]) for ids, mask in examples]
+    train, val = instructions.split_examples(examples, 0.1, 1337)
+    for split, exs in (("train", train), ("val", val)):
+        tokens, mask, pos = layout(exs, 129, GPT2_EOT)
+        _, got_tokens, got_mask, got_pos = load_split(tmp_path / "s", split)
+        assert np.array_equal(got_tokens, tokens) and np.array_equal(got_mask, mask) and np.array_equal(got_pos, pos)
+    assert meta["examples"] == {"train": len(train), "val": len(val)}
+    assert sorted(p.name for p in (tmp_path / "s").iterdir()) == sorted(
+        ["meta.pkl"] + [f"{s}{k}.bin" for s in ("train", "val") for k in ("", "_mask", "_pos")])
+
+
+def test_bad_record_in_a_worker_keeps_the_previous_dataset(tmp_path):
+    path = tmp_path / "d.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in ALPACA))
+    prepare_instructions(str(path), tmp_path / "k", block_size=64, val_fraction=0.25)
+    before = {p.name: p.read_bytes() for p in (tmp_path / "k").iterdir()}
+    path.write_text("".join(json.dumps(r) + "\n" for r in ALPACA * 600) + '{"instruction": "x"}\n')
+    with pytest.raises(PrepareError, match=re.escape(f"{path} line 2401: missing field 'output'")):
+        prepare_instructions(str(path), tmp_path / "k", block_size=64, num_proc=2)
+    assert {p.name: p.read_bytes() for p in (tmp_path / "k").iterdir()} == before

@@ -13,7 +13,7 @@ sys.path.insert(0, str(REPO))  # `pytest` without -m does not put the repo on sy
 from trainer import textprep  # noqa: E402
 from trainer.tokenizer import gpt2_encoding, load_tokenizer  # noqa: E402
 
-# CI clones the repo next to a shared/ folder that holds the test data (conftest finds it).
+# Tiny Shakespeare ships with the repo (data/tinyshakespeare.txt).
 from conftest import SHAKESPEARE as TINY_SHAKESPEARE  # noqa: E402
 
 
@@ -97,7 +97,8 @@ def test_shakespeare_gpt2_counts(tmp_path, shakespeare_text):
     tok = load_tokenizer(meta)
     assert tok.decode(train.tolist()) == text[:int(len(text) * 0.9)]
     assert tok.decode(val.tolist()) == text[int(len(text) * 0.9):]
-    assert not list(out.glob("*.tmp"))
+    assert train[:8].tolist() == [5962, 22307, 25, 198, 8421, 356, 5120, 597]  # nanoGPT's first ids
+    assert not list(out.glob(".*.tmp"))
 
 
 def test_shakespeare_char_counts(tmp_path, shakespeare_text):
@@ -112,6 +113,14 @@ def test_shakespeare_char_counts(tmp_path, shakespeare_text):
     text = shakespeare_text.read_text()
     tok = load_tokenizer(meta)
     assert tok.decode(train.tolist()) + tok.decode(val.tolist()) == text
+
+
+def test_shakespeare_default_input_is_the_shipped_copy(tmp_path):
+    # No --input and no input.txt: the repo's data/tinyshakespeare.txt, no network.
+    assert TINY_SHAKESPEARE == REPO / "data" / "tinyshakespeare.txt"
+    proc = run_script("data/shakespeare/prepare.py", f"--data_dir={tmp_path}")
+    assert proc.returncode == 0, proc.stderr
+    assert "downloading" not in proc.stdout and "train has 301,966 tokens" in proc.stdout
 
 
 def test_shakespeare_uses_local_input_txt_without_download(tmp_path):
@@ -163,11 +172,10 @@ def test_prepare_folder_gpt2(tmp_path, corpus):
     meta, train, val = load_dataset(data_dir / "mine")
     assert meta == {"tokenizer": "gpt2", "vocab_size": 50257, "dtype": "uint16"}
     tok = load_tokenizer(meta)
-    # Two files: one <|endoftext|> between them, in train (the cut is at 90%).
-    assert train.tolist().count(50256) == 1 and 50256 not in val
-    joined = tok.decode(train.tolist()).replace("<|endoftext|>", "") + tok.decode(val.tolist())
-    assert joined == expected_text(corpus)
-    assert "never read" not in joined
+    # Two documents: split by whole documents, one in each split (no <|endoftext|> within a split).
+    texts = sorted([tok.decode(train.tolist()), tok.decode(val.tolist())])
+    assert texts == sorted([(corpus / "a.txt").read_text(), (corpus / "sub" / "b.md").read_text()])
+    assert 50256 not in train and 50256 not in val
 
 
 def test_prepare_glob_char_val_fraction(tmp_path, corpus):
@@ -193,7 +201,9 @@ def test_prepare_char_keeps_files_on_separate_lines(tmp_path):
     assert proc.returncode == 0, proc.stderr
     meta, train, val = load_dataset(tmp_path / "data" / "c")
     tok = load_tokenizer(meta)
-    assert tok.decode(train.tolist()) + tok.decode(val.tolist()) == "no newline at the end\nsecond file\n"
+    # Whole documents: one in each split; a newline is in the vocabulary, to join documents.
+    assert sorted([tok.decode(train.tolist()), tok.decode(val.tolist())]) == ["no newline at the end", "second file\n"]
+    assert "\n" in meta["stoi"]
 
 
 def test_non_utf8_file_is_one_line_error_and_writes_nothing(tmp_path, corpus):

@@ -11,6 +11,7 @@ A list of datasets is mixed by trainer/mixing.MixedData, which has the same inte
 """
 import functools
 import pickle
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -26,8 +27,17 @@ def dataset_dir(cfg):
     return Path(cfg["data_dir"]) / name
 
 
+# nanoGPT's shakespeare and openwebtext prepare scripts write train.bin/val.bin and no meta.pkl:
+# GPT-2 BPE ids as uint16, which is how nanoGPT's train.py reads them too.
+NANOGPT_META = {"tokenizer": "gpt2", "vocab_size": 50257, "dtype": "uint16"}
+
+
 def read_meta(directory):
     path = Path(directory) / "meta.pkl"
+    if not path.is_file() and (Path(directory) / "train.bin").is_file() and (Path(directory) / "val.bin").is_file():
+        print(f"notice: {directory} has no meta.pkl; reading it as nanoGPT does: GPT-2 BPE ids, uint16",
+              file=sys.stderr)
+        return dict(NANOGPT_META)
     if not path.is_file():
         raise UserError(f"{path} is missing; prepare the dataset first "
                         f"(python data/prepare.py --input=... --name={Path(directory).name})")

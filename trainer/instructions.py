@@ -14,8 +14,10 @@ blocks and gives each example its own positions and attention (see trainer/model
 """
 import bisect
 import json
+import os
 import pickle
 import random
+from array import array
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -226,70 +228,161 @@ def layout(examples, capacity, pad_id):
     return tokens, mask, positions
 
 
-# ---------------------------------------------------------------- prepare
+# ---------------------------------------------------------------- prepare (streamed)
+#
+# Records are rendered and tokenized by worker processes, a batch at a time, and each example's
+# ids and mask go straight to temporary files; memory keeps only a few numbers per example
+# (its length and place, about 40 bytes with the packing), never the examples themselves.
+# The packed blocks are then written one batch at a time from those files. The output is the
+# same, byte for byte, as packing all examples in memory (layout above).
 
-def load_examples(files, template, tok, skip_invalid):
-    """Every record of every file, rendered and tokenized; invalid ones raise or are counted."""
-    examples, skipped, first_problem = [], 0, None
-    kinds = {"alpaca": 0, "chat": 0}
+RECORDS_PER_TASK = 2000
+_WORKER = {}
+
+
+def iter_records(path):
+    """(where, record) of a JSON list file, or (where, line text) of a JSONL file, one line at a time.
+
+    JSONL lines are parsed by the workers (render_batch), so a broken line can be skipped with the
+    other invalid records; a JSON list is read whole (write JSONL for large sets).
+    """
+    path = Path(path)
+    with open(path, "rb") as f:
+        head = f.read(1 << 16).removeprefix(textprep.BOM)
+    if head.lstrip().startswith(b"["):
+        yield from read_records(path)
+        return
+    n, offset = 0, 0
+    with open(path, "rb") as f:
+        for raw in f:
+            text = textprep._decode(raw, path, offset)
+            if offset == 0:
+                text = text.removeprefix("\ufeff")
+            offset += len(raw)
+            for line in text.splitlines() or [""]:
+                n += 1
+                if line.strip():
+                    yield f"line {n}", line
+
+
+def _init_render(template_name):
+    _WORKER.update(template=get_template(template_name), tok=Gpt2Tokenizer())
+
+
+def render_batch(batch):
+    """[(path, where, record or JSONL line, is_line)] -> [('ok', kind, ids, mask) or ('bad', problem)]."""
+    out = []
+    for path, where, item, is_line in batch:
+        try:
+            if is_line:
+                try:
+                    item = json.loads(item)
+                except json.JSONDecodeError as e:
+                    raise InvalidRecord(f"not valid JSON ({e.msg} at column {e.colno})") from None
+            pieces = render(item, _WORKER["template"])
+        except InvalidRecord as e:
+            out.append(("bad", f"{path} {where}: {e}"))
+            continue
+        ids, mask = tokenize(pieces, _WORKER["tok"])
+        out.append(("ok", "chat" if "messages" in item else "alpaca",
+                    np.asarray(ids, dtype=np.uint16), np.asarray(mask, dtype=np.uint8)))
+    return out
+
+
+def _batches(files):
+    batch = []
     for path in files:
-        for where, record in read_records(path):
-            try:
-                pieces = render(record, template)
-            except InvalidRecord as e:
-                problem = f"{path} {where}: {e}"
-                if not skip_invalid:
-                    raise PrepareError(f"{problem}; fix the record or pass --skip_invalid to drop such records") from None
-                skipped += 1
-                first_problem = first_problem or problem
-                continue
-            kinds["chat" if "messages" in record else "alpaca"] += 1
-            examples.append(tokenize(pieces, tok))
-    return examples, kinds, skipped, first_problem
+        for where, item in iter_records(path):
+            batch.append((str(path), where, item, isinstance(item, str) and where.startswith("line")))
+            if len(batch) >= RECORDS_PER_TASK:
+                yield None, batch
+                batch = []
+    if batch:
+        yield None, batch
 
 
-def fit_examples(examples, capacity, overlong):
-    """Examples longer than a block: truncated (keeping the start) or dropped. Returns (kept, long, lost)."""
-    kept, too_long, lost = [], 0, 0
-    for ids, mask in examples:
-        if len(ids) > capacity:
-            too_long += 1
-            if overlong == "drop":
-                continue
-            ids, mask = ids[:capacity], mask[:capacity]
-            if not any(mask):  # the prompt alone fills the block: nothing left to learn
-                lost += 1
-                continue
-        kept.append((ids, mask))
-    return kept, too_long, lost
+def split_indices(n, val_fraction, seed):
+    """A seeded shuffle of n examples, then the last val_fraction of them (at least one) for validation."""
+    textprep.check_val_fraction(val_fraction)
+    if n < 2:
+        raise PrepareError(f"{n} usable example(s); need at least 2 (one for training, one for val)")
+    order = list(range(n))
+    random.Random(seed).shuffle(order)
+    n_val = min(n - 1, max(1, round(n * val_fraction)))
+    return order[:-n_val], order[-n_val:]
 
 
 def split_examples(examples, val_fraction, seed):
-    """A seeded shuffle, then the last val_fraction of the examples (at least one) for validation."""
-    textprep.check_val_fraction(val_fraction)
-    if len(examples) < 2:
-        raise PrepareError(f"{len(examples)} usable example(s); need at least 2 (one for training, one for val)")
-    order = list(range(len(examples)))
-    random.Random(seed).shuffle(order)
-    n_val = min(len(examples) - 1, max(1, round(len(examples) * val_fraction)))
-    return [examples[i] for i in order[:-n_val]], [examples[i] for i in order[-n_val:]]
+    """split_indices applied to a list of examples."""
+    train, val = split_indices(len(examples), val_fraction, seed)
+    return [examples[i] for i in train], [examples[i] for i in val]
 
 
-def write_instruction_dataset(out_dir, tok, splits, meta_extra):
-    """{split}.bin, {split}_mask.bin, {split}_pos.bin, then meta.pkl last (it never describes old bins)."""
-    meta = {**textprep.make_meta(tok), **meta_extra}
-    out_dir.mkdir(parents=True, exist_ok=True)
-    for split, (tokens, mask, positions) in splits.items():
-        textprep._atomic_write(out_dir / f"{split}.bin", tokens.astype(meta["dtype"]).tofile)
-        textprep._atomic_write(out_dir / f"{split}_mask.bin", mask.tofile)
-        textprep._atomic_write(out_dir / f"{split}_pos.bin", positions.tofile)
-    textprep._atomic_write(out_dir / "meta.pkl", lambda f: pickle.dump(meta, f))
-    return meta
+class _Files:
+    """Temp files in out_dir, renamed into place by commit() or deleted by abort() (with folders made for them)."""
+
+    def __init__(self, out_dir):
+        self.out_dir = Path(out_dir)
+        self.made = [p for p in (self.out_dir, *self.out_dir.parents) if not p.exists()]
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        textprep.remove_stale_tmp(self.out_dir)
+        self.tmps = {}
+
+    def open(self, name):
+        tmp = textprep._tmp_name(self.out_dir / name)
+        self.tmps[name] = tmp
+        return open(tmp, "xb")
+
+    def commit(self, names, meta):
+        for name in names:
+            os.replace(self.tmps.pop(name), self.out_dir / name)
+        textprep._atomic_write(self.out_dir / "meta.pkl", lambda f: pickle.dump(meta, f))
+
+    def abort(self):
+        for tmp in self.tmps.values():
+            tmp.unlink(missing_ok=True)
+        for folder in self.made:
+            try:
+                folder.rmdir()
+            except OSError:
+                break
+
+
+def _write_blocks(store, order, lengths, mask_sums, capacity, pad_id, dtype, files, split):
+    """Pack the examples `order` (indices into the store) and write {split}.bin, _mask.bin, _pos.bin."""
+    tokens_all, masks_all, starts = store
+    blocks = pack([int(lengths[i]) for i in order], capacity)
+    outs = [files.open(f"{split}.bin"), files.open(f"{split}_mask.bin"), files.open(f"{split}_pos.bin")]
+    try:
+        for first in range(0, len(blocks), 1024):
+            chunk = blocks[first:first + 1024]
+            tokens = np.full(len(chunk) * capacity, pad_id, dtype=np.int64)
+            mask = np.zeros(len(chunk) * capacity, dtype=np.uint8)
+            positions = np.zeros(len(chunk) * capacity, dtype=np.uint16)
+            for b, block in enumerate(chunk):
+                at = b * capacity
+                for j in block:
+                    i = order[j]
+                    a, n = int(starts[i]), int(lengths[i])
+                    tokens[at:at + n] = tokens_all[a:a + n]
+                    mask[at:at + n] = masks_all[a:a + n]
+                    positions[at:at + n] = np.arange(n)
+                    at += n
+                end = (b + 1) * capacity
+                positions[at:end] = np.arange(end - at)  # padding: one more example, all under mask 0
+            for f, arr in zip(outs, (tokens.astype(dtype), mask, positions)):
+                f.write(memoryview(arr))
+    finally:
+        for f in outs:
+            f.close()
+    used = sum(int(lengths[i]) for i in order)
+    return {"examples": len(order), "blocks": len(blocks), "tokens": len(blocks) * capacity, "used": used,
+            "loss": sum(int(mask_sums[i]) for i in order)}
 
 
 def prepare_instructions(input_spec, out_dir, template_name="alpaca", block_size=1024, val_fraction=0.1,
-                         skip_invalid=False, overlong="truncate", seed=1337, tokenizer="gpt2"):
-    """Read, render, tokenize, split, pack and write an instruction dataset; prints what it did."""
+                         skip_invalid=False, overlong="truncate", seed=1337, tokenizer="gpt2", num_proc=None):
+    """Read, render, tokenize, split, pack and write an instruction dataset, streamed; prints what it did."""
     if tokenizer != "gpt2":
         raise PrepareError("--format=instructions needs --tokenizer=gpt2 (every example ends with <|endoftext|>)")
     if overlong not in ("truncate", "drop"):
@@ -300,31 +393,70 @@ def prepare_instructions(input_spec, out_dir, template_name="alpaca", block_size
     template = get_template(template_name)
     tok = Gpt2Tokenizer()
     capacity = block_size + 1
-
+    out_dir = Path(out_dir)
     files = textprep.collect_files(input_spec)
-    examples, kinds, skipped, first_problem = load_examples(files, template, tok, skip_invalid)
-    print(f"read {sum(kinds.values()):,} examples from {len(files)} file(s) "
-          f"({kinds['alpaca']:,} alpaca, {kinds['chat']:,} chat), template {template.name}")
-    if skipped:
-        print(f"skipped {skipped:,} invalid record(s) (--skip_invalid); the first: {first_problem}")
-    examples, too_long, lost = fit_examples(examples, capacity, overlong)
-    action = "dropped" if overlong == "drop" else "truncated to the block"
-    print(f"longer than block_size + 1 = {capacity:,} tokens: {too_long:,} example(s), {action}"
-          + (f"; {lost:,} dropped as no response token was left" if lost else ""))
-    train, val = split_examples(examples, val_fraction, seed)
+    meta = {**textprep.make_meta(tok), "format": "instructions", "block_size": block_size, "template": template.name}
 
-    splits, stats = {}, {}
-    for split, exs in (("train", train), ("val", val)):
-        tokens, mask, positions = layout(exs, capacity, tok.eot_token)
-        splits[split] = (tokens, mask, positions)
-        used = sum(len(ids) for ids, _ in exs)
-        stats[split] = {"examples": len(exs), "blocks": len(tokens) // capacity, "tokens": len(tokens)}
-        print(f"{split}: {len(exs):,} examples in {len(tokens) // capacity:,} blocks of {capacity:,} tokens = "
-              f"{len(tokens):,} tokens; {100 * mask.sum() / len(tokens):.1f}% carry loss, "
-              f"{100 * (1 - used / len(tokens)):.1f}% padding")
-    meta = write_instruction_dataset(Path(out_dir), tok, splits, {
-        "format": "instructions", "block_size": block_size, "template": template.name,
-        "examples": {s: v["examples"] for s, v in stats.items()}})
+    store = None
+    out = _Files(out_dir)
+    try:
+        # 1. every record, rendered and tokenized in order, appended to two temp files
+        kinds, skipped, first_problem, too_long, lost = {"alpaca": 0, "chat": 0}, 0, None, 0, 0
+        lengths, mask_sums = array("l"), array("l")
+        with out.open("examples.ids") as ids_file, out.open("examples.mask") as mask_file:
+            for _, results in textprep._run_tasks(_batches(files), num_proc or textprep.default_num_proc(),
+                                                  (template.name,), _init_render, render_batch):
+                for result in results:
+                    if result[0] == "bad":
+                        if not skip_invalid:
+                            raise PrepareError(f"{result[1]}; fix the record or pass --skip_invalid to drop such records")
+                        skipped += 1
+                        first_problem = first_problem or result[1]
+                        continue
+                    _, kind, ids, mask = result
+                    kinds[kind] += 1
+                    if len(ids) > capacity:  # truncated (keeping the start) or dropped
+                        too_long += 1
+                        if overlong == "drop":
+                            continue
+                        ids, mask = ids[:capacity], mask[:capacity]
+                        if not mask.any():  # the prompt alone fills the block: nothing left to learn
+                            lost += 1
+                            continue
+                    ids_file.write(memoryview(ids))
+                    mask_file.write(memoryview(mask))
+                    lengths.append(len(ids))
+                    mask_sums.append(int(mask.sum()))
+        print(f"read {sum(kinds.values()):,} examples from {len(files)} file(s) "
+              f"({kinds['alpaca']:,} alpaca, {kinds['chat']:,} chat), template {template.name}")
+        if skipped:
+            print(f"skipped {skipped:,} invalid record(s) (--skip_invalid); the first: {first_problem}")
+        action = "dropped" if overlong == "drop" else "truncated to the block"
+        print(f"longer than block_size + 1 = {capacity:,} tokens: {too_long:,} example(s), {action}"
+              + (f"; {lost:,} dropped as no response token was left" if lost else ""))
+
+        # 2. split, pack and write each split from the temp files
+        train, val = split_indices(len(lengths), val_fraction, seed)
+        lengths = np.frombuffer(lengths, dtype=np.int64) if lengths.itemsize == 8 else np.asarray(lengths)
+        starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
+        store = (np.memmap(out.tmps["examples.ids"], dtype=np.uint16, mode="r"),
+                 np.memmap(out.tmps["examples.mask"], dtype=np.uint8, mode="r"), starts)
+        stats = {}
+        for split, order in (("train", train), ("val", val)):
+            st = _write_blocks(store, order, lengths, mask_sums, capacity, tok.eot_token, meta["dtype"], out, split)
+            stats[split] = st
+            print(f"{split}: {st['examples']:,} examples in {st['blocks']:,} blocks of {capacity:,} tokens = "
+                  f"{st['tokens']:,} tokens; {100 * st['loss'] / st['tokens']:.1f}% carry loss, "
+                  f"{100 * (1 - st['used'] / st['tokens']):.1f}% padding")
+        meta["examples"] = {s: v["examples"] for s, v in stats.items()}
+        store = None
+        names = [f"{s}{k}.bin" for s in ("train", "val") for k in ("", "_mask", "_pos")]
+        out.commit(names, meta)
+        out.abort()  # the temp example files
+    except BaseException:
+        store = None
+        out.abort()
+        raise
     print(f"wrote {out_dir}/{{train,val}}.bin, {{train,val}}_mask.bin, {{train,val}}_pos.bin, meta.pkl; "
-          f"train with --dataset={Path(out_dir).name} --block_size={block_size}")
+          f"train with --dataset={out_dir.name} --block_size={block_size}")
     return meta
