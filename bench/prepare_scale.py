@@ -168,7 +168,7 @@ def make_rows_corpus(folder, size_mb, kind):
 
 
 def memory_only(kind, sizes, work):
-    print(f"| input | size | peak RSS (process tree) | peak private memory | time | load average |")
+    print("| input | size | peak RSS (process tree) | peak private memory | time | load average |")
     print("|---|---|---|---|---|---|")
     for size in sizes:
         corpus = work / f"{kind}-{size:g}mb"
