@@ -1,7 +1,8 @@
 """Sample from a trained model: `python launch/sample.py --out_dir=out-shakespeare --start="To be"`.
 
 Also `--init_from=gpt2-xl` (a hub name) or `--init_from=path/to/hf_dir`.
-Instruction-tuned models: `--prompt_template=alpaca --start="Give three tips for staying healthy."`.
+Instruction-tuned models: `--prompt_template=alpaca --start="Give three tips for staying healthy."`, and an
+Alpaca record's input beside its instruction: `--start="Translate to French." --input="Good morning"`.
 """
 import os
 import sys
@@ -28,17 +29,37 @@ def parse_args(argv):
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.add_argument("--prompt_template", default="", help="alpaca or plain: --start is an instruction, wrapped "
                    "in that template; sampling stops at end-of-text and prints the response only")
-    return check_ranges(p.parse_args(argv), {"num_samples": at_least(1), "max_new_tokens": at_least(1),
+    p.add_argument("--input", default="", help="with --prompt_template: the Alpaca record's input (context for the "
+                   "instruction), or FILE:path; rendered exactly as the training data renders it")
+    args = p.parse_args(argv)
+    if args.input and not args.prompt_template:
+        raise UserError("--input is the input of an instruction; add --prompt_template=alpaca (or plain)")
+    return check_ranges(args, {"num_samples": at_least(1), "max_new_tokens": at_least(1),
                                              "temperature": at_least(0.0), "top_k": at_least(1), "seed": at_least(0)})
 
 
-def read_start(start):
-    if start.startswith("FILE:"):
-        path = Path(start[5:])
+def read_start(value, flag="--start"):
+    """The text of --start or --input: as given, or FILE:path read from a file."""
+    if value.startswith("FILE:"):
+        path = Path(value[5:])
         if not path.is_file():
-            raise UserError(f"--start=FILE:{path}: no such file")
+            raise UserError(f"{flag}=FILE:{path}: no such file")
         return path.read_text(encoding="utf-8")
-    return start
+    return value
+
+
+def template_for(name, tokenizer):
+    from trainer.instructions import get_template
+    template = get_template(name, UserError)
+    if tokenizer.eot_token is None:
+        raise UserError("--prompt_template needs a GPT-2 BPE model (instruction data ends with <|endoftext|>)")
+    return template
+
+
+def instruction_ids(tokenizer, template, instruction, input_text=""):
+    """The prompt's token ids, rendered and tokenized as data/prepare.py does for a training record."""
+    from trainer.instructions import instruction_prompt
+    return tokenizer.encode_ordinary(instruction_prompt(template, instruction, input_text))
 
 
 def main(argv):
@@ -55,11 +76,8 @@ def main(argv):
         lm = lm.to(torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16)
     template = None
     if args.prompt_template:  # an instruction: wrap it as in training, stop at end-of-text, print the response
-        from trainer.instructions import get_template
-        template = get_template(args.prompt_template, UserError)
-        if loaded.tokenizer.eot_token is None:
-            raise UserError("--prompt_template needs a GPT-2 BPE model (instruction data ends with <|endoftext|>)")
-        start = loaded.tokenizer.encode_ordinary(template.prompt(read_start(args.start)))
+        template = template_for(args.prompt_template, loaded.tokenizer)
+        start = instruction_ids(loaded.tokenizer, template, read_start(args.start), read_start(args.input, "--input"))
     else:
         start = loaded.tokenizer.encode(read_start(args.start))
     if not start:

@@ -11,14 +11,39 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from trainer.cli import run_main  # noqa: E402
-from trainer.config import resolve_config  # noqa: E402
+from trainer.cli import USER_ERROR_EXIT, run_main  # noqa: E402
+from trainer.config import RECIPES_DIR, describe_keys, recipe_names, recipe_summary, resolve_config  # noqa: E402
 from trainer.errors import UserError  # noqa: E402
 
 # Flags of this command that are not recipe keys: type, and for numbers the valid range.
 LAUNCH_FLAGS = {"--plan": bool, "--json": bool, "--vram_gb": float, "--gpus": int}
 LAUNCH_RANGES = {"--vram_gb": ((lambda v: v > 0), "more than 0 (GiB of memory per GPU)"),
                  "--gpus": ((lambda v: v >= 1), "1 or more")}
+
+
+USAGE = """usage: deepspeed [--num_gpus N] launch/train.py --recipe NAME [--key=value ...] [--plan [--json]]
+       python launch/train.py [--recipe] NAME_OR_PATH [--key=value ...]      (one process, no launcher)
+
+Train (or finetune) a GPT-2 with a recipe. A recipe is a file of `key = value` lines (recipes/NAME.py or
+any path); every key below can be overridden as --key=value or --key value (Python literals:
+--lora_targets="['c_attn']", --decay_lr=False; anything else is text). The plan keys left on `auto`
+are chosen by the planner for your GPU memory (see docs/plan.md).
+
+launch flags (not recipe keys):
+  --plan            print the plan (mode, ZeRO stage, offload, checkpointing, micro-batch, dtype) and its
+                    memory table, then exit without loading weights or data
+  --json            with --plan: one JSON object instead of the table
+  --vram_gb=GB      plan for a GPU of this many GiB instead of the detected one (more than 0)
+  --gpus=N          plan for N GPUs (ranks) instead of the launcher's WORLD_SIZE (1 or more)
+  -h, --help        this text
+
+A mistake in a recipe, a key or a flag is one line `error: ...` and exit code {exit_code}."""
+
+
+def help_text():
+    recipes = "\n".join(f"  {name:<22} {recipe_summary(RECIPES_DIR / f'{name}.py')}" for name in recipe_names())
+    return (USAGE.format(exit_code=USER_ERROR_EXIT) + f"\n\nrecipes (recipes/NAME.py):\n{recipes}\n\n"
+            f"keys, with their defaults and valid values:" + describe_keys())
 
 
 def split_launch_flags(argv):
@@ -88,6 +113,9 @@ def print_plan(cfg, flags):
 
 
 def main(argv):
+    if "-h" in argv or "--help" in argv:
+        print(help_text())
+        return 0
     flags, rest = split_launch_flags(argv)
     cfg, _ = resolve_config(rest)
     if flags.get("plan"):

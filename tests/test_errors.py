@@ -176,6 +176,7 @@ def test_meta_pickle_written_by_nanogpt_is_accepted(bad_data, tmp_path):
     (["launch/sample.py", "--temperature=-0.5"], "--temperature=-0.5 must be 0.0 or more"),
     (["launch/sample.py", "--top_k=0"], "--top_k=0 must be 1 or more"),
     (["launch/sample.py", "--num_samples=abc"], "argument --num_samples: invalid int value: 'abc'"),
+    (["launch/sample.py", "--input=Good morning"], "--input is the input of an instruction; add --prompt_template"),
     (["launch/eval.py", "--out_dir=x", "--batch_size=0"], "--batch_size=0 must be 1 or more"),
     (["launch/merge_adapter.py", "--out_dir=x", "--export_dir=y", "--tolerance=0"], "--tolerance=0.0 must be more "
                                                                                      "than 0.0"),

@@ -13,8 +13,7 @@ from trainer.data import TokenData
 from trainer.instructions import (TEMPLATES, PrepareError, layout, pack, prepare_instructions, render,
                                   tokenize)
 from trainer.model import LMWithLoss, packed_causal_mask
-from trainer.tokenizer import IGNORE_INDEX
-from trainer.tokenizer import GPT2_EOT, Gpt2Tokenizer
+from trainer.tokenizer import GPT2_EOT, IGNORE_INDEX, Gpt2Tokenizer
 
 ALPACA = [
     {"instruction": "Give three tips for staying healthy.", "input": "",
@@ -42,6 +41,26 @@ def examples_of(tokens, mask, pos):
     """The packed examples of a split: runs starting at position 0 that carry loss (padding does not)."""
     starts = list(np.nonzero(pos == 0)[0]) + [len(tokens)]
     return [(tokens[a:b], mask[a:b]) for a, b in zip(starts, starts[1:]) if mask[a:b].any()]
+
+
+def test_sample_input_renders_the_prompt_as_the_prepared_data(tmp_path):
+    """sample.py --prompt_template=alpaca --start=INSTRUCTION --input=INPUT asks with exactly the prompt tokens
+    data/prepare.py wrote for such a record (the mask-0 part of each example)."""
+    from launch.sample import instruction_ids, template_for
+    record = {"instruction": "Translate to French.", "input": "Good morning", "output": "Bonjour"}
+    (tmp_path / "r.json").write_text(json.dumps([record, {**record, "input": "   "}]))
+    run_cmd(python(REPO / "data/prepare.py", f"--input={tmp_path / 'r.json'}", "--name=r", "--format=instructions",
+                   "--block_size=128", "--val_fraction=0.5", f"--data_dir={tmp_path}"), cwd=tmp_path)
+    prompts = []
+    for split in ("train", "val"):
+        _, tokens, mask, pos = load_split(tmp_path / "r", split)
+        prompts += [ids[m == 0].tolist() for ids, m in examples_of(tokens, mask, pos)]
+    tok = Gpt2Tokenizer()
+    template = template_for("alpaca", tok)
+    with_input = instruction_ids(tok, template, record["instruction"], record["input"])
+    blank_input = instruction_ids(tok, template, record["instruction"], "   ")  # white space counts as no input
+    assert sorted(prompts) == sorted([with_input, blank_input]) and with_input != blank_input
+    assert tok.decode(with_input).endswith("### Input:\nGood morning\n\n### Response:\n")
 
 
 # ---------------------------------------------------------------- prepare

@@ -25,7 +25,7 @@ from trainer.mixing import epochs_to_iters, open_data
 from trainer.model import (LMWithLoss, build_model, count_parameters, enable_checkpointing, model_from_config_file,
                            remove_biases)
 from trainer.ranks import barrier, rank_and_world
-from trainer.run_logger import RunLogger, flops_per_token
+from trainer.run_logger import RunLogger, flops_per_token, require_wandb
 from trainer.tokenizer import load_tokenizer
 
 # What a run writes beside its checkpoints (sampling, evaluation, export and resume read them).
@@ -61,6 +61,7 @@ class Run:
     iter_num: int = 0
     best_val_loss: float = math.inf
     start_iter: int = 0       # nothing new to save before the first step after a start or resume
+    evals_without_improvement: int = 0  # for early_stop
     history: list = field(default_factory=list)  # out-of-memory step-downs, as plan.json records them
 
     @property
@@ -102,7 +103,8 @@ class Run:
     def client_state(self):
         """What a checkpoint saves beside DeepSpeed's states."""
         return {"iter_num": self.iter_num, "best_val_loss": self.best_val_loss, "config": self.cfg,
-                "plan": self.plan_dict, "sampler": self.sampler.state_dict()}
+                "plan": self.plan_dict, "sampler": self.sampler.state_dict(),
+                "evals_without_improvement": self.evals_without_improvement}
 
 
 # ----------------------------------------------------------------------------- the run's config
@@ -247,10 +249,14 @@ def build_run(cfg, hardware=None):
     module = build_module(cfg, plan, data.vocab_size, hw.device_type, saved_model if full_resume else None,
                           run_dir=out_dir if resume else None)
     data.check_vocab(module.lm.config.vocab_size)
+    if cfg["wandb_log"]:
+        require_wandb()
 
     # Every input checked: only now is anything written.
     claim_out_dir(cfg, rank)
-    log = RunLogger(out_dir, rank == 0, cfg["tensorboard"], cfg["max_iters"], 0)
+    wandb_run = {"project": cfg["wandb_project"], "name": cfg["wandb_run_name"], "config": cfg} \
+        if cfg["wandb_log"] else None
+    log = RunLogger(out_dir, rank == 0, cfg["tensorboard"], cfg["max_iters"], 0, wandb_run)
     log.print(planner.format_plan(plan))
     for line in notes:
         log.print(line)
@@ -287,5 +293,6 @@ def load_resume_state(run, resume):
     state = checkpoint.load(run.engine, run.out_dir, resume.tag, run.adapters_only, resume.universal)
     run.iter_num = run.start_iter = state["iter_num"]
     run.best_val_loss = state["best_val_loss"]
+    run.evals_without_improvement = state.get("evals_without_improvement", 0)  # absent from older checkpoints
     run.sampler.load_state_dict(state["sampler"])
     run.log.print(f"resumed from iteration {run.iter_num} (best val loss {run.best_val_loss:.4f})")

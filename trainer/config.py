@@ -91,10 +91,12 @@ _GROUPS = {
         "overwrite": _key(False, "allow a fresh run in an out_dir that already holds another run"),
         "resume_tag": _key("", "with init_from=resume: the checkpoint tag to resume from instead of `latest`"),
         "max_bad_steps": _key(10, "stop after this many non-finite (NaN/inf) steps in a row", _POSITIVE),
+        "early_stop": _key(0, "stop after this many evaluations without a new best val loss (0: off); needs "
+                           "always_save_checkpoint=False, so the checkpoint kept is the best one", _NON_NEGATIVE),
     },
     "data": {
         "dataset": _key("openwebtext", "data_dir/<dataset>, or a list of datasets to mix, e.g. "
-                        "['alpaca', 'shakespeare']"),
+                        "['alpaca', 'shakespeare']", (None, "a name, or a non-empty list of names")),
         "mix": _key("proportional", "sampling of a dataset list: 'proportional' (to size) or 'temperature:T' "
                     "(size^(1/T))", ((lambda v: parse_mix(v) is not None),
                                      "'proportional' or 'temperature:T' with T > 0 (e.g. 'temperature:2')")),
@@ -152,6 +154,10 @@ _GROUPS = {
                                       _NON_NEGATIVE),
         "sample_start": _key("\n", "prompt of that sample"),
         "seed": _key(1337, "seed of weights, data order and dropout", _NON_NEGATIVE),
+        "wandb_log": _key(False, "also log the scalars and texts to Weights & Biases (pip install wandb; "
+                          "WANDB_MODE=offline works without an account)"),
+        "wandb_project": _key("gpt2-deepspeed-peft", "the W&B project", ((lambda v: bool(v)), "a project name")),
+        "wandb_run_name": _key("", "the W&B run name ('': the out_dir's name)"),
     },
 }
 KEYS = {name: replace(key, group=group) for group, keys in _GROUPS.items() for name, key in keys.items()}
@@ -165,9 +171,34 @@ RUNTIME_KEYS = {
 
 
 def closest(name, candidates):
-    """' (did you mean X?)' for a mistyped name, or ''."""
+    """' (did you mean X?)' for a mistyped name, or ''; config keys come with their meaning."""
     match = difflib.get_close_matches(name, list(candidates), n=3, cutoff=0.5)
-    return f" (did you mean {', '.join(match)}?)" if match else ""
+    if not match:
+        return ""
+    return f" (did you mean {'; '.join(f'{m} ({KEYS[m].meaning})' if m in KEYS else m for m in match)}?)"
+
+
+def recipe_summary(path):
+    """A recipe's first comment line: what it trains."""
+    first = Path(path).read_text().splitlines()[:1]
+    return first[0].lstrip("# ").strip() if first and first[0].startswith("#") else ""
+
+
+def describe_keys(width=100):
+    """Every key by group, with its default, its valid values and its meaning (for --help)."""
+    lines = []
+    for group in dict.fromkeys(k.group for k in KEYS.values()):
+        lines.append(f"\n{group}:")
+        for name, key in KEYS.items():
+            if key.group != group:
+                continue
+            valid = key.must or ("True or False" if isinstance(key.default, bool) else
+                                 "a list of names" if isinstance(key.default, list) else "text")
+            if key.auto is not None and "auto" not in valid:
+                valid = f"auto, or {valid}" if key.must else "auto, True or False"
+            lines.append(f"  --{name}={key.default!r}  [{valid}]")
+            lines.append(f"      {key.meaning}")
+    return "\n".join(lines)
 
 
 def _type_of(key):
@@ -203,6 +234,9 @@ def check_config(cfg, source="the config"):
     """What no single key can say: constraints between keys and on the file system."""
     if cfg["n_embd"] % cfg["n_head"]:
         raise ConfigError(f"n_embd={cfg['n_embd']} in {source} must be a multiple of n_head={cfg['n_head']}")
+    if cfg["early_stop"] and cfg["always_save_checkpoint"]:
+        raise ConfigError(f"early_stop={cfg['early_stop']} in {source} keeps the best checkpoint, but "
+                          f"always_save_checkpoint=True saves every evaluation; add --always_save_checkpoint=False")
     out_dir = Path(cfg["out_dir"])
     if out_dir.exists() and not out_dir.is_dir():
         raise ConfigError(f"out_dir={cfg['out_dir']!r} is a file, not a folder; choose another --out_dir")

@@ -72,6 +72,14 @@ TEMPLATES = {
 }
 
 
+def instruction_prompt(template, instruction, input_text=""):
+    """The prompt of an Alpaca record exactly as training renders it (sample.py asks with the same text).
+
+    An input of only white space counts as none (the header without input), as in render().
+    """
+    return template.prompt(instruction, input_text if input_text and input_text.strip() else "")
+
+
 def get_template(name, error=PrepareError):
     if name not in TEMPLATES:
         raise error(f"unknown prompt template {name!r}; choose {' or '.join(TEMPLATES)}")
@@ -140,7 +148,7 @@ def render(record, template):
     instruction = _string_field(record, "instruction")
     input_text = _string_field(record, "input", required=False, allow_empty=True)
     output = _string_field(record, "output")
-    return [(template.prompt(instruction, input_text.strip() and input_text), False), (output, True)]
+    return [(instruction_prompt(template, instruction, input_text), False), (output, True)]
 
 
 def _render_chat(messages, template):

@@ -35,6 +35,8 @@ def train(cfg, hardware=None):
         if run.iter_num % cfg["eval_interval"] == 0 or run.iter_num == cfg["max_iters"] or cfg["eval_only"]:
             evaluate_and_save(run)
             timer.restart()  # evaluation time is not training time
+            if stops_early(run):
+                break
         if cfg["eval_only"] or run.iter_num >= cfg["max_iters"]:
             break
 
@@ -96,13 +98,27 @@ def evaluate_and_save(run):
     run.log.print(f"step {run.iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
     run.log.scalar("eval/train_loss", losses["train"], run.iter_num)
     run.log.scalar("eval/val_loss", losses["val"], run.iter_num)
-    if cfg["tensorboard"] and cfg["sample_max_new_tokens"] > 0:
+    if (cfg["tensorboard"] or cfg["wandb_log"]) and cfg["sample_max_new_tokens"] > 0:
         run.log.text("sample", sample_text(run), run.iter_num)
-    if losses["val"] < run.best_val_loss or cfg["always_save_checkpoint"]:
+    improved = losses["val"] < run.best_val_loss
+    if run.iter_num > run.start_iter:  # the state a run starts from was counted before it was saved
+        run.evals_without_improvement = 0 if improved else run.evals_without_improvement + 1
+    if improved or cfg["always_save_checkpoint"]:
         run.best_val_loss = min(run.best_val_loss, losses["val"])
         if run.iter_num > run.start_iter and not cfg["eval_only"]:  # nothing new to save at the start
             path, size = save(run)
             run.log.print(f"saved checkpoint {path} ({human_bytes(size)})")
+
+
+def stops_early(run):
+    """early_stop=N: N evaluations in a row without a new best val loss end the run (its best checkpoint kept)."""
+    patience = run.cfg["early_stop"]
+    if not patience or run.evals_without_improvement < patience:
+        return False
+    best = checkpoint.latest_tag(run.out_dir)  # always_save_checkpoint=False: only improvements were saved
+    run.log.print(f"early stop at iteration {run.iter_num}: no better val loss than {run.best_val_loss:.4f} in "
+                  f"{patience} evaluations; the best checkpoint, {best or 'none (nothing trained yet)'}, is kept")
+    return True
 
 
 def save(run):

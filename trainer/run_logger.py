@@ -1,10 +1,19 @@
-"""What a run shows: console lines, a progress bar with ETA, and TensorBoard (rank 0 only)."""
+"""What a run shows: console lines, a progress bar with ETA, TensorBoard and optionally W&B (rank 0 only).
+
+TensorBoard is the default. With wandb_log=True the same scalars go to Weights & Biases under the same
+tags, samples as HTML, and the config, plan and DeepSpeed config as the W&B run's config; every launch
+(a resume too) is a new W&B run named after the out_dir (or wandb_run_name).
+"""
+import html
 import json
 import resource
 import sys
+from pathlib import Path
 
 import torch
 from tqdm import tqdm
+
+from trainer.errors import UserError
 
 # Peak dense bf16/fp16 FLOP/s of common GPUs, for MFU (nanoGPT reports MFU against A100's 312 TFLOPS).
 PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "A10": 125e12, "L40": 181e12,
@@ -37,16 +46,33 @@ def human_bytes(n):
         n /= 1024
 
 
+def require_wandb():
+    """The wandb module, or a one-line error when wandb_log=True and the package is missing."""
+    try:
+        import wandb
+    except ImportError:
+        raise UserError("wandb_log=True but the wandb package is not installed; pip install wandb, "
+                        "or leave --wandb_log=False (TensorBoard logs either way)") from None
+    return wandb
+
+
 class RunLogger:
-    def __init__(self, out_dir, enabled, tensorboard, total_iters, start_iter):
+    def __init__(self, out_dir, enabled, tensorboard, total_iters, start_iter, wandb_run=None):
+        """wandb_run: None, or {'project', 'name', 'config'} to also log to Weights & Biases."""
         self.enabled = enabled
         self.writer = None
+        self.wandb = None
         self.bar = None
         if not enabled:
             return
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
             self.writer = SummaryWriter(log_dir=str(out_dir))
+        if wandb_run is not None:
+            wandb = require_wandb()
+            self.wandb = wandb.init(project=wandb_run["project"], name=wandb_run["name"] or Path(out_dir).name,
+                                    config=wandb_run["config"], dir=str(out_dir))
+            self._wandb_module = wandb
         # The bar is for terminals; in a log file the periodic lines (with their ETA) say the same.
         self.bar = tqdm(total=total_iters, initial=start_iter, desc="train", unit="it", dynamic_ncols=True,
                         file=sys.stderr, mininterval=1.0, smoothing=0.1, disable=not sys.stderr.isatty())
@@ -57,16 +83,29 @@ class RunLogger:
             sys.stdout.flush()
 
     def scalar(self, tag, value, step):
-        if self.writer is not None and value is not None:
+        if value is None:
+            return
+        if self.writer is not None:
             self.writer.add_scalar(tag, value, step)
+        if self.wandb is not None:
+            self.wandb.log({tag: value}, step=step)
+
+    def _tensorboard_text(self, tag, text, step):
+        # TensorBoard renders text as markdown: a code block keeps samples and JSON as they are
+        self.writer.add_text(tag, "```\n" + text + "\n```", step)
 
     def text(self, tag, text, step):
         if self.writer is not None:
-            # TensorBoard renders text as markdown: a code block keeps samples and JSON as they are
-            self.writer.add_text(tag, "```\n" + text + "\n```", step)
+            self._tensorboard_text(tag, text, step)
+        if self.wandb is not None:
+            self.wandb.log({tag: self._wandb_module.Html(f"<pre>{html.escape(text)}</pre>")}, step=step)
 
     def json_text(self, tag, obj, step=0):
-        self.text(tag, json.dumps(obj, indent=2, default=str), step)
+        """Config-like JSON: a TensorBoard text, and in W&B a key of the run's config (its latest value)."""
+        if self.writer is not None:
+            self._tensorboard_text(tag, json.dumps(obj, indent=2, default=str), step)
+        if self.wandb is not None:
+            self.wandb.config.update({tag: json.loads(json.dumps(obj, default=str))}, allow_val_change=True)
 
     def advance(self, n=1):
         if self.bar is not None:
@@ -78,6 +117,8 @@ class RunLogger:
         if self.writer is not None:
             self.writer.flush()
             self.writer.close()
+        if self.wandb is not None:
+            self.wandb.finish()
 
 
 def format_eta(seconds):
