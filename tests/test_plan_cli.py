@@ -4,7 +4,10 @@ The recipe gpt2_xl starts from the hub's gpt2-xl, which the tests cannot downloa
 and --data_dir points at an empty folder: --plan answering at all shows it loads neither.
 """
 import json
+import re
 import time
+
+import pytest
 
 from conftest import REPO, python, run_cmd, train_args
 
@@ -48,3 +51,20 @@ def test_training_that_cannot_fit_stops_before_loading_anything(data_dir, tmp_pa
     assert last.startswith("error: nothing fits in 1.90 GiB usable per GPU"), last
     assert "i.e. at least" in last and "per GPU; options:" in last and "Traceback" not in proc.stderr
     assert not (out_dir / "config.json").exists()
+
+
+@pytest.mark.parametrize("flag", ["--help", "-h"])
+def test_help_tells_every_key_recipe_and_flag(flag):
+    from trainer.config import KEYS, recipe_names
+    proc = run_cmd(python(REPO / "launch/train.py", "--recipe", "gpt2_xl", flag), cwd=REPO)
+    text = proc.stdout
+    assert text.startswith("usage: deepspeed [--num_gpus N] launch/train.py --recipe NAME")
+    for name, key in KEYS.items():  # each key with its default, valid values and meaning
+        assert f"  --{name}={key.default!r}  [" in text and key.meaning in text, name
+    assert "  --micro_batch_size='auto'  [auto, or 1 or more]" in text
+    assert "  --mode='auto'  [one of auto, full, lora, qlora]" in text
+    for name in recipe_names():
+        assert re.search(rf"^  {name} +\S", text, re.M), name
+    for flag_name in ("--plan", "--json", "--vram_gb=GB", "--gpus=N"):
+        assert f"  {flag_name} " in text
+    assert "exit code 2" in text and proc.stderr.strip() == ""
