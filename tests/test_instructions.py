@@ -136,7 +136,7 @@ def test_malformed_record_cli_error_and_skip_invalid(tmp_path):
     args = python(REPO / "data/prepare.py", f"--input={path}", "--name=x", "--format=instructions",
                   f"--data_dir={tmp_path}")
     proc = run_cmd(args, cwd=tmp_path, check=False)
-    assert proc.returncode != 0 and not (tmp_path / "x").exists()
+    assert proc.returncode == 2 and not (tmp_path / "x").exists()
     assert proc.stderr.strip() == (f"error: {path} line 3: missing field 'output'; fix the record or pass "
                                    f"--skip_invalid to drop such records")
     proc = run_cmd(args + ["--skip_invalid"], cwd=tmp_path)

@@ -33,7 +33,7 @@ def load_dataset(folder: Path):
 
 
 def assert_one_line_error(proc, *fragments):
-    assert proc.returncode != 0
+    assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
     for fragment in fragments:

@@ -55,7 +55,7 @@ def reference(texts, val_fraction=0.1, seed=1337):
 
 
 def assert_one_line_error(proc, *fragments):
-    assert proc.returncode != 0
+    assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
     for fragment in fragments:

@@ -1,7 +1,7 @@
 """Instruction data: prompt templates, reading Alpaca/chat records, loss masks and packing.
 
 `python data/prepare.py --input=alpaca.json --name=myinstr --format=instructions` comes here.
-Output (read by trainer/data.TokenData; DESIGN's "Data" contract plus the positions):
+Output (read by trainer/data.TokenData; docs/instructions.md describes it):
   <data_dir>/<name>/{train,val}.bin       token ids, whole blocks of block_size + 1 tokens
   <data_dir>/<name>/{train,val}_mask.bin  uint8, 1 where the loss counts: response tokens and their <|endoftext|>
   <data_dir>/<name>/{train,val}_pos.bin   uint16, each token's position in its own example (0 where one starts)

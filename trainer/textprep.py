@@ -33,6 +33,8 @@ from pathlib import Path
 
 import numpy as np
 
+from trainer.cli import USER_ERROR_EXIT
+from trainer.errors import UserError
 from trainer.tokenizer import CharTokenizer, Gpt2Tokenizer, gpt2_encoding
 
 TINY_SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
@@ -46,8 +48,8 @@ BOM = b"\xef\xbb\xbf"
 ROW_FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
 
 
-class PrepareError(Exception):
-    """A problem with the user's input or arguments, reported in one line."""
+class PrepareError(UserError):
+    """A problem with the user's input or arguments, reported in one line (exit code 2, as every entry point)."""
 
 
 # ---------------------------------------------------------------- command line
@@ -65,12 +67,12 @@ def make_parser(description: str) -> argparse.ArgumentParser:
 
 
 def run_cli(main) -> None:
-    """Run main(), turning a PrepareError into one line on stderr and exit 1."""
+    """Run main(), turning a PrepareError into one line on stderr and the entry points' user-error exit code."""
     try:
         main()
     except PrepareError as e:
         print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+        sys.exit(USER_ERROR_EXIT)
 
 
 # ---------------------------------------------------------------- input files
