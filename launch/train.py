@@ -1,7 +1,8 @@
 """Train a GPT-2: `deepspeed launch/train.py --recipe NAME [--key=value ...]`.
 
 Also `python launch/train.py recipes/X.py --key=value` (one process, no launcher) and
-`--plan [--json] [--vram_gb=24] [--gpus=1]` to print the memory plan and exit.
+`--plan [--json] [--vram_gb=24] [--gpus=1] [--simulate]` to print the memory plan and exit (--simulate:
+beside the plan's training step run on fake tensors, trainer/simulate.py).
 """
 import json
 import os
@@ -16,7 +17,7 @@ from trainer.config import resolve_config  # noqa: E402
 from trainer.errors import UserError  # noqa: E402
 
 # Flags of this command that are not recipe keys.
-LAUNCH_FLAGS = {"--plan": bool, "--json": bool, "--vram_gb": float, "--gpus": int}
+LAUNCH_FLAGS = {"--plan": bool, "--json": bool, "--vram_gb": float, "--gpus": int, "--simulate": bool}
 
 
 def split_launch_flags(argv):
@@ -75,10 +76,11 @@ def print_plan(cfg, flags):
     world = int(os.environ.get("WORLD_SIZE", "1"))
     hw = planner.detect_hardware(world, vram_gb=flags.get("vram_gb"), gpus=flags.get("gpus"))
     plan = planner.make_plan({**cfg, **shape}, hw)
-    if flags.get("json"):
-        print(json.dumps(planner.plan_to_dict(plan)))
-    else:
-        print(planner.format_plan(plan))
+    out = planner.plan_to_dict(plan) if flags.get("json") else planner.format_plan(plan)
+    if flags.get("simulate"):
+        from trainer.simulate import add_simulation
+        out = add_simulation(out, {**cfg, **shape}, plan)
+    print(json.dumps(out) if flags.get("json") else out)
 
 
 def main(argv):
