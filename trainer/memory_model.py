@@ -38,10 +38,21 @@ CPU_PROCESS_BYTES = 1 * GiB       # resident python + torch + deepspeed per rank
 FRAGMENTATION = 0.10              # caching allocator: reserved exceeds allocated by this fraction at peak
 USABLE_FRACTION_GPU = 0.95        # plan into this share of a GPU's memory; the rest is headroom
 USABLE_FRACTION_CPU = 0.80        # share of *available* system memory (other processes, page cache)
-ACT_BYTES_PER_SBH = 34            # per layer, 16-bit, fused SDPA attention (Korthikanti et al. 2022)
+# Per layer, 16-bit, flash SDPA, the fused tanh GELU: 32 (was 34, Korthikanti et al.'s count for
+# Megatron's layer). Measured by trainer/simulate.py on the real step (bench/SIMULATE.md): ln_1 input 2,
+# c_attn input 2 + output 6, attention output 2, c_proj input (the same) 0, residual + ln_2 input 2,
+# c_fc input 2, GELU input 8, c_proj input 8: 32. Flash attention adds an fp32 log-sum-exp per head and
+# token (ATTN_LSE_BYTES). GPT-2's own gelu_new would add four more 4h-wide tensors (56).
+ACT_BYTES_PER_SBH = 32
+ATTN_LSE_BYTES = 4                # per head per token per layer (flash SDPA's fp32 logsumexp)
 CKPT_BYTES_PER_SBH = 2            # per checkpointed layer: its 16-bit input hidden state
 OUTSIDE_LAYERS_SBH = 4            # embedding sum + final LayerNorm input/output, 16-bit
 LOGITS_BYTES_PER_ELEMENT = 12     # per chunk element: fp32 log-probs kept + their grad + logits' grad
+# LoRA dropout (peft) keeps, per targeted projection, a dropped copy of its input and CUDA's bool mask;
+# the frozen base then no longer keeps that input, except attention's c_proj input (flash keeps it):
+# net 1 byte per input element, plus the compute dtype for attn.c_proj. Measured (simulation): 9.08
+# bytes per s*b*h per layer for c_attn, c_proj, c_fc at r=8, where the old count said 21.
+LORA_DROPOUT_MASK_BYTES = 1
 NF4_BYTES_PER_PARAM = 0.5 + 1 / 64 + 4 / (64 * 256)  # 4-bit + 8-bit absmax per 64 + fp32 per 256 blocks
 ZERO0_ALLREDUCE_ELEMENTS = 500_000_000  # engine.allreduce_gradients' fixed bucket (ZeRO-0 path)
 BUCKET_ELEMENTS_LARGE = 200_000_000     # ds_configs/zero1,zero2 templates
@@ -235,28 +246,35 @@ def estimate(shape, cand, dtype, n_devices, device_type, usable_bytes, lora_r=8,
         copies = 1 if zero == 1 else 2  # overlap_comm (zero2/zero3 templates) double-buffers
         ds_buckets = buckets["reduce_bucket_size"] * w * copies
 
-    # --- activations of one micro-batch
+    # --- activations of one micro-batch (calibrated against trainer/simulate.py, bench/SIMULATE.md)
     sbh = s * b * c
     scale = w / 2  # the per-sbh constants are for 16-bit tensors
-    per_layer = ACT_BYTES_PER_SBH * sbh * scale
+    per_layer = ACT_BYTES_PER_SBH * sbh * scale + ATTN_LSE_BYTES * shape.n_head * s * b
     if device_type == "cpu" and dropout > 0:
         per_layer += shape.n_head * s * s * b * (MATH_ATTN_BYTES_FP32 if w == 4 else 5)
-    if cand.mode != "full" and lora_dropout > 0:
-        # peft's LoRA dropout keeps a dropped copy of each targeted projection's input
-        inputs = {"c_attn": c, "c_proj": c + 4 * c, "c_fc": c}
-        per_layer += s * b * sum(inputs[t] for t in set(lora_targets)) * (w + 1)
+    if cand.mode != "full":
+        targets = set(lora_targets)
+        # lora_A's r-wide output, kept by lora_B: one per c_attn and c_fc, two for c_proj (attention and MLP)
+        per_layer += s * b * lora_r * w * sum({"c_attn": 1, "c_proj": 2, "c_fc": 1}[t] for t in targets)
+        if lora_dropout > 0:
+            inputs = {"c_attn": c, "c_proj": c + 4 * c, "c_fc": c}
+            per_layer += s * b * sum(inputs[t] for t in targets) * LORA_DROPOUT_MASK_BYTES
+            if "c_proj" in targets:
+                per_layer += s * b * c * w  # attention's output, kept by flash, and its dropped copy
+    tokens = s * b
+    chunk = min(tokens, max(1, LOSS_CHUNK_BYTES // (4 * V)))
+    # --- logits and loss: one chunk of logits, plus the hidden states feeding the head and their grad;
+    # a chunked loss in full mode also holds one chunk's gradient of the tied wte/lm_head weight
+    logits = chunk * V * LOGITS_BYTES_PER_ELEMENT + 2 * tokens * c * w
+    if cand.mode == "full" and tokens > chunk:
+        logits += V * c * w
     if cand.gradient_checkpointing:
-        activations = L * CKPT_BYTES_PER_SBH * sbh * scale + per_layer  # + the layer recomputed
+        # the recomputed layer's activations live while one layer's backward runs, after the loss has
+        # freed its chunk: they add only where they exceed it (never at GPT-2's vocabulary, measured)
+        activations = L * CKPT_BYTES_PER_SBH * sbh * scale + max(0, per_layer - logits)
     else:
         activations = L * per_layer
     activations += OUTSIDE_LAYERS_SBH * sbh * scale
-    if cand.mode == "qlora":
-        activations += 2 * 4 * c * c * w  # dequantized weight of the largest projection, fwd and bwd
-
-    # --- logits and loss: one chunk of logits, plus the hidden states feeding the head and their grad
-    tokens = s * b
-    chunk = min(tokens, max(1, LOSS_CHUNK_BYTES // (4 * V)))
-    logits = chunk * V * LOGITS_BYTES_PER_ELEMENT + 2 * tokens * c * w
 
     # --- optimizer-step transient: fp32 gradient copies and Adam's temporaries
     temps = ADAM_TEMPS_GPU if device_type == "cuda" else ADAM_TEMPS_CPU

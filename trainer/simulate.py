@@ -16,7 +16,8 @@ What a CUDA run does differently from a fake CPU tensor, made explicit here:
   allocate and save exactly what the CUDA kernels do.
 - no causal mask is materialized: transformers skips it for SDPA unless it thinks it is tracing, and
   it takes FakeTensors for tracing; that check is told the truth here.
-- dropout masks are booleans (as CUDA's native_dropout makes them; the fake kernel agrees).
+- dropout is CUDA's fused native_dropout, which keeps a boolean mask; on a CPU tensor F.dropout takes
+  an unfused path that keeps a noise tensor of the compute dtype.
 - the optimizer step is DeepSpeed's for the plan (torch AdamW, `torch_adam: true`, foreach as on
   CUDA): ZeRO-0 in 16 bits is DeepSpeed's FP16_UnfusedOptimizer (runtime/fp16/unfused_optimizer.py,
   step(): an fp32 copy of every gradient next to the fp32 master weights, then AdamW on the masters);
@@ -90,6 +91,20 @@ def cuda_sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False,
     return _EfficientAttention.apply(query, key, value, attn_mask)
 
 
+def cuda_dropout(input, p=0.5, training=True, inplace=False):
+    """F.dropout as on CUDA: the fused native_dropout (output + a bool mask, which backward keeps).
+
+    On a CPU tensor torch takes the unfused path instead (a noise tensor of the input's dtype, then a
+    multiply that keeps it), which would count 2 bytes per element where CUDA keeps 1.
+    """
+    if not training or p == 0 or input.numel() == 0:
+        return input
+    if p == 1:
+        return input.mul_(0) if inplace else input * 0
+    out = torch.ops.aten.native_dropout(input, p, True)[0]
+    return input.copy_(out) if inplace else out
+
+
 @contextlib.contextmanager
 def cuda_kernels():
     """Swap in CUDA's attention and tell transformers' mask code what an eager CUDA run tells it."""
@@ -101,7 +116,9 @@ def cuda_kernels():
     def is_tracing(tensor=None):
         return False if isinstance(tensor, FakeTensor) else saved_tracing(tensor)
 
+    saved_dropout = torch.nn.functional.dropout
     torch.nn.functional.scaled_dot_product_attention = cuda_sdpa
+    torch.nn.functional.dropout = cuda_dropout
     masking.is_tracing = is_tracing
     # Unpacked batches: GPT-2 makes position_ids = arange, in which transformers finds no packed sequences
     # (one data-dependent test). Packed batches pass trainer.model's explicit 4-D mask and never get here.
@@ -111,6 +128,7 @@ def cuda_kernels():
     finally:
         masking.find_packed_sequence_indices = saved_packed
         torch.nn.functional.scaled_dot_product_attention = saved_sdpa
+        torch.nn.functional.dropout = saved_dropout
         masking.is_tracing = saved_tracing
 
 
