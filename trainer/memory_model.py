@@ -182,7 +182,7 @@ def parameter_counts(shape, mode, lora_r, lora_targets):
 
 
 def estimate(shape, cand, dtype, n_devices, device_type, usable_bytes, lora_r=8,
-             lora_targets=LORA_TARGETS, lora_dropout=0.0, dropout=0.0):
+             lora_targets=LORA_TARGETS, lora_dropout=0.0, dropout=0.0, packed=False):
     """Per-device bytes of one candidate plan (see the module docstring for the peak)."""
     w = DTYPE_BYTES[dtype]
     n = n_devices
@@ -252,6 +252,11 @@ def estimate(shape, cand, dtype, n_devices, device_type, usable_bytes, lora_r=8,
     per_layer = ACT_BYTES_PER_SBH * sbh * scale + ATTN_LSE_BYTES * shape.n_head * s * b
     if device_type == "cpu" and dropout > 0:
         per_layer += shape.n_head * s * s * b * (MATH_ATTN_BYTES_FP32 if w == 4 else 5)
+    if packed:
+        # instruction batches' block-diagonal mask: CUDA's memory-efficient SDPA turns the bool mask into an
+        # additive one of the compute dtype in every layer and keeps it for backward (simulated: 24 bytes
+        # per b*s*s at 12 layers in bf16)
+        per_layer += b * s * s * w
     if cand.mode != "full":
         targets = set(lora_targets)
         # lora_A's r-wide output, kept by lora_B: one per c_attn and c_fc, two for c_proj (attention and MLP)
@@ -275,6 +280,8 @@ def estimate(shape, cand, dtype, n_devices, device_type, usable_bytes, lora_r=8,
     else:
         activations = L * per_layer
     activations += OUTSIDE_LAYERS_SBH * sbh * scale
+    if packed:
+        activations += b * s * s  # the bool mask itself (trainer/model.packed_causal_mask)
 
     # --- optimizer-step transient: fp32 gradient copies and Adam's temporaries
     temps = ADAM_TEMPS_GPU if device_type == "cuda" else ADAM_TEMPS_CPU

@@ -186,10 +186,11 @@ class _Context:
     lora_targets: tuple
     lora_dropout: float
     dropout: float
+    packed: bool = False      # instruction batches (trainer/data.py: meta format 'instructions')
 
     def estimate(self, cand):
         return estimate(self.shape, cand, self.dtype, self.hw.n_devices, self.hw.device_type, self.usable,
-                        self.lora_r, self.lora_targets, self.lora_dropout, self.dropout)
+                        self.lora_r, self.lora_targets, self.lora_dropout, self.dropout, self.packed)
 
 
 def _context(cfg, hw, **overrides):
@@ -211,7 +212,8 @@ def _context(cfg, hw, **overrides):
                   int(cfg["block_size"]))
     ctx = _Context(cfg, hw, shape, sequences, sequences // n, dtype, usable_bytes(hw), fixed,
                    int(cfg.get("lora_r", 8)), tuple(cfg.get("lora_targets", LORA_TARGETS)),
-                   float(cfg.get("lora_dropout", 0.0)), float(cfg.get("dropout", 0.0)))
+                   float(cfg.get("lora_dropout", 0.0)), float(cfg.get("dropout", 0.0)),
+                   bool(cfg.get("packed", False)))  # from the dataset, like the shape keys; not a recipe key
     _check_fixed(ctx)
     return ctx
 

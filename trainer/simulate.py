@@ -194,7 +194,25 @@ def _to_fake(module):
     return module
 
 
-def build_module(cfg, shape, plan, fake_mode):
+def _packed_lm_with_loss():
+    """LMWithLoss for packed batches with a static shape: `hidden[targets != IGNORE_INDEX]` has a
+    data-dependent size that fake tensors cannot have, so every target counts (the worst case: a block
+    of response tokens only); the selection is still a gathered copy, as the boolean index makes."""
+    from trainer.model import LMWithLoss, chunked_lm_loss, packed_causal_mask
+
+    class PackedLMWithLoss(LMWithLoss):
+        def forward(self, idx, targets, position_ids=None, attention_mask=None):
+            attention_mask = packed_causal_mask(position_ids)
+            hidden = self.lm.transformer(input_ids=idx, position_ids=position_ids,
+                                         attention_mask=attention_mask).last_hidden_state
+            keep = torch.arange(targets.numel())
+            hidden = hidden.reshape(-1, hidden.size(-1)).index_select(0, keep)
+            return chunked_lm_loss(self.lm.lm_head, hidden, targets.reshape(-1).index_select(0, keep))
+
+    return PackedLMWithLoss
+
+
+def build_module(cfg, shape, plan, fake_mode, packed=False):
     """LMWithLoss around the GPT-2 the loop builds for this plan: built on the meta device, then fake."""
     from trainer.adapters import apply_mode, use_dequantizing_matmul
     from trainer.model import LMWithLoss
@@ -215,7 +233,7 @@ def build_module(cfg, shape, plan, fake_mode):
         for param in lm.parameters():
             if param.is_floating_point() and param.dtype != dtype:
                 param.data = param.data.to(dtype)
-        module = LMWithLoss(lm).train()
+        module = (_packed_lm_with_loss() if packed else LMWithLoss)(lm).train()
     with fake_mode:
         return _to_fake(module)
 
@@ -339,7 +357,7 @@ def simulate(cfg, shape, plan, packed=False):
     b, s = plan.micro_batch_size, cfg["block_size"]
     dtype = DTYPES[plan.dtype]
     fake_mode = FakeTensorMode(allow_non_fake_inputs=True)
-    module = build_module(cfg, shape, plan, fake_mode)
+    module = build_module(cfg, shape, plan, fake_mode, packed)
     with fake_mode, cuda_kernels():
         params = [p for p in module.parameters() if p.requires_grad]
         # Accumulated gradients of the earlier micro-steps are already there (DeepSpeed accumulates into .grad)
