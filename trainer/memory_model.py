@@ -59,13 +59,22 @@ BUCKET_ELEMENTS_LARGE = 200_000_000     # ds_configs/zero1,zero2 templates
 BUCKET_ELEMENTS_SMALL = 50_000_000      # ds_configs/zero3 template; also ZeRO-1/2 on small GPUs
 SMALL_GPU_BYTES = 20 * GiB              # below this usable memory, ZeRO-1/2 use the small buckets
 PERSISTENCE_THRESHOLD = 100_000         # ZeRO-3 keeps tensors this small whole on every rank
+# ZeRO-3 releases a gathered parameter after its module unless it recurs within the next
+# stage3_max_reuse_distance elements of the trace (partitioned_param_coordinator.__params_to_release),
+# and prefetches while fewer than stage3_max_live_parameters are gathered. The templates used to say
+# 1e9 for both, which kept every layer whose backward use was < 1e9 elements away (the last ~16 layers
+# of gpt2-xl gathered); capped to the prefetch bucket, at most this many more elements stay gathered.
+STAGE3_MAX_REUSE_DISTANCE = 50_000_000
+STAGE3_MAX_LIVE_PARAMETERS = 50_000_000
 # CPU SDPA falls back to the math kernel when attention dropout is on, materializing scores,
 # softmax and the mask: measured here (torch 2.13 CPU, fp32) at ~13 bytes per score element.
 MATH_ATTN_BYTES_FP32 = 13
-# Adam temporaries (sqrt of exp_avg_sq, its scaled copy) the size of the largest tensor the
-# optimizer updates: torch's foreach path on GPUs keeps one, the per-tensor CPU path two.
+# Adam temporaries the size of the largest tensor the optimizer updates: torch's foreach path on
+# GPUs keeps one (sqrt of every exp_avg_sq at once, so "largest" is everything); the per-tensor CPU
+# path three (the previous tensor's denominator is still bound while the next one's sqrt and its
+# scaled copy are made: measured on a real engine, tests/optimizer_step.py, was 2).
 ADAM_TEMPS_GPU = 1
-ADAM_TEMPS_CPU = 2
+ADAM_TEMPS_CPU = 3
 # ---------------------------------------------------------------------------------------
 
 DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
@@ -168,7 +177,9 @@ def bucket_sizes(zero_stage, trainable, usable_bytes):
     if zero_stage == 3:
         # prefetch gathers frozen weights too, so it is not capped by the trainable count
         return {"reduce_bucket_size": size, "stage3_prefetch_bucket_size": BUCKET_ELEMENTS_SMALL,
-                "stage3_param_persistence_threshold": PERSISTENCE_THRESHOLD}
+                "stage3_param_persistence_threshold": PERSISTENCE_THRESHOLD,
+                "stage3_max_live_parameters": STAGE3_MAX_LIVE_PARAMETERS,
+                "stage3_max_reuse_distance": STAGE3_MAX_REUSE_DISTANCE}
     return {"reduce_bucket_size": size, "allgather_bucket_size": size}
 
 
@@ -208,8 +219,9 @@ def estimate(shape, cand, dtype, n_devices, device_type, usable_bytes, lora_r=8,
         if cand.mode != "full":
             numels = numels + lora_tensor_numels(L, c, lora_r, lora_targets)
         small = sum(k for k in numels if k <= PERSISTENCE_THRESHOLD)
-        gathered = min(max(k for k in numels if k > PERSISTENCE_THRESHOLD) + BUCKET_ELEMENTS_SMALL,
-                       sum(numels) - small) if small < sum(numels) else 0
+        # the module running + what is prefetched + what recurs within the reuse distance
+        gathered = min(max(k for k in numels if k > PERSISTENCE_THRESHOLD) + BUCKET_ELEMENTS_SMALL
+                       + STAGE3_MAX_REUSE_DISTANCE, sum(numels) - small) if small < sum(numels) else 0
         partition = 0 if offload == "optimizer+params" else model_bytes / n
         resident = partition + small * w if n > 1 else max(partition, small * w)
         in_flight = gathered * w if n > 1 or offload == "optimizer+params" else 0
@@ -243,7 +255,11 @@ def estimate(shape, cand, dtype, n_devices, device_type, usable_bytes, lora_r=8,
     if zero == 0:
         ds_buckets = 0
     else:
-        copies = 1 if zero == 1 else 2  # overlap_comm (zero2/zero3 templates) double-buffers
+        # stage_1_and_2.setup_buckets: one reduce_bucket_size buffer (contiguous_gradients, on by default),
+        # a second one with overlap_comm (zero2/zero3 templates), in the compute dtype (grad_accum_dtype
+        # defaults to it). DeepSpeed's docs' "4.5x the bucket sizes" also counts the all-gather bucket and
+        # the fp32 gradient partition: here they are the optimizer-step transient.
+        copies = 1 if zero == 1 else 2
         ds_buckets = buckets["reduce_bucket_size"] * w * copies
 
     # --- activations of one micro-batch (calibrated against trainer/simulate.py, bench/SIMULATE.md)
@@ -289,13 +305,20 @@ def estimate(shape, cand, dtype, n_devices, device_type, usable_bytes, lora_r=8,
         transient = 0  # DeepSpeedCPUAdam updates in place on the CPU
     elif zero == 0:
         allreduce = min(trainable, ZERO0_ALLREDUCE_ELEMENTS) * w
+        # torch's AdamW: foreach on CUDA (one fp32 temporary the size of everything it updates,
+        # torch/optim/adam.py _multi_tensor_adam: _foreach_sqrt(exp_avg_sqs)), per tensor on the CPU
+        # (sqrt and its scaled copy of one tensor at a time)
+        numels = gpt2_tensor_numels(L, c, V, s) if cand.mode == "full" else lora_tensor_numels(
+            L, c, lora_r, lora_targets)
+        largest = trainable if device_type == "cuda" else min(trainable, max(numels))
+        adam = temps * 4 * largest
         if w != 4:
-            # FP16_Optimizer flattens fp32 copies of every gradient (per-parameter list + flat buffer)
-            transient = max(8 * trainable, allreduce, 4 * trainable * (1 + temps) - grad_full)
+            # DeepSpeed's FP16_UnfusedOptimizer (runtime/fp16/unfused_optimizer.py, step): an fp32 copy
+            # of every gradient beside the fp32 masters, then AdamW on the masters
+            transient = max(4 * trainable + adam, allreduce)
         else:
-            # plain torch AdamW on the parameters; temporaries of the largest tensor (foreach: all)
-            largest = trainable if device_type == "cuda" else min(trainable, max(V * c, 4 * c * c))
-            transient = max(allreduce, temps * 4 * largest)
+            # plain torch AdamW on the parameters
+            transient = max(allreduce, adam)
     else:
         # the fp32 gradient partition plus Adam's temporaries on the flat fp32 partition
         transient = (4 + temps * 4) * trainable / n

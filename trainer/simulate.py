@@ -240,22 +240,34 @@ def build_module(cfg, shape, plan, fake_mode, packed=False):
 
 # ----------------------------------------------------------------------------- DeepSpeed's optimizer step
 
-def _adamw(params, cfg):
+def _adamw(params, cfg, foreach=True):
     # what build_ds_config's {"type": "AdamW", "torch_adam": true} becomes; foreach, as torch picks on CUDA
+    # (foreach=False: the per-tensor loop torch picks on the CPU, to compare with a real CPU engine)
     return torch.optim.AdamW(params, lr=cfg.get("learning_rate", 1e-4), betas=(0.9, 0.95), eps=1e-8,
-                             weight_decay=0.1, foreach=True)
+                             weight_decay=0.1, foreach=foreach)
 
 
 class _Zero0Step:
-    """ZeRO-0: 16-bit is FP16_UnfusedOptimizer around torch AdamW on fp32 masters; fp32 is AdamW itself."""
+    """ZeRO-0: 16-bit is FP16_UnfusedOptimizer around torch AdamW on fp32 masters; fp32 is AdamW itself.
 
-    def __init__(self, params, cfg, dtype):
-        self.params, self.dtype = params, dtype
+    The parameters come in trainer/engine.param_groups' order (decayed 2-D weights first), as the
+    engine's optimizer holds them: on the CPU's per-tensor path the previous tensor's denominator is
+    still alive while the next one's is computed, so the order matters there.
+    """
+
+    def __init__(self, params, cfg, dtype, foreach=True):
+        self.dtype = dtype
+        ordered = [p for p in params if p.dim() >= 2] + [p for p in params if p.dim() < 2]
+        self.params = ordered
         if dtype == torch.float32:
-            self.masters = params
+            self.masters = ordered
         else:
-            self.masters = [nn.Parameter(p.detach().float()) for p in params]
-        self.opt = _adamw(self.masters, cfg)
+            self.masters = [nn.Parameter(p.detach().float()) for p in ordered]
+        decay = [m for m in self.masters if m.dim() >= 2]
+        groups = [{"params": decay, "weight_decay": 0.1}]
+        if len(decay) < len(self.masters):
+            groups.append({"params": self.masters[len(decay):], "weight_decay": 0.0})
+        self.opt = _adamw(groups, cfg, foreach)
 
     def step(self):
         if self.dtype != torch.float32:
@@ -273,11 +285,11 @@ class _Zero0Step:
 class _ZeroStep:
     """ZeRO 1-3 (stage_1_and_2.py / stage3.py): AdamW on this rank's flat fp32 partition, its fp32 grads."""
 
-    def __init__(self, params, cfg, n_ranks):
+    def __init__(self, params, cfg, n_ranks, foreach=True):
         numel = sum(p.numel() for p in params)
         self.part = -(-numel // n_ranks)
         self.master = nn.Parameter(torch.empty(self.part, dtype=torch.float32))
-        self.opt = _adamw([self.master], cfg)
+        self.opt = _adamw([self.master], cfg, foreach)
 
     def step(self):
         self.master.grad = torch.empty(self.part, dtype=torch.float32)
@@ -351,7 +363,7 @@ def _weights_bytes(module):
     return total
 
 
-def simulate(cfg, shape, plan, packed=False):
+def simulate(cfg, shape, plan, packed=False, foreach=True):
     """Run one micro-step (forward, backward) and one optimizer step of `plan` on fake tensors."""
     from torch._subclasses.fake_tensor import FakeTensorMode
     b, s = plan.micro_batch_size, cfg["block_size"]
@@ -382,9 +394,9 @@ def simulate(cfg, shape, plan, packed=False):
         transient = states = 0
         if plan.offload == "none":
             if plan.zero_stage == 0:
-                opt = _Zero0Step(params, cfg, dtype)
+                opt = _Zero0Step(params, cfg, dtype, foreach)
             else:
-                opt = _ZeroStep(params, cfg, plan.n_devices)
+                opt = _ZeroStep(params, cfg, plan.n_devices, foreach)
             opt.step()  # the first step creates the moments; the second is every later step
             masters = opt.masters if plan.zero_stage == 0 else [opt.master]
             states = _nbytes(list(opt.opt.state[m]["exp_avg"] for m in masters)
