@@ -27,11 +27,11 @@ MODES = ("full", "lora", "qlora")
 
 def grid(sizes, dtypes):
     """(label, model, cfg overrides, vram_gb) of the calibration grid: fixed plans, on a card they fit."""
-    for model in sizes:
-        for mode in MODES:
-            for ckpt in (False, True):
-                for micro in (1, 4):
-                    for dtype in dtypes:
+    for dtype in dtypes:
+        for model in sizes:
+            for mode in MODES:
+                for ckpt in (False, True):
+                    for micro in (1, 4):
                         yield ("grid", model, dict(mode=mode, gradient_checkpointing=ckpt, micro_batch_size=micro,
                                                    dtype=dtype, zero_stage=0, offload="none"), 1000)
 
@@ -108,6 +108,7 @@ def main():
     args = ap.parse_args()
     jobs = list(grid(args.sizes, args.dtypes)) + ([] if args.no_table else list(table_plans(args.sizes)))
     rows = []
+    command = "python bench/simulate_table.py" + ("" if sys.argv[1:] == [] else " " + " ".join(sys.argv[1:]))
     for i, job in enumerate(jobs):
         row = run_row(*job)
         if row is None:
@@ -116,11 +117,12 @@ def main():
         print(f"[{i + 1}/{len(jobs)}] {row['model']} {row['gpu']} {row['mode']} ckpt={row['ckpt']} "
               f"micro={row['micro']} {row['dtype']}: act {100 * row['err_act']:+.1f}% opt {100 * row['err_opt']:+.1f}% "
               f"({row['seconds']:.0f} s)", file=sys.stderr, flush=True)
-    text = markdown(rows, "python bench/simulate_table.py" + ("" if sys.argv[1:] == [] else " " + " ".join(sys.argv[1:])))
+        if args.out != "-":  # after every row: a long run interrupted still leaves its rows
+            done = "" if i + 1 == len(jobs) else f"\n(incomplete: {len(rows)} of {len(jobs)} rows so far)\n"
+            Path(args.out).write_text(markdown(rows, command) + "\n" + done)
     if args.out == "-":
-        print(text)
+        print(markdown(rows, command))
     else:
-        Path(args.out).write_text(text + "\n")
         print(f"wrote {args.out}", file=sys.stderr)
 
 

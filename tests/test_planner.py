@@ -94,11 +94,13 @@ def test_zero_stages_divide_by_n():
     assert (z1.items["weights"], z1.items["gradients"], z1.items["optimizer_states"]) == (2 * p, 2 * p, 12 * p // n)
     assert (z2.items["weights"], z2.items["gradients"], z2.items["optimizer_states"]) == (2 * p, 2 * p // n,
                                                                                           12 * p // n)
-    # ZeRO-3: a quarter of the weights, plus the gathered wte and one prefetch bucket in flight,
-    # plus biases and LayerNorms (below the persistence threshold) whole on every rank
-    in_flight = (50257 * 768 + mm.BUCKET_ELEMENTS_SMALL) * 2
-    persistent = (12 * 13 * 768 + 2 * 768) * 2
-    assert z3.items["weights"] == 2 * p // n + in_flight + persistent == 239_657_344
+    # ZeRO-3: a quarter of the weights, plus in flight the gathered wte, one prefetch bucket and what
+    # recurs within stage3_max_reuse_distance (at gpt2's size: every partitioned tensor), plus biases and
+    # LayerNorms (below the persistence threshold) whole on every rank
+    small = 12 * 13 * 768 + 2 * 768
+    in_flight = min(50257 * 768 + mm.BUCKET_ELEMENTS_SMALL + mm.STAGE3_MAX_REUSE_DISTANCE, p - small) * 2
+    assert in_flight == (p - small) * 2
+    assert z3.items["weights"] == 2 * p // n + in_flight + small * 2 == 311_099_520
     assert (z3.items["gradients"], z3.items["optimizer_states"]) == (2 * p // n, 12 * p // n)
 
 
