@@ -37,7 +37,7 @@ import dataclasses
 import torch
 from torch import nn
 
-from trainer.memory_model import DTYPE_BYTES, GiB, MiB
+from trainer.memory_model import GiB, MiB
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
