@@ -7,6 +7,11 @@ defaults, planned by trainer.planner. Nothing is loaded; it runs in well under a
     python bench/plan_table.py                 # auto mode, 1 GPU
     python bench/plan_table.py --mode=full     # full fine-tuning (offload allowed)
     python bench/plan_table.py --gpus=4
+    python bench/plan_table.py --simulate      # + each plan's step simulated on fake tensors (minutes)
+
+With --simulate each row also gets the simulation's verdict (trainer/simulate.py): the peak with the
+simulated activations + logits and optimizer step in place of the estimated ones (model states,
+DeepSpeed's buckets, fragmentation and the CUDA context as estimated), against the usable memory.
 """
 import argparse
 import sys
@@ -15,7 +20,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from trainer.config import DEFAULTS, RECIPES_DIR, read_recipe  # noqa: E402
-from trainer.memory_model import GPT2_SHAPES, GPT2_VOCAB  # noqa: E402
+from trainer.memory_model import CUDA_CONTEXT_BYTES, FRAGMENTATION, GPT2_SHAPES, GPT2_VOCAB  # noqa: E402
 from trainer.planner import PlanError, detect_hardware, fmt_bytes, make_plan  # noqa: E402
 
 RECIPES = {"gpt2": "gpt2_small", "gpt2-medium": "gpt2_medium", "gpt2-large": "gpt2_large", "gpt2-xl": "gpt2_xl"}
@@ -29,7 +34,17 @@ def recipe_cfg(model, **overrides):
     return cfg
 
 
-def rows(mode, gpus):
+def simulated_peak(cfg, plan):
+    """The plan's peak with the simulated step's activations + logits and optimizer step."""
+    from trainer.simulate import plan_shape, simulate
+    sim = simulate(cfg, plan_shape(cfg), plan)
+    m = plan.memory
+    states = m["weights"] + m["gradients"] + m["optimizer_states"] + m["ds_buckets"]
+    allocated = states + max(sim.items["activations_and_logits"], sim.items["optimizer_step_transient"])
+    return int(allocated * (1 + FRAGMENTATION) + CUDA_CONTEXT_BYTES)
+
+
+def rows(mode, gpus, simulate=False):
     for model in RECIPES:
         cfg = recipe_cfg(model, mode=mode)
         for gb in VRAM_GB:
@@ -38,27 +53,32 @@ def rows(mode, gpus):
                 p = make_plan(cfg, hw)
             except PlanError as exc:
                 need = str(exc).split(", i.e. ")[1].split(";")[0] if ", i.e. " in str(exc) else str(exc)
-                yield [model, f"{gb} GB", "does not fit", "", "", "", "", need]
+                yield [model, f"{gb} GB", "does not fit", "", "", "", "", need] + ([""] if simulate else [])
                 continue
-            yield [model, f"{gb} GB", p.mode, str(p.zero_stage), p.offload,
+            row = [model, f"{gb} GB", p.mode, str(p.zero_stage), p.offload,
                    "on" if p.gradient_checkpointing else "off",
                    f"{p.micro_batch_size} x {p.grad_accum_per_rank}",
                    f"{fmt_bytes(p.total_bytes)} / {fmt_bytes(p.usable_bytes)}"]
+            if simulate:
+                peak = simulated_peak({**cfg, "dtype": p.dtype}, p)
+                row.append(f"{'fits' if peak <= p.usable_bytes else 'OVER'}: {fmt_bytes(peak)}")
+            yield row
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--mode", default="auto", choices=["auto", "full", "lora", "qlora"])
     ap.add_argument("--gpus", type=int, default=1)
+    ap.add_argument("--simulate", action="store_true", help="add the simulated step's verdict per row")
     args = ap.parse_args()
     head = ["model", "GPU", "mode", "ZeRO", "offload", "checkpointing", "micro x accum",
-            "est. peak / usable"]
+            "est. peak / usable"] + (["simulated peak"] if args.simulate else [])
     print(f"Plans with --mode={args.mode} on {args.gpus} GPU{'s' if args.gpus > 1 else ''} "
           f"(recipes gpt2_small/medium/large/xl, block 1024, bf16):\n")
     print("| " + " | ".join(head) + " |")
     print("|" + "---|" * len(head))
-    for row in rows(args.mode, args.gpus):
-        print("| " + " | ".join(row) + " |")
+    for row in rows(args.mode, args.gpus, args.simulate):
+        print("| " + " | ".join(row) + " |", flush=True)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
 """Train a GPT-2: `deepspeed launch/train.py --recipe NAME [--key=value ...]`.
 
 Also `python launch/train.py recipes/X.py --key=value` (one process, no launcher) and
-`--plan [--json] [--vram_gb=24] [--gpus=1]` to print the memory plan and exit.
+`--plan [--json] [--vram_gb=24] [--gpus=1] [--simulate]` to print the memory plan and exit (--simulate:
+beside the plan's training step run on fake tensors, trainer/simulate.py).
 """
 import json
 import os
@@ -16,7 +17,7 @@ from trainer.config import RECIPES_DIR, describe_keys, recipe_names, recipe_summ
 from trainer.errors import UserError  # noqa: E402
 
 # Flags of this command that are not recipe keys: type, and for numbers the valid range.
-LAUNCH_FLAGS = {"--plan": bool, "--json": bool, "--vram_gb": float, "--gpus": int}
+LAUNCH_FLAGS = {"--plan": bool, "--json": bool, "--vram_gb": float, "--gpus": int, "--simulate": bool}
 LAUNCH_RANGES = {"--vram_gb": ((lambda v: v > 0), "more than 0 (GiB of memory per GPU)"),
                  "--gpus": ((lambda v: v >= 1), "1 or more")}
 
@@ -35,6 +36,8 @@ launch flags (not recipe keys):
   --json            with --plan: one JSON object instead of the table
   --vram_gb=GB      plan for a GPU of this many GiB instead of the detected one (more than 0)
   --gpus=N          plan for N GPUs (ranks) instead of the launcher's WORLD_SIZE (1 or more)
+  --simulate        with --plan: also run the plan's training step on fake tensors (no weights, no data,
+                    no GPU) and print simulated beside estimated bytes per memory item (docs/plan.md)
   -h, --help        this text
 
 A mistake in a recipe, a key or a flag is one line `error: ...` and exit code {exit_code}."""
@@ -99,17 +102,18 @@ def print_plan(cfg, flags):
     from trainer import planner
     from trainer.data import dataset_dir, read_meta
 
-    meta_path = dataset_dir(cfg) / "meta.pkl"
-    vocab = read_meta(dataset_dir(cfg))["vocab_size"] if meta_path.is_file() else 50257
+    meta = read_meta(dataset_dir(cfg)) if (dataset_dir(cfg) / "meta.pkl").is_file() else {}
     run_config = Path(cfg["out_dir"]) / "model_config.json" if cfg["init_from"] == "resume" else None
-    shape = planner.run_shape(cfg, vocab, run_config)
+    shape = {**planner.run_shape(cfg, meta.get("vocab_size", 50257), run_config),
+             "packed": meta.get("format") == "instructions"}  # packed instruction blocks, as the run will plan
     world = int(os.environ.get("WORLD_SIZE", "1"))
     hw = planner.detect_hardware(world, vram_gb=flags.get("vram_gb"), gpus=flags.get("gpus"))
     plan = planner.make_plan({**cfg, **shape}, hw)
-    if flags.get("json"):
-        print(json.dumps(planner.plan_to_dict(plan)))
-    else:
-        print(planner.format_plan(plan))
+    out = planner.plan_to_dict(plan) if flags.get("json") else planner.format_plan(plan)
+    if flags.get("simulate"):
+        from trainer.simulate import add_simulation
+        out = add_simulation(out, {**cfg, **shape}, plan)
+    print(json.dumps(out) if flags.get("json") else out)
 
 
 def main(argv):

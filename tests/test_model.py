@@ -89,3 +89,28 @@ def test_lm_with_loss_matches_transformers_loss(tiny_gpt2_dir):
         ours = LMWithLoss(lm)(idx[:, :-1], idx[:, 1:])
         theirs = lm(input_ids=idx, labels=idx).loss  # HF shifts the labels itself
     assert torch.allclose(ours, theirs, atol=1e-5)
+
+
+def test_every_model_uses_the_fused_tanh_gelu_which_matches_gpt2s_gelu_new(tiny_gpt2_dir, tmp_path):
+    """gelu_pytorch_tanh (one kernel) vs gelu_new (GPT-2's Python formula): the same function."""
+    from transformers.activations import ACT2FN
+    from trainer.model import ACTIVATION, model_from_config_file
+    scratch = build_model(cfg_with(n_layer=1, n_head=2, n_embd=32, block_size=16), 65)
+    pretrained = build_model(cfg_with(init_from=str(tiny_gpt2_dir), block_size=128), 50257)
+    theirs = GPT2LMHeadModel.from_pretrained(tiny_gpt2_dir)
+    assert theirs.config.activation_function == "gelu_new"  # as saved, like GPT-2's hub configs
+    theirs.config.to_json_file(tmp_path / "model_config.json")
+    rebuilt = model_from_config_file(tmp_path / "model_config.json")
+    for model in (scratch, pretrained, rebuilt):
+        assert model.config.activation_function == ACTIVATION == "gelu_pytorch_tanh"
+        assert type(model.transformer.h[0].mlp.act) is type(ACT2FN[ACTIVATION])
+    x = torch.linspace(-20, 20, 400_001)
+    exact = ACT2FN["gelu_new"](x.double())
+    assert (ACT2FN[ACTIVATION](x) - ACT2FN["gelu_new"](x)).abs().max() <= 5e-7  # measured 4.8e-7 in fp32
+    for dtype in (torch.bfloat16, torch.float16):
+        fused, new = ACT2FN[ACTIVATION](x.to(dtype)).double(), ACT2FN["gelu_new"](x.to(dtype)).double()
+        # at most one rounding step (eps * max(|y|, 1)) apart in 16 bits: bf16 max 0.0156, fp16 0.00195;
+        # both are as far from the exact function (the rounding of x itself dominates)
+        step = torch.finfo(dtype).eps * exact.abs().clamp(min=1)
+        assert ((fused - new).abs() <= step).all()
+        assert (fused - exact).abs().max() <= (new - exact).abs().max()

@@ -33,9 +33,10 @@ def shape_of(model):
     return Shape(*GPT2_SHAPES[model], 50257, 1024)
 
 
-def est(model, mode="full", zero=0, offload="none", ckpt=False, micro=1, dtype="bf16", n=1, device="cuda"):
+def est(model, mode="full", zero=0, offload="none", ckpt=False, micro=1, dtype="bf16", n=1, device="cuda",
+        lora_dropout=0.0):
     return estimate(shape_of(model), Candidate(mode, zero, offload, ckpt, micro), dtype, n, device, 70 * GiB,
-                    lora_r=8, lora_targets=ALL)
+                    lora_r=8, lora_targets=ALL, lora_dropout=lora_dropout)
 
 
 # ----------------------------------------------------------------------------- counts
@@ -93,11 +94,13 @@ def test_zero_stages_divide_by_n():
     assert (z1.items["weights"], z1.items["gradients"], z1.items["optimizer_states"]) == (2 * p, 2 * p, 12 * p // n)
     assert (z2.items["weights"], z2.items["gradients"], z2.items["optimizer_states"]) == (2 * p, 2 * p // n,
                                                                                           12 * p // n)
-    # ZeRO-3: a quarter of the weights, plus the gathered wte and one prefetch bucket in flight,
-    # plus biases and LayerNorms (below the persistence threshold) whole on every rank
-    in_flight = (50257 * 768 + mm.BUCKET_ELEMENTS_SMALL) * 2
-    persistent = (12 * 13 * 768 + 2 * 768) * 2
-    assert z3.items["weights"] == 2 * p // n + in_flight + persistent == 239_657_344
+    # ZeRO-3: a quarter of the weights, plus in flight the gathered wte, one prefetch bucket and what
+    # recurs within stage3_max_reuse_distance (at gpt2's size: every partitioned tensor), plus biases and
+    # LayerNorms (below the persistence threshold) whole on every rank
+    small = 12 * 13 * 768 + 2 * 768
+    in_flight = min(50257 * 768 + mm.BUCKET_ELEMENTS_SMALL + mm.STAGE3_MAX_REUSE_DISTANCE, p - small) * 2
+    assert in_flight == (p - small) * 2
+    assert z3.items["weights"] == 2 * p // n + in_flight + small * 2 == 311_099_520
     assert (z3.items["gradients"], z3.items["optimizer_states"]) == (2 * p // n, 12 * p // n)
 
 
@@ -137,15 +140,22 @@ def test_lora_and_qlora_weights():
 
 
 def test_activations_and_chunked_loss_by_hand():
-    sbh = 1024 * 768
-    assert est("gpt2").items["activations"] == 34 * sbh * 12 + 4 * sbh == 324_009_984
-    assert est("gpt2", ckpt=True).items["activations"] == 2 * sbh * 12 + 34 * sbh + 4 * sbh == 48_758_784
+    sbh, lse = 1024 * 768, 4 * 12 * 1024  # flash attention's fp32 logsumexp per head and token
+    assert est("gpt2").items["activations"] == (32 * sbh + lse) * 12 + 4 * sbh == 305_725_440
+    # checkpointing: each layer's input; the recomputed layer lives after the loss freed its chunk
+    assert est("gpt2", ckpt=True).items["activations"] == 2 * sbh * 12 + 4 * sbh == 22_020_096
     # 256 MiB of fp32 logits is 1335 tokens at vocab 50257; one sequence (1024 tokens) is one chunk
     assert mm.LOSS_CHUNK_BYTES // (4 * 50257) == 1335
     assert est("gpt2").items["logits_and_loss"] == 1024 * 50257 * 12 + 2 * sbh * 2
-    # larger micro-batches add only hidden states: the fp32 logits stay at one chunk
+    # larger micro-batches add only hidden states: the fp32 logits stay at one chunk; full mode also
+    # holds one chunk's gradient of the tied embedding before it is added to wte.grad
     m8 = est("gpt2", micro=8).items["logits_and_loss"]
-    assert m8 == 1335 * 50257 * 12 + 2 * 8 * sbh * 2
+    assert m8 == 1335 * 50257 * 12 + 2 * 8 * sbh * 2 + 50257 * 768 * 2
+    assert est("gpt2", micro=8, mode="lora").items["logits_and_loss"] == m8 - 50257 * 768 * 2
+    # LoRA dropout: a bool mask per targeted input (7h) + attention's output copied (2h); lora_A's outputs
+    r = 8
+    lora = est("gpt2", mode="lora", lora_dropout=0.05).items["activations"]
+    assert lora == (32 * sbh + lse + 1024 * r * 2 * 4 + 7 * sbh + 2 * sbh) * 12 + 4 * sbh
 
 
 def test_peak_is_states_plus_the_larger_phase():

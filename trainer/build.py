@@ -49,7 +49,7 @@ class Run:
     rank: int
     world: int
     data: object              # TokenData, or MixedData for a list of datasets
-    shape: dict               # n_layer, n_head, n_embd, vocab_size (what the planner plans for)
+    shape: dict               # n_layer, n_head, n_embd, vocab_size, packed (what the planner plans for)
     hw: planner.Hardware
     plan: planner.Plan
     engine: object            # the DeepSpeed engine around LMWithLoss
@@ -241,7 +241,8 @@ def build_run(cfg, hardware=None):
     cfg, data, resume, notes = final_config(cfg, out_dir, world)
 
     saved_model = out_dir / "model_config.json" if resume else None
-    shape = planner.run_shape(cfg, data.vocab_size, saved_model)
+    # the model's shape, and whether batches are packed instruction blocks: what the planner plans for
+    shape = {**planner.run_shape(cfg, data.vocab_size, saved_model), "packed": bool(data.packed)}
     hw = planner.detect_hardware(world, **(hardware or {}))
     plan = planner.make_plan({**cfg, **shape}, hw)
 

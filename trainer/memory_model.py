@@ -1,7 +1,7 @@
 """The memory model: bytes per device for one candidate plan, from the model's shape alone.
 
 Pure arithmetic (no torch, no model construction), so the planner can try hundreds of
-candidates for gpt2-xl in milliseconds. DESIGN.md, "The plan", is the contract; the
+candidates for gpt2-xl in milliseconds. docs/plan.md describes the plan; the
 DeepSpeed-specific details below (which fp32 copies exist when, which buffers are
 allocated) were read from deepspeed 0.19's engine, stage_1_and_2, stage3 and
 fp16/fused_optimizer code paths.
@@ -38,23 +38,43 @@ CPU_PROCESS_BYTES = 1 * GiB       # resident python + torch + deepspeed per rank
 FRAGMENTATION = 0.10              # caching allocator: reserved exceeds allocated by this fraction at peak
 USABLE_FRACTION_GPU = 0.95        # plan into this share of a GPU's memory; the rest is headroom
 USABLE_FRACTION_CPU = 0.80        # share of *available* system memory (other processes, page cache)
-ACT_BYTES_PER_SBH = 34            # per layer, 16-bit, fused SDPA attention (Korthikanti et al. 2022)
+# Per layer, 16-bit, flash SDPA, the fused tanh GELU: 32 (was 34, Korthikanti et al.'s count for
+# Megatron's layer). Measured by trainer/simulate.py on the real step (bench/SIMULATE.md): ln_1 input 2,
+# c_attn input 2 + output 6, attention output 2, c_proj input (the same) 0, residual + ln_2 input 2,
+# c_fc input 2, GELU input 8, c_proj input 8: 32. Flash attention adds an fp32 log-sum-exp per head and
+# token (ATTN_LSE_BYTES). GPT-2's own gelu_new would add four more 4h-wide tensors (56).
+ACT_BYTES_PER_SBH = 32
+ATTN_LSE_BYTES = 4                # per head per token per layer (flash SDPA's fp32 logsumexp)
 CKPT_BYTES_PER_SBH = 2            # per checkpointed layer: its 16-bit input hidden state
 OUTSIDE_LAYERS_SBH = 4            # embedding sum + final LayerNorm input/output, 16-bit
 LOGITS_BYTES_PER_ELEMENT = 12     # per chunk element: fp32 log-probs kept + their grad + logits' grad
+# LoRA dropout (peft) keeps, per targeted projection, a dropped copy of its input and CUDA's bool mask;
+# the frozen base then no longer keeps that input, except attention's c_proj input (flash keeps it):
+# net 1 byte per input element, plus the compute dtype for attn.c_proj. Measured (simulation): 9.08
+# bytes per s*b*h per layer for c_attn, c_proj, c_fc at r=8, where the old count said 21.
+LORA_DROPOUT_MASK_BYTES = 1
 NF4_BYTES_PER_PARAM = 0.5 + 1 / 64 + 4 / (64 * 256)  # 4-bit + 8-bit absmax per 64 + fp32 per 256 blocks
 ZERO0_ALLREDUCE_ELEMENTS = 500_000_000  # engine.allreduce_gradients' fixed bucket (ZeRO-0 path)
 BUCKET_ELEMENTS_LARGE = 200_000_000     # ds_configs/zero1,zero2 templates
 BUCKET_ELEMENTS_SMALL = 50_000_000      # ds_configs/zero3 template; also ZeRO-1/2 on small GPUs
 SMALL_GPU_BYTES = 20 * GiB              # below this usable memory, ZeRO-1/2 use the small buckets
 PERSISTENCE_THRESHOLD = 100_000         # ZeRO-3 keeps tensors this small whole on every rank
+# ZeRO-3 releases a gathered parameter after its module unless it recurs within the next
+# stage3_max_reuse_distance elements of the trace (partitioned_param_coordinator.__params_to_release),
+# and prefetches while fewer than stage3_max_live_parameters are gathered. The templates used to say
+# 1e9 for both, which kept every layer whose backward use was < 1e9 elements away (the last ~16 layers
+# of gpt2-xl gathered); capped to the prefetch bucket, at most this many more elements stay gathered.
+STAGE3_MAX_REUSE_DISTANCE = 50_000_000
+STAGE3_MAX_LIVE_PARAMETERS = 50_000_000
 # CPU SDPA falls back to the math kernel when attention dropout is on, materializing scores,
 # softmax and the mask: measured here (torch 2.13 CPU, fp32) at ~13 bytes per score element.
 MATH_ATTN_BYTES_FP32 = 13
-# Adam temporaries (sqrt of exp_avg_sq, its scaled copy) the size of the largest tensor the
-# optimizer updates: torch's foreach path on GPUs keeps one, the per-tensor CPU path two.
+# Adam temporaries the size of the largest tensor the optimizer updates: torch's foreach path on
+# GPUs keeps one (sqrt of every exp_avg_sq at once, so "largest" is everything); the per-tensor CPU
+# path three (the previous tensor's denominator is still bound while the next one's sqrt and its
+# scaled copy are made: measured on a real engine, tests/optimizer_step.py, was 2).
 ADAM_TEMPS_GPU = 1
-ADAM_TEMPS_CPU = 2
+ADAM_TEMPS_CPU = 3
 # ---------------------------------------------------------------------------------------
 
 DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
@@ -157,7 +177,9 @@ def bucket_sizes(zero_stage, trainable, usable_bytes):
     if zero_stage == 3:
         # prefetch gathers frozen weights too, so it is not capped by the trainable count
         return {"reduce_bucket_size": size, "stage3_prefetch_bucket_size": BUCKET_ELEMENTS_SMALL,
-                "stage3_param_persistence_threshold": PERSISTENCE_THRESHOLD}
+                "stage3_param_persistence_threshold": PERSISTENCE_THRESHOLD,
+                "stage3_max_live_parameters": STAGE3_MAX_LIVE_PARAMETERS,
+                "stage3_max_reuse_distance": STAGE3_MAX_REUSE_DISTANCE}
     return {"reduce_bucket_size": size, "allgather_bucket_size": size}
 
 
@@ -171,7 +193,7 @@ def parameter_counts(shape, mode, lora_r, lora_targets):
 
 
 def estimate(shape, cand, dtype, n_devices, device_type, usable_bytes, lora_r=8,
-             lora_targets=LORA_TARGETS, lora_dropout=0.0, dropout=0.0):
+             lora_targets=LORA_TARGETS, lora_dropout=0.0, dropout=0.0, packed=False):
     """Per-device bytes of one candidate plan (see the module docstring for the peak)."""
     w = DTYPE_BYTES[dtype]
     n = n_devices
@@ -197,8 +219,9 @@ def estimate(shape, cand, dtype, n_devices, device_type, usable_bytes, lora_r=8,
         if cand.mode != "full":
             numels = numels + lora_tensor_numels(L, c, lora_r, lora_targets)
         small = sum(k for k in numels if k <= PERSISTENCE_THRESHOLD)
-        gathered = min(max(k for k in numels if k > PERSISTENCE_THRESHOLD) + BUCKET_ELEMENTS_SMALL,
-                       sum(numels) - small) if small < sum(numels) else 0
+        # the module running + what is prefetched + what recurs within the reuse distance
+        gathered = min(max(k for k in numels if k > PERSISTENCE_THRESHOLD) + BUCKET_ELEMENTS_SMALL
+                       + STAGE3_MAX_REUSE_DISTANCE, sum(numels) - small) if small < sum(numels) else 0
         partition = 0 if offload == "optimizer+params" else model_bytes / n
         resident = partition + small * w if n > 1 else max(partition, small * w)
         in_flight = gathered * w if n > 1 or offload == "optimizer+params" else 0
@@ -232,31 +255,49 @@ def estimate(shape, cand, dtype, n_devices, device_type, usable_bytes, lora_r=8,
     if zero == 0:
         ds_buckets = 0
     else:
-        copies = 1 if zero == 1 else 2  # overlap_comm (zero2/zero3 templates) double-buffers
+        # stage_1_and_2.setup_buckets: one reduce_bucket_size buffer (contiguous_gradients, on by default),
+        # a second one with overlap_comm (zero2/zero3 templates), in the compute dtype (grad_accum_dtype
+        # defaults to it). DeepSpeed's docs' "4.5x the bucket sizes" also counts the all-gather bucket and
+        # the fp32 gradient partition: here they are the optimizer-step transient.
+        copies = 1 if zero == 1 else 2
         ds_buckets = buckets["reduce_bucket_size"] * w * copies
 
-    # --- activations of one micro-batch
+    # --- activations of one micro-batch (calibrated against trainer/simulate.py, bench/SIMULATE.md)
     sbh = s * b * c
     scale = w / 2  # the per-sbh constants are for 16-bit tensors
-    per_layer = ACT_BYTES_PER_SBH * sbh * scale
+    per_layer = ACT_BYTES_PER_SBH * sbh * scale + ATTN_LSE_BYTES * shape.n_head * s * b
     if device_type == "cpu" and dropout > 0:
         per_layer += shape.n_head * s * s * b * (MATH_ATTN_BYTES_FP32 if w == 4 else 5)
-    if cand.mode != "full" and lora_dropout > 0:
-        # peft's LoRA dropout keeps a dropped copy of each targeted projection's input
-        inputs = {"c_attn": c, "c_proj": c + 4 * c, "c_fc": c}
-        per_layer += s * b * sum(inputs[t] for t in set(lora_targets)) * (w + 1)
+    if packed:
+        # instruction batches' block-diagonal mask: CUDA's memory-efficient SDPA turns the bool mask into an
+        # additive one of the compute dtype in every layer and keeps it for backward (simulated: 24 bytes
+        # per b*s*s at 12 layers in bf16)
+        per_layer += b * s * s * w
+    if cand.mode != "full":
+        targets = set(lora_targets)
+        # lora_A's r-wide output, kept by lora_B: one per c_attn and c_fc, two for c_proj (attention and MLP)
+        per_layer += s * b * lora_r * w * sum({"c_attn": 1, "c_proj": 2, "c_fc": 1}[t] for t in targets)
+        if lora_dropout > 0:
+            inputs = {"c_attn": c, "c_proj": c + 4 * c, "c_fc": c}
+            per_layer += s * b * sum(inputs[t] for t in targets) * LORA_DROPOUT_MASK_BYTES
+            if "c_proj" in targets:
+                per_layer += s * b * c * w  # attention's output, kept by flash, and its dropped copy
+    tokens = s * b
+    chunk = min(tokens, max(1, LOSS_CHUNK_BYTES // (4 * V)))
+    # --- logits and loss: one chunk of logits, plus the hidden states feeding the head and their grad;
+    # a chunked loss in full mode also holds one chunk's gradient of the tied wte/lm_head weight
+    logits = chunk * V * LOGITS_BYTES_PER_ELEMENT + 2 * tokens * c * w
+    if cand.mode == "full" and tokens > chunk:
+        logits += V * c * w
     if cand.gradient_checkpointing:
-        activations = L * CKPT_BYTES_PER_SBH * sbh * scale + per_layer  # + the layer recomputed
+        # the recomputed layer's activations live while one layer's backward runs, after the loss has
+        # freed its chunk: they add only where they exceed it (never at GPT-2's vocabulary, measured)
+        activations = L * CKPT_BYTES_PER_SBH * sbh * scale + max(0, per_layer - logits)
     else:
         activations = L * per_layer
     activations += OUTSIDE_LAYERS_SBH * sbh * scale
-    if cand.mode == "qlora":
-        activations += 2 * 4 * c * c * w  # dequantized weight of the largest projection, fwd and bwd
-
-    # --- logits and loss: one chunk of logits, plus the hidden states feeding the head and their grad
-    tokens = s * b
-    chunk = min(tokens, max(1, LOSS_CHUNK_BYTES // (4 * V)))
-    logits = chunk * V * LOGITS_BYTES_PER_ELEMENT + 2 * tokens * c * w
+    if packed:
+        activations += b * s * s  # the bool mask itself (trainer/model.packed_causal_mask)
 
     # --- optimizer-step transient: fp32 gradient copies and Adam's temporaries
     temps = ADAM_TEMPS_GPU if device_type == "cuda" else ADAM_TEMPS_CPU
@@ -264,13 +305,20 @@ def estimate(shape, cand, dtype, n_devices, device_type, usable_bytes, lora_r=8,
         transient = 0  # DeepSpeedCPUAdam updates in place on the CPU
     elif zero == 0:
         allreduce = min(trainable, ZERO0_ALLREDUCE_ELEMENTS) * w
+        # torch's AdamW: foreach on CUDA (one fp32 temporary the size of everything it updates,
+        # torch/optim/adam.py _multi_tensor_adam: _foreach_sqrt(exp_avg_sqs)), per tensor on the CPU
+        # (sqrt and its scaled copy of one tensor at a time)
+        numels = gpt2_tensor_numels(L, c, V, s) if cand.mode == "full" else lora_tensor_numels(
+            L, c, lora_r, lora_targets)
+        largest = trainable if device_type == "cuda" else min(trainable, max(numels))
+        adam = temps * 4 * largest
         if w != 4:
-            # FP16_Optimizer flattens fp32 copies of every gradient (per-parameter list + flat buffer)
-            transient = max(8 * trainable, allreduce, 4 * trainable * (1 + temps) - grad_full)
+            # DeepSpeed's FP16_UnfusedOptimizer (runtime/fp16/unfused_optimizer.py, step): an fp32 copy
+            # of every gradient beside the fp32 masters, then AdamW on the masters
+            transient = max(4 * trainable + adam, allreduce)
         else:
-            # plain torch AdamW on the parameters; temporaries of the largest tensor (foreach: all)
-            largest = trainable if device_type == "cuda" else min(trainable, max(V * c, 4 * c * c))
-            transient = max(allreduce, temps * 4 * largest)
+            # plain torch AdamW on the parameters
+            transient = max(allreduce, adam)
     else:
         # the fp32 gradient partition plus Adam's temporaries on the flat fp32 partition
         transient = (4 + temps * 4) * trainable / n

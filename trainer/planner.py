@@ -4,7 +4,7 @@ Pure planning from the model's shape (trainer/memory_model.py does the arithmeti
 model is built and no weights are read, so `--plan` answers at once even for gpt2-xl.
 torch is imported only to detect a GPU, and not at all when --vram_gb is given.
 
-Search in auto mode (DESIGN.md, "The plan"): full fine-tuning without offload, then LoRA,
+Search in auto mode (docs/plan.md): full fine-tuning without offload, then LoRA,
 then QLoRA; within a mode the lowest ZeRO stage, checkpointing only if needed and the
 largest micro-batch that fits. A fixed mode also allows offload. Keys the user fixed are
 never changed; the micro-batch and accumulation change, tokens per iteration never do.
@@ -179,10 +179,11 @@ class _Context:
     lora_targets: tuple
     lora_dropout: float
     dropout: float
+    packed: bool = False      # instruction batches (trainer/data.py: meta format 'instructions')
 
     def estimate(self, cand):
         return estimate(self.shape, cand, self.dtype, self.hw.n_devices, self.hw.device_type, self.usable,
-                        self.lora_r, self.lora_targets, self.lora_dropout, self.dropout)
+                        self.lora_r, self.lora_targets, self.lora_dropout, self.dropout, self.packed)
 
 
 def _context(cfg, hw, **overrides):
@@ -200,7 +201,8 @@ def _context(cfg, hw, **overrides):
         raise PlanError("dtype=fp16 needs a GPU; on the CPU use fp32 (auto) or bf16")
     shape = Shape(cfg["n_layer"], cfg["n_head"], cfg["n_embd"], cfg["vocab_size"], cfg["block_size"])
     ctx = _Context(cfg, hw, shape, sequences, sequences // n, dtype, usable_bytes(hw), fixed,
-                   cfg["lora_r"], tuple(cfg["lora_targets"]), cfg["lora_dropout"], cfg["dropout"])
+                   cfg["lora_r"], tuple(cfg["lora_targets"]), cfg["lora_dropout"], cfg["dropout"],
+                   cfg.get("packed", False))  # from the dataset, like the shape keys (run_shape); not a recipe key
     _check_fixed(ctx)
     return ctx
 

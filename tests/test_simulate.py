@@ -1,0 +1,85 @@
+"""The simulated training step (trainer/simulate.py) against the memory model, on a handful of the rows
+of bench/SIMULATE.md (the whole table: python bench/simulate_table.py). Fake tensors: no weights, no GPU."""
+import json
+
+import pytest
+import torch
+
+from bench.plan_table import recipe_cfg
+from tests.conftest import python, run_cmd
+from trainer import simulate as sim_mod
+from trainer.memory_model import Candidate, Shape, estimate
+from trainer.planner import detect_hardware, make_plan
+from trainer.simulate import comparison, plan_shape, simulate
+
+
+def plan_for(model="gpt2", **fixed):
+    cfg = recipe_cfg(model, zero_stage=0, offload="none", **fixed)
+    return cfg, make_plan(cfg, detect_hardware(1, vram_gb=1000, gpus=1))
+
+
+@pytest.mark.parametrize("mode,ckpt,micro,dtype", [("full", False, 1, "bf16"), ("full", True, 4, "fp16"),
+                                                    ("lora", True, 4, "bf16"), ("qlora", False, 1, "fp16")])
+def test_estimate_within_5_percent_of_the_simulated_step(mode, ckpt, micro, dtype):
+    cfg, plan = plan_for(mode=mode, gradient_checkpointing=ckpt, micro_batch_size=micro, dtype=dtype)
+    assert (plan.mode, plan.gradient_checkpointing, plan.micro_batch_size) == (mode, ckpt, micro)
+    sim = simulate(cfg, plan_shape(cfg), plan)
+    rows = {r["item"]: r for r in comparison(plan, sim)}
+    assert abs(rows["activations_and_logits"]["difference"]) <= 0.05, rows
+    assert abs(rows["optimizer_step_transient"]["difference"]) <= 0.05, rows
+    # at ZeRO-0 on one GPU the simulation holds the model states exactly as the engine does
+    for item in ("weights", "gradients", "optimizer_states"):
+        assert abs(rows[item]["difference"]) <= 0.001, rows[item]
+
+
+def test_packed_instruction_batches_keep_a_mask_per_layer():
+    cfg, plan = plan_for(mode="full", gradient_checkpointing=False, micro_batch_size=2, dtype="bf16")
+    packed = simulate(cfg, plan_shape(cfg), plan, packed=True).items["activations_and_logits"]
+    shape = Shape(12, 12, 768, 50257, 1024)
+    cand = Candidate("full", 0, "none", False, 2)
+    est = estimate(shape, cand, "bf16", 1, "cuda", 70 * 2**30, packed=True)
+    assert abs(est.items["activations"] + est.items["logits_and_loss"] - packed) / packed <= 0.05
+    plain = estimate(shape, cand, "bf16", 1, "cuda", 70 * 2**30)
+    assert est.items["activations"] - plain.items["activations"] == 12 * 2 * 1024 * 1024 * 2 + 2 * 1024 * 1024
+
+
+def test_cuda_kernels_flash_attention_no_causal_mask_bool_dropout_masks():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    calls = []
+    real = sim_mod.cuda_sdpa
+
+    def spy(q, k, v, attn_mask=None, **kw):
+        calls.append(attn_mask)
+        return real(q, k, v, attn_mask=attn_mask, **kw)
+
+    cfg, plan = plan_for(mode="lora", gradient_checkpointing=False, micro_batch_size=1, dtype="bf16",
+                         n_layer=1)
+    sim_mod.cuda_sdpa = spy
+    try:
+        simulate(cfg, plan_shape(cfg), plan)
+    finally:
+        sim_mod.cuda_sdpa = real
+    assert calls and all(m is None for m in calls)  # causal text: flash, no mask built
+    with FakeTensorMode(), sim_mod.cuda_kernels():
+        x = torch.empty(4, 8, dtype=torch.bfloat16, requires_grad=True)
+        out = torch.nn.functional.dropout(x, 0.1, True)
+        q = torch.empty(1, 2, 16, 4, dtype=torch.bfloat16, requires_grad=True)
+        att = torch.nn.functional.scaled_dot_product_attention(q, q, q, is_causal=True)
+        saved = [t for t in att.grad_fn.saved_tensors]
+    assert out.grad_fn.name() == "NativeDropoutBackward0"
+    assert out.grad_fn._saved_result1.dtype == torch.bool  # the mask native_dropout keeps for backward
+    assert saved[-1].dtype == torch.float32 and saved[-1].shape == (1, 2, 16)  # the log-sum-exp
+    assert att.transpose(1, 2).is_contiguous()  # laid out (b, s, h, d) as flash writes it
+
+
+@pytest.mark.slow
+def test_plan_simulate_json_keeps_the_plan_keys(tmp_path):
+    repo = __import__("pathlib").Path(__file__).resolve().parents[1]
+    out = run_cmd(python("launch/train.py", "--recipe", "gpt2_small", "--plan", "--vram_gb=16", "--simulate",
+                         "--json", f"--out_dir={tmp_path / 'out'}"), cwd=repo)
+    plan = json.loads(out.stdout.strip().splitlines()[-1])
+    for key in ("micro_batch_size", "gradient_checkpointing"):
+        assert key in plan
+    assert {"activations", "logits_and_loss"} <= set(plan["memory"])
+    rows = {r["item"]: r for r in plan["simulation"]["items"]}
+    assert abs(rows["activations_and_logits"]["difference"]) <= 0.05
