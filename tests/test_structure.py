@@ -15,7 +15,7 @@ LAYERS = {
     "sampling": 1, "cli": 1,
     "planner": 2, "model": 2, "data": 2, "checkpoint": 2, "textprep": 2,
     "mixing": 3, "engine": 3, "adapters": 3, "evaluate": 3, "instructions": 3,
-    "build": 4, "inference": 4,
+    "build": 4, "inference": 4, "simulate": 4,
     "oom": 5, "export": 5,
     "loop": 6,
 }
