@@ -66,6 +66,11 @@ def init_distributed():
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
                           MASTER_PORT=str(free_port()))
     import deepspeed
+    import torch
+
+    from trainer.ranks import local_rank
+    if torch.cuda.is_available():  # this node's GPU, by local rank: the setup's collectives run on it
+        torch.cuda.set_device(local_rank() % torch.cuda.device_count())
     deepspeed.init_distributed()
 
 
