@@ -11,7 +11,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from trainer.cli import run_main  # noqa: E402
+from trainer.cli import launcher_rank, run_main, started_alone  # noqa: E402
 from trainer.config import resolve_config  # noqa: E402
 from trainer.errors import UserError  # noqa: E402
 
@@ -61,8 +61,9 @@ def free_port():
 
 
 def init_distributed():
-    """Under `deepspeed` the launcher sets RANK etc.; a plain `python` run is a world of one."""
-    if "RANK" not in os.environ:
+    """Under `deepspeed` the launcher sets RANK etc. (under an MPI or srun launch DeepSpeed discovers them);
+    a plain `python` run is a world of one."""
+    if started_alone():
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
                           MASTER_PORT=str(free_port()))
     import deepspeed
@@ -96,7 +97,7 @@ def main(argv):
     flags, rest = split_launch_flags(argv)
     cfg, _ = resolve_config(rest)
     if flags.get("plan"):
-        if int(os.environ.get("RANK", "0")) == 0:
+        if launcher_rank() == 0:
             print_plan(cfg, flags)
         return 0
     from trainer.adapters import check_source

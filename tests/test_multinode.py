@@ -140,3 +140,16 @@ def test_a_folder_not_shared_between_nodes_is_refused(data_dir, tmp_path, what):
     if what == "data_dir":
         assert f"dataset folder {tmp_path / 'no-data' / 'shakespeare_char'} does not exist" in lines[0]
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()  # nothing written, marker removed
+
+
+@pytest.mark.parametrize("variable", ["RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK", "SLURM_PROCID"])
+def test_a_mistake_is_printed_by_global_rank_0_under_any_launcher(tmp_path, variable):
+    """Before torch.distributed starts, an MPI or srun launch has no RANK yet: the global rank comes from the
+    launcher's own variable, so rank 1 prints nothing and rank 0 prints the one line."""
+    lines = {}
+    for rank in (0, 1):
+        proc = run_cmd(python(*train_args(tmp_path, tmp_path / "out", "--n_layer=0")), REPO, check=False,
+                       env={variable: str(rank)})
+        assert proc.returncode == 2, proc.stderr[-2000:]
+        lines[rank] = error_lines(proc)
+    assert len(lines[0]) == 1 and "n_layer" in lines[0][0] and lines[1] == [], lines
