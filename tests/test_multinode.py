@@ -14,6 +14,7 @@ with a save at 10 and a resume); the test allows TOLERANCE = 2e-3, as tests/test
 import base64
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -120,11 +121,19 @@ def error_lines(proc):
     return [line for line in (proc.stdout + proc.stderr).splitlines() if line.startswith("error:")]
 
 
-@pytest.mark.parametrize("what", ["out_dir", "data_dir"])
+@pytest.mark.parametrize("what", ["out_dir", "data_dir", "other data"])
 def test_a_folder_not_shared_between_nodes_is_refused(data_dir, tmp_path, what):
-    """Each "node" sees its own out_dir (or node 1 has no dataset): one line, printed once by rank 0 though
-    only rank 1 sees the problem; exit code 2 on both hosts; nothing left behind."""
-    if what == "out_dir":
+    """Each "node" sees its own out_dir (or node 1 has no dataset, or another one): one line, printed once by
+    rank 0 though only rank 1 sees the problem; exit code 2 on both hosts; nothing left behind."""
+    if what == "other data":  # node 1's copy is an older preparation: fewer validation tokens
+        other = tmp_path / "other-data" / "shakespeare_char"
+        shutil.copytree(data_dir / "shakespeare_char", other)
+        val = (other / "val.bin").read_bytes()
+        (other / "val.bin").write_bytes(val[:len(val) // 2 * 2 - 200])
+        args0 = train_args(data_dir, tmp_path / "a" / "out", *TINY, "--max_iters=10")
+        args1 = train_args(other.parent, tmp_path / "a" / "out", *TINY, "--max_iters=10")
+        expected = "error: the dataset differs between nodes (node 0 ("
+    elif what == "out_dir":
         args0 = train_args(data_dir, tmp_path / "a" / "out", *TINY, "--max_iters=10")
         args1 = train_args(data_dir, tmp_path / "b" / "out", *TINY, "--max_iters=10")
         expected = f"error: out_dir {tmp_path / 'a' / 'out'} is not shared between nodes: node 1 ("

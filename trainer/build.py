@@ -4,7 +4,9 @@ build_run(cfg): the run's final config (resume, max_epochs) -> data -> plan -> m
 -> DeepSpeed engine -> sampler -> logger -> resume state, returned as one Run. The loop
 (trainer/loop.py) only iterates over it; an out-of-memory step-down (trainer/oom.py) rebuilds the
 model and engine through the same build_module and build_engine and updates the Run in place.
-Nothing is written until every input has been checked.
+On several ranks it first checks that every rank sees rank 0's out_dir and its own copy of the same
+data (docs/multinode.md). Nothing is written until every input has been checked, except that check's
+marker file, which is removed whatever the outcome.
 """
 import json
 import math
@@ -212,8 +214,6 @@ def build_engine(run, module, plan, universal=False):
     return engine, ds_config
 
 
-# ----------------------------------------------------------------------------- the run
-
 # ----------------------------------------------------------------------------- several nodes
 # Every rank must see the same out_dir and the same data; each check below is collective, so a
 # problem seen on one node only is raised on every rank (rank 0 prints it) instead of one rank
@@ -253,7 +253,8 @@ def check_shared_out_dir(out_dir, rank, world):
             out_dir.mkdir(parents=True, exist_ok=True)
             marker.write_text(token)
         except OSError as exc:
-            error = f"cannot write into out_dir {out_dir} ({exc.strerror or exc}); choose an --out_dir every node can write"
+            error = (f"cannot write into out_dir {out_dir} ({exc.strerror or exc}); "
+                     f"choose an --out_dir every node can write")
     barrier()
     views = all_gather_objects((node_name(), error, error is None and _sees_marker(marker, token)))
     if rank == 0:
@@ -315,6 +316,8 @@ def same_hardware(hw):
     seen = all_gather_objects((hw.bytes_per_device, hw.bf16))
     return replace(hw, bytes_per_device=min(b for b, _ in seen), bf16=all(bf16 for _, bf16 in seen))
 
+
+# ----------------------------------------------------------------------------- the run
 
 def claim_out_dir(cfg, rank):
     """Once every input is known good: clear a run being overwritten, create out_dir."""
