@@ -11,7 +11,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from trainer.cli import launcher_rank, run_main, started_alone  # noqa: E402
+from trainer.cli import launcher_rank, launcher_world, run_main, started_alone  # noqa: E402
 from trainer.config import resolve_config  # noqa: E402
 from trainer.errors import UserError  # noqa: E402
 
@@ -84,7 +84,7 @@ def print_plan(cfg, flags):
     vocab = read_meta(dataset_dir(cfg))["vocab_size"] if meta_path.is_file() else 50257
     run_config = Path(cfg["out_dir"]) / "model_config.json" if cfg["init_from"] == "resume" else None
     shape = planner.run_shape(cfg, vocab, run_config)
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    world = launcher_world()  # every GPU of every node
     hw = planner.detect_hardware(world, vram_gb=flags.get("vram_gb"), gpus=flags.get("gpus"))
     plan = planner.make_plan({**cfg, **shape}, hw)
     if flags.get("json"):

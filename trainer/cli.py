@@ -21,6 +21,11 @@ def launcher_rank():
     return next((int(os.environ[name]) for name in RANK_VARIABLES if name in os.environ), 0)
 
 
+def launcher_world():
+    """The number of processes the launcher started, before torch.distributed starts (1 without one)."""
+    return next((int(os.environ[name]) for name in SIZE_VARIABLES if name in os.environ), 1)
+
+
 def started_alone():
     """No launcher of several processes: the trainer is a world of one (an MPI or srun launch is not)."""
     return "RANK" not in os.environ and all(int(os.environ.get(name, "1")) <= 1 for name in SIZE_VARIABLES)
