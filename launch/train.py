@@ -12,7 +12,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from trainer.cli import USER_ERROR_EXIT, run_main  # noqa: E402
+from trainer.cli import USER_ERROR_EXIT, launcher_rank, launcher_world, run_main, started_alone  # noqa: E402
 from trainer.config import RECIPES_DIR, describe_keys, recipe_names, recipe_summary, resolve_config  # noqa: E402
 from trainer.errors import UserError  # noqa: E402
 
@@ -89,11 +89,17 @@ def free_port():
 
 
 def init_distributed():
-    """Under `deepspeed` the launcher sets RANK etc.; a plain `python` run is a world of one."""
-    if "RANK" not in os.environ:
+    """Under `deepspeed` the launcher sets RANK etc. (under an MPI or srun launch DeepSpeed discovers them);
+    a plain `python` run is a world of one."""
+    if started_alone():
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
                           MASTER_PORT=str(free_port()))
     import deepspeed
+    import torch
+
+    from trainer.ranks import local_rank
+    if torch.cuda.is_available():  # this node's GPU, by local rank: the setup's collectives run on it
+        torch.cuda.set_device(local_rank() % torch.cuda.device_count())
     deepspeed.init_distributed()
 
 
@@ -106,7 +112,7 @@ def print_plan(cfg, flags):
     run_config = Path(cfg["out_dir"]) / "model_config.json" if cfg["init_from"] == "resume" else None
     shape = {**planner.run_shape(cfg, meta.get("vocab_size", 50257), run_config),
              "packed": meta.get("format") == "instructions"}  # packed instruction blocks, as the run will plan
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    world = launcher_world()  # every GPU of every node
     hw = planner.detect_hardware(world, vram_gb=flags.get("vram_gb"), gpus=flags.get("gpus"))
     plan = planner.make_plan({**cfg, **shape}, hw)
     out = planner.plan_to_dict(plan) if flags.get("json") else planner.format_plan(plan)
@@ -123,7 +129,7 @@ def main(argv):
     flags, rest = split_launch_flags(argv)
     cfg, _ = resolve_config(rest)
     if flags.get("plan"):
-        if int(os.environ.get("RANK", "0")) == 0:
+        if launcher_rank() == 0:
             print_plan(cfg, flags)
         return 0
     from trainer.adapters import check_source

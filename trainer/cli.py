@@ -10,6 +10,27 @@ import sys
 
 from trainer.errors import UserError
 
+# Where launchers put the global rank and the number of processes before torch.distributed starts:
+# DeepSpeed's own launcher and torchrun (RANK), OpenMPI, MPICH / Intel MPI (PMI), MVAPICH, Slurm's srun.
+RANK_VARIABLES = ("RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK", "MV2_COMM_WORLD_RANK", "SLURM_PROCID")
+SIZE_VARIABLES = ("WORLD_SIZE", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "MV2_COMM_WORLD_SIZE", "SLURM_STEP_NUM_TASKS")
+
+
+def launcher_rank():
+    """This process's global rank as its launcher set it, before torch.distributed starts (0 without one)."""
+    return next((int(os.environ[name]) for name in RANK_VARIABLES if name in os.environ), 0)
+
+
+def launcher_world():
+    """The number of processes the launcher started, before torch.distributed starts (1 without one)."""
+    return next((int(os.environ[name]) for name in SIZE_VARIABLES if name in os.environ), 1)
+
+
+def started_alone():
+    """No launcher of several processes: the trainer is a world of one (an MPI or srun launch is not)."""
+    return "RANK" not in os.environ and all(int(os.environ.get(name, "1")) <= 1 for name in SIZE_VARIABLES)
+
+
 USER_ERROR_EXIT = 2  # every entry point, for every user mistake (argparse uses 2 as well)
 
 
@@ -42,8 +63,9 @@ def run_main(main):
     try:
         code = main(sys.argv[1:])
     except UserError as exc:
-        # Every rank meets the same bad input; one line is enough (rank 0's, or the only process's).
-        if os.environ.get("RANK", "0") == "0":
+        # Every rank meets the same bad input (the setup's checks make every rank raise a mistake any rank
+        # sees); one line is enough: global rank 0's, or the only process's.
+        if launcher_rank() == 0:
             print(f"error: {exc}", file=sys.stderr)
         code = USER_ERROR_EXIT
     sys.exit(code)

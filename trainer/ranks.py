@@ -4,6 +4,7 @@ Global rank: once-per-run work (run files, TensorBoard, console, checkpoint rena
 per-node work (the GPU index, loading a quantized base onto this node's GPU).
 """
 import os
+import socket
 
 import torch
 import torch.distributed as dist
@@ -22,6 +23,28 @@ def rank():
 def local_rank():
     """This process's index on its node (the launcher's LOCAL_RANK; 0 without a launcher)."""
     return int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def node_name():
+    """This process's node as a console line names it: DeepSpeed's node rank (CROSS_RANK) and the host."""
+    node = os.environ.get("CROSS_RANK")
+    return f"node {node} ({socket.gethostname()})" if node is not None else socket.gethostname()
+
+
+def collective_device():
+    """Where a collective's tensors must live: this node's GPU under NCCL (which has no CPU tensors), else CPU."""
+    if dist.is_initialized() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def all_gather_objects(obj):
+    """[every rank's obj], in global rank order (a world of one without torch.distributed)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
 
 
 def barrier():
@@ -50,6 +73,6 @@ def all_ranks_ok(ok):
     """True only if every rank says ok: a failure on one rank must not leave the others waiting."""
     if not dist.is_initialized():
         return ok
-    flag = torch.tensor([1 if ok else 0], dtype=torch.int32)
+    flag = torch.tensor([1 if ok else 0], dtype=torch.int32, device=collective_device())
     dist.all_reduce(flag, op=dist.ReduceOp.MIN)
     return bool(flag.item())
