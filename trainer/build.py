@@ -150,7 +150,9 @@ def resume_layout(cfg, info, world):
     if cfg["mode"] != info["mode"]:
         raise UserError(f"the checkpoint was trained in {info['mode']} mode, not {cfg['mode']}; "
                         f"resume with --mode={info['mode']}")
-    universal = saved >= 1 and (world != info["world_size"] or wanted != saved)
+    # a ZeRO-0 plan saved through the fast bf16 path (DeepSpeed ZeRO-1) holds partitioned states too
+    partitioned = max(saved, info.get("engine_zero_stage", saved)) >= 1
+    universal = partitioned and (world != info["world_size"] or wanted != saved)
     if wanted != saved and (saved == 0 or wanted == 0):
         raise UserError(f"cannot resume a ZeRO-{saved} checkpoint with zero_stage={wanted}; "
                         f"resume with --zero_stage={saved}")
