@@ -2,11 +2,15 @@
 import copy
 import json
 import math
+import shutil
+import sysconfig
+from pathlib import Path
 
 import deepspeed
 import torch
 
 from trainer.config import REPO_ROOT
+from trainer.errors import UserError
 
 DS_CONFIGS = REPO_ROOT / "ds_configs"
 
@@ -87,6 +91,35 @@ def build_ds_config(cfg, plan, world_size, on_gpu):
         config["fp16"] = {"enabled": True, "loss_scale": 0, "initial_scale_power": 16,
                           "loss_scale_window": 1000, "hysteresis": 2, "min_loss_scale": 1}
     return config
+
+
+def may_offload(plan, cfg, hw):
+    """The plan offloads, or an out-of-memory step-down may switch to offload (trainer/planner.step_down)."""
+    return plan.offload != "none" or (hw.device_type == "cuda" and cfg["offload"] == "auto")
+
+
+def ensure_cpu_adam():
+    """Load DeepSpeed's CPU Adam op (offload's optimizer), building it now if it is not built yet.
+
+    DeepSpeed builds it with torch's cpp_extension at the first offloaded step, which on a machine without
+    a compiler would fail hours into a run (after a step-down); the setup calls this instead.
+    """
+    from deepspeed.ops.op_builder import CPUAdamBuilder
+    try:
+        CPUAdamBuilder().load(verbose=False)
+        return
+    except Exception as exc:  # noqa: BLE001 - any failure to build is reported as what to install
+        error = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
+    missing = []
+    if not (shutil.which("c++") or shutil.which("g++")):
+        missing.append("a C++ compiler (apt-get install g++)")
+    if not shutil.which("ninja"):
+        missing.append("ninja (pip install ninja)")
+    if not (Path(sysconfig.get_paths()["include"]) / "Python.h").is_file():
+        missing.append("the Python headers (apt-get install python3-dev)")
+    what = "install " + ", ".join(missing) if missing else f"the build failed ({error})"
+    raise UserError(f"offload uses DeepSpeed's CPU Adam op, which must be built on this machine: {what}; "
+                    f"or pass --offload=none")
 
 
 def param_groups(model, weight_decay):
