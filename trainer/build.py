@@ -23,7 +23,7 @@ from trainer.engine import clips_by_hand, create_engine, ensure_cpu_adam, may_of
 from trainer.errors import UserError
 from trainer.mixing import epochs_to_iters, open_data
 from trainer.model import (LMWithLoss, build_model, count_parameters, enable_checkpointing, model_from_config_file,
-                           remove_biases)
+                           packed_kernel, remove_biases)
 from trainer.ranks import barrier, rank_and_world
 from trainer.run_logger import RunLogger, flops_per_token
 from trainer.tokenizer import load_tokenizer
@@ -203,7 +203,7 @@ def build_module(cfg, plan, vocab_size, device_type, model_config=None, run_dir=
         model = build_model(cfg, vocab_size)
     if plan.gradient_checkpointing:
         enable_checkpointing(model)  # before the adapters wrap it
-    return LMWithLoss(apply_mode(model, plan, cfg))
+    return LMWithLoss(apply_mode(model, plan, cfg), packed=packed_kernel(device_type, cfg["dropout"]))
 
 
 def build_engine(run, module, plan, universal=False):

@@ -133,12 +133,20 @@ def param_groups(model, weight_decay):
     return groups
 
 
+def compiles(cfg, on_gpu):
+    """The `compile` key: auto compiles on GPUs only."""
+    return on_gpu if cfg["compile"] == "auto" else cfg["compile"]
+
+
 def create_engine(module, cfg, plan, world_size, on_gpu, load_universal=False):
     ds_config = build_ds_config(cfg, plan, world_size, on_gpu)
     if load_universal:  # resuming a checkpoint saved with another number of ranks
         ds_config["checkpoint"] = {"load_universal": True}
     engine, _, _, _ = deepspeed.initialize(model=module, model_parameters=param_groups(module, cfg["weight_decay"]),
                                            config=ds_config)
+    if compiles(cfg, on_gpu):
+        # module.compile() in place: parameter names and checkpoints stay those of the uncompiled module
+        engine.compile()
     return engine, ds_config
 
 
