@@ -220,9 +220,9 @@ def test_flex_attention_document_mask_equals_dense_mask_sdpa():
         ref = dense.lm(input_ids=idx, position_ids=pos, attention_mask=packed_causal_mask(pos)).logits
         out = flex.lm(input_ids=idx, position_ids=pos, packed_block_mask=document_block_mask(pos)).logits
         plain = flex.lm(input_ids=idx).logits  # plain text still goes through SDPA, causal
+        loss_dense, loss_flex = dense(idx, targets, pos), flex(idx, targets, pos)  # the trainer's own call
     assert (out - ref).abs().max() < 1e-5
     assert (plain - ref).abs().max() > 1e-2  # the masks do keep the examples apart
-        loss_dense, loss_flex = dense(idx, targets, pos), flex(idx, targets, pos)  # the trainer's own call
     assert abs(float(loss_dense) - float(loss_flex)) < 1e-5
     # torch 2.13 has no FlexAttention backward on the CPU ("does not support backward on CPU"): the backward
     # is exercised only on a GPU, by bench/gpu_check.py's packed step
