@@ -226,3 +226,38 @@ def test_flex_attention_document_mask_equals_dense_mask_sdpa():
     assert abs(float(loss_dense) - float(loss_flex)) < 1e-5
     # torch 2.13 has no FlexAttention backward on the CPU ("does not support backward on CPU"): the backward
     # is exercised only on a GPU, by bench/gpu_check.py's packed step
+
+
+# ----------------------------------------------------------------------------- 2. compile
+
+def engine_losses(process_group, compile_model, steps=3):
+    """Losses of a tiny GPT-2 (gradient checkpointing on) trained by the trainer's DeepSpeed engine."""
+    from trainer.engine import create_engine
+    from trainer.model import enable_checkpointing
+    cfg = {**TINY, "compile": compile_model}
+    plan = plan_for("cpu", "fp32")
+    torch.manual_seed(0)
+    lm = build_model(cfg, 65)
+    enable_checkpointing(lm)
+    engine, _ = create_engine(LMWithLoss(lm), cfg, plan, 1, on_gpu=False)
+    assert engine.is_compiled is compile_model
+    gen = torch.Generator().manual_seed(1)
+    losses = []
+    for _ in range(steps * plan.grad_accum_per_rank):
+        x = torch.randint(0, 65, (plan.micro_batch_size, 16), generator=gen)
+        loss = engine(x, torch.roll(x, -1, 1))
+        engine.backward(loss)
+        engine.step()
+        losses.append(loss.item())
+    names = [n for n, _ in engine.module.named_parameters()]
+    return losses, names
+
+
+@pytest.mark.slow  # torch.compile of a model on 2 CPU cores
+def test_compile_gives_the_eager_losses(process_group):
+    """compile=True through DeepSpeed's engine.compile(): the same losses as eager within 1e-4 (relative) over
+    3 optimizer steps, with gradient checkpointing on, and the same parameter names (checkpoints, resume)."""
+    eager, eager_names = engine_losses(process_group, False)
+    compiled, compiled_names = engine_losses(process_group, True)
+    assert compiled == pytest.approx(eager, rel=1e-4)
+    assert compiled_names == eager_names
