@@ -37,16 +37,18 @@ def zero_section(zero_stage, offload, on_gpu):
 
 
 def fast_bf16_path(plan, on_gpu):
-    """bf16 at ZeRO-0/1 without offload on a GPU runs as DeepSpeed ZeRO-1 with fp32 gradient accumulation.
+    """bf16 at ZeRO-0 without offload on a GPU runs as DeepSpeed ZeRO-1 with fp32 gradient accumulation.
 
     DeepSpeed 0.19.8 (engine._do_optimizer_sanity_check) then wraps the optimizer in its BF16_Optimizer:
     flat bf16 weights, one flat fp32 gradient buffer that every micro-step accumulates into, fp32 master
     partitions, one fused optimizer step over them and no per-parameter overflow check (bf16 needs no loss
-    scaling). At plan ZeRO-0 the alternative is FP16_UnfusedOptimizer (torch's AdamW is not DeepSpeed's
+    scaling). Left at ZeRO-0, DeepSpeed would use FP16_UnfusedOptimizer (torch's AdamW is not DeepSpeed's
     FusedAdam): per-parameter Python loops, a host sync per parameter tensor, gradients summed in bf16.
-    The fp32 buffer costs 4 bytes per trainable parameter (memory_model.fp32_grad_accum_bytes).
+    The fp32 buffer costs 4 bytes per trainable parameter (memory_model.fp32_grad_accum_bytes). A ZeRO-1
+    plan keeps ZeRO's own flat partitions (stage_1_and_2: no per-parameter syncs either); the unsharded
+    fp32 buffer would cost it more than the sharding it was chosen for saves.
     """
-    return on_gpu and plan.dtype == "bf16" and plan.offload == "none" and plan.zero_stage in (0, 1)
+    return on_gpu and plan.dtype == "bf16" and plan.offload == "none" and plan.zero_stage == 0
 
 
 def deepspeed_zero_stage(plan, on_gpu):

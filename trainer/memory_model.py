@@ -171,12 +171,12 @@ def parameter_counts(shape, mode, lora_r, lora_targets):
 
 
 def fp32_grad_accum_bytes(cand, dtype, trainable, device_type):
-    """The fast bf16 path's extra (trainer/engine.py fast_bf16_path): bf16 at ZeRO-0/1 without offload on a
+    """The fast bf16 path's extra (trainer/engine.py fast_bf16_path): bf16 at ZeRO-0 without offload on a
     GPU runs as DeepSpeed's BF16_Optimizer, which keeps one flat fp32 gradient buffer of every trainable
     parameter (not partitioned: bf16_optimizer.py allocates zeros_like(the flat bf16 group)) next to the
     bf16 gradients. Counted under 'gradients'. The step transient is left as counted for FP16_UnfusedOptimizer
     (an over-count on this path), to be reconciled with the calibration."""
-    fast = device_type == "cuda" and dtype == "bf16" and cand.offload == "none" and cand.zero_stage in (0, 1)
+    fast = device_type == "cuda" and dtype == "bf16" and cand.offload == "none" and cand.zero_stage == 0
     return 4 * trainable if fast else 0
 
 
