@@ -165,8 +165,8 @@ def step_speed(args):
     runs = [("gpt2 124M full bf16", gpt2, "full", False, 16, 2), ("gpt2 124M full bf16", gpt2, "full", True, 16, 2),
             ("gpt2-xl LoRA bf16", xl, "lora", True, 8, 1)]
     if args.dry_run:  # compiling on the CPU takes minutes: eager only
-        runs = [(name.replace("124M", "tiny"), tiny_or(None, True), mode, False, 2, 1) for name, _, mode, *_ in
-                runs[:1] + runs[2:]]
+        runs = [(name.replace("124M", "tiny").replace("bf16", "fp32"), tiny_or(None, True), mode, False, 2, 1)
+                for name, _, mode, *_ in runs[:1] + runs[2:]]
     for name, shape, mode, comp, micro, accum in runs:
         rows.append(speed_row(name, {k: shape[k] for k in ("n_layer", "n_head", "n_embd", "block_size")}, mode,
                               comp, args, micro, accum))
@@ -255,7 +255,7 @@ def step_oom(args):
 
 
 def child(args):
-    if args.step not in ("memory", "qlora", "offload"):
+    if args.step in ("speed", "oom"):  # the steps that build engines here (memory_fit rows start their own)
         init_single_rank()
     out = globals()[f"step_{args.step}"](args)
     Path(args.result).write_text(json.dumps(out))
