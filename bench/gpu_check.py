@@ -219,6 +219,9 @@ def step_packed(args):
 def step_oom(args):
     """A real CUDA OOM: plan for a GPU larger than the process may use, train, and let the step-down act."""
     import torch
+    on_gpu = torch.cuda.is_available() and not args.dry_run
+    if not on_gpu:  # the CPU has no CUDA OOM: one injected (trainer/faults.py reads it when first imported)
+        os.environ["GPT2DS_INJECT_OOM"] = "1"
 
     from trainer.config import resolve_config
     from trainer.loop import train
@@ -234,15 +237,13 @@ def step_oom(args):
                  "--max_iters=6", "--eval_interval=6", "--eval_iters=2", "--log_interval=1", "--tensorboard=False",
                  "--sample_max_new_tokens=0", "--compile=False"]
         hardware = None
-        if torch.cuda.is_available() and not args.dry_run:
+        if on_gpu:
             # gpt2 124M shape at block 1024 planned for a 40 GB GPU, run in 6 GB: the plan's micro-batch
             # runs out of memory for real and the step-down must find one that fits
             words += ["--n_layer=12", "--n_head=12", "--n_embd=768", "--block_size=256", "--batch_size=64",
                       "--gradient_accumulation_steps=1", "--dropout=0.0", "--offload=none"]
             torch.cuda.set_per_process_memory_fraction(6 * GiB / torch.cuda.get_device_properties(0).total_memory)
             hardware = {"vram_gb": 40}
-        else:
-            os.environ["GPT2DS_INJECT_OOM"] = "1"  # the CPU has no CUDA OOM: one injected (trainer/faults.py)
         cfg, _ = resolve_config(words)
         result = train(cfg, hardware)
         plan = json.loads((out_dir / "plan.json").read_text())
