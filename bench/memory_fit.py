@@ -65,12 +65,15 @@ def pct(predicted, measured):
 
 # ----------------------------------------------------------------------------- one run (child process)
 
-def run_cfg(model, dry_run):
-    """The recipe's config with the model's true shape, as bench/plan_table.py plans it."""
+def run_cfg(model, dry_run, overrides=None):
+    """The recipe's config with the model's true shape, as bench/plan_table.py plans it (plus overrides:
+    bench/gpu_check.py fixes the mode or the offload this way)."""
     if dry_run:
         from trainer.config import DEFAULTS
-        return {**DEFAULTS, **TINY, "vocab_size": mm.GPT2_VOCAB, "dropout": 0.0, "lora_dropout": 0.0}
-    return recipe_cfg(model)
+        cfg = {**DEFAULTS, **TINY, "vocab_size": mm.GPT2_VOCAB, "dropout": 0.0, "lora_dropout": 0.0}
+    else:
+        cfg = recipe_cfg(model)
+    return {**cfg, **(overrides or {})}
 
 
 def build_module(cfg, plan, device_type, workdir):
@@ -113,10 +116,11 @@ def child(args):
             Path(args.result).write_text(json.dumps(row))
             return
         torch.cuda.set_per_process_memory_fraction(cap / props.total_memory)
-        hw = Hardware("cuda", cap, 1, torch.cuda.is_bf16_supported(), f"{props.name} capped at {args.cap_gb:g} GB")
+        hw = Hardware("cuda", cap, 1, torch.cuda.get_device_capability(0) >= (8, 0),
+                      f"{props.name} capped at {args.cap_gb:g} GB")
     else:
         hw = Hardware("cpu", cap, 1, False, f"CPU budget {args.cap_gb:g} GB (dry run)")
-    cfg = run_cfg(args.model, args.dry_run)
+    cfg = run_cfg(args.model, args.dry_run, json.loads(args.override))
     try:
         plan = make_plan(cfg, hw)
     except PlanError as exc:
@@ -189,13 +193,18 @@ def machine(dry_run):
     return f"{gpu}; {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs; {', '.join(versions)}"
 
 
-def run_one(model, cap, args):
+def run_one(model, cap, args, overrides=None):
+    """One (size, cap) row from its own process; a row that runs past args.timeout says so."""
     with tempfile.TemporaryDirectory() as tmp:
         result = Path(tmp) / "row.json"
         cmd = [sys.executable, str(Path(__file__).resolve()), "--child", f"--model={model}", f"--cap_gb={cap}",
-               f"--steps={args.steps}", f"--result={result}"] + (["--dry_run"] if args.dry_run else [])
+               f"--steps={args.steps}", f"--result={result}", f"--override={json.dumps(overrides or {})}"]
+        cmd += ["--dry_run"] if args.dry_run else []
         start = time.time()
-        proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=args.timeout)
+        try:
+            proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=args.timeout)
+        except subprocess.TimeoutExpired:
+            return {"model": model, "cap_gb": cap, "status": "timeout", "error": f"over {args.timeout} s"}
         if not result.is_file():
             tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
             return {"model": model, "cap_gb": cap, "status": "failed", "error": tail[0][:300]}
@@ -274,6 +283,7 @@ def main():
     ap.add_argument("--model", help=argparse.SUPPRESS)
     ap.add_argument("--cap_gb", type=float, help=argparse.SUPPRESS)
     ap.add_argument("--result", help=argparse.SUPPRESS)
+    ap.add_argument("--override", default="{}", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
         return child(args)

@@ -23,11 +23,11 @@ from trainer import checkpoint, faults, planner
 from trainer.adapters import apply_mode, build_base
 from trainer.config import ADAPTER_MODES, DEFAULTS
 from trainer.data import TrainSampler
-from trainer.engine import clips_by_hand, create_engine
+from trainer.engine import clips_by_hand, create_engine, ensure_cpu_adam, may_offload
 from trainer.errors import UserError
 from trainer.mixing import epochs_to_iters, open_data
 from trainer.model import (LMWithLoss, build_model, count_parameters, enable_checkpointing, model_from_config_file,
-                           remove_biases)
+                           packed_kernel, remove_biases)
 from trainer.ranks import all_gather_objects, barrier, node_name, rank_and_world
 from trainer.run_logger import RunLogger, flops_per_token, require_wandb
 from trainer.tokenizer import load_tokenizer
@@ -62,6 +62,7 @@ class Run:
     log: RunLogger
     tokenizer: object
     n_params: int
+    n_trainable: int = 0      # MFU: adapter runs do weight-gradient matmuls for these only
     iter_num: int = 0
     best_val_loss: float = math.inf
     start_iter: int = 0       # nothing new to save before the first step after a start or resume
@@ -96,7 +97,8 @@ class Run:
     @property
     def flops_per_token(self):
         s = self.shape
-        return flops_per_token(self.n_params, s["n_layer"], s["n_head"], s["n_embd"], self.cfg["block_size"])
+        return flops_per_token(self.n_params, s["n_layer"], s["n_head"], s["n_embd"], self.cfg["block_size"],
+                               self.plan.mode, self.n_trainable)
 
     @property
     def plan_dict(self):
@@ -156,7 +158,9 @@ def resume_layout(cfg, info, world):
     if cfg["mode"] != info["mode"]:
         raise UserError(f"the checkpoint was trained in {info['mode']} mode, not {cfg['mode']}; "
                         f"resume with --mode={info['mode']}")
-    universal = saved >= 1 and (world != info["world_size"] or wanted != saved)
+    # a ZeRO-0 plan saved through the fast bf16 path (DeepSpeed ZeRO-1) holds partitioned states too
+    partitioned = max(saved, info.get("engine_zero_stage", saved)) >= 1
+    universal = partitioned and (world != info["world_size"] or wanted != saved)
     if wanted != saved and (saved == 0 or wanted == 0):
         raise UserError(f"cannot resume a ZeRO-{saved} checkpoint with zero_stage={wanted}; "
                         f"resume with --zero_stage={saved}")
@@ -205,7 +209,7 @@ def build_module(cfg, plan, vocab_size, device_type, model_config=None, run_dir=
         model = build_model(cfg, vocab_size)
     if plan.gradient_checkpointing:
         enable_checkpointing(model)  # before the adapters wrap it
-    return LMWithLoss(apply_mode(model, plan, cfg))
+    return LMWithLoss(apply_mode(model, plan, cfg), packed=packed_kernel(device_type, cfg["dropout"]))
 
 
 def build_engine(run, module, plan, universal=False):
@@ -354,6 +358,8 @@ def build_run(cfg, hardware=None):
     shape = {**planner.run_shape(cfg, data.vocab_size, saved_model), "packed": bool(data.packed)}
     hw = same_hardware(planner.detect_hardware(world, **(hardware or {})))
     plan = planner.make_plan({**cfg, **shape}, hw)
+    if may_offload(plan, cfg, hw):
+        ensure_cpu_adam()  # built now, not hours in when a step-down first offloads
 
     full_resume = resume is not None and plan.mode not in ADAPTER_MODES  # adapter runs rebuild their base
     module = build_module(cfg, plan, data.vocab_size, hw.device_type, saved_model if full_resume else None,
@@ -375,7 +381,8 @@ def build_run(cfg, hardware=None):
 
     run = Run(cfg=cfg, out_dir=out_dir, rank=rank, world=world, data=data, shape=shape, hw=hw, plan=plan,
               engine=None, ds_config={}, sampler=TrainSampler(data, cfg["seed"]), log=log,
-              tokenizer=load_tokenizer(data.meta), n_params=total)
+              tokenizer=load_tokenizer(data.meta), n_params=total,
+              n_trainable=trainable)
     run.engine, run.ds_config = build_engine(run, module, plan, universal=bool(resume and resume.universal))
     torch.manual_seed(cfg["seed"] + rank)  # dropout differs by rank, as in nanoGPT
 

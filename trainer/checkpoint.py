@@ -135,7 +135,8 @@ def save(engine, out_dir, iter_num, client_state, adapters_only=False):
             plan = client_state["plan"]
             atomic_write_text(root / tmp_tag / INFO, json.dumps(
                 {"iter_num": iter_num, "world_size": plan["n_devices"], "zero_stage": plan["zero_stage"],
-                 "mode": plan["mode"]}))
+                 # the fast bf16 path builds a ZeRO-0 plan as DeepSpeed ZeRO-1 (trainer/engine.py)
+                 "engine_zero_stage": engine.zero_optimization_stage(), "mode": plan["mode"]}))
             write_manifest(root / tmp_tag)
         except OSError as exc:
             error = exc

@@ -140,6 +140,10 @@ _GROUPS = {
                                  _POSITIVE, auto=int),
         "dtype": _choice("auto", ("auto",) + DTYPES, "training precision (auto: bf16 or fp16 on GPUs, fp32 on CPU)"),
     },
+    "speed": {
+        "compile": _key("auto", "torch.compile the model (DeepSpeed's engine.compile(); auto: on GPUs, off on the "
+                        "CPU, where compiling costs more than it saves)", auto=bool),
+    },
     "LoRA / QLoRA": {
         "lora_r": _key(8, "adapter rank", _POSITIVE),
         "lora_alpha": _key(16, "adapter scaling numerator (scale = lora_alpha / lora_r)", _POSITIVE),

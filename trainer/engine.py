@@ -2,11 +2,15 @@
 import copy
 import json
 import math
+import shutil
+import sysconfig
+from pathlib import Path
 
 import deepspeed
 import torch
 
 from trainer.config import REPO_ROOT
+from trainer.errors import UserError
 
 DS_CONFIGS = REPO_ROOT / "ds_configs"
 
@@ -32,15 +36,38 @@ def zero_section(zero_stage, offload, on_gpu):
     return zero
 
 
+def fast_bf16_path(plan, on_gpu):
+    """bf16 at ZeRO-0 without offload on a GPU runs as DeepSpeed ZeRO-1 with fp32 gradient accumulation.
+
+    DeepSpeed 0.19.8 (engine._do_optimizer_sanity_check) then wraps the optimizer in its BF16_Optimizer:
+    flat bf16 weights, one flat fp32 gradient buffer that every micro-step accumulates into, fp32 master
+    partitions, one fused optimizer step over them and no per-parameter overflow check (bf16 needs no loss
+    scaling). Left at ZeRO-0, DeepSpeed would use FP16_UnfusedOptimizer (torch's AdamW is not DeepSpeed's
+    FusedAdam): per-parameter Python loops, a host sync per parameter tensor, gradients summed in bf16.
+    The fp32 buffer costs 4 bytes per trainable parameter (memory_model.fp32_grad_accum_bytes). A ZeRO-1
+    plan keeps ZeRO's own flat partitions (stage_1_and_2: no per-parameter syncs either); the unsharded
+    fp32 buffer would cost it more than the sharding it was chosen for saves.
+    """
+    return on_gpu and plan.dtype == "bf16" and plan.offload == "none" and plan.zero_stage == 0
+
+
+def deepspeed_zero_stage(plan, on_gpu):
+    """The ZeRO stage the DeepSpeed engine is built with (the plan's, but 1 on the fast bf16 path)."""
+    return 1 if fast_bf16_path(plan, on_gpu) else plan.zero_stage
+
+
 def build_ds_config(cfg, plan, world_size, on_gpu):
     """The full DeepSpeed config for this run: batch sizes, precision, clipping, optimizer, ZeRO."""
+    zero = {**zero_section(plan.zero_stage, plan.offload, on_gpu), **plan.zero_buckets}
+    if fast_bf16_path(plan, on_gpu):
+        zero = {**zero_section(1, "none", on_gpu), **zero, "stage": 1}
     config = {
         "train_micro_batch_size_per_gpu": plan.micro_batch_size,
         "gradient_accumulation_steps": plan.grad_accum_per_rank,
         "train_batch_size": plan.micro_batch_size * plan.grad_accum_per_rank * world_size,
         "gradient_clipping": 0.0 if clips_by_hand(plan) else max(cfg["grad_clip"], 0.0),
         # the bucket sizes the planner counted replace the template's
-        "zero_optimization": {**zero_section(plan.zero_stage, plan.offload, on_gpu), **plan.zero_buckets},
+        "zero_optimization": zero,
         "optimizer": {
             "type": "AdamW",
             "params": {
@@ -50,6 +77,9 @@ def build_ds_config(cfg, plan, world_size, on_gpu):
                 "weight_decay": cfg["weight_decay"],
                 # torch's AdamW needs no compiled op; with offload DeepSpeed uses its CPU Adam instead
                 "torch_adam": plan.offload == "none",
+                # DeepSpeed passes the remaining params to torch.optim.AdamW (engine.get_optimizer_configuration):
+                # on a GPU its fused kernel, one launch per step instead of per-tensor foreach kernels
+                **({"fused": True} if on_gpu and plan.offload == "none" else {}),
             },
         },
         "steps_per_print": 2**31 - 1,  # the trainer prints its own progress
@@ -57,10 +87,41 @@ def build_ds_config(cfg, plan, world_size, on_gpu):
     }
     if plan.dtype == "bf16":
         config["bf16"] = {"enabled": True}
+        if fast_bf16_path(plan, on_gpu):
+            config["data_types"] = {"grad_accum_dtype": "fp32"}
     elif plan.dtype == "fp16":
         config["fp16"] = {"enabled": True, "loss_scale": 0, "initial_scale_power": 16,
                           "loss_scale_window": 1000, "hysteresis": 2, "min_loss_scale": 1}
     return config
+
+
+def may_offload(plan, cfg, hw):
+    """The plan offloads, or an out-of-memory step-down may switch to offload (trainer/planner.step_down)."""
+    return plan.offload != "none" or (hw.device_type == "cuda" and cfg["offload"] == "auto")
+
+
+def ensure_cpu_adam():
+    """Load DeepSpeed's CPU Adam op (offload's optimizer), building it now if it is not built yet.
+
+    DeepSpeed builds it with torch's cpp_extension at the first offloaded step, which on a machine without
+    a compiler would fail hours into a run (after a step-down); the setup calls this instead.
+    """
+    from deepspeed.ops.op_builder import CPUAdamBuilder
+    try:
+        CPUAdamBuilder().load(verbose=False)
+        return
+    except Exception as exc:  # noqa: BLE001 - any failure to build is reported as what to install
+        error = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
+    missing = []
+    if not (shutil.which("c++") or shutil.which("g++")):
+        missing.append("a C++ compiler (apt-get install g++)")
+    if not shutil.which("ninja"):
+        missing.append("ninja (pip install ninja)")
+    if not (Path(sysconfig.get_paths()["include"]) / "Python.h").is_file():
+        missing.append("the Python headers (apt-get install python3-dev)")
+    what = "install " + ", ".join(missing) if missing else f"the build failed ({error})"
+    raise UserError(f"offload uses DeepSpeed's CPU Adam op, which must be built on this machine: {what}; "
+                    f"or pass --offload=none")
 
 
 def param_groups(model, weight_decay):
@@ -74,12 +135,20 @@ def param_groups(model, weight_decay):
     return groups
 
 
+def compiles(cfg, on_gpu):
+    """The `compile` key: auto compiles on GPUs only."""
+    return on_gpu if cfg["compile"] == "auto" else cfg["compile"]
+
+
 def create_engine(module, cfg, plan, world_size, on_gpu, load_universal=False):
     ds_config = build_ds_config(cfg, plan, world_size, on_gpu)
     if load_universal:  # resuming a checkpoint saved with another number of ranks
         ds_config["checkpoint"] = {"load_universal": True}
     engine, _, _, _ = deepspeed.initialize(model=module, model_parameters=param_groups(module, cfg["weight_decay"]),
                                            config=ds_config)
+    if compiles(cfg, on_gpu):
+        # module.compile() in place: parameter names and checkpoints stay those of the uncompiled module
+        engine.compile()
     return engine, ds_config
 
 

@@ -16,7 +16,7 @@ from trainer.errors import UserError
 from trainer.interrupts import StopRequest
 from trainer.mixing import shares_line
 from trainer.ranks import agree_any, all_reduce_sum
-from trainer.run_logger import format_eta, human_bytes, peak_flops, peak_memory_bytes
+from trainer.run_logger import format_eta, human_bytes, peak_flops, peak_memory_bytes, reset_peak_memory
 from trainer.sampling import generate
 from trainer.tokenizer import IGNORE_INDEX
 
@@ -77,18 +77,30 @@ def train_iteration(run, recovery):
 
 
 def micro_steps(run):
+    """The micro-steps of one iteration; one host sync at its end (the losses and the grad norm together)."""
     engine, device, plan = run.engine, run.device, run.plan
-    loss_sum, grad_norm = 0.0, None
+    loss_sum, grad_norm = None, None
     for x, y, *pos in run.sampler.iteration_batches(run.sequences, run.rank, run.world, plan.micro_batch_size):
-        loss = engine(x.to(device), y.to(device), *[p.to(device) for p in pos])  # pos: packed data's positions
+        loss = engine(*[to_device(t, device) for t in (x, y, *pos)])  # pos: packed data's positions
         engine.backward(loss)
         if run.clips_by_hand and engine.is_gradient_accumulation_boundary():
             grad_norm = clip_or_skip(engine, run.cfg["grad_clip"])
         engine.step()  # AdamW (and clipping, ZeRO's reductions) at the accumulation boundary
-        loss_sum += loss.item()
+        loss_sum = loss.detach() if loss_sum is None else loss_sum + loss.detach()  # stays on the device
     if not run.clips_by_hand:
         grad_norm = engine.get_global_grad_norm()  # DeepSpeed skips non-finite steps itself
-    return loss_sum / plan.grad_accum_per_rank, grad_norm
+    if isinstance(grad_norm, torch.Tensor):  # the loss sum and the norm cross to the host in one copy
+        loss_total, grad_norm = torch.stack([loss_sum.float(), grad_norm.to(loss_sum.device).float()]).tolist()
+    else:
+        loss_total = loss_sum.item()
+    return loss_total / plan.grad_accum_per_rank, grad_norm
+
+
+def to_device(t, device):
+    """A batch tensor on the device; on a GPU copied from pinned memory without waiting for the copy."""
+    if device.type != "cuda":
+        return t
+    return t.pin_memory().to(device, non_blocking=True)
 
 
 def evaluate_and_save(run):
@@ -175,14 +187,22 @@ def log_progress(run, loss, grad_norm, lr, timer):
     seconds = timer.per_iteration()
     tokens_per_sec = run.tokens_per_iter / seconds
     grad_norm = float(grad_norm) if grad_norm is not None else None
-    peak, flops = peak_memory_bytes(), peak_flops()
+    allocated, reserved = peak_memory_bytes()  # GPU: the peaks of this interval
+    reset_peak_memory()
+    flops, why = peak_flops()
+    if run.plan.dtype == "fp32" and flops:
+        flops, why = None, "no MFU for fp32 training (the peak table is of 16-bit tensor cores)"
+    if flops is None:
+        run.log.print_once("mfu", why)
     mfu = run.flops_per_token * tokens_per_sec / (flops * run.world) if flops else None
+    memory = f"mem {human_bytes(allocated)}" + (f" (reserved {human_bytes(reserved)})" if reserved else "")
     line = (f"iter {it}/{max_iters}: loss {train_loss:.4f}, lr {lr:.2e}, {1000 * seconds:.1f}ms/iter, "
-            f"{tokens_per_sec:,.0f} tok/s, mem {human_bytes(peak)}")
+            f"{tokens_per_sec:,.0f} tok/s, {memory}")
     line += f", mfu {100 * mfu:.1f}%" if mfu is not None else ""
     run.log.print(line + f", eta {format_eta((max_iters - it) * seconds)}")
     for tag, value in (("train/loss", train_loss), ("train/lr", lr), ("train/grad_norm", grad_norm),
-                       ("perf/tokens_per_sec", tokens_per_sec), ("perf/mfu", mfu), ("mem/peak_bytes", peak)):
+                       ("perf/tokens_per_sec", tokens_per_sec), ("perf/mfu", mfu), ("mem/peak_bytes", allocated),
+                       ("mem/peak_reserved_bytes", reserved)):
         run.log.scalar(tag, value, it)
     if run.plan.dtype == "fp16":
         run.log.scalar("train/loss_scale", getattr(run.engine.optimizer, "cur_scale", None), it)

@@ -192,6 +192,16 @@ def parameter_counts(shape, mode, lora_r, lora_targets):
     return base, adapters, base + adapters
 
 
+def fp32_grad_accum_bytes(cand, dtype, trainable, device_type):
+    """The fast bf16 path's extra (trainer/engine.py fast_bf16_path): bf16 at ZeRO-0 without offload on a
+    GPU runs as DeepSpeed's BF16_Optimizer, which keeps one flat fp32 gradient buffer of every trainable
+    parameter (not partitioned: bf16_optimizer.py allocates zeros_like(the flat bf16 group)) next to the
+    bf16 gradients. Counted under 'gradients'. The step transient is left as counted for FP16_UnfusedOptimizer
+    (an over-count on this path), to be reconciled with the calibration."""
+    fast = device_type == "cuda" and dtype == "bf16" and cand.offload == "none" and cand.zero_stage == 0
+    return 4 * trainable if fast else 0
+
+
 def estimate(shape, cand, dtype, n_devices, device_type, usable_bytes, lora_r=8,
              lora_targets=LORA_TARGETS, lora_dropout=0.0, dropout=0.0, packed=False):
     """Per-device bytes of one candidate plan (see the module docstring for the peak)."""
@@ -237,6 +247,7 @@ def estimate(shape, cand, dtype, n_devices, device_type, usable_bytes, lora_r=8,
         gradients = grad_full / n
     else:
         gradients = grad_full
+    gradients += fp32_grad_accum_bytes(cand, dtype, trainable, device_type)
 
     # --- optimizer states: Adam moments (8 bytes) + an fp32 master copy (4 bytes). In fp32
     # training ZeRO-0 updates the parameters themselves; ZeRO>=1 still clones an fp32 partition.

@@ -91,7 +91,7 @@ def _available_system_memory():
 
 
 def _cuda_properties():
-    """(name, total bytes, bf16) of this rank's GPU, or None without one."""
+    """(name, total bytes, bf16 tensor cores) of this rank's GPU, or None without one."""
     try:
         import torch
     except ImportError:
@@ -100,7 +100,9 @@ def _cuda_properties():
         return None
     index = int(os.environ.get("LOCAL_RANK", 0)) % torch.cuda.device_count()
     props = torch.cuda.get_device_properties(index)
-    return props.name, int(props.total_memory), bool(torch.cuda.is_bf16_supported())
+    # bf16 tensor cores from compute capability 8.0 (Ampere); torch.cuda.is_bf16_supported() also counts
+    # emulation and says True on V100 (7.0) and T4 (7.5), which must train in fp16 with loss scaling
+    return props.name, int(props.total_memory), torch.cuda.get_device_capability(index) >= (8, 0)
 
 
 def detect_hardware(world_size, vram_gb=None, gpus=None):
