@@ -192,14 +192,48 @@ def parameter_counts(shape, mode, lora_r, lora_targets):
     return base, adapters, base + adapters
 
 
+def fast_bf16(cand, dtype, device_type):
+    """trainer/engine.py fast_bf16_path: bf16 at ZeRO-0 without offload on a GPU runs as DeepSpeed ZeRO-1 with
+    fp32 gradient accumulation, which DeepSpeed 0.19.8 wraps in its BF16_Optimizer (runtime/bf16_optimizer.py)."""
+    return device_type == "cuda" and dtype == "bf16" and cand.offload == "none" and cand.zero_stage == 0
+
+
 def fp32_grad_accum_bytes(cand, dtype, trainable, device_type):
-    """The fast bf16 path's extra (trainer/engine.py fast_bf16_path): bf16 at ZeRO-0 without offload on a
-    GPU runs as DeepSpeed's BF16_Optimizer, which keeps one flat fp32 gradient buffer of every trainable
-    parameter (not partitioned: bf16_optimizer.py allocates zeros_like(the flat bf16 group)) next to the
-    bf16 gradients. Counted under 'gradients'. The step transient is left as counted for FP16_UnfusedOptimizer
-    (an over-count on this path), to be reconciled with the calibration."""
-    fast = device_type == "cuda" and dtype == "bf16" and cand.offload == "none" and cand.zero_stage == 0
-    return 4 * trainable if fast else 0
+    """The fast bf16 path's extra gradient bytes: BF16_Optimizer._setup_for_real_optimizer allocates one flat
+    fp32 gradient buffer per param group, zeros_like(the whole flat bf16 group) (not partitioned), and adds
+    every micro-step's bf16 gradients into it (update_hp_grads; immediate_grad_update is off by default, so
+    the bf16 .grad tensors are zeroed, not freed, between micro-steps: they are counted too). Counted under
+    'gradients' (alignment padding, at most 2 * ranks elements per group, is left out)."""
+    return 4 * trainable if fast_bf16(cand, dtype, device_type) else 0
+
+
+def bf16_optimizer_transient(group_numels, largest):
+    """What the fast bf16 path allocates after backward, when the activations are gone:
+    - every micro-step, BF16_Optimizer.update_hp_grads: hp_grad.add_(lp.grad.to(fp32)), one fp32 copy of
+      one gradient at a time (the largest);
+    - at the boundary, engine.allreduce_gradients -> buffered_allreduce_fallback(elements_per_buffer=500M)
+      over the fp32 flat buffers (one per param group, decayed first): allreduce_no_retain adds buffers to a
+      bucket until it holds more than 500M elements; allreduce_bucket flattens it (a copy when it holds more
+      than one buffer) and casts it to the communication dtype (bf16 by default) for the all-reduce, even
+      on one rank;
+    - BF16_Optimizer.step: the grad norm (scalars), clipping in place, torch's fused AdamW (one in-place
+      kernel over the flat fp32 partition: no temporaries), the bf16 weights copied from the masters in
+      place: nothing the size of the model.
+    """
+    transient, bucket, numel = 4 * largest, [], 0
+
+    def reduce(bucket, numel):
+        return (4 * numel if len(bucket) > 1 else 0) + 2 * numel
+
+    for n in group_numels:
+        bucket.append(n)
+        numel += n
+        if numel > ZERO0_ALLREDUCE_ELEMENTS:
+            transient = max(transient, reduce(bucket, numel))
+            bucket, numel = [], 0
+    if bucket:
+        transient = max(transient, reduce(bucket, numel))
+    return transient
 
 
 def estimate(shape, cand, dtype, n_devices, device_type, usable_bytes, lora_r=8,
@@ -252,6 +286,10 @@ def estimate(shape, cand, dtype, n_devices, device_type, usable_bytes, lora_r=8,
     # --- optimizer states: Adam moments (8 bytes) + an fp32 master copy (4 bytes). In fp32
     # training ZeRO-0 updates the parameters themselves; ZeRO>=1 still clones an fp32 partition.
     master = 4 * trainable if (w != 4 or zero >= 1) else 0
+    if fast_bf16(cand, dtype, device_type):
+        # BF16_Optimizer partitions the fp32 masters (and so Adam's moments) over the data-parallel ranks
+        # (fp32_groups_flat_partition: one 1/n narrow of the flat group, cloned to fp32)
+        shard = n
     states = (8 * trainable + master) / shard
     host = 0
     if offload != "none":
@@ -314,6 +352,15 @@ def estimate(shape, cand, dtype, n_devices, device_type, usable_bytes, lora_r=8,
     temps = ADAM_TEMPS_GPU if device_type == "cuda" else ADAM_TEMPS_CPU
     if offload != "none":
         transient = 0  # DeepSpeedCPUAdam updates in place on the CPU
+    elif fast_bf16(cand, dtype, device_type):
+        if cand.mode == "full":
+            numels = gpt2_tensor_numels(L, c, V, s)
+            decay = V * c + s * c + L * 12 * c * c  # engine.param_groups: 2-D weights first, then the rest
+            groups = [decay, trainable - decay]
+        else:
+            numels = lora_tensor_numels(L, c, lora_r, lora_targets)  # all 2-D: one group
+            groups = [trainable]
+        transient = bf16_optimizer_transient(groups, max(numels))
     elif zero == 0:
         allreduce = min(trainable, ZERO0_ALLREDUCE_ELEMENTS) * w
         # torch's AdamW: foreach on CUDA (one fp32 temporary the size of everything it updates,

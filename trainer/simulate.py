@@ -22,6 +22,9 @@ What a CUDA run does differently from a fake CPU tensor, made explicit here:
   CUDA): ZeRO-0 in 16 bits is DeepSpeed's FP16_UnfusedOptimizer (runtime/fp16/unfused_optimizer.py,
   step(): an fp32 copy of every gradient next to the fp32 master weights, then AdamW on the masters);
   ZeRO 1-3 step on a flat fp32 partition of the gradients; offload steps on the CPU (nothing on the GPU).
+  bf16 at ZeRO-0 without offload on a GPU takes the fast path (trainer/engine.fast_bf16_path): DeepSpeed's
+  BF16_Optimizer around torch's fused AdamW (_Bf16Step: the fp32 gradient buffer, the fp32 master
+  partition, the bf16 -> fp32 accumulation after backward, the all-reduce's copies, the fused step).
 
 It cannot see what is not a tensor of the step: the caching allocator's fragmentation, the CUDA
 context, cuBLAS and flash-attention workspaces, NCCL buffers, and DeepSpeed's own buffers (gradient
@@ -297,6 +300,94 @@ class _ZeroStep:
         self.master.grad = None
 
 
+class _Bf16Step:
+    """The fast bf16 path (trainer/engine.fast_bf16_path): DeepSpeed ZeRO-1 with grad_accum_dtype fp32, which
+    DeepSpeed 0.19.8 wraps in BF16_Optimizer (runtime/bf16_optimizer.py), around torch's fused AdamW.
+
+    What it keeps (_setup_for_real_optimizer), per param group of trainer/engine.param_groups (decayed 2-D
+    weights, then the rest): the bf16 weights moved into one flat tensor (the same bytes, less at most
+    2 * ranks elements of alignment padding: the module's parameters stand for it here), a flat fp32
+    gradient buffer of the whole group (zeros_like the flat bf16 group: not partitioned), and an fp32 master
+    partition of 1/ranks of the group (Adam's moments are its size). immediate_grad_update is off by default,
+    so the bf16 .grad tensors stay allocated between micro-steps (zeroed, not freed) until the step's
+    zero_grad(set_to_none=True).
+    """
+
+    def __init__(self, params, cfg, n_ranks):
+        from trainer.memory_model import ZERO0_ALLREDUCE_ELEMENTS
+        self.bucket_elements = ZERO0_ALLREDUCE_ELEMENTS  # engine.allreduce_gradients' MEMORY_OPT_ALLREDUCE_SIZE
+        decay = [p for p in params if p.dim() >= 2]
+        groups = [g for g in (decay, [p for p in params if p.dim() < 2]) if g]
+        self.groups, self.hp_flat, self.hp_grads, self.masters, self.partitions = groups, [], [], [], []
+        align = 2 * n_ranks  # nccl_start_alignment_factor * dp world size
+        for group in groups:
+            numel = sum(p.numel() for p in group)
+            padded = -(-numel // align) * align
+            flat = torch.zeros(padded, dtype=torch.float32)
+            self.hp_flat.append(flat)
+            views, offset = [], 0
+            for p in group:
+                views.append(flat.narrow(0, offset, p.numel()).view(p.shape))
+                offset += p.numel()
+            self.hp_grads.append(views)
+            part = padded // n_ranks
+            self.partitions.append(flat.narrow(0, 0, part))  # this rank's gradient partition (a view)
+            self.masters.append(nn.Parameter(torch.empty(part, dtype=torch.float32)))
+        weight_decay = [0.1, 0.0]
+        self.opt = torch.optim.AdamW([{"params": [m], "weight_decay": weight_decay[i]}
+                                      for i, m in enumerate(self.masters)],
+                                     lr=cfg.get("learning_rate", 1e-4), betas=(0.9, 0.95), eps=1e-8, fused=True)
+
+    def backward_epilogue(self):
+        """update_hp_grads, after every micro-step's backward: hp_grad.add_(lp.grad.to(fp32)), one at a time."""
+        for group, views in zip(self.groups, self.hp_grads):
+            for p, hp in zip(group, views):
+                hp.add_(p.grad.to(torch.float32).view(hp.shape))
+
+    def allreduce(self):
+        """engine.allreduce_gradients at the boundary: buffered_allreduce_fallback over the fp32 flat buffers."""
+        from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+        bucket, numel = [], 0
+        buckets = []
+        for flat in self.hp_flat:  # allreduce_no_retain
+            bucket.append(flat)
+            numel += flat.numel()
+            if numel > self.bucket_elements:
+                buckets.append(bucket)
+                bucket, numel = [], 0
+        if bucket:
+            buckets.append(bucket)
+        for bucket in buckets:  # allreduce_and_copy -> allreduce_bucket
+            tensor = _flatten_dense_tensors(bucket)
+            comm = tensor.to(torch.bfloat16)  # communication_data_type: bf16 when bf16 is enabled
+            tensor.copy_(comm)  # (dist.all_reduce(comm) in between)
+            del comm
+            for buf, synced in zip(bucket, _unflatten_dense_tensors(tensor, bucket)):
+                buf.copy_(synced)
+            del tensor
+
+    def step(self):
+        self.backward_epilogue()
+        self.allreduce()
+        # BF16_Optimizer.step: get_global_norm_of_tensors (fp32 already: .float() copies nothing)
+        norms = [g.float().norm(2) for views in self.hp_grads for g in views]
+        torch.stack(norms).pow(2.0).sum()
+        del norms
+        for master, part in zip(self.masters, self.partitions):
+            master.grad = part  # fp32 accumulation: the partition itself, no copy
+        self.opt.step()  # torch._fused_adamw_: in place
+        for group, master in zip(self.groups, self.masters):  # update_lp_params: copy_ into the bf16 weights
+            offset = 0
+            for p in group:
+                if offset + p.numel() > master.numel():
+                    break
+                p.data.copy_(master.data.narrow(0, offset, p.numel()).view(p.shape))
+                offset += p.numel()
+        for flat in self.hp_flat:  # clear_hp_grads
+            flat.zero_()
+        # the engine's zero_grad(set_to_none=True) then frees the bf16 .grad tensors
+
+
 # ----------------------------------------------------------------------------- the simulation
 
 def _tracker():
@@ -366,6 +457,8 @@ def _weights_bytes(module):
 def simulate(cfg, shape, plan, packed=False, foreach=True):
     """Run one micro-step (forward, backward) and one optimizer step of `plan` on fake tensors."""
     from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from trainer.engine import fast_bf16_path  # the optimizer DeepSpeed is configured with for this plan
     b, s = plan.micro_batch_size, cfg["block_size"]
     dtype = DTYPES[plan.dtype]
     fake_mode = FakeTensorMode(allow_non_fake_inputs=True)
@@ -393,7 +486,12 @@ def simulate(cfg, shape, plan, packed=False, foreach=True):
         gradients = _nbytes(p.grad for p in params)
         transient = states = 0
         if plan.offload == "none":
-            if plan.zero_stage == 0:
+            extra = []
+            if fast_bf16_path(plan, plan.device_type == "cuda"):
+                opt = _Bf16Step(params, cfg, plan.n_devices)
+                extra = opt.hp_flat
+                gradients += _nbytes(extra)
+            elif plan.zero_stage == 0:
                 opt = _Zero0Step(params, cfg, dtype, foreach)
             else:
                 opt = _ZeroStep(params, cfg, plan.n_devices, foreach)
@@ -403,7 +501,7 @@ def simulate(cfg, shape, plan, packed=False, foreach=True):
                              + list(opt.opt.state[m]["exp_avg_sq"] for m in masters)
                              + ([] if dtype == torch.float32 and plan.zero_stage == 0 else masters))
             step_tracker = _tracker()
-            step_tracker.track_external(opt.opt, *module.parameters(), *masters, *(p.grad for p in params))
+            step_tracker.track_external(opt.opt, *module.parameters(), *masters, *(p.grad for p in params), *extra)
             with step_tracker:
                 before_step = _live(step_tracker)
                 opt.step()
