@@ -4,7 +4,7 @@ Pure arithmetic (no torch, no model construction), so the planner can try hundre
 candidates for gpt2-xl in milliseconds. docs/plan.md describes the plan; the
 DeepSpeed-specific details below (which fp32 copies exist when, which buffers are
 allocated) were read from deepspeed 0.19's engine, stage_1_and_2, stage3 and
-fp16/fused_optimizer code paths.
+fp16/fused_optimizer and bf16_optimizer code paths.
 
 Peak = weights + gradients + optimizer states + DeepSpeed buckets
        + max(activations + logits/loss,  optimizer-step transient)
