@@ -551,19 +551,12 @@ def plan_shape(plan_cfg):
     return {k: int(plan_cfg[k]) for k in ("n_layer", "n_head", "n_embd", "vocab_size")}
 
 
-def dataset_is_packed(cfg):
-    """Instruction datasets are packed (trainer/data.py): their batches carry position_ids and a block mask."""
-    from trainer.data import dataset_dir, read_meta
-    try:
-        directory = dataset_dir(cfg)
-        return (directory / "meta.pkl").is_file() and read_meta(directory).get("format") == "instructions"
-    except Exception:  # noqa: BLE001 - a missing or unreadable dataset plans as plain text
-        return False
-
-
 def add_simulation(output, cfg, plan):
-    """--plan --simulate: the plan's text or JSON dict with the simulated step added."""
-    packed = dataset_is_packed(cfg)
+    """--plan --simulate: the plan's text or JSON dict with the simulated step added.
+
+    cfg is the planner's input ({**config, **shape}): its 'packed' says whether batches are packed
+    instruction blocks (launch/train.py read it from the dataset's meta.pkl once, for the plan too)."""
+    packed = cfg["packed"]
     sim = simulate(cfg, plan_shape(cfg), plan, packed=packed)
     rows = comparison(plan, sim)
     if isinstance(output, dict):
