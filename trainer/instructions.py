@@ -217,23 +217,31 @@ def pack(lengths, capacity):
     return [sorted(block) for block in blocks]
 
 
-def layout(examples, capacity, pad_id):
-    """Pack (ids, mask) examples into blocks of `capacity` tokens -> (tokens, mask, positions) arrays."""
-    blocks = pack([len(ids) for ids, _ in examples], capacity)
+def fill_blocks(blocks, capacity, pad_id, example):
+    """Blocks of example numbers -> (tokens, mask, positions) arrays; example(i) gives (ids, mask) of number i.
+
+    Each example's positions start at 0 (attention and position embeddings keep examples apart); the
+    padding after the last example of a block counts as one more example, all under mask 0.
+    """
     tokens = np.full(len(blocks) * capacity, pad_id, dtype=np.int64)
     mask = np.zeros(len(blocks) * capacity, dtype=np.uint8)
     positions = np.zeros(len(blocks) * capacity, dtype=np.uint16)
     for b, block in enumerate(blocks):
         at = b * capacity
         for i in block:
-            ids, m = examples[i]
+            ids, m = example(i)
             tokens[at:at + len(ids)] = ids
             mask[at:at + len(ids)] = m
             positions[at:at + len(ids)] = np.arange(len(ids))
             at += len(ids)
         end = (b + 1) * capacity
-        positions[at:end] = np.arange(end - at)  # padding: one more example, all under mask 0
+        positions[at:end] = np.arange(end - at)
     return tokens, mask, positions
+
+
+def layout(examples, capacity, pad_id):
+    """Pack (ids, mask) examples held in memory into blocks of `capacity` tokens -> (tokens, mask, positions)."""
+    return fill_blocks(pack([len(ids) for ids, _ in examples], capacity), capacity, pad_id, examples.__getitem__)
 
 
 # ---------------------------------------------------------------- prepare (streamed)
@@ -263,7 +271,7 @@ def iter_records(path):
     n, offset = 0, 0
     with open(path, "rb") as f:
         for raw in f:
-            text = textprep._decode(raw, path, offset)
+            text = textprep.decode_utf8(raw, path, offset)
             if offset == 0:
                 text = text.removeprefix("\ufeff")
             offset += len(raw)
@@ -337,14 +345,14 @@ class _Files:
         self.tmps = {}
 
     def open(self, name):
-        tmp = textprep._tmp_name(self.out_dir / name)
+        tmp = textprep.tmp_name(self.out_dir / name)
         self.tmps[name] = tmp
         return open(tmp, "xb")
 
     def commit(self, names, meta):
         for name in names:
             os.replace(self.tmps.pop(name), self.out_dir / name)
-        textprep._atomic_write(self.out_dir / "meta.pkl", lambda f: pickle.dump(meta, f))
+        textprep.atomic_write(self.out_dir / "meta.pkl", lambda f: pickle.dump(meta, f))
 
     def abort(self):
         for tmp in self.tmps.values():
@@ -360,24 +368,15 @@ def _write_blocks(store, order, lengths, mask_sums, capacity, pad_id, dtype, fil
     """Pack the examples `order` (indices into the store) and write {split}.bin, _mask.bin, _pos.bin."""
     tokens_all, masks_all, starts = store
     blocks = pack([int(lengths[i]) for i in order], capacity)
+
+    def example(j):  # the j-th of `order`, read from the store
+        a, n = int(starts[order[j]]), int(lengths[order[j]])
+        return tokens_all[a:a + n], masks_all[a:a + n]
+
     outs = [files.open(f"{split}.bin"), files.open(f"{split}_mask.bin"), files.open(f"{split}_pos.bin")]
     try:
-        for first in range(0, len(blocks), 1024):
-            chunk = blocks[first:first + 1024]
-            tokens = np.full(len(chunk) * capacity, pad_id, dtype=np.int64)
-            mask = np.zeros(len(chunk) * capacity, dtype=np.uint8)
-            positions = np.zeros(len(chunk) * capacity, dtype=np.uint16)
-            for b, block in enumerate(chunk):
-                at = b * capacity
-                for j in block:
-                    i = order[j]
-                    a, n = int(starts[i]), int(lengths[i])
-                    tokens[at:at + n] = tokens_all[a:a + n]
-                    mask[at:at + n] = masks_all[a:a + n]
-                    positions[at:at + n] = np.arange(n)
-                    at += n
-                end = (b + 1) * capacity
-                positions[at:end] = np.arange(end - at)  # padding: one more example, all under mask 0
+        for first in range(0, len(blocks), 1024):  # 1024 blocks at a time: memory stays bounded
+            tokens, mask, positions = fill_blocks(blocks[first:first + 1024], capacity, pad_id, example)
             for f, arr in zip(outs, (tokens.astype(dtype), mask, positions)):
                 f.write(memoryview(arr))
     finally:
@@ -412,7 +411,7 @@ def prepare_instructions(input_spec, out_dir, template_name="alpaca", block_size
         kinds, skipped, first_problem, too_long, lost = {"alpaca": 0, "chat": 0}, 0, None, 0, 0
         lengths, mask_sums = array("l"), array("l")
         with out.open("examples.ids") as ids_file, out.open("examples.mask") as mask_file:
-            for _, results in textprep._run_tasks(_batches(files), num_proc or textprep.default_num_proc(),
+            for _, results in textprep.run_tasks(_batches(files), num_proc or textprep.default_num_proc(),
                                                   (template.name,), _init_render, render_batch):
                 for result in results:
                     if result[0] == "bad":

@@ -135,7 +135,7 @@ def collect_files(spec: str) -> list[Path]:
     raise PrepareError(f"input not found: {spec}")
 
 
-def _decode(data: bytes, path, offset: int = 0) -> str:
+def decode_utf8(data: bytes, path, offset: int = 0) -> str:
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as e:
@@ -147,7 +147,7 @@ def _decode(data: bytes, path, offset: int = 0) -> str:
 def read_utf8(path: Path) -> str:
     """The file's text; a file that is not UTF-8 is an error naming the offset."""
     # Windows editors prepend a byte-order mark; it is not part of the text.
-    return _decode(path.read_bytes(), path).removeprefix("\ufeff")
+    return decode_utf8(path.read_bytes(), path).removeprefix("\ufeff")
 
 
 # ---------------------------------------------------------------- tiny Shakespeare
@@ -164,7 +164,7 @@ def download_tiny_shakespeare(dest: Path, url: str = TINY_SHAKESPEARE_URL, timeo
             f"could not download tiny Shakespeare ({reason}); pass --input=path/to/input.txt"
         ) from None
     dest.parent.mkdir(parents=True, exist_ok=True)
-    _atomic_write(dest, lambda f: f.write(data))
+    atomic_write(dest, lambda f: f.write(data))
 
 
 def shakespeare_input(input_arg: str | None, dataset_dir: Path) -> str:
@@ -435,7 +435,7 @@ def encode_task(pieces):
     for piece in pieces:
         if piece[0] == "text":
             _, split, starts_doc, data, path, offset = piece
-            add(split, starts_doc, _decode(data, path, offset))
+            add(split, starts_doc, decode_utf8(data, path, offset))
         else:
             _, source_index, start, stop, splits = piece
             for row, text in row_texts(_STATE["rows"][source_index], start, stop):
@@ -443,7 +443,7 @@ def encode_task(pieces):
     return {s: (first[s], np.concatenate(parts[s]), last_nl[s], chars[s]) for s in first}
 
 
-def _run_tasks(tasks, num_proc: int, initargs, init=None, func=None):
+def run_tasks(tasks, num_proc: int, initargs, init=None, func=None):
     """Yield (meta, result) of each (meta, pieces) task in order, at most 2 x num_proc in flight.
 
     Workers start only when there is more than one task: a small input is encoded in-process.
@@ -555,16 +555,16 @@ def make_meta(tok) -> dict:
     return meta
 
 
-def _tmp_name(path: Path) -> Path:
+def tmp_name(path: Path) -> Path:
     # The pid lets a later run tell a killed run's leftovers from a running one's.
     return path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex}.tmp")
 
 
-def _atomic_write(path: Path, write) -> None:
+def atomic_write(path: Path, write) -> None:
     # A temp file in the same folder, then os.replace: readers see the old file
     # or the whole new one, never a partial write.
     # (Not tempfile.mkstemp: its files are private, 0600, whatever the umask.)
-    tmp = _tmp_name(path)
+    tmp = tmp_name(path)
     try:
         with open(tmp, "xb") as f:
             write(f)
@@ -600,7 +600,7 @@ class SplitWriter:
         out_dir.mkdir(parents=True, exist_ok=True)
         remove_stale_tmp(out_dir)
         self.paths = {s: out_dir / f"{name}.bin" for s, name in ((TRAIN, "train"), (VAL, "val"))}
-        self.tmps = {s: _tmp_name(p) for s, p in self.paths.items()}
+        self.tmps = {s: tmp_name(p) for s, p in self.paths.items()}
         self.files = {s: open(t, "xb") for s, t in self.tmps.items()}
         self.count = {TRAIN: 0, VAL: 0}
         self.last_nl = {}
@@ -625,7 +625,7 @@ class SplitWriter:
             name = self.paths[split].stem
             for extra in ("mask", "pos"):  # left by an instruction dataset of the same name: not this text's
                 (self.out_dir / f"{name}_{extra}.bin").unlink(missing_ok=True)
-        _atomic_write(self.out_dir / "meta.pkl", lambda f: pickle.dump(meta, f))  # last: never describes old bins
+        atomic_write(self.out_dir / "meta.pkl", lambda f: pickle.dump(meta, f))  # last: never describes old bins
 
     def abort(self) -> None:
         for f in self.files.values():
@@ -686,7 +686,7 @@ def _char_vocab(sources, n_docs: int) -> CharTokenizer:
             continue
         with source.open() as stream:
             for offset, data in _pieces(stream, CHUNK_BYTES):
-                chars.update(_decode(data, source.path, offset))
+                chars.update(decode_utf8(data, source.path, offset))
     if n_docs > 1:
         chars.add("\n")
     return CharTokenizer.from_text("".join(sorted(chars)))
@@ -737,7 +737,7 @@ def prepare_corpus(spec: str, out_dir: Path, tokenizer: str = "gpt2", val_fracti
     writer = SplitWriter(out_dir, meta["dtype"])
     progress = Progress(n_docs)
     try:
-        for docs_done, result in _run_tasks(_tasks(sources, val_docs, chunk_bytes, single_cut), num_proc,
+        for docs_done, result in run_tasks(_tasks(sources, val_docs, chunk_bytes, single_cut), num_proc,
                                             (tokenizer, chars, rows)):
             tokens = 0
             for split, (starts_doc, ids, ends_nl, _) in sorted(result.items()):
