@@ -163,6 +163,15 @@ def save(engine, out_dir, iter_num, client_state, adapters_only=False):
     return root / tag, folder_bytes(root / tag)
 
 
+def latest_tag_or_error(out_dir):
+    """The latest complete checkpoint's tag, for reading a finished run (export, eval, sample)."""
+    tag = latest_tag(out_dir)
+    if tag is None:
+        raise UserError(f"{out_dir} has no checkpoint yet; train longer than one eval_interval "
+                        f"or set --always_save_checkpoint=True")
+    return tag
+
+
 def choose_tag(out_dir, tag=""):
     """The checkpoint to resume from (`latest` unless tag is given), verified against its manifest."""
     root = checkpoint_dir(out_dir)
@@ -227,10 +236,7 @@ def strip_prefix(state_dict, prefix="lm."):
 def consolidated_state_dict(out_dir):
     """The latest checkpoint's full fp32 weights keyed as the bare HF model, ZeRO shards merged by
     DeepSpeed's own zero_to_fp32 (under ZeRO-3 the module file holds empty tensors)."""
-    tag = latest_tag(out_dir)
-    if tag is None:
-        raise UserError(f"{out_dir} has no checkpoint yet; train longer than one eval_interval "
-                        f"or set --always_save_checkpoint=True")
+    tag = latest_tag_or_error(out_dir)
     folder = checkpoint_dir(out_dir) / tag
     if list(folder.glob("*zero_pp_rank_*optim_states.pt")):
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint

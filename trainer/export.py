@@ -127,11 +127,7 @@ def _check_run(out_dir):
     if not is_run_dir(out_dir):
         raise UserError(f"{out_dir} is not a training run (no config.json and model_config.json); "
                         f"pass the --out_dir of a run")
-    tag = checkpoint.latest_tag(out_dir)
-    if tag is None:
-        raise UserError(f"{out_dir} has no checkpoint yet; train longer than one eval_interval "
-                        f"or set --always_save_checkpoint=True")
-    return tag
+    return checkpoint.latest_tag_or_error(out_dir)
 
 
 def export(out_dir, export_dir, dtype="fp32", adapter_only=False, tolerance=None, log=print):
