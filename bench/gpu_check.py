@@ -373,4 +373,5 @@ def main():
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from trainer.cli import exit_quickly
+    exit_quickly(main())

@@ -311,4 +311,5 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    from trainer.cli import exit_quickly
+    exit_quickly(main())
