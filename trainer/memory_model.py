@@ -240,78 +240,110 @@ def estimate(shape, cand, dtype, n_devices, device_type, usable_bytes, lora_r=8,
              lora_targets=LORA_TARGETS, lora_dropout=0.0, dropout=0.0, packed=False):
     """Per-device bytes of one candidate plan (see the module docstring for the peak)."""
     w = DTYPE_BYTES[dtype]
-    n = n_devices
-    s, b, c, L, V = shape.block_size, cand.micro_batch_size, shape.n_embd, shape.n_layer, shape.vocab_size
     base, trainable, _ = parameter_counts(shape, cand.mode, lora_r, lora_targets)
-    zero, offload = cand.zero_stage, cand.offload
-    shard = n if zero >= 1 else 1  # divisor for optimizer states
+    # every tensor of the model (GPT-2's, then LoRA's) and the trainable ones, by element count
+    numels = gpt2_tensor_numels(shape.n_layer, shape.n_embd, shape.vocab_size, shape.block_size)
+    adapters = lora_tensor_numels(shape.n_layer, shape.n_embd, lora_r, lora_targets) if cand.mode != "full" else []
+    trained = adapters or numels
+    model_bytes = held_weight_bytes(shape, cand.mode, base, trainable, w)
+    resident, weights = weight_bytes(cand, model_bytes, numels + adapters, w, n_devices)
+    states, host = optimizer_state_bytes(cand, dtype, device_type, trainable, model_bytes, w, n_devices)
+    buckets = bucket_sizes(cand.zero_stage, trainable, usable_bytes)
+    activations, logits = activation_bytes(shape, cand, w, device_type, dropout, packed, lora_r, lora_targets,
+                                           lora_dropout)
+    items = {
+        "weights": int(weights),
+        "gradients": int(gradient_bytes(cand, dtype, device_type, trainable, w, n_devices)),
+        "optimizer_states": int(states),
+        # stage_1_and_2.setup_buckets: one reduce_bucket_size buffer (contiguous_gradients, on by default), a
+        # second one with overlap_comm (zero2/zero3 templates), in the compute dtype (grad_accum_dtype defaults
+        # to it). DeepSpeed's docs' "4.5x the bucket sizes" also counts the all-gather bucket and the fp32
+        # gradient partition: here they are the optimizer-step transient.
+        "ds_buckets": int(buckets["reduce_bucket_size"] * w * (1 if cand.zero_stage == 1 else 2)) if buckets else 0,
+        "activations": int(activations),
+        "logits_and_loss": int(logits),
+        "optimizer_step_transient": int(step_transient_bytes(shape, cand, dtype, device_type, trainable, trained,
+                                                             buckets, w, n_devices)),
+    }
+    allocated = (items["weights"] + items["gradients"] + items["optimizer_states"] + items["ds_buckets"]
+                 + max(items["activations"] + items["logits_and_loss"], items["optimizer_step_transient"]))
+    if device_type == "cpu":
+        # offloading to "CPU memory" on a CPU-only machine moves nothing out of the budget
+        items["offloaded_to_host"] = int(host)
+        allocated += int(host)
+    context = CUDA_CONTEXT_BYTES if device_type == "cuda" else CPU_PROCESS_BYTES
+    items["context_and_fragmentation"] = int(FRAGMENTATION * allocated + context)
+    states = {"weights": int(resident), "gradients": items["gradients"],
+              "optimizer_states": items["optimizer_states"]}
+    return Estimate(items, int(allocated), int(allocated + items["context_and_fragmentation"]), int(host),
+                    buckets, states)
 
-    # --- weights: 16-bit (fp32 on CPU); QLoRA's projections in nf4; adapters in the compute dtype
-    if cand.mode == "qlora":
-        quantized = linear_weight_count(L, c)
+
+def held_weight_bytes(shape, mode, base, trainable, w):
+    """The model's weights, unpartitioned: 16-bit (fp32 on CPU); QLoRA's projections in nf4; adapters in
+    the compute dtype."""
+    if mode == "qlora":
+        quantized = linear_weight_count(shape.n_layer, shape.n_embd)
         base_bytes = quantized * NF4_BYTES_PER_PARAM + (base - quantized) * w
     else:
         base_bytes = base * w
-    model_bytes = base_bytes + (trainable * w if cand.mode != "full" else 0)
-    if zero == 3:
-        # Each rank keeps its partition, plus whole copies of the tensors at or under the
-        # persistence threshold (biases and LayerNorms of the GPT-2 sizes; LoRA's A and B).
-        # In the forward and backward passes it gathers one module at a time (the largest is
-        # the tied wte/lm_head) plus what it prefetches. On one rank the partition is the
-        # whole tensor and gathering allocates nothing (measured, tests/engine_states.py).
-        numels = gpt2_tensor_numels(L, c, V, s)
-        if cand.mode != "full":
-            numels = numels + lora_tensor_numels(L, c, lora_r, lora_targets)
-        small = sum(k for k in numels if k <= PERSISTENCE_THRESHOLD)
-        # the module running + what is prefetched + what recurs within the reuse distance
-        gathered = min(max(k for k in numels if k > PERSISTENCE_THRESHOLD) + BUCKET_ELEMENTS_SMALL
-                       + STAGE3_MAX_REUSE_DISTANCE, sum(numels) - small) if small < sum(numels) else 0
-        partition = 0 if offload == "optimizer+params" else model_bytes / n
-        resident = partition + small * w if n > 1 else max(partition, small * w)
-        in_flight = gathered * w if n > 1 or offload == "optimizer+params" else 0
-        weights = resident + in_flight
-    else:
-        resident = weights = model_bytes
+    return base_bytes + (trainable * w if mode != "full" else 0)
 
-    # --- gradients (compute dtype) of the trainable parameters
-    grad_full = trainable * w
-    if offload != "none" and zero >= 2:
+
+def weight_bytes(cand, model_bytes, numels, w, n):
+    """(weights kept between steps, weights at the forward/backward peak) per device."""
+    if cand.zero_stage != 3:
+        return model_bytes, model_bytes
+    # Each rank keeps its partition, plus whole copies of the tensors at or under the persistence
+    # threshold (biases and LayerNorms of the GPT-2 sizes; LoRA's A and B). In the forward and backward
+    # passes it gathers one module at a time (the largest is the tied wte/lm_head) plus what it
+    # prefetches. On one rank the partition is the whole tensor and gathering allocates nothing
+    # (measured, tests/engine_states.py).
+    small = sum(k for k in numels if k <= PERSISTENCE_THRESHOLD)
+    # the module running + what is prefetched + what recurs within the reuse distance
+    gathered = min(max(k for k in numels if k > PERSISTENCE_THRESHOLD) + BUCKET_ELEMENTS_SMALL
+                   + STAGE3_MAX_REUSE_DISTANCE, sum(numels) - small) if small < sum(numels) else 0
+    partition = 0 if cand.offload == "optimizer+params" else model_bytes / n
+    resident = partition + small * w if n > 1 else max(partition, small * w)
+    in_flight = gathered * w if n > 1 or cand.offload == "optimizer+params" else 0
+    return resident, resident + in_flight
+
+
+def gradient_bytes(cand, dtype, device_type, trainable, w, n):
+    """Gradients (compute dtype) of the trainable parameters, plus the fast bf16 path's fp32 buffer."""
+    if cand.offload != "none" and cand.zero_stage >= 2:
         gradients = 0  # streamed to CPU through the reduce buckets as they are produced
-    elif zero >= 2:
-        gradients = grad_full / n
+    elif cand.zero_stage >= 2:
+        gradients = trainable * w / n
     else:
-        gradients = grad_full
-    gradients += fp32_grad_accum_bytes(cand, dtype, trainable, device_type)
+        gradients = trainable * w
+    return gradients + fp32_grad_accum_bytes(cand, dtype, trainable, device_type)
 
-    # --- optimizer states: Adam moments (8 bytes) + an fp32 master copy (4 bytes). In fp32
-    # training ZeRO-0 updates the parameters themselves; ZeRO>=1 still clones an fp32 partition.
-    master = 4 * trainable if (w != 4 or zero >= 1) else 0
+
+def optimizer_state_bytes(cand, dtype, device_type, trainable, model_bytes, w, n):
+    """(on the device, in host memory): Adam's moments (8 bytes) + an fp32 master copy (4 bytes) per trainable
+    parameter. In fp32 training ZeRO-0 updates the parameters themselves; ZeRO>=1 still clones an fp32
+    partition."""
+    shard = n if cand.zero_stage >= 1 else 1
+    master = 4 * trainable if (w != 4 or cand.zero_stage >= 1) else 0
     if fast_bf16(cand, dtype, device_type):
         # BF16_Optimizer partitions the fp32 masters (and so Adam's moments) over the data-parallel ranks
         # (fp32_groups_flat_partition: one 1/n narrow of the flat group, cloned to fp32)
         shard = n
     states = (8 * trainable + master) / shard
-    host = 0
-    if offload != "none":
-        # CPU Adam: moments, master, fp32 grads and a 16-bit staging copy live in host memory
-        host += states + (4 + w) * trainable / shard
-        states = 0
-        if offload == "optimizer+params":
-            host += model_bytes / n
+    if cand.offload == "none":
+        return states, 0
+    # CPU Adam: moments, master, fp32 grads and a 16-bit staging copy live in host memory
+    host = states + (4 + w) * trainable / shard
+    if cand.offload == "optimizer+params":
+        host += model_bytes / n
+    return 0, host
 
-    # --- DeepSpeed buckets held during the backward pass
-    buckets = bucket_sizes(zero, trainable, usable_bytes)
-    if zero == 0:
-        ds_buckets = 0
-    else:
-        # stage_1_and_2.setup_buckets: one reduce_bucket_size buffer (contiguous_gradients, on by default),
-        # a second one with overlap_comm (zero2/zero3 templates), in the compute dtype (grad_accum_dtype
-        # defaults to it). DeepSpeed's docs' "4.5x the bucket sizes" also counts the all-gather bucket and
-        # the fp32 gradient partition: here they are the optimizer-step transient.
-        copies = 1 if zero == 1 else 2
-        ds_buckets = buckets["reduce_bucket_size"] * w * copies
 
-    # --- activations of one micro-batch (calibrated against trainer/simulate.py, bench/SIMULATE.md)
+def activation_bytes(shape, cand, w, device_type, dropout, packed, lora_r, lora_targets, lora_dropout):
+    """(activations, logits and loss) of one micro-batch, calibrated against trainer/simulate.py
+    (bench/SIMULATE.md)."""
+    s, b, c, L, V = shape.block_size, cand.micro_batch_size, shape.n_embd, shape.n_layer, shape.vocab_size
     sbh = s * b * c
     scale = w / 2  # the per-sbh constants are for 16-bit tensors
     per_layer = ACT_BYTES_PER_SBH * sbh * scale + ATTN_LSE_BYTES * shape.n_head * s * b
@@ -333,7 +365,7 @@ def estimate(shape, cand, dtype, n_devices, device_type, usable_bytes, lora_r=8,
                 per_layer += s * b * c * w  # attention's output, kept by flash, and its dropped copy
     tokens = s * b
     chunk = min(tokens, max(1, LOSS_CHUNK_BYTES // (4 * V)))
-    # --- logits and loss: one chunk of logits, plus the hidden states feeding the head and their grad;
+    # logits and loss: one chunk of logits, plus the hidden states feeding the head and their grad;
     # a chunked loss in full mode also holds one chunk's gradient of the tied wte/lm_head weight
     logits = chunk * V * LOGITS_BYTES_PER_ELEMENT + 2 * tokens * c * w
     if cand.mode == "full" and tokens > chunk:
@@ -347,60 +379,35 @@ def estimate(shape, cand, dtype, n_devices, device_type, usable_bytes, lora_r=8,
     activations += OUTSIDE_LAYERS_SBH * sbh * scale
     if packed:
         activations += b * s * s  # the bool mask itself (trainer/model.packed_causal_mask)
+    return activations, logits
 
-    # --- optimizer-step transient: fp32 gradient copies and Adam's temporaries
+
+def step_transient_bytes(shape, cand, dtype, device_type, trainable, trained, buckets, w, n):
+    """The optimizer step's temporaries (fp32 gradient copies, Adam's), after the activations are freed;
+    `trained`: the element counts of the trainable tensors."""
     temps = ADAM_TEMPS_GPU if device_type == "cuda" else ADAM_TEMPS_CPU
-    if offload != "none":
-        transient = 0  # DeepSpeedCPUAdam updates in place on the CPU
-    elif fast_bf16(cand, dtype, device_type):
+    if cand.offload != "none":
+        return 0  # DeepSpeedCPUAdam updates in place on the CPU
+    if fast_bf16(cand, dtype, device_type):
         if cand.mode == "full":
-            numels = gpt2_tensor_numels(L, c, V, s)
-            decay = V * c + s * c + L * 12 * c * c  # engine.param_groups: 2-D weights first, then the rest
-            groups = [decay, trainable - decay]
-        else:
-            numels = lora_tensor_numels(L, c, lora_r, lora_targets)  # all 2-D: one group
-            groups = [trainable]
-        transient = bf16_optimizer_transient(groups, max(numels))
-    elif zero == 0:
+            c, L = shape.n_embd, shape.n_layer
+            decay = shape.vocab_size * c + shape.block_size * c + L * 12 * c * c  # engine.param_groups: 2-D first
+            return bf16_optimizer_transient([decay, trainable - decay], max(trained))
+        return bf16_optimizer_transient([trainable], max(trained))  # LoRA's tensors are all 2-D: one group
+    if cand.zero_stage == 0:
         allreduce = min(trainable, ZERO0_ALLREDUCE_ELEMENTS) * w
         # torch's AdamW: foreach on CUDA (one fp32 temporary the size of everything it updates,
         # torch/optim/adam.py _multi_tensor_adam: _foreach_sqrt(exp_avg_sqs)), per tensor on the CPU
         # (sqrt and its scaled copy of one tensor at a time)
-        numels = gpt2_tensor_numels(L, c, V, s) if cand.mode == "full" else lora_tensor_numels(
-            L, c, lora_r, lora_targets)
-        largest = trainable if device_type == "cuda" else min(trainable, max(numels))
+        largest = trainable if device_type == "cuda" else min(trainable, max(trained))
         adam = temps * 4 * largest
         if w != 4:
             # DeepSpeed's FP16_UnfusedOptimizer (runtime/fp16/unfused_optimizer.py, step): an fp32 copy
             # of every gradient beside the fp32 masters, then AdamW on the masters
-            transient = max(4 * trainable + adam, allreduce)
-        else:
-            # plain torch AdamW on the parameters
-            transient = max(allreduce, adam)
-    else:
-        # the fp32 gradient partition plus Adam's temporaries on the flat fp32 partition
-        transient = (4 + temps * 4) * trainable / n
-        if zero <= 2:
-            transient = max(transient, buckets["allgather_bucket_size"] * w)
-
-    items = {
-        "weights": int(weights),
-        "gradients": int(gradients),
-        "optimizer_states": int(states),
-        "ds_buckets": int(ds_buckets),
-        "activations": int(activations),
-        "logits_and_loss": int(logits),
-        "optimizer_step_transient": int(transient),
-    }
-    allocated = (items["weights"] + items["gradients"] + items["optimizer_states"] + items["ds_buckets"]
-                 + max(items["activations"] + items["logits_and_loss"], items["optimizer_step_transient"]))
-    if device_type == "cpu":
-        # offloading to "CPU memory" on a CPU-only machine moves nothing out of the budget
-        items["offloaded_to_host"] = int(host)
-        allocated += int(host)
-    context = CUDA_CONTEXT_BYTES if device_type == "cuda" else CPU_PROCESS_BYTES
-    items["context_and_fragmentation"] = int(FRAGMENTATION * allocated + context)
-    states = {"weights": int(resident), "gradients": items["gradients"],
-              "optimizer_states": items["optimizer_states"]}
-    return Estimate(items, int(allocated), int(allocated + items["context_and_fragmentation"]), int(host),
-                    buckets, states)
+            return max(4 * trainable + adam, allreduce)
+        return max(allreduce, adam)  # plain torch AdamW on the parameters
+    # the fp32 gradient partition plus Adam's temporaries on the flat fp32 partition
+    transient = (4 + temps * 4) * trainable / n
+    if cand.zero_stage <= 2:
+        transient = max(transient, buckets["allgather_bucket_size"] * w)
+    return transient
