@@ -81,7 +81,11 @@ def tb_scalars(out_dir, tag):
 
 
 def train_args(data_dir, out_dir, *extra, recipe="shakespeare_char_cpu"):
-    return [REPO / "launch/train.py", "--recipe", recipe, f"--data_dir={data_dir}", f"--out_dir={out_dir}", *extra]
+    """A training launch's arguments. The TensorBoard sample of every evaluation (200 generated tokens,
+    most of a short run's training time) is off unless `extra` asks for it again (a later value wins);
+    tests/test_train_e2e.py and tests/test_train_options.py check the sample."""
+    return [REPO / "launch/train.py", "--recipe", recipe, f"--data_dir={data_dir}", f"--out_dir={out_dir}",
+            "--sample_max_new_tokens=0", *extra]
 
 
 # launch/test.sh gives each worker whole files (`--dist loadfile`) in the order collected. The longest files
