@@ -53,9 +53,10 @@ def test_imports_point_down_and_use_public_names(path):
         assert LAYERS[module] < own, f"{path.name} (layer {own}) imports trainer.{module} (layer {LAYERS[module]})"
         private = [n for n in names if n.startswith("_")]
         assert not private, f"{path.name} imports private names {private} from trainer.{module}"
-    modules = {alias.asname or alias.name for node in ast.walk(ast.parse(path.read_text()))
+    nodes = list(ast.walk(ast.parse(path.read_text())))
+    modules = {alias.asname or alias.name for node in nodes
                if isinstance(node, ast.ImportFrom) and node.module == "trainer" for alias in node.names}
-    reached = [f"{node.value.id}.{node.attr}" for node in ast.walk(ast.parse(path.read_text()))
+    reached = [f"{node.value.id}.{node.attr}" for node in nodes
                if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name)
                and node.value.id in modules and node.attr.startswith("_")]
     assert not reached, f"{path.name} reaches private names of other modules: {reached}"
