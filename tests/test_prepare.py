@@ -11,7 +11,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # `pytest` without -m does not put the repo on sys.path
 
 from trainer import textprep  # noqa: E402
-from trainer.tokenizer import gpt2_encoding, load_tokenizer  # noqa: E402
+from trainer.tokenizer import gpt2_bpe_files, gpt2_encoding, load_tokenizer  # noqa: E402
 
 # Tiny Shakespeare ships with the repo (data/tinyshakespeare.txt).
 from conftest import SHAKESPEARE as TINY_SHAKESPEARE  # noqa: E402
@@ -57,6 +57,15 @@ def test_gpt2_encoding_known_ids():
     assert 50256 not in enc.encode_ordinary("<|endoftext|>")
     text = "naïve café — 東京 🙂 ∑x²"
     assert enc.decode(enc.encode(text)) == text
+
+
+def test_gpt2_ranks_are_tiktokens_data_gym_ranks():
+    # Our loader reads encoder.json alone; tiktoken's derives the ranks from vocab.bpe's merges and checks them.
+    from tiktoken.load import data_gym_to_mergeable_bpe_ranks
+    folder = gpt2_bpe_files()
+    reference = data_gym_to_mergeable_bpe_ranks(vocab_bpe_file=str(folder / "vocab.bpe"),
+                                                encoder_json_file=str(folder / "encoder.json"))
+    assert gpt2_encoding()._mergeable_ranks == reference
 
 
 def test_load_tokenizer_gpt2_and_char():

@@ -8,6 +8,7 @@ import random
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -88,6 +89,31 @@ def test_cut_points_keep_the_ids_exact():
 def test_many_pieces_and_workers_give_the_whole_texts_ids(tmp_path):
     # Tiny Shakespeare in pieces of 4 KiB over 2 workers: nanoGPT's ids exactly.
     prepare(tmp_path, f"--input={SHAKESPEARE}", "--chunk_bytes=4096", "--num_proc=2")
+    text = SHAKESPEARE.read_text()
+    cut = int(len(text) * 0.9)
+    enc = gpt2_encoding()
+    assert splits(tmp_path) == [enc.encode_ordinary(text[:cut]), enc.encode_ordinary(text[cut:])]
+
+
+def test_workers_fork_only_from_a_single_threaded_process():
+    code = ("import threading; from trainer import textprep; alone = textprep.start_method(); "
+            "threading.Thread(target=threading.Event().wait, args=(5,), daemon=True).start(); "
+            "print(alone, textprep.start_method())")
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["fork", "spawn"]
+    out = subprocess.run([sys.executable, "-c", "import pyarrow; from trainer import textprep; "
+                          "print(textprep.start_method())"], cwd=REPO, capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["spawn"]
+
+
+def test_spawned_workers_give_the_same_ids(tmp_path):
+    # The spawn path (a process with threads): workers load the tokenizer themselves.
+    waiting = threading.Event()
+    thread = threading.Thread(target=waiting.wait, daemon=True)
+    thread.start()
+    assert textprep.start_method() == "spawn"
+    textprep.prepare_corpus(str(SHAKESPEARE), tmp_path / "data" / "ds", num_proc=2, chunk_bytes=1 << 16)
+    waiting.set()
     text = SHAKESPEARE.read_text()
     cut = int(len(text) * 0.9)
     enc = gpt2_encoding()

