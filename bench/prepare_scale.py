@@ -2,6 +2,10 @@
 
 python bench/prepare_scale.py [--sizes_mb=50,200,1000] [--file_mb=2] [--num_proc=N] [--workdir=DIR]
 
+A size given more than once (--sizes_mb=50,50,50,200,200,200) is run that many times, each run with its
+own raw measurements beside it, and a last table gives the median ratio per size: on a small shared
+machine one 5-second run moves by 20% from one minute to the next.
+
 For each size it generates a corpus of many files (tiny Shakespeare's lines, shuffled per file by
 a seed, so no two files are alike), then in the same run:
   raw   one process encoding the corpus files with tiktoken's encode_ordinary on one core
@@ -28,6 +32,7 @@ import platform
 import random
 import resource
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -252,6 +257,19 @@ def main():
     for nbytes, n_files, tokens, seconds, peak, rate, raw, ratio, per_cpu, raw_cpu, eff, load in rows:
         print(f"| {nbytes / 1e6:,.0f} MB | {n_files} | {tokens:,} | {seconds:.1f} s | {peak / MiB:,.0f} MiB | "
               f"{rate:,.0f} | {raw:,.0f} | {ratio:.2f} | {per_cpu:,.0f} | {raw_cpu:,.0f} | {eff:.2f} | {load:.1f} |")
+    sizes = sorted({round(r[0] / 1e6) for r in rows})
+    if len(sizes) < len(rows):  # a size given more than once (--sizes_mb=50,50,50): the median of its runs
+        print()
+        print(f"| corpus | runs | median prepare / ({cores} x raw) | range |" + (" median prepare / (raw processes at "
+              "once) |" if parallel else ""))
+        print("|---|---|---|---|" + ("---|" if parallel else ""))
+        for size in sizes:
+            ratios = [r[7] for r in rows if round(r[0] / 1e6) == size]
+            line = (f"| {size:,} MB | {len(ratios)} | {statistics.median(ratios):.2f} | "
+                    f"{min(ratios):.2f}-{max(ratios):.2f} |")
+            if parallel:
+                line += f" {statistics.median(p[3] for p in parallel if round(p[0] / 1e6) == size):.2f} |"
+            print(line)
     if parallel:
         print()
         print(f"| corpus | prepare tokens/s | {cores} raw processes at once, tokens/s | prepare / that |")
