@@ -132,6 +132,13 @@ def main(argv):
         if launcher_rank() == 0:
             print_plan(cfg, flags)
         return 0
+    if launcher_world() == 1 and cfg["init_from"] != "resume":
+        # One process opens its data before importing torch, transformers and DeepSpeed (6-7 s): a missing
+        # or broken dataset is one line at once. Several ranks check together in build_run (a dataset
+        # missing on one node only is named with the node); a resume takes dataset and block_size from
+        # the run, so build_run checks its data.
+        from trainer.mixing import open_data
+        open_data(cfg)
     from trainer.adapters import check_source
     check_source(cfg["mode"], cfg["init_from"])  # before any rank starts or writes
     init_distributed()

@@ -48,6 +48,16 @@ def test_missing_dataset_folder(tmp_path):
                   watch=tmp_path)
 
 
+def test_a_data_mistake_is_found_before_torch_is_imported(tmp_path):
+    """One process opens its data first: the mistake is one line without the 6-7 s of importing torch,
+    transformers and DeepSpeed (`-X importtime` lists every module imported)."""
+    proc = run_cmd(python("-X", "importtime", *char_run(tmp_path / "nowhere", tmp_path / "out")),
+                   REPO, check=False)
+    assert proc.returncode == 2 and "does not exist; prepare it first" in proc.stderr.splitlines()[-1]
+    imported = {line.rsplit("|", 1)[-1].strip() for line in proc.stderr.splitlines() if line.startswith("import time")}
+    assert "trainer.data" in imported and not {"torch", "transformers", "deepspeed"} & imported
+
+
 def test_missing_bin(bad_data, tmp_path):
     (bad_data / "shakespeare_char" / "val.bin").unlink()
     fails_cleanly(char_run(bad_data, tmp_path / "out"), "val.bin is missing; run the dataset's prepare script again",

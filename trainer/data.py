@@ -15,7 +15,6 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from trainer.errors import UserError
 from trainer.tokenizer import IGNORE_INDEX
@@ -113,6 +112,7 @@ class TokenData:
 
         Packed data: `offsets` number whole blocks, and the batch is (x, y, position_ids).
         """
+        import torch  # here, not at the top: launch/train.py opens the data before importing torch
         data, mask, T = self.tokens[split], self.masks[split], self.block_size
         starts = np.asarray(offsets) * (T + 1) if self.packed else offsets
         x = np.stack([data[i:i + T] for i in starts]).astype(np.int64)

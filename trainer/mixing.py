@@ -13,7 +13,6 @@ each dataset, which the loop logs as the realised shares.
 import math
 
 import numpy as np
-import torch
 
 from trainer.config import parse_mix
 from trainer.data import TokenData, dataset_dir
@@ -72,6 +71,7 @@ class MixedData:
 
     def windows(self, split, offsets):
         """The windows of global offsets, in order; position_ids for all when any dataset is packed."""
+        import torch  # here, not at the top: launch/train.py opens the data before importing torch
         offsets = np.asarray(offsets)
         bases = self._bases(split)
         which = np.searchsorted(bases, offsets, side="right") - 1
