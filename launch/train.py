@@ -97,10 +97,11 @@ def init_distributed():
     import deepspeed
     import torch
 
-    from trainer.ranks import local_rank
+    from trainer.ranks import local_rank, release_cpu_allreduce_buffer
     if torch.cuda.is_available():  # this node's GPU, by local rank: the setup's collectives run on it
         torch.cuda.set_device(local_rank() % torch.cuda.device_count())
     deepspeed.init_distributed()
+    release_cpu_allreduce_buffer()
 
 
 def print_plan(cfg, flags):

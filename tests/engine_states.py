@@ -32,6 +32,7 @@ import torch.distributed as dist  # noqa: E402
 from trainer import planner  # noqa: E402
 from trainer.adapters import apply_mode  # noqa: E402
 from trainer.config import DEFAULTS  # noqa: E402
+from trainer.ranks import release_cpu_allreduce_buffer  # noqa: E402
 from trainer.engine import create_engine  # noqa: E402
 from trainer.model import LMWithLoss, build_model  # noqa: E402
 
@@ -170,6 +171,7 @@ def main():
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
                           MASTER_PORT=os.environ.get("MASTER_PORT", "29517"))
     deepspeed.init_distributed()
+    release_cpu_allreduce_buffer()  # as launch/train.py does: no 66 MiB file per rank left in /dev/shm
     world = dist.get_world_size()
     records = [measure(mode, zero, world) for mode, zero in CONFIGS]
     if dist.get_rank() == 0:

@@ -52,6 +52,26 @@ def barrier():
         dist.barrier()
 
 
+def release_cpu_allreduce_buffer():
+    """Unlink this rank's /dev/shm buffer of DeepSpeed's CPU all-reduce, once every rank has mapped it.
+
+    With ranks on one machine and no GPU, deepspeed.init_distributed creates one 66 MiB shared-memory file
+    per rank (deepspeed_allreduce_buffer_<uid>_<master addr>_<port>_<rank>), maps every rank's, and never
+    unlinks them: each run would leave them in /dev/shm (RAM) until a reboot. The mappings outlive the name,
+    so after a barrier (every rank has returned from the init, which opens all of them) each rank removes
+    its own name; the memory is freed when the last rank exits, even one that is killed.
+    """
+    if not dist.is_initialized() or torch.cuda.is_available():
+        return
+    dist.barrier()
+    name = (f"deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR', '')}_"
+            f"{os.environ.get('MASTER_PORT', '')}_{dist.get_rank()}")
+    try:
+        os.unlink(os.path.join("/dev/shm", name))
+    except OSError:  # none made (ranks on several machines, or no /dev/shm): nothing to release
+        pass
+
+
 def agree_any(flags, device):
     """Each flag true on every rank when it is true on any (one all-reduce)."""
     if not dist.is_initialized() or dist.get_world_size() == 1:
