@@ -90,9 +90,9 @@ def step_context(args):
     (a @ a).sum().item()  # loads cuBLAS and its workspace
     free, total = torch.cuda.mem_get_info()
     outside = total - free - torch.cuda.memory_reserved()
-    from trainer.memory_model import CUDA_CONTEXT_BYTES
+    from trainer.plan.memory import CUDA_CONTEXT_BYTES
     return {"rows": [["outside torch's allocator after a bf16 matmul", f"{outside / MiB:.0f} MiB"],
-                     ["CUDA_CONTEXT_BYTES (trainer/memory_model.py)", f"{CUDA_CONTEXT_BYTES / MiB:.0f} MiB"]],
+                     ["CUDA_CONTEXT_BYTES (trainer/plan/memory.py)", f"{CUDA_CONTEXT_BYTES / MiB:.0f} MiB"]],
             "outside_bytes": outside}
 
 
@@ -125,11 +125,13 @@ def speed_row(name, shape, mode, compile_model, args, micro, accum):
     import torch
 
     from trainer.config import DEFAULTS
-    from trainer.engine import create_engine
-    from trainer.model import LMWithLoss, build_model
-    from trainer.adapters import apply_mode
-    from trainer.planner import Hardware, make_plan
-    from trainer.run_logger import flops_per_token, peak_flops
+    from trainer.model.builder import build_module
+    from trainer.model.gpt2 import build_model
+    from trainer.model.shapes import Shape
+    from trainer.plan.hardware import Hardware, peak_flops
+    from trainer.plan.planner import PlanInput, make_plan
+    from trainer.run.engine import create_engine
+    from trainer.run.logger import flops_per_token
 
     on_gpu = torch.cuda.is_available() and not args.dry_run
     cfg = {**DEFAULTS, **shape, "batch_size": micro, "gradient_accumulation_steps": accum, "dropout": 0.0,
@@ -138,12 +140,10 @@ def speed_row(name, shape, mode, compile_model, args, micro, accum):
            "dtype": "bf16" if on_gpu else "fp32"}
     vocab = 50257
     hw = Hardware("cuda", 80 * GiB, 1, True, "check") if on_gpu else Hardware("cpu", 8 * GiB, 1, False, "cpu")
-    plan = make_plan({**cfg, "vocab_size": vocab}, hw)
+    plan = make_plan(PlanInput.of(cfg, Shape(cfg["n_layer"], cfg["n_head"], cfg["n_embd"], vocab,
+                                             cfg["block_size"])), hw)
     torch.manual_seed(0)
-    lm = build_model({**cfg, "init_from": "scratch"}, vocab)
-    if plan.gradient_checkpointing:
-        lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    module = LMWithLoss(apply_mode(lm, plan, cfg))
+    module = build_module(cfg, plan, build_model({**cfg, "init_from": "scratch"}, vocab), "dense_mask")
     trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)
     total = sum(p.numel() for p in module.parameters())
     engine, _ = create_engine(module, cfg, plan, 1, on_gpu)
@@ -158,7 +158,7 @@ def speed_row(name, shape, mode, compile_model, args, micro, accum):
 
 
 def step_speed(args):
-    from trainer.memory_model import GPT2_SHAPES
+    from trainer.model.shapes import GPT2_SHAPES
     gpt2 = dict(zip(("n_layer", "n_head", "n_embd"), GPT2_SHAPES["gpt2"]), block_size=1024)
     xl = dict(zip(("n_layer", "n_head", "n_embd"), GPT2_SHAPES["gpt2-xl"]), block_size=1024)
     rows = []
@@ -179,7 +179,9 @@ def step_packed(args):
     import torch
 
     from trainer.config import DEFAULTS
-    from trainer.model import LMWithLoss, build_model, packed_kernel
+    from trainer.model.attention import packed_kernel
+    from trainer.model.gpt2 import build_model
+    from trainer.model.loss import LMWithLoss
 
     on_gpu = torch.cuda.is_available() and not args.dry_run
     device = "cuda" if on_gpu else "cpu"
@@ -220,11 +222,11 @@ def step_oom(args):
     """A real CUDA OOM: plan for a GPU larger than the process may use, train, and let the step-down act."""
     import torch
     on_gpu = torch.cuda.is_available() and not args.dry_run
-    if not on_gpu:  # the CPU has no CUDA OOM: one injected (trainer/faults.py reads it when first imported)
+    if not on_gpu:  # the CPU has no CUDA OOM: one injected (trainer/run/fault_injection.py reads it when first imported)
         os.environ["GPT2DS_INJECT_OOM"] = "1"
 
     from trainer.config import resolve_config
-    from trainer.loop import train
+    from trainer.run.loop import train
 
     with tempfile.TemporaryDirectory() as tmp:
         data_dir = Path(args.data_dir) if args.data_dir else Path(tmp) / "data"

@@ -6,11 +6,11 @@
 
 Each (size, cap) runs in its own process, so each peak is its own: the process caps itself with
 torch.cuda.set_per_process_memory_fraction(cap / GPU memory), plans for a GPU of `cap` GB
-(trainer.planner.make_plan, the recipe gpt2_small/medium/large/xl on top of the defaults, as
+(trainer/plan/planner.make_plan, the recipe gpt2_small/medium/large/xl on top of the defaults, as
 `--vram_gb=cap` would), builds the model of the true shape with random weights (QLoRA: saved and
-reloaded in 4 bits, as from a checkpoint), the engine exactly as the trainer does (trainer.model,
-trainer.adapters, trainer.engine), and runs one warm-up and `--steps` timed iterations of random tokens.
-Recorded beside the prediction (plan.allocated_bytes, and allocated x (1 + FRAGMENTATION) for the
+reloaded in 4 bits, as from a checkpoint), the engine exactly as the trainer does (trainer/model/builder.py,
+trainer/run/engine.py), and runs one warm-up and `--steps` timed iterations of random tokens.
+Recorded beside the prediction (plan.estimate.allocated, and allocated x (1 + FRAGMENTATION) for the
 allocator's reserve):
 - torch.cuda.max_memory_allocated and max_memory_reserved over the iterations (reset after the
   engine is built; the first iteration creates Adam's states, so they are in the peak);
@@ -20,7 +20,7 @@ allocator's reserve):
 Targets (issue 3): no chosen plan runs out of memory; |predicted - measured| <= 10% of measured.
 Results accumulate in bench/memory_fit.json (one row per size and cap, the latest run wins) and
 bench/MEMORY.md is written from all of them, with the machine. The end of the output suggests
-the calibrated constants of trainer/memory_model.py (FRAGMENTATION, CUDA_CONTEXT_BYTES).
+the calibrated constants of trainer/plan/memory.py (FRAGMENTATION, CUDA_CONTEXT_BYTES).
 With --dry_run (no GPU needed) a 2-layer GPT-2 plans against CPU budgets and runs 1 step on the
 CPU; the memory columns stay empty (no allocator statistics on the CPU).
 """
@@ -42,7 +42,9 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
 from plan_table import RECIPES, recipe_cfg  # noqa: E402
-from trainer import memory_model as mm  # noqa: E402  (pure arithmetic: no torch at import)
+from trainer.model.shapes import GPT2_VOCAB, Shape  # noqa: E402
+from trainer.plan import memory as mm  # noqa: E402  (pure arithmetic: no torch at import)
+from trainer.units import format_bytes  # noqa: E402
 
 MODELS = tuple(RECIPES)
 CAPS_GB = (8, 12, 16, 24, 40)
@@ -54,9 +56,7 @@ GiB, MiB = 2**30, 2**20
 
 
 def fmt(n):
-    if n is None:
-        return ""
-    return f"{n / GiB:.2f} GiB" if abs(n) >= GiB else f"{n / MiB:.0f} MiB"
+    return "" if n is None else format_bytes(n)
 
 
 def pct(predicted, measured):
@@ -66,45 +66,45 @@ def pct(predicted, measured):
 # ----------------------------------------------------------------------------- one run (child process)
 
 def run_cfg(model, dry_run, overrides=None):
-    """The recipe's config with the model's true shape, as bench/plan_table.py plans it (plus overrides:
-    bench/gpu_check.py fixes the mode or the offload this way)."""
+    """(config, shape): the recipe's config with the model's true shape, as bench/plan_table.py plans it
+    (plus overrides: bench/gpu_check.py fixes the mode or the offload this way)."""
     if dry_run:
         from trainer.config import DEFAULTS
-        cfg = {**DEFAULTS, **TINY, "vocab_size": mm.GPT2_VOCAB, "dropout": 0.0, "lora_dropout": 0.0}
+        cfg = {**DEFAULTS, **TINY, "dropout": 0.0, "lora_dropout": 0.0}
+        shape = Shape(TINY["n_layer"], TINY["n_head"], TINY["n_embd"], GPT2_VOCAB, TINY["block_size"])
     else:
-        cfg = recipe_cfg(model)
-    return {**cfg, **(overrides or {})}
+        cfg, shape = recipe_cfg(model)
+    return {**cfg, **(overrides or {})}, shape
 
 
-def build_module(cfg, plan, device_type, workdir):
-    """The model of the plan's mode as trainer/loop.py builds it, with random weights of the true shape."""
+def build_module(cfg, shape, plan, device_type, workdir):
+    """The model of the plan's mode as the trainer builds it (trainer/model/builder.py), with random weights
+    of the true shape in place of downloaded ones."""
     import torch
-    from transformers import GPT2Config, GPT2LMHeadModel
+    from transformers import GPT2LMHeadModel
 
-    from trainer.adapters import apply_mode, build_base
-    from trainer.model import LMWithLoss
+    from trainer.model.adapters import build_base
+    from trainer.model.attention import packed_kernel
+    from trainer.model.builder import build_module as build_trained
+    from trainer.model.gpt2 import gpt2_config
 
     torch.manual_seed(0)
-    config = GPT2Config(n_layer=cfg["n_layer"], n_head=cfg["n_head"], n_embd=cfg["n_embd"],
-                        vocab_size=cfg["vocab_size"], n_positions=cfg["block_size"], resid_pdrop=0.0,
-                        embd_pdrop=0.0, attn_pdrop=0.0, use_cache=False)
-    config._attn_implementation = "sdpa"
-    model = GPT2LMHeadModel(config)
+    model = GPT2LMHeadModel(gpt2_config(shape, cfg["dropout"]))
     if plan.mode == "qlora":  # the 4-bit base comes from a checkpoint on disk, as from the hub
         source = Path(workdir) / "random-gpt2"
         model.save_pretrained(source)
         del model
-        model = build_base({**cfg, "init_from": str(source)}, cfg["vocab_size"], "qlora", plan.dtype, device_type)
-    if plan.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    return LMWithLoss(apply_mode(model, plan, cfg))
+        model = build_base({**cfg, "init_from": str(source)}, shape.vocab_size, "qlora", plan.dtype, device_type)
+    return build_trained(cfg, plan, model, packed_kernel(device_type, cfg["dropout"]))
 
 
 def child(args):
     """Plan, build and run one (size, cap); write its row as JSON to args.result."""
     import torch
 
-    from trainer.planner import Hardware, PlanError, make_plan, plan_to_dict
+    from trainer.plan.hardware import Hardware
+    from trainer.plan.planner import PlanError, PlanInput, make_plan
+    from trainer.plan.report import plan_to_dict
 
     on_gpu = torch.cuda.is_available() and not args.dry_run
     cap = int(args.cap_gb * GiB)
@@ -120,28 +120,28 @@ def child(args):
                       f"{props.name} capped at {args.cap_gb:g} GB")
     else:
         hw = Hardware("cpu", cap, 1, False, f"CPU budget {args.cap_gb:g} GB (dry run)")
-    cfg = run_cfg(args.model, args.dry_run, json.loads(args.override))
+    cfg, shape = run_cfg(args.model, args.dry_run, json.loads(args.override))
     try:
-        plan = make_plan(cfg, hw)
+        plan = make_plan(PlanInput.of(cfg, shape), hw)
     except PlanError as exc:
         row.update(status="does not fit", error=str(exc))
         Path(args.result).write_text(json.dumps(row))
         return
     row.update(plan={k: v for k, v in plan_to_dict(plan).items() if k != "reasons"},
-               predicted_allocated=plan.allocated_bytes,
-               predicted_reserved=int(plan.allocated_bytes * (1 + mm.FRAGMENTATION)) if on_gpu else None,
-               predicted_outside=mm.CUDA_CONTEXT_BYTES if on_gpu else None, predicted_total=plan.total_bytes)
+               predicted_allocated=plan.estimate.allocated,
+               predicted_reserved=int(plan.estimate.allocated * (1 + mm.FRAGMENTATION)) if on_gpu else None,
+               predicted_outside=mm.CUDA_CONTEXT_BYTES if on_gpu else None, predicted_total=plan.estimate.total)
 
     os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=os.environ.get("MASTER_PORT", str(29700 + os.getpid() % 200)))
     import deepspeed
     deepspeed.init_distributed()
-    from trainer.engine import create_engine
+    from trainer.run.engine import create_engine
 
     status = "ok"
     try:
         with tempfile.TemporaryDirectory() as workdir:
-            module = build_module(cfg, plan, hw.device_type, workdir)
+            module = build_module(cfg, shape, plan, hw.device_type, workdir)
         engine, _ = create_engine(module, cfg, plan, 1, on_gpu)
         device = engine.device
         if on_gpu:
@@ -153,7 +153,7 @@ def child(args):
         for it in range(1 + args.steps):  # iteration 0 is the warm-up
             start = time.time()
             for _ in range(accum):
-                x = torch.randint(0, cfg["vocab_size"], (micro, block), generator=gen).to(device)
+                x = torch.randint(0, shape.vocab_size, (micro, block), generator=gen).to(device)
                 loss = engine(x, x)
                 engine.backward(loss)
                 engine.step()
@@ -259,7 +259,7 @@ def write_report(rows, out, command, dry_run):
     rows = sorted(rows, key=lambda r: (order.get(r["model"], 99), r["cap_gb"]))
     text = (f"# Memory fit: predicted vs measured peak per GPT-2 size and memory cap\n\n"
             f"`{command}` on {machine(dry_run)}, {datetime.date.today().isoformat()}.\n\n"
-            f"Each row: the plan trainer.planner chooses for a GPU of that size (recipe gpt2_small/medium/large/xl, "
+            f"Each row: the plan trainer/plan/planner.py chooses for a GPU of that size (recipe gpt2_small/medium/large/xl, "
             f"block 1024), run for a few iterations in a process capped with "
             f"torch.cuda.set_per_process_memory_fraction. Predicted allocated is plan.json's `allocated_bytes` "
             f"(compare torch.cuda.max_memory_allocated); predicted reserved adds FRAGMENTATION.\n\n"

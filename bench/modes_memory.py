@@ -36,6 +36,9 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+
+from trainer.units import MiB, format_bytes  # noqa: E402
+
 SHAKESPEARE = REPO / "data" / "tinyshakespeare.txt"
 SIZES = {"tiny": (2, 2, 64), "gpt2": (12, 12, 768), "gpt2-medium": (24, 16, 1024), "gpt2-large": (36, 20, 1280),
          "gpt2-xl": (48, 25, 1600)}  # tiny: for the benchmark's own test
@@ -43,13 +46,9 @@ DEFAULTS = {  # device -> sizes, block_size, batch_size, iters
     "cpu": ("gpt2", 256, 2, 4),
     "cuda": ("gpt2,gpt2-medium,gpt2-large,gpt2-xl", 1024, 4, 8),
 }
-GiB, MiB = 2**30, 2**20
-
 
 def fmt(n):
-    if n is None:
-        return ""
-    return f"{n / GiB:.2f} GiB" if n >= GiB else f"{n / MiB:.0f} MiB" if n >= 10 * MiB else f"{n / 1024:,.0f} KiB"
+    return "" if n is None else format_bytes(n)
 
 
 def prepare_data(data_dir):

@@ -2,14 +2,14 @@
 
 Each row is what `deepspeed launch/train.py --recipe gpt2_<size> --plan --vram_gb=G --gpus=N`
 chooses: the recipe's values (recipes/gpt2_small|medium|large|xl.py) on top of the
-defaults, planned by trainer.planner. Nothing is loaded; it runs in well under a second.
+defaults, planned by trainer/plan/planner.py. Nothing is loaded; it runs in well under a second.
 
     python bench/plan_table.py                 # auto mode, 1 GPU
     python bench/plan_table.py --mode=full     # full fine-tuning (offload allowed)
     python bench/plan_table.py --gpus=4
     python bench/plan_table.py --simulate      # + each plan's step simulated on fake tensors (minutes)
 
-With --simulate each row also gets the simulation's verdict (trainer/simulate.py): the peak with the
+With --simulate each row also gets the simulation's verdict (trainer/plan/simulate.py): the peak with the
 simulated activations + logits and optimizer step in place of the estimated ones (model states,
 DeepSpeed's buckets, fragmentation and the CUDA context as estimated), against the usable memory.
 """
@@ -20,25 +20,27 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from trainer.config import DEFAULTS, RECIPES_DIR, read_recipe  # noqa: E402
-from trainer.memory_model import CUDA_CONTEXT_BYTES, FRAGMENTATION, GPT2_SHAPES, GPT2_VOCAB  # noqa: E402
-from trainer.planner import PlanError, detect_hardware, fmt_bytes, make_plan  # noqa: E402
+from trainer.model.shapes import GPT2_SHAPES, GPT2_VOCAB, Shape  # noqa: E402
+from trainer.plan.hardware import detect_hardware  # noqa: E402
+from trainer.plan.memory import CUDA_CONTEXT_BYTES, FRAGMENTATION  # noqa: E402
+from trainer.plan.planner import PlanError, PlanInput, make_plan  # noqa: E402
+from trainer.units import format_bytes  # noqa: E402
 
 RECIPES = {"gpt2": "gpt2_small", "gpt2-medium": "gpt2_medium", "gpt2-large": "gpt2_large", "gpt2-xl": "gpt2_xl"}
 VRAM_GB = (8, 12, 16, 24, 40, 80)
 
 
 def recipe_cfg(model, **overrides):
+    """(config, shape): the model's recipe on top of the defaults, with overrides, and GPT-2's shape."""
     cfg = {**DEFAULTS, **read_recipe(RECIPES_DIR / f"{RECIPES[model]}.py"), **overrides}
-    n_layer, n_head, n_embd = GPT2_SHAPES[model]
-    cfg.update(n_layer=n_layer, n_head=n_head, n_embd=n_embd, vocab_size=GPT2_VOCAB)
-    return cfg
+    return cfg, Shape(*GPT2_SHAPES[model], GPT2_VOCAB, cfg["block_size"])
 
 
-def simulated_peak(cfg, plan):
+def simulated_peak(cfg, shape, plan):
     """The plan's peak with the simulated step's activations + logits and optimizer step."""
-    from trainer.simulate import plan_shape, simulate
-    sim = simulate(cfg, plan_shape(cfg), plan)
-    m = plan.memory
+    from trainer.plan.simulate import simulate
+    sim = simulate(cfg, shape, plan)
+    m = plan.estimate.items
     states = m["weights"] + m["gradients"] + m["optimizer_states"] + m["ds_buckets"]
     allocated = states + max(sim.items["activations_and_logits"], sim.items["optimizer_step_transient"])
     return int(allocated * (1 + FRAGMENTATION) + CUDA_CONTEXT_BYTES)
@@ -46,11 +48,11 @@ def simulated_peak(cfg, plan):
 
 def rows(mode, gpus, simulate=False):
     for model in RECIPES:
-        cfg = recipe_cfg(model, mode=mode)
+        cfg, shape = recipe_cfg(model, mode=mode)
         for gb in VRAM_GB:
             hw = detect_hardware(gpus, vram_gb=gb, gpus=gpus)
             try:
-                p = make_plan(cfg, hw)
+                p = make_plan(PlanInput.of(cfg, shape), hw)
             except PlanError as exc:
                 need = str(exc).split(", i.e. ")[1].split(";")[0] if ", i.e. " in str(exc) else str(exc)
                 yield [model, f"{gb} GB", "does not fit", "", "", "", "", need] + ([""] if simulate else [])
@@ -58,10 +60,10 @@ def rows(mode, gpus, simulate=False):
             row = [model, f"{gb} GB", p.mode, str(p.zero_stage), p.offload,
                    "on" if p.gradient_checkpointing else "off",
                    f"{p.micro_batch_size} x {p.grad_accum_per_rank}",
-                   f"{fmt_bytes(p.total_bytes)} / {fmt_bytes(p.usable_bytes)}"]
+                   f"{format_bytes(p.estimate.total)} / {format_bytes(p.usable_bytes)}"]
             if simulate:
-                peak = simulated_peak({**cfg, "dtype": p.dtype}, p)
-                row.append(f"{'fits' if peak <= p.usable_bytes else 'OVER'}: {fmt_bytes(peak)}")
+                peak = simulated_peak(cfg, shape, p)
+                row.append(f"{'fits' if peak <= p.usable_bytes else 'OVER'}: {format_bytes(peak)}")
             yield row
 
 

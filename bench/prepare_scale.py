@@ -49,7 +49,7 @@ MiB = 2**20
 RAW = """
 import sys, time
 sys.path.insert(0, sys.argv[1])
-from trainer.tokenizer import gpt2_encoding
+from trainer.data.tokenizer import gpt2_encoding
 enc = gpt2_encoding()
 files, budget = sys.argv[3:], float(sys.argv[2])
 tokens = nbytes = 0

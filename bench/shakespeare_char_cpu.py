@@ -46,9 +46,8 @@ def recipe(data_dir, max_iters, seed):
 
 def fixed_val_batches(data, cfg):
     """The recipe's evaluation: eval_iters fixed val batches, the windows the trainer evaluates on."""
-    from trainer.data import eval_offsets
     B = cfg["batch_size"]
-    offsets = eval_offsets(data, "val", cfg["eval_iters"] * B, cfg["seed"])
+    offsets = data.eval_offsets("val", cfg["eval_iters"] * B, cfg["seed"])
     return [data.windows("val", offsets[i:i + B]) for i in range(0, len(offsets), B)]
 
 
@@ -76,9 +75,11 @@ def run_plain(data_dir, max_iters, seed):
     import torch
     import torch.nn.functional as F
 
-    from trainer.data import TokenData, TrainSampler
-    from trainer.engine import lr_at, param_groups
-    from trainer.model import build_model
+    from trainer.data.sampler import TrainSampler
+    from trainer.data.tokens import TokenData
+    from trainer.model.gpt2 import build_model
+    from trainer.optim.optimizer import param_groups
+    from trainer.optim.schedule import lr_at
 
     cfg = recipe(data_dir, max_iters, seed)
     data = TokenData(Path(data_dir) / "shakespeare_char", cfg["block_size"])
@@ -116,9 +117,9 @@ def run_reference(data_dir, max_iters, seed):
     import torch
 
     from bench.nanogpt_reference import mean_loss, random_windows, train_reference
-    from trainer.data import TokenData
-    from trainer.engine import lr_at
-    from trainer.evaluate import stream_batches
+    from trainer.data.tokens import TokenData
+    from trainer.optim.schedule import lr_at
+    from trainer.tools.evaluate import stream_batches
 
     cfg = recipe(data_dir, max_iters, seed)
     data = TokenData(Path(data_dir) / "shakespeare_char", cfg["block_size"])

@@ -1,7 +1,7 @@
 """The memory model against the simulated training step: every GPT-2 size x full/LoRA/QLoRA x
 checkpointing off/on x micro-batch 1 and 4, block 1024, bf16 and fp16, plus the plans the README's
-table chooses (bench/plan_table.py), each planned by trainer.planner and run on fake tensors by
-trainer.simulate (no weights, no data, no GPU).
+table chooses (bench/plan_table.py), each planned by trainer/plan/planner.py and run on fake tensors by
+trainer/plan/simulate.py (no weights, no data, no GPU).
 
     python bench/simulate_table.py                        # writes bench/SIMULATE.md (about 30 minutes on 2 cores)
     python bench/simulate_table.py --sizes gpt2 --out -   # a subset, to stdout
@@ -17,9 +17,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.plan_table import RECIPES, VRAM_GB, recipe_cfg  # noqa: E402
-from trainer.memory_model import GiB, MiB  # noqa: E402
-from trainer.planner import PlanError, detect_hardware, make_plan  # noqa: E402
-from trainer.simulate import plan_shape, simulate  # noqa: E402
+from trainer.plan.hardware import detect_hardware  # noqa: E402
+from trainer.plan.planner import PlanError, PlanInput, make_plan  # noqa: E402
+from trainer.plan.simulate import simulate  # noqa: E402
+from trainer.units import format_bytes  # noqa: E402
 
 OUT = Path(__file__).resolve().parent / "SIMULATE.md"
 MODES = ("full", "lora", "qlora")
@@ -44,14 +45,14 @@ def table_plans(sizes):
 
 
 def run_row(kind, model, overrides, vram_gb):
-    cfg = recipe_cfg(model, **overrides)
+    cfg, shape = recipe_cfg(model, **overrides)
     try:
-        plan = make_plan(cfg, detect_hardware(1, vram_gb=vram_gb, gpus=1))
+        plan = make_plan(PlanInput.of(cfg, shape), detect_hardware(1, vram_gb=vram_gb, gpus=1))
     except PlanError:
         return None
     t0 = time.time()
-    sim = simulate(cfg, plan_shape(cfg), plan)
-    m = plan.memory
+    sim = simulate(cfg, shape, plan)
+    m = plan.estimate.items
     est_act = m["activations"] + m["logits_and_loss"]
     sim_act = sim.items["activations_and_logits"]
     est_opt, sim_opt = m["optimizer_step_transient"], sim.items["optimizer_step_transient"]
@@ -63,15 +64,11 @@ def run_row(kind, model, overrides, vram_gb):
             "seconds": time.time() - t0}
 
 
-def fmt(n):
-    return f"{n / GiB:.2f} GiB" if abs(n) >= GiB else f"{n / MiB:.1f} MiB"
-
-
 def markdown(rows, command):
     head = ["rows", "model", "GPU", "mode", "ckpt", "micro", "dtype", "est. act+logits", "sim. act+logits", "error",
             "est. opt step", "sim. opt step", "error"]
-    lines = [f"Written by `{command}`: the memory model (trainer/memory_model.py) against the training step "
-             f"simulated on fake tensors (trainer/simulate.py), block 1024, ZeRO-0, one GPU. Error = "
+    lines = [f"Written by `{command}`: the memory model (trainer/plan/memory.py) against the training step "
+             f"simulated on fake tensors (trainer/plan/simulate.py), block 1024, ZeRO-0, one GPU. Error = "
              f"(estimated - simulated) / simulated.", ""]
     for kind, title in (("grid", "Calibration grid"), ("table", "Plans the README's table chooses (auto, bf16)")):
         sub = [r for r in rows if r["kind"] == kind]
@@ -92,8 +89,8 @@ def markdown(rows, command):
         lines += ["", "| " + " | ".join(head[1:]) + " |", "|" + "---|" * (len(head) - 1)]
         for r in sub:
             lines.append("| " + " | ".join([r["model"], r["gpu"], r["mode"], "on" if r["ckpt"] else "off",
-                                             str(r["micro"]), r["dtype"], fmt(r["est_act"]), fmt(r["sim_act"]),
-                                             f"{100 * r['err_act']:+.1f}%", fmt(r["est_opt"]), fmt(r["sim_opt"]),
+                                             str(r["micro"]), r["dtype"], format_bytes(r["est_act"]), format_bytes(r["sim_act"]),
+                                             f"{100 * r['err_act']:+.1f}%", format_bytes(r["est_opt"]), format_bytes(r["sim_opt"]),
                                              f"{100 * r['err_opt']:+.1f}%"]) + " |")
         lines.append("")
     return "\n".join(lines)

@@ -3,7 +3,7 @@
 python data/prepare.py --input=FILE|FOLDER|GLOB|hf:NAME --name=NAME [--tokenizer=gpt2|char]
     [--val_fraction=0.1] [--seed=1337] [--text_field=text] [--num_proc=N]
 python data/prepare.py --input=alpaca.json --name=NAME --format=instructions [--template=alpaca|plain]
-    [--block_size=1024] [--overlong=truncate|drop] [--skip_invalid]   (JSON list or JSONL; see trainer/instructions.py)
+    [--block_size=1024] [--overlong=truncate|drop] [--skip_invalid]   (JSON list or JSONL; see trainer/prepare/instructions.py)
 Text files (.gz too) are one document each; .jsonl/.json/.parquet/.csv files, a folder saved by
 datasets' save_to_disk and hf:NAME (a hub dataset) give one document per row (its --text_field).
 A folder is read recursively in sorted order (hidden and binary files skipped);
@@ -16,17 +16,21 @@ See docs/data.md.
 import sys
 from pathlib import Path
 
-# Runnable from any folder: make the repo's `trainer` package importable.
+# Runnable from any folder: this clone's trainer package first on sys.path.
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
-from trainer import textprep  # noqa: E402
+from trainer.cli import FlagParser, at_least, run_main  # noqa: E402
+from trainer.errors import UserError  # noqa: E402
+from trainer.prepare.cutting import CHUNK_BYTES  # noqa: E402
+from trainer.prepare.split import check_val_fraction  # noqa: E402
 
 FORMATS = ("text", "instructions")
+TOKENIZERS = ("gpt2", "char")
 
 
-def parse_args():
-    parser = textprep.make_parser(__doc__)
+def parse_args(argv):
+    parser = FlagParser(__doc__)
     parser.add_argument("--input", required=True, help="a text file, a folder of them, or a glob")
     parser.add_argument("--name", required=True, help="dataset name: the folder under data_dir, and the recipe's dataset")
     parser.add_argument("--tokenizer", default="gpt2", help="gpt2 (BPE, for finetuning GPT-2) or char")
@@ -41,41 +45,40 @@ def parse_args():
     parser.add_argument("--seed", type=int, default=1337, help="seed of the train/val draw of documents (or examples)")
     parser.add_argument("--text_field", default="text", help="rows (jsonl, json, parquet, csv, datasets): the text column")
     parser.add_argument("--split", default="train", help="saved DatasetDict or hub dataset: the split to read")
-    parser.add_argument("--num_proc", type=int, default=None, help="worker processes (default: all cores)")
-    parser.add_argument("--chunk_bytes", type=int, default=textprep.CHUNK_BYTES,
-                        help="text per piece of work (memory grows with it; default 4 MiB)")
+    parser.add_flag("--num_proc", type=int, default=None, rule=at_least(1),
+                    help="worker processes (default: all cores)")
+    parser.add_flag("--chunk_bytes", type=int, default=CHUNK_BYTES, rule=at_least(1024),
+                    help="text per piece of work (memory grows with it; default 4 MiB)")
     parser.add_argument("--data_dir", default=str(REPO_ROOT / "data"), help="datasets folder (default: the repo's data/)")
-    return parser.parse_args()
+    return parser.parse(argv)
 
 
 def check_args(args):
     # Check everything before reading the input, so a typo fails in no time.
     if args.format not in FORMATS:
-        raise textprep.PrepareError(f"unknown --format={args.format} (choose text or instructions)")
-    if args.tokenizer not in textprep.TOKENIZERS:
-        raise textprep.PrepareError(f"unknown --tokenizer={args.tokenizer} (choose gpt2 or char)")
+        raise UserError(f"unknown --format={args.format} (choose text or instructions)")
+    if args.tokenizer not in TOKENIZERS:
+        raise UserError(f"unknown --tokenizer={args.tokenizer} (choose gpt2 or char)")
     # The name becomes one folder under data_dir, never a path out of it.
     if not args.name or args.name in (".", "..") or "/" in args.name or "\\" in args.name:
-        raise textprep.PrepareError(f"--name must be a plain folder name, got {args.name!r}")
-    textprep.check_val_fraction(args.val_fraction)
-    if args.num_proc is not None and args.num_proc < 1:
-        raise textprep.PrepareError(f"--num_proc must be at least 1, got {args.num_proc}")
-    if args.chunk_bytes < 1024:
-        raise textprep.PrepareError(f"--chunk_bytes must be at least 1024, got {args.chunk_bytes}")
+        raise UserError(f"--name must be a plain folder name, got {args.name!r}")
+    check_val_fraction(args.val_fraction)
 
 
-def main():
-    args = parse_args()
+def main(argv):
+    args = parse_args(argv)
     check_args(args)
     if args.format == "instructions":
-        from trainer.instructions import prepare_instructions
+        from trainer.prepare.instructions import prepare_instructions
         prepare_instructions(args.input, Path(args.data_dir) / args.name, args.template, args.block_size,
                              args.val_fraction, args.skip_invalid, args.overlong, args.seed, args.tokenizer,
                              args.num_proc)
-        return
-    textprep.prepare_corpus(args.input, Path(args.data_dir) / args.name, args.tokenizer, args.val_fraction,
+        return 0
+    from trainer.prepare.corpus import prepare_corpus
+    prepare_corpus(args.input, Path(args.data_dir) / args.name, args.tokenizer, args.val_fraction,
                             args.seed, args.text_field, args.num_proc, args.chunk_bytes, args.split)
+    return 0
 
 
 if __name__ == "__main__":
-    textprep.run_cli(main)
+    run_main(main)

@@ -8,15 +8,12 @@ exp of the mean token loss. --compare_base evaluates the model the run started f
 or --base) on the same tokens and prints the change: what the finetune cost on general text.
 """
 import json
-import os
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-# DeepSpeed only reads checkpoints here: no accelerator probing (and its warning on stdout).
-os.environ.setdefault("DS_ACCELERATOR", "cpu")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this clone's trainer, even if another is installed
 
-from trainer.cli import FlagParser, at_least, check_ranges, run_main  # noqa: E402
+from trainer.cli import FlagParser, at_least, run_main  # noqa: E402
 from trainer.errors import UserError  # noqa: E402
 
 
@@ -28,26 +25,23 @@ def parse_args(argv):
     p.add_argument("--data_dir", default=None, help="datasets folder (default: the run's data_dir, else data)")
     p.add_argument("--compare_base", action="store_true", help="also evaluate the starting model and print the change")
     p.add_argument("--base", default=None, help="the starting model for --compare_base (default: the run's init_from)")
-    p.add_argument("--block_size", type=int, default=0, help="context per window (default: the model's)")
-    p.add_argument("--batch_size", type=int, default=8)
+    p.add_flag("--block_size", type=int, default=0, rule=at_least(0), help="context per window (default: the model's)")
+    p.add_flag("--batch_size", type=int, default=8, rule=at_least(1))
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.add_argument("--json", action="store_true", help="print one JSON object instead of lines")
-    return check_ranges(p.parse_args(argv), {"batch_size": at_least(1), "block_size": at_least(0)})
+    return p.parse(argv)
 
 
 def load_model(source):
-    from trainer.inference import load_for_inference
+    from trainer.tools.loading import load_for_inference
     return load_for_inference(source)
 
 
 def text_tokens(path, tokenizer):
-    from trainer.textprep import PrepareError, read_utf8
-    try:
-        text = read_utf8(Path(path)) if Path(path).is_file() else None
-    except PrepareError as exc:
-        raise UserError(str(exc)) from None
-    if text is None:
+    from trainer.prepare.sources import read_utf8
+    if not Path(path).is_file():
         raise UserError(f"--text={path}: no such file")
+    text = read_utf8(Path(path))
     tokens = tokenizer.encode_ordinary(text)
     if len(tokens) < 2:
         raise UserError(f"--text={path} has {len(tokens)} token(s); give at least two")
@@ -56,8 +50,8 @@ def text_tokens(path, tokenizer):
 
 def open_dataset(directory, tokenizer, block_size):
     """TokenData for evaluation: a packed dataset at its own block size, a text one at `block_size`."""
-    from trainer.data import TokenData, read_meta
-    from trainer.tokenizer import tokenizer_kind
+    from trainer.data.tokenizer import tokenizer_kind
+    from trainer.data.tokens import TokenData, read_meta
     if not Path(directory).is_dir():
         raise UserError(f"dataset folder {directory} does not exist; prepare it or pass --data_dir/--dataset")
     meta = read_meta(directory)
@@ -75,7 +69,7 @@ def open_dataset(directory, tokenizer, block_size):
 
 def targets(args, loaded, block_size):
     """[(label, evaluate(lm, device) -> EvalResult)] for what this command asks for."""
-    from trainer.evaluate import evaluate_dataset, evaluate_stream
+    from trainer.tools.evaluate import evaluate_dataset, evaluate_stream
     if args.text and args.dataset:
         raise UserError("give --dataset or --text, not both")
     if args.text:

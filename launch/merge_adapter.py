@@ -9,15 +9,12 @@ directory instead, for `PeftModel.from_pretrained(base, DIR)`.
 Every export is reloaded and compared with the trained model on a fixed batch: the maximum absolute
 difference of the logits is printed, and above the tolerance nothing is written and the exit code is 2.
 """
-import os
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-# DeepSpeed only reads checkpoints here: no accelerator probing (and its warning on stdout).
-os.environ.setdefault("DS_ACCELERATOR", "cpu")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this clone's trainer, even if another is installed
 
-from trainer.cli import FlagParser, check_ranges, more_than, run_main  # noqa: E402
+from trainer.cli import FlagParser, more_than, run_main  # noqa: E402
 
 
 def parse_args(argv):
@@ -26,15 +23,15 @@ def parse_args(argv):
     p.add_argument("--export_dir", required=True, help="where to write the model (must not exist or be empty)")
     p.add_argument("--dtype", default="fp32", choices=("fp32", "bf16", "fp16"), help="dtype of the saved weights")
     p.add_argument("--adapter_only", action="store_true", help="write a peft adapter directory, not a merged model")
-    p.add_argument("--tolerance", type=float, default=None,
+    p.add_flag("--tolerance", type=float, default=None, rule=more_than(0.0),
                    help="maximum absolute logit difference allowed (default: 1e-4 fp32, 1e-2 fp16, 5e-2 bf16, "
                         "times the largest logit when that is above 1)")
-    return check_ranges(p.parse_args(argv), {"tolerance": more_than(0.0)})
+    return p.parse(argv)
 
 
 def main(argv):
     args = parse_args(argv)
-    from trainer.export import export
+    from trainer.tools.export import export
     export(args.out_dir, args.export_dir, dtype=args.dtype, adapter_only=args.adapter_only, tolerance=args.tolerance)
     return 0
 

@@ -4,15 +4,12 @@ Also `--init_from=gpt2-xl` (a hub name) or `--init_from=path/to/hf_dir`.
 Instruction-tuned models: `--prompt_template=alpaca --start="Give three tips for staying healthy."`, and an
 Alpaca record's input beside its instruction: `--start="Translate to French." --input="Good morning"`.
 """
-import os
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-# DeepSpeed only reads checkpoints here: no accelerator probing (and its warning on stdout).
-os.environ.setdefault("DS_ACCELERATOR", "cpu")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this clone's trainer, even if another is installed
 
-from trainer.cli import FlagParser, at_least, check_ranges, run_main  # noqa: E402
+from trainer.cli import FlagParser, at_least, run_main  # noqa: E402
 from trainer.errors import UserError  # noqa: E402
 
 
@@ -21,21 +18,21 @@ def parse_args(argv):
     p.add_argument("--out_dir", default="out", help="training run to sample from (its latest/best checkpoint)")
     p.add_argument("--init_from", default="resume", help="'resume' (use --out_dir), a GPT-2 hub name or an HF directory")
     p.add_argument("--start", default="\n", help="prompt text, or FILE:path to read it from a file")
-    p.add_argument("--num_samples", type=int, default=10)
-    p.add_argument("--max_new_tokens", type=int, default=500)
-    p.add_argument("--temperature", type=float, default=0.8, help="1.0 = as trained, lower = less random, 0 = greedy")
-    p.add_argument("--top_k", type=int, default=200, help="keep only the top_k most likely tokens")
-    p.add_argument("--seed", type=int, default=1337)
+    p.add_flag("--num_samples", type=int, default=10, rule=at_least(1))
+    p.add_flag("--max_new_tokens", type=int, default=500, rule=at_least(1))
+    p.add_flag("--temperature", type=float, default=0.8, rule=at_least(0.0),
+               help="1.0 = as trained, lower = less random, 0 = greedy")
+    p.add_flag("--top_k", type=int, default=200, rule=at_least(1), help="keep only the top_k most likely tokens")
+    p.add_flag("--seed", type=int, default=1337, rule=at_least(0))
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.add_argument("--prompt_template", default="", help="alpaca or plain: --start is an instruction, wrapped "
                    "in that template; sampling stops at end-of-text and prints the response only")
     p.add_argument("--input", default="", help="with --prompt_template: the Alpaca record's input (context for the "
                    "instruction), or FILE:path; rendered exactly as the training data renders it")
-    args = p.parse_args(argv)
+    args = p.parse(argv)
     if args.input and not args.prompt_template:
         raise UserError("--input is the input of an instruction; add --prompt_template=alpaca (or plain)")
-    return check_ranges(args, {"num_samples": at_least(1), "max_new_tokens": at_least(1),
-                                             "temperature": at_least(0.0), "top_k": at_least(1), "seed": at_least(0)})
+    return args
 
 
 def read_start(value, flag="--start"):
@@ -49,8 +46,8 @@ def read_start(value, flag="--start"):
 
 
 def template_for(name, tokenizer):
-    from trainer.instructions import get_template
-    template = get_template(name, UserError)
+    from trainer.prepare.templates import get_template
+    template = get_template(name)
     if tokenizer.eot_token is None:
         raise UserError("--prompt_template needs a GPT-2 BPE model (instruction data ends with <|endoftext|>)")
     return template
@@ -58,15 +55,15 @@ def template_for(name, tokenizer):
 
 def instruction_ids(tokenizer, template, instruction, input_text=""):
     """The prompt's token ids, rendered and tokenized as data/prepare.py does for a training record."""
-    from trainer.instructions import instruction_prompt
+    from trainer.prepare.templates import instruction_prompt
     return tokenizer.encode_ordinary(instruction_prompt(template, instruction, input_text))
 
 
 def main(argv):
     args = parse_args(argv)
     import torch
-    from trainer.inference import load_for_inference
-    from trainer.sampling import generate
+    from trainer.model.sampling import generate
+    from trainer.tools.loading import load_for_inference
 
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     source = args.out_dir if args.init_from == "resume" else args.init_from

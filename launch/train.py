@@ -2,25 +2,21 @@
 
 Also `python launch/train.py recipes/X.py --key=value` (one process, no launcher) and
 `--plan [--json] [--vram_gb=24] [--gpus=1] [--simulate]` to print the memory plan and exit (--simulate:
-beside the plan's training step run on fake tensors, trainer/simulate.py).
+beside the plan's training step run on fake tensors, trainer/plan/simulate.py).
 """
+import argparse
 import json
 import os
 import socket
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this clone's trainer, even if another is installed
 
-from trainer.cli import USER_ERROR_EXIT, launcher_rank, launcher_world, run_main, started_alone  # noqa: E402
-from trainer.config import RECIPES_DIR, describe_keys, recipe_names, recipe_summary, resolve_config  # noqa: E402
-from trainer.errors import UserError  # noqa: E402
-
-# Flags of this command that are not recipe keys: type, and for numbers the valid range.
-LAUNCH_FLAGS = {"--plan": bool, "--json": bool, "--vram_gb": float, "--gpus": int, "--simulate": bool}
-LAUNCH_RANGES = {"--vram_gb": ((lambda v: v > 0), "more than 0 (GiB of memory per GPU)"),
-                 "--gpus": ((lambda v: v >= 1), "1 or more")}
-
+from trainer.cli import USER_ERROR_EXIT, FlagParser, at_least, more_than, number, run_main  # noqa: E402
+from trainer.config import (RECIPES_DIR, add_config_arguments, config_from_args, describe_keys,  # noqa: E402
+                            recipe_names, recipe_summary)
+from trainer.launcher import launcher_rank, launcher_world, local_rank, started_alone  # noqa: E402
 
 USAGE = """usage: deepspeed [--num_gpus N] launch/train.py --recipe NAME [--key=value ...] [--plan [--json]]
        python launch/train.py [--recipe] NAME_OR_PATH [--key=value ...]      (one process, no launcher)
@@ -49,37 +45,16 @@ def help_text():
             f"keys, with their defaults and valid values:" + describe_keys())
 
 
-def split_launch_flags(argv):
-    """Separate --plan/--json/--vram_gb/--gpus (and the launcher's --local_rank) from recipe words."""
-    flags, rest = {}, []
-    words = list(argv)
-    while words:
-        word = words.pop(0)
-        name, _, value = word.partition("=")
-        if name == "--local_rank" or name == "--local-rank":  # added by the deepspeed launcher
-            if not value and words:
-                words.pop(0)
-            continue
-        if name in LAUNCH_FLAGS:
-            kind = LAUNCH_FLAGS[name]
-            if kind is bool:
-                flags[name[2:]] = True
-                continue
-            if not value:
-                if not words:
-                    raise UserError(f"{name} needs a value, e.g. {name}=24")
-                value = words.pop(0)
-            try:
-                number = kind(value)
-            except ValueError:
-                raise UserError(f"{name}={value!r} must be a number, e.g. {name}=24") from None
-            valid, must = LAUNCH_RANGES[name]
-            if not valid(number):
-                raise UserError(f"{name}={value} must be {must}")
-            flags[name[2:]] = number
-            continue
-        rest.append(word)
-    return flags, rest
+def parser():
+    """launch/train.py's flags: the launch flags above, the recipe and every config key (trainer/config.py)."""
+    p = FlagParser(__doc__, help_text=help_text)
+    p.add_argument("--plan", action="store_true")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--simulate", action="store_true")
+    p.add_flag("--vram_gb", type=number, rule=more_than(0, " (GiB of memory per GPU)"))
+    p.add_flag("--gpus", type=int, rule=at_least(1))
+    p.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)  # the deepspeed launcher's
+    return add_config_arguments(p)
 
 
 def free_port():
@@ -97,55 +72,57 @@ def init_distributed():
     import deepspeed
     import torch
 
-    from trainer.ranks import local_rank, release_cpu_allreduce_buffer
+    from trainer.run.ranks import release_cpu_allreduce_buffer
     if torch.cuda.is_available():  # this node's GPU, by local rank: the setup's collectives run on it
         torch.cuda.set_device(local_rank() % torch.cuda.device_count())
     deepspeed.init_distributed()
     release_cpu_allreduce_buffer()
 
 
-def print_plan(cfg, flags):
+def print_plan(cfg, args):
     """--plan: the plan for the given or detected hardware, without loading weights or data."""
-    from trainer import planner
-    from trainer.data import dataset_dir, read_meta
+    from trainer.data.tokens import dataset_dir, read_meta
+    from trainer.model.shapes import model_shape
+    from trainer.plan.hardware import detect_hardware
+    from trainer.plan.planner import PlanInput, make_plan
+    from trainer.plan.report import format_plan, plan_to_dict
+    from trainer.run.run_dir import RunDir
 
     meta = read_meta(dataset_dir(cfg)) if (dataset_dir(cfg) / "meta.pkl").is_file() else {}
-    run_config = Path(cfg["out_dir"]) / "model_config.json" if cfg["init_from"] == "resume" else None
-    shape = {**planner.run_shape(cfg, meta.get("vocab_size", 50257), run_config),
-             "packed": meta.get("format") == "instructions"}  # packed instruction blocks, as the run will plan
-    world = launcher_world()  # every GPU of every node
-    hw = planner.detect_hardware(world, vram_gb=flags.get("vram_gb"), gpus=flags.get("gpus"))
-    plan = planner.make_plan({**cfg, **shape}, hw)
-    out = planner.plan_to_dict(plan) if flags.get("json") else planner.format_plan(plan)
-    if flags.get("simulate"):
-        from trainer.simulate import add_simulation
-        out = add_simulation(out, {**cfg, **shape}, plan)
-    print(json.dumps(out) if flags.get("json") else out)
+    saved_model = RunDir(cfg["out_dir"]).model_config_path if cfg["init_from"] == "resume" else None
+    shape = model_shape(cfg, meta.get("vocab_size", 50257), saved_model)
+    # packed instruction blocks, as the run will plan
+    plan_input = PlanInput.of(cfg, shape, packed=meta.get("format") == "instructions")
+    hw = detect_hardware(launcher_world(), vram_gb=args.vram_gb, gpus=args.gpus)  # every GPU of every node
+    plan = make_plan(plan_input, hw)
+    out = plan_to_dict(plan) if args.json else format_plan(plan)
+    if args.simulate:
+        from trainer.plan.simulate import add_simulation
+        out = add_simulation(out, cfg, plan_input, plan)
+    print(json.dumps(out) if args.json else out)
 
 
 def main(argv):
-    if "-h" in argv or "--help" in argv:
-        print(help_text())
-        return 0
-    flags, rest = split_launch_flags(argv)
-    cfg, _ = resolve_config(rest)
-    if flags.get("plan"):
+    flags = parser()
+    args, unknown = flags.parse_known_args(argv)
+    cfg, _ = config_from_args(flags.check_ranges(args), unknown)
+    if args.plan:
         if launcher_rank() == 0:
-            print_plan(cfg, flags)
+            print_plan(cfg, args)
         return 0
     if launcher_world() == 1 and cfg["init_from"] != "resume":
         # One process opens its data before importing torch, transformers and DeepSpeed (6-7 s): a missing
         # or broken dataset is one line at once. Several ranks check together in build_run (a dataset
         # missing on one node only is named with the node); a resume takes dataset and block_size from
         # the run, so build_run checks its data.
-        from trainer.mixing import open_data
+        from trainer.data.mixing import open_data
         open_data(cfg)
-    from trainer.adapters import check_source
+    from trainer.model.adapters import check_source
     check_source(cfg["mode"], cfg["init_from"])  # before any rank starts or writes
     init_distributed()
-    from trainer.loop import train
-    hardware = {k: flags[k] for k in ("vram_gb", "gpus") if k in flags}
-    train(cfg, hardware)
+    from trainer.run.loop import train
+    hardware = {"vram_gb": args.vram_gb, "gpus": args.gpus}
+    train(cfg, {k: v for k, v in hardware.items() if v is not None})
     return 0
 
 

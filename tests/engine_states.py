@@ -4,7 +4,7 @@
     deepspeed --num_gpus 2 tests/engine_states.py OUT.json   # two CPU ranks
 
 For full and LoRA modes and ZeRO stages 0-3 it plans a small GPT-2 (fp32 on the CPU), builds
-the engine the trainer builds (trainer.model, trainer.adapters, trainer.engine), runs two
+the engine the trainer builds (trainer/model/builder.py, trainer/run/engine.py), runs two
 iterations of two micro-batches per rank, and counts every tensor storage alive in the
 process (gc), sorted into:
   weights           storages of the module's parameters (ZeRO-3: partitions and whole persistent ones)
@@ -29,12 +29,14 @@ import deepspeed  # noqa: E402
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
-from trainer import planner  # noqa: E402
-from trainer.adapters import apply_mode  # noqa: E402
 from trainer.config import DEFAULTS  # noqa: E402
-from trainer.ranks import release_cpu_allreduce_buffer  # noqa: E402
-from trainer.engine import create_engine  # noqa: E402
-from trainer.model import LMWithLoss, build_model  # noqa: E402
+from trainer.model.builder import build_module  # noqa: E402
+from trainer.model.gpt2 import build_model  # noqa: E402
+from trainer.model.shapes import model_shape  # noqa: E402
+from trainer.plan.hardware import detect_hardware  # noqa: E402
+from trainer.plan.planner import PlanInput, make_plan  # noqa: E402
+from trainer.run.engine import create_engine  # noqa: E402
+from trainer.run.ranks import release_cpu_allreduce_buffer  # noqa: E402
 
 DATA_VOCAB = 65  # a character vocabulary: the scratch model pads it to 128
 # n_embd 384: the projections (>= 147,456 elements) are above ZeRO-3's persistence threshold,
@@ -135,15 +137,15 @@ def measure(mode, zero, world):
     cfg = {**DEFAULTS, **SHAPE, "init_from": "scratch", "dropout": 0.0, "mode": mode, "zero_stage": zero,
            "offload": "none", "micro_batch_size": micro, "gradient_checkpointing": False,
            "batch_size": micro, "gradient_accumulation_steps": accum * world, "lora_dropout": 0.0}
-    hw = planner.detect_hardware(world)
-    plan = planner.make_plan({**cfg, **planner.run_shape(cfg, DATA_VOCAB)}, hw)
+    hw = detect_hardware(world)
+    plan = make_plan(PlanInput.of(cfg, model_shape(cfg, DATA_VOCAB)), hw)
     gen = torch.Generator().manual_seed(0)
     x = torch.randint(0, DATA_VOCAB, (micro, SHAPE["block_size"]), generator=gen)
     y = torch.randint(0, DATA_VOCAB, (micro, SHAPE["block_size"]), generator=gen)
     base = live_storages()
     torch.manual_seed(0)
-    model = apply_mode(build_model(cfg, DATA_VOCAB), plan, cfg)
-    engine, _ = create_engine(LMWithLoss(model), cfg, plan, world, False)
+    model = build_module(cfg, plan, build_model(cfg, DATA_VOCAB), "dense_mask")
+    engine, _ = create_engine(model, cfg, plan, world, False)
     gradients = buckets = 0
     for it in range(2):  # the second iteration is the steady state: DeepSpeed sets some buffers up lazily
         for _ in range(accum):
@@ -156,9 +158,10 @@ def measure(mode, zero, world):
     del loss
     measured = classify(engine, base)
     measured.update(gradients=gradients, buckets=buckets)
-    record = {"mode": mode, "zero_stage": zero, "ranks": world, "params_total": plan.params_total,
-              "params_trainable": plan.params_trainable, "predicted": plan.model_states,
-              "predicted_buckets": plan.memory["ds_buckets"], "measured": measured}
+    est = plan.estimate
+    record = {"mode": mode, "zero_stage": zero, "ranks": world, "params_total": est.params_total,
+              "params_trainable": est.params_trainable, "predicted": est.states,
+              "predicted_buckets": est.items["ds_buckets"], "measured": measured}
     engine.destroy()
     del engine, model
     gc.collect()

@@ -6,9 +6,9 @@ import torch
 
 from bench.nanogpt_reference import ReferenceGPT, mean_loss, random_windows, train_reference
 from trainer.config import resolve_config
-from trainer.data import TokenData
-from trainer.engine import lr_at
-from trainer.evaluate import stream_batches
+from trainer.data.tokens import TokenData
+from trainer.optim.schedule import lr_at
+from trainer.tools.evaluate import stream_batches
 
 
 def test_reference_model_is_nanogpts_shape():

@@ -9,7 +9,7 @@ import torch
 from transformers import GPT2LMHeadModel
 
 from conftest import REPO, SHAKESPEARE, python, run_cmd
-from trainer.tokenizer import gpt2_encoding
+from trainer.data.tokenizer import gpt2_encoding
 
 
 def eval_json(*args, cwd):
@@ -67,7 +67,7 @@ def instruction_run(tiny_gpt2_dir, tmp_path_factory):
 @pytest.mark.slow
 def test_instruction_eval_uses_the_training_masking(instruction_run, tmp_path):
     """The packed val split scored by eval.py = each val example scored alone by transformers, responses only."""
-    from trainer.inference import load_for_inference
+    from trainer.tools.loading import load_for_inference
     root, out = instruction_run
     (result,) = eval_json(f"--out_dir={out}", cwd=tmp_path)["results"]  # the run's own dataset by default
     assert result["data"] == "colours val (instruction blocks, response tokens)"
@@ -123,7 +123,7 @@ def test_eval_refuses_what_it_cannot_compare(tmp_path):
     from types import SimpleNamespace
 
     from trainer.errors import UserError
-    from trainer.tokenizer import Gpt2Tokenizer
+    from trainer.data.tokenizer import Gpt2Tokenizer
     spec = importlib.util.spec_from_file_location("eval_cli", REPO / "launch/eval.py")
     eval_cli = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(eval_cli)

@@ -8,7 +8,7 @@ import time
 import pytest
 
 from conftest import REPO, python, run_cmd, tb_scalars, train_args
-from trainer import checkpoint
+from trainer.run import checkpoint
 
 pytestmark = pytest.mark.slow  # launches training runs
 

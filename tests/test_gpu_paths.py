@@ -15,12 +15,17 @@ import torch
 from conftest import REPO
 
 sys.path.insert(0, str(REPO))
-from trainer import planner  # noqa: E402
 from trainer.config import DEFAULTS  # noqa: E402
-from trainer.engine import build_ds_config, fast_bf16_path, param_groups  # noqa: E402
-from trainer.memory_model import Candidate, Shape, estimate  # noqa: E402
-from trainer.model import LMWithLoss, build_model, document_block_mask, packed_causal_mask  # noqa: E402
-from trainer.run_logger import PEAK_FLOPS, flops_per_token, gpu_model, peak_flops  # noqa: E402
+from trainer.model.attention import document_block_mask, packed_causal_mask  # noqa: E402
+from trainer.model.gpt2 import build_model  # noqa: E402
+from trainer.model.loss import LMWithLoss  # noqa: E402
+from trainer.model.shapes import Shape, model_shape  # noqa: E402
+from trainer.optim.optimizer import param_groups  # noqa: E402
+from trainer.plan.hardware import PEAK_FLOPS, Hardware, detect_hardware, gpu_model, peak_flops  # noqa: E402
+from trainer.plan.memory import Candidate, estimate  # noqa: E402
+from trainer.plan.planner import PlanError, PlanInput, make_plan  # noqa: E402
+from trainer.run.engine import build_ds_config, fast_bf16  # noqa: E402
+from trainer.run.logger import flops_per_token  # noqa: E402
 
 TINY = {**DEFAULTS, "n_layer": 1, "n_head": 2, "n_embd": 32, "block_size": 16, "batch_size": 2,
         "gradient_accumulation_steps": 2, "dropout": 0.0, "compile": False}
@@ -28,9 +33,9 @@ GiB = 2**30
 
 
 def plan_for(device_type, dtype, zero_stage=0, offload="none", bf16=True):
-    hw = planner.Hardware(device_type, 16 * GiB, 1, bf16, "test")
-    cfg = {**TINY, **planner.run_shape(TINY, 65), "dtype": dtype, "zero_stage": zero_stage, "offload": offload}
-    return planner.make_plan(cfg, hw)
+    hw = Hardware(device_type, 16 * GiB, 1, bf16, "test")
+    cfg = {**TINY, "dtype": dtype, "zero_stage": zero_stage, "offload": offload}
+    return make_plan(PlanInput.of(cfg, model_shape(TINY, 65)), hw)
 
 
 # ----------------------------------------------------------------------------- 1. optimizer path per plan
@@ -50,7 +55,7 @@ def test_ds_config_per_plan(device, dtype, zero, offload, stage, fused, fp32_acc
     assert ds["optimizer"]["params"].get("fused", False) is fused
     assert ds["optimizer"]["params"]["torch_adam"] is (offload == "none")
     assert (ds.get("data_types") == {"grad_accum_dtype": "fp32"}) is fp32_accum
-    assert fast_bf16_path(plan, device == "cuda") is fp32_accum
+    assert fast_bf16(plan, device == "cuda") is fp32_accum
 
 
 @pytest.fixture(scope="module")
@@ -116,16 +121,16 @@ def fake_gpu(monkeypatch, name, capability, total=16 * GiB):
     ("NVIDIA A100-SXM4-40GB", (8, 0), "bf16"), ("NVIDIA H100 80GB HBM3", (9, 0), "bf16")])
 def test_bf16_only_with_bf16_tensor_cores(monkeypatch, name, capability, dtype):
     fake_gpu(monkeypatch, name, capability)
-    hw = planner.detect_hardware(1)
+    hw = detect_hardware(1)
     assert hw.device_type == "cuda" and hw.bf16 is (dtype == "bf16")
-    shape = planner.run_shape(TINY, 65)
-    plan = planner.make_plan({**TINY, **shape}, hw)
+    shape = model_shape(TINY, 65)
+    plan = make_plan(PlanInput.of(TINY, shape), hw)
     assert plan.dtype == dtype
     if dtype == "fp16":
         ds = build_ds_config(TINY, plan, 1, on_gpu=True)
         assert ds["fp16"]["loss_scale"] == 0  # dynamic loss scaling
-        with pytest.raises(planner.PlanError) as err:
-            planner.make_plan({**TINY, **shape, "dtype": "bf16"}, hw)
+        with pytest.raises(PlanError) as err:
+            make_plan(PlanInput.of({**TINY, "dtype": "bf16"}, shape), hw)
         assert "\n" not in str(err.value) and "dtype=fp16" in str(err.value)
 
 
@@ -169,7 +174,7 @@ def test_flops_per_token_by_mode():
 
 
 def test_mfu_reason_is_said_once(capsys):
-    from trainer.run_logger import RunLogger
+    from trainer.run.logger import RunLogger
     log = RunLogger(REPO, True, False, 10, 0)
     for _ in range(3):
         log.print_once("mfu", "no MFU: because")
@@ -182,7 +187,7 @@ def test_mfu_reason_is_said_once(capsys):
 def test_offload_without_a_compiler_fails_at_start_naming_what_to_install(tmp_path):
     """No compiler and no ninja on PATH, no built op in the extensions folder: one line that says what to install."""
     code = ("import sys; sys.path.insert(0, '.')\n"
-            "from trainer.engine import ensure_cpu_adam\nfrom trainer.errors import UserError\n"
+            "from trainer.run.engine import ensure_cpu_adam\nfrom trainer.errors import UserError\n"
             "try:\n    ensure_cpu_adam()\nexcept UserError as e:\n    print('error:', e)\n")
     env = {"HOME": str(tmp_path), "PATH": str(tmp_path / "nothing"), "TORCH_EXTENSIONS_DIR": str(tmp_path / "ext")}
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True,
@@ -193,8 +198,8 @@ def test_offload_without_a_compiler_fails_at_start_naming_what_to_install(tmp_pa
 
 
 def test_cpu_adam_is_needed_whenever_a_step_down_may_offload():
-    from trainer.engine import may_offload
-    gpu, cpu = planner.Hardware("cuda", GiB, 1, True, "g"), planner.Hardware("cpu", GiB, 1, False, "c")
+    from trainer.run.engine import may_offload
+    gpu, cpu = Hardware("cuda", GiB, 1, True, "g"), Hardware("cpu", GiB, 1, False, "c")
     plan = plan_for("cuda", "bf16")
     assert may_offload(plan, {"offload": "auto"}, gpu)
     assert not may_offload(plan, {"offload": "none"}, gpu)
@@ -232,8 +237,8 @@ def test_flex_attention_document_mask_equals_dense_mask_sdpa():
 
 def engine_losses(process_group, compile_model, steps=3):
     """Losses of a tiny GPT-2 (gradient checkpointing on) trained by the trainer's DeepSpeed engine."""
-    from trainer.engine import create_engine
-    from trainer.model import enable_checkpointing
+    from trainer.model.gpt2 import enable_checkpointing
+    from trainer.run.engine import create_engine
     cfg = {**TINY, "compile": compile_model}
     plan = plan_for("cpu", "fp32")
     torch.manual_seed(0)

@@ -9,11 +9,17 @@ import pytest
 import torch
 
 from conftest import REPO, make_tiny_gpt2, python, run_cmd
-from trainer.data import TokenData
-from trainer.instructions import (TEMPLATES, PrepareError, layout, pack, prepare_instructions, render,
-                                  tokenize)
-from trainer.model import LMWithLoss, packed_causal_mask
-from trainer.tokenizer import GPT2_EOT, IGNORE_INDEX, Gpt2Tokenizer
+from trainer.data.tokenizer import GPT2_EOT, IGNORE_INDEX, Gpt2Tokenizer
+from trainer.data.tokens import TokenData
+from trainer.errors import UserError
+from trainer.model.attention import packed_causal_mask
+from trainer.model.loss import LMWithLoss
+from trainer.prepare import instructions
+from trainer.prepare.instructions import prepare_instructions
+from trainer.prepare.packing import layout, pack
+from trainer.prepare.records import render, tokenize
+from trainer.prepare.split import split_items
+from trainer.prepare.templates import TEMPLATES
 
 ALPACA = [
     {"instruction": "Give three tips for staying healthy.", "input": "",
@@ -116,7 +122,7 @@ def test_alpaca_template_is_stanford_alpaca():
 def test_malformed_records_name_file_place_and_field(tmp_path, records, message):
     path = tmp_path / "bad.json"
     path.write_text(records)
-    with pytest.raises(PrepareError, match=re.escape(f"{path} {message}")):
+    with pytest.raises(UserError, match=re.escape(f"{path} {message}")):
         prepare_instructions(str(path), tmp_path / "out")
     assert not (tmp_path / "out").exists()
 
@@ -124,7 +130,7 @@ def test_malformed_records_name_file_place_and_field(tmp_path, records, message)
 def test_broken_json_list_is_a_file_error(tmp_path):
     path = tmp_path / "bad.json"
     path.write_text('[{"instruction": "a", "output": "b"},\n {"instruction": "c", "output": }]')
-    with pytest.raises(PrepareError, match=re.escape(f"{path} is not valid JSON (line 2 column 33: Expecting value); "
+    with pytest.raises(UserError, match=re.escape(f"{path} is not valid JSON (line 2 column 33: Expecting value); "
                                                      f"fix it, or write one JSON record per line (JSONL)")):
         prepare_instructions(str(path), tmp_path / "out")
 
@@ -154,7 +160,7 @@ def test_overlong_examples_truncated_or_dropped(tmp_path):
     assert max(len(ids) for ids, _ in examples_of(tokens, mask, pos)) <= 65
     meta = prepare_instructions(str(path), tmp_path / "d", block_size=64, overlong="drop", val_fraction=0.2)
     assert sum(meta["examples"].values()) == len(ALPACA)
-    with pytest.raises(PrepareError, match="needs --tokenizer=gpt2"):
+    with pytest.raises(UserError, match="needs --tokenizer=gpt2"):
         prepare_instructions(str(path), tmp_path / "c", tokenizer="char")
 
 
@@ -333,7 +339,7 @@ def test_tiny_gpt2_learns_reversing_words(tmp_path):
     Measured: 0/64 before; 64/64 after 58 iterations (2 epochs of 229 blocks, 8 blocks per iteration), val loss
     10.8 -> about 0.1; about 50 s on 2 busy CPU cores.
     """
-    from trainer.inference import load_for_inference
+    from trainer.tools.loading import load_for_inference
     train, held_out = reverse_task()
     (tmp_path / "rev.jsonl").write_text("".join(json.dumps(r) + "\n" for r in train))
     run_cmd(python(REPO / "data/prepare.py", f"--input={tmp_path / 'rev.jsonl'}", "--name=rev", "--format=instructions",
@@ -382,7 +388,6 @@ def test_text_prepared_over_an_instruction_dataset_drops_its_masks(tmp_path):
 def test_streamed_prepare_equals_packing_in_memory(tmp_path):
     # More records than one task holds, over 2 worker processes: the output is exactly what
     # rendering, splitting and packing every example in memory gives (layout/pack above).
-    from trainer import instructions
     rng = random.Random(0)
     records = [dict(r, output=r["output"] * rng.randint(1, 40)) for r in ALPACA * 700] + [CHAT] * 300
     rng.shuffle(records)
@@ -394,7 +399,7 @@ def test_streamed_prepare_equals_packing_in_memory(tmp_path):
     tok, template = Gpt2Tokenizer(), TEMPLATES["alpaca"]
     examples = [tokenize(render(r, template), tok) for r in records]
     examples = [(ids[:129], mask[:129]) for ids, mask in examples]
-    train, val = instructions.split_examples(examples, 0.1, 1337)
+    train, val = split_items(examples, 0.1, 1337)
     for split, exs in (("train", train), ("val", val)):
         tokens, mask, pos = layout(exs, 129, GPT2_EOT)
         _, got_tokens, got_mask, got_pos = load_split(tmp_path / "s", split)
@@ -410,6 +415,6 @@ def test_bad_record_in_a_worker_keeps_the_previous_dataset(tmp_path):
     prepare_instructions(str(path), tmp_path / "k", block_size=64, val_fraction=0.25)
     before = {p.name: p.read_bytes() for p in (tmp_path / "k").iterdir()}
     path.write_text("".join(json.dumps(r) + "\n" for r in ALPACA * 600) + '{"instruction": "x"}\n')
-    with pytest.raises(PrepareError, match=re.escape(f"{path} line 2401: missing field 'output'")):
+    with pytest.raises(UserError, match=re.escape(f"{path} line 2401: missing field 'output'")):
         prepare_instructions(str(path), tmp_path / "k", block_size=64, num_proc=2)
     assert {p.name: p.read_bytes() for p in (tmp_path / "k").iterdir()} == before

@@ -24,7 +24,7 @@ from test_train_e2e import val_losses
 
 sys.path.insert(0, str(REPO))  # `pytest` without -m does not put the repo on sys.path
 from trainer.errors import UserError  # noqa: E402
-from trainer.memory_model import gpt2_param_count  # noqa: E402
+from trainer.model.shapes import gpt2_param_count  # noqa: E402
 
 pytestmark = pytest.mark.slow  # launches training runs
 
@@ -139,7 +139,7 @@ def test_full_run_trains_and_exports_from_zero_shards(full_run, pretrained):
     from transformers import AutoModelForCausalLM
     model = AutoModelForCausalLM.from_pretrained(folder)
     assert model.config.n_positions == 64 and model.config.vocab_size == VOCAB  # block_size cropped the table
-    from trainer.inference import load_for_inference  # what sample.py and eval.py do with an export
+    from trainer.tools.loading import load_for_inference  # what sample.py and eval.py do with an export
     loaded = load_for_inference(str(folder))
     assert loaded.tokenizer.decode(loaded.tokenizer.encode("To be")) == "To be" and loaded.vocab_limit == VOCAB
 
@@ -185,7 +185,7 @@ def test_merged_lora_export_equals_peft_merge_and_unload(lora_exports, lora_run,
     base = AutoModelForCausalLM.from_pretrained(pretrained[0])
     assert (merged.transformer.h[0].attn.c_attn.weight - base.transformer.h[0].attn.c_attn.weight).abs().max() > 1e-3
     # what sample.py and eval.py load from the run dir (no export) is the same model
-    from trainer.inference import load_for_inference
+    from trainer.tools.loading import load_for_inference
     assert (logits(load_for_inference(str(lora_run[0])).lm, idx) - logits(merged, idx)).abs().max() <= 1e-5
 
 
@@ -240,7 +240,7 @@ def test_lora_two_ranks_with_checkpointing(zero_stage, data_dir, pretrained, run
     assert parity(export(out, runs / "z3-merged").stdout) <= 1e-4
     from safetensors.torch import load_file
 
-    from trainer.export import export as export_run
+    from trainer.tools.export import export as export_run
     export_run(out, runs / "z3-adapter", adapter_only=True, log=lambda *_: None)
     adapters = load_file(runs / "z3-adapter" / "adapter_model.safetensors")
     assert len(adapters) == 16 and all(t.numel() > 0 for t in adapters.values())
@@ -249,8 +249,8 @@ def test_lora_two_ranks_with_checkpointing(zero_stage, data_dir, pretrained, run
 
 def test_refusals_are_one_line(data_dir, full_run, pretrained, runs):
     """QLoRA with ZeRO-3 and a failed parity check through the commands; the other refusals in-process."""
-    from trainer.adapters import check_source
-    from trainer.export import export as export_run
+    from trainer.model.adapters import check_source
+    from trainer.tools.export import export as export_run
     cases = [
         (python(TRAIN, *common(data_dir), f"--init_from={pretrained[0]}", "--mode=qlora", "--zero_stage=3",
                 f"--out_dir={runs / 'no-q3'}"), "error: QLoRA cannot run with ZeRO-3", runs / "no-q3"),
@@ -264,7 +264,7 @@ def test_refusals_are_one_line(data_dir, full_run, pretrained, runs):
         assert not path.exists() and not list(runs.glob(f".tmp-export-{path.name}"))
     with pytest.raises(UserError, match="init_from='scratch' has none"):
         check_source("qlora", "scratch")
-    from trainer.adapters import build_base
+    from trainer.model.adapters import build_base
     moved = {**json.loads((full_run[0] / "config.json").read_text()), "init_from": str(runs / "moved")}
     with pytest.raises(UserError, match="the base weights of the adapter run out-x, .* are no longer there"):
         build_base(moved, VOCAB, "lora", run_dir="out-x")
@@ -277,8 +277,8 @@ def test_refusals_are_one_line(data_dir, full_run, pretrained, runs):
 def test_gpt2_bpe_exports_carry_the_tokenizer(tmp_path):
     from transformers import AutoTokenizer
 
-    from trainer.export import _write_tokenizer
-    from trainer.tokenizer import gpt2_encoding
-    assert _write_tokenizer({"tokenizer": "gpt2"}, tmp_path)
+    from trainer.tools.export import write_tokenizer
+    from trainer.data.tokenizer import gpt2_encoding
+    assert write_tokenizer({"tokenizer": "gpt2"}, tmp_path)
     text = "To be, or not to be: that is the question.\n\n  Whither   thou go'st 123"
     assert AutoTokenizer.from_pretrained(tmp_path).encode(text) == gpt2_encoding().encode(text)

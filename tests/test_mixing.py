@@ -10,9 +10,9 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from conftest import REPO, make_tiny_gpt2, python, run_cmd
 from trainer.config import ConfigError, resolve_config
-from trainer.data import TrainSampler, eval_offsets
-from trainer.instructions import prepare_instructions
-from trainer.mixing import MixedData, mix_probabilities, open_data
+from trainer.data.mixing import MixedData, mix_probabilities, open_data
+from trainer.data.sampler import TrainSampler
+from trainer.prepare.instructions import prepare_instructions
 
 BLOCK = 16
 
@@ -112,7 +112,7 @@ def test_mixed_instruction_and_text_batches(three, tmp_path):
     prepare_instructions(str(tmp_path / "i.json"), three / "instr", block_size=BLOCK, template_name="plain")
     data = open_data({"dataset": ["instr", "large"], "data_dir": str(three), "block_size": BLOCK,
                       "mix": "proportional"})
-    offsets = eval_offsets(data, "val", 40, 1337)
+    offsets = data.eval_offsets("val", 40, 1337)
     x, y, pos = data.windows("val", offsets)
     from_text = (x[:, 0] >= 3000) & (x[:, 0] < 3100)  # the "large" text dataset's token range
     assert from_text.any() and (~from_text).any()

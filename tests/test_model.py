@@ -6,8 +6,9 @@ from transformers import GPT2LMHeadModel
 
 from trainer.config import DEFAULTS
 from trainer.errors import UserError
-from trainer.model import LMWithLoss, build_model, chunked_lm_loss, padded_vocab
-from trainer.planner import run_shape as model_shape
+from trainer.model.gpt2 import build_model
+from trainer.model.loss import LMWithLoss, chunked_lm_loss
+from trainer.model.shapes import Shape, model_shape, padded_vocab
 
 
 def cfg_with(**kw):
@@ -48,8 +49,8 @@ def test_scratch_model_shape_and_padded_vocab():
     assert padded_vocab(65) == 128 and padded_vocab(50257) == 50304
     assert model.config.vocab_size == 128 and model.config.n_positions == 32
     assert len(model.transformer.h) == 3 and model.config.n_head == 2 and model.config.resid_pdrop == 0.2
-    assert model_shape(cfg, 65) == {"n_layer": 3, "n_head": 2, "n_embd": 64, "vocab_size": 128}
-    assert model_shape(cfg_with(init_from="gpt2-xl"), 50257)["n_layer"] == 48
+    assert model_shape(cfg, 65) == Shape(n_layer=3, n_head=2, n_embd=64, vocab_size=128, block_size=32)
+    assert model_shape(cfg_with(init_from="gpt2-xl"), 50257).n_layer == 48
 
 
 def test_bias_false_zeroes_and_freezes_every_bias():
@@ -94,7 +95,7 @@ def test_lm_with_loss_matches_transformers_loss(tiny_gpt2_dir):
 def test_every_model_uses_the_fused_tanh_gelu_which_matches_gpt2s_gelu_new(tiny_gpt2_dir, tmp_path):
     """gelu_pytorch_tanh (one kernel) vs gelu_new (GPT-2's Python formula): the same function."""
     from transformers.activations import ACT2FN
-    from trainer.model import ACTIVATION, model_from_config_file
+    from trainer.model.gpt2 import ACTIVATION, model_from_config_file
     scratch = build_model(cfg_with(n_layer=1, n_head=2, n_embd=32, block_size=16), 65)
     pretrained = build_model(cfg_with(init_from=str(tiny_gpt2_dir), block_size=128), 50257)
     theirs = GPT2LMHeadModel.from_pretrained(tiny_gpt2_dir)

@@ -1,6 +1,6 @@
 """Out of memory during a step: the plan steps down and the run goes on with nothing lost.
 
-GPT2DS_INJECT_OOM (trainer/oom.py) raises a real torch.OutOfMemoryError in the last micro-batch
+GPT2DS_INJECT_OOM (trainer/run/fault_injection.py) raises a real torch.OutOfMemoryError in the last micro-batch
 of the listed iterations, after the earlier micro-batches' gradients are accumulated. Without
 dropout the run is deterministic, so "nothing lost" is exact: every iteration's training loss
 equals the uninterrupted run's (the console prints 4 decimals; two ranks differ from one only
@@ -77,25 +77,30 @@ def test_zero_stage_changes_rebuild_the_engine_with_its_state(data_dir, tmp_path
 
 def test_nothing_left_to_give_up_is_one_error_line(tmp_path):
     """Every plan key fixed: no step-down exists, and the run stops with one line (a UserError: exit code 2)."""
-    from trainer.build import Run
     from trainer.config import DEFAULTS
     from trainer.errors import UserError
-    from trainer.oom import Recovery
-    from trainer.planner import Hardware, make_plan
+    from trainer.model.shapes import Shape
+    from trainer.plan.hardware import Hardware
+    from trainer.plan.planner import PlanInput, make_plan
+    from trainer.run.oom import Recovery
+    from trainer.run.setup import Run
 
     cfg = {**DEFAULTS, "batch_size": 12, "gradient_accumulation_steps": 1, "block_size": 64, "n_layer": 4,
-           "n_head": 4, "n_embd": 128, "vocab_size": 128, "mode": "full", "zero_stage": 0, "offload": "none",
+           "n_head": 4, "n_embd": 128, "mode": "full", "zero_stage": 0, "offload": "none",
            "gradient_checkpointing": True, "micro_batch_size": 12, "dtype": "auto"}
+    shape = Shape(4, 4, 128, 128, 64)
+    plan_input = PlanInput.of(cfg, shape)
     hw = Hardware("cpu", 8 * 2**30, 1, False, "CPU")
-    run = Run(cfg=cfg, out_dir=tmp_path, rank=0, world=1, data=None, shape={}, hw=hw, plan=make_plan(cfg, hw),
-              engine=None, ds_config={}, sampler=None, log=None, tokenizer=None, n_params=0, iter_num=7)
+    run = Run(cfg=cfg, out_dir=tmp_path, rank=0, world=1, data=None, shape=shape, plan_input=plan_input, hw=hw,
+              plan=make_plan(plan_input, hw), engine=None, ds_config={}, sampler=None, log=None, tokenizer=None,
+              n_params=0, iter_num=7)
     recovery = Recovery(run)
     with pytest.raises(UserError) as info:
         recovery.step_down(("CUDA out of memory. Tried to allocate 2.00 GiB", False))
     assert str(info.value) == ("out of memory at iteration 7 (CUDA out of memory. Tried to allocate 2.00 GiB) and "
                                "the plan has nothing left to give up within the keys you fixed; last checkpoint: "
                                "none; set fixed plan keys back to auto, use more GPUs, or a smaller block_size")
-    run.plan = make_plan({**cfg, "micro_batch_size": "auto"}, hw)
+    run.plan = make_plan(plan_input.with_keys(micro_batch_size="auto"), hw)
     with pytest.raises(UserError, match="inside the optimizer step, so the update may be half applied"):
         recovery.step_down(("CUDA out of memory.", True))
 
@@ -104,7 +109,7 @@ def test_an_error_inside_the_optimizer_step_is_recognised():
     """An update that may be half applied cannot be redone: describe() tells the two cases apart."""
     import torch
 
-    from trainer.oom import describe
+    from trainer.run.oom import describe
 
     def _take_model_step():  # the name DeepSpeed's engine steps the optimizer under
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")

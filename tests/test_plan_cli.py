@@ -11,7 +11,7 @@ import pytest
 
 from conftest import REPO, python, run_cmd, train_args
 
-from trainer.memory_model import MEMORY_ITEMS
+from trainer.plan.memory import MEMORY_ITEMS
 
 PLAN_XL_24 = [REPO / "launch/train.py", "--recipe", "gpt2_xl", "--plan", "--vram_gb=24", "--gpus=1"]
 

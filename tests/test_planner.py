@@ -5,24 +5,27 @@ import time
 
 import pytest
 
-from trainer import memory_model as mm
-from trainer.memory_model import GPT2_SHAPES, Candidate, Shape, estimate, gpt2_param_count, lora_trainable_count
-from trainer.planner import (GiB, Hardware, PlanError, detect_hardware, format_plan, make_plan, plan_to_dict,
-                             step_down)
+from trainer.model.shapes import GPT2_SHAPES, Shape, gpt2_param_count, lora_trainable_count, model_shape
+from trainer.plan import memory as mm
+from trainer.plan.hardware import Hardware, detect_hardware
+from trainer.plan.memory import Candidate, estimate
+from trainer.plan.planner import PlanError, PlanInput, make_plan, step_down
+from trainer.plan.report import format_plan, plan_to_dict
+from trainer.plan.search import Search
+from trainer.units import GiB
 
 ALL = ["c_attn", "c_proj", "c_fc"]
 RECIPE_BATCH = {"gpt2": (8, 8), "gpt2-medium": (4, 8), "gpt2-large": (2, 8), "gpt2-xl": (1, 8)}
 
 
 def cfg_for(model, **overrides):
-    n_layer, n_head, n_embd = GPT2_SHAPES[model]
+    """The planner's input for a GPT-2 size with its recipe's batch, plan keys on auto unless given."""
     bs, ga = RECIPE_BATCH[model]
-    cfg = {"batch_size": bs, "gradient_accumulation_steps": ga, "block_size": 1024, "n_layer": n_layer,
-           "n_head": n_head, "n_embd": n_embd, "vocab_size": 50257, "mode": "auto", "zero_stage": "auto",
-           "offload": "auto", "gradient_checkpointing": "auto", "micro_batch_size": "auto", "lora_r": 8,
-           "lora_targets": ALL, "lora_dropout": 0.0, "dtype": "auto", "dropout": 0.0}
+    cfg = {"batch_size": bs, "gradient_accumulation_steps": ga, "block_size": 1024, "mode": "auto",
+           "zero_stage": "auto", "offload": "auto", "gradient_checkpointing": "auto", "micro_batch_size": "auto",
+           "lora_r": 8, "lora_targets": ALL, "lora_dropout": 0.0, "dtype": "auto", "dropout": 0.0}
     cfg.update(overrides)
-    return cfg
+    return PlanInput.of(cfg, shape_of(model))
 
 
 def gpu(gb, n=1):
@@ -175,8 +178,8 @@ def test_peak_is_states_plus_the_larger_phase():
 def test_auto_picks_full_for_gpt2_at_80gb():
     plan = make_plan(cfg_for("gpt2"), gpu(80))
     assert (plan.mode, plan.zero_stage, plan.offload, plan.gradient_checkpointing) == ("full", 0, "none", False)
-    assert plan.total_bytes <= plan.usable_bytes == int(0.95 * 80 * GiB)
-    assert plan.params_total == plan.params_trainable == 124_439_808
+    assert plan.estimate.total <= plan.usable_bytes == int(0.95 * 80 * GiB)
+    assert plan.estimate.params_total == plan.estimate.params_trainable == 124_439_808
 
 
 def test_auto_gpt2_xl_at_8gb_is_cheaper():
@@ -184,15 +187,14 @@ def test_auto_gpt2_xl_at_8gb_is_cheaper():
     assert plan.mode in ("lora", "qlora") or plan.gradient_checkpointing
     assert plan.mode != "full" and plan.offload == "none"
     assert "full needs at least" in plan.reasons["mode"]
-    assert plan.total_bytes <= plan.usable_bytes
+    assert plan.estimate.total <= plan.usable_bytes
 
 
 def test_largest_micro_batch_that_fits():
     plan = make_plan(cfg_for("gpt2"), gpu(16))
     hw = gpu(16)
     larger = [m for m in range(plan.micro_batch_size + 1, 65) if 64 % m == 0]
-    from trainer.planner import _context
-    ctx = _context(cfg_for("gpt2"), hw)
+    ctx = Search(cfg_for("gpt2"), hw)
     for m in larger:
         cand = Candidate("full", 0, "none", False, m)
         assert ctx.estimate(cand).total > plan.usable_bytes
@@ -201,18 +203,18 @@ def test_largest_micro_batch_that_fits():
 @pytest.mark.parametrize("model", list(GPT2_SHAPES))
 def test_tokens_per_iteration_never_change(model):
     cfg = cfg_for(model)
-    sequences = cfg["batch_size"] * cfg["gradient_accumulation_steps"]
+    sequences = cfg.batch_size * cfg.gradient_accumulation_steps
     for gb in (4, 8, 12, 16, 24, 40, 80):
         for n in (1, 2, 4, 8):
             for mode in ("auto", "full", "lora", "qlora"):
                 try:
-                    plan = make_plan({**cfg, "mode": mode}, gpu(gb, n))
+                    plan = make_plan(cfg.with_keys(mode=mode), gpu(gb, n))
                 except PlanError:
                     continue
                 assert plan.micro_batch_size * plan.grad_accum_per_rank * n == sequences
                 assert plan.tokens_per_iteration == sequences * 1024
                 assert not (plan.mode == "qlora" and plan.zero_stage == 3)
-                assert plan.total_bytes <= plan.usable_bytes
+                assert plan.estimate.total <= plan.usable_bytes
 
 
 def test_several_gpus_shard_with_zero():
@@ -261,7 +263,7 @@ def test_user_fixed_keys_are_respected():
 def test_fixed_mode_allows_offload_auto_mode_does_not():
     full = make_plan(cfg_for("gpt2-xl", mode="full"), gpu(24))
     assert full.mode == "full" and full.offload != "none" and full.zero_stage >= 2
-    assert full.host_bytes > 0
+    assert full.estimate.host > 0
     auto = make_plan(cfg_for("gpt2-xl"), gpu(24))
     assert auto.offload == "none" and auto.mode != "full"
 
@@ -288,7 +290,7 @@ def test_cpu_budget_is_system_memory_in_fp32():
     plan = make_plan(cfg_for("gpt2"), hw)
     assert plan.dtype == "fp32" and plan.offload == "none"
     assert "system memory" in plan.reasons["budget"]
-    assert plan.memory["context_and_fragmentation"] >= mm.CPU_PROCESS_BYTES
+    assert plan.estimate.items["context_and_fragmentation"] >= mm.CPU_PROCESS_BYTES
 
 
 def test_detect_hardware_overrides():
@@ -328,7 +330,7 @@ def walk(plan, cfg, hw):
     while (plan := step_down(plan, cfg, hw)) is not None:
         steps.append(plan)
         assert plan.micro_batch_size * plan.grad_accum_per_rank * hw.n_devices == \
-            cfg["batch_size"] * cfg["gradient_accumulation_steps"]
+            cfg.batch_size * cfg.gradient_accumulation_steps
         assert plan.reasons["step_down"].startswith("out of memory with")
     return steps
 
@@ -366,13 +368,12 @@ def test_step_down_with_everything_fixed_is_none():
     assert step_down(make_plan(cfg, gpu(80)), cfg, gpu(80)) is None
 
 
-def test_run_shape_reads_config_json_without_transformers(tmp_path):
-    from trainer.planner import run_shape
+def test_model_shape_reads_config_json_without_transformers(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"n_layer": 3, "n_head": 2, "n_embd": 64, "vocab_size": 50257}))
-    assert run_shape({"init_from": str(tmp_path)}, 65) == {"n_layer": 3, "n_head": 2, "n_embd": 64,
-                                                            "vocab_size": 50257}
-    assert run_shape({"init_from": "resume"}, 65, tmp_path / "config.json")["n_layer"] == 3
-    assert run_shape({"init_from": "gpt2-medium"}, 65) == {"n_layer": 24, "n_head": 16, "n_embd": 1024,
-                                                            "vocab_size": 50257}
+    assert model_shape({"init_from": str(tmp_path), "block_size": 64}, 65) == Shape(
+        n_layer=3, n_head=2, n_embd=64, vocab_size=50257, block_size=64)
+    assert model_shape({"init_from": "resume", "block_size": 64}, 65, tmp_path / "config.json").n_layer == 3
+    assert model_shape({"init_from": "gpt2-medium", "block_size": 64}, 65) == Shape(
+        n_layer=24, n_head=16, n_embd=1024, vocab_size=50257, block_size=64)
     with pytest.raises(PlanError.__mro__[1], match="neither scratch, resume"):
-        run_shape({"init_from": str(tmp_path / "missing")}, 65)
+        model_shape({"init_from": str(tmp_path / "missing"), "block_size": 64}, 65)

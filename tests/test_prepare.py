@@ -10,8 +10,10 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # `pytest` without -m does not put the repo on sys.path
 
-from trainer import textprep  # noqa: E402
-from trainer.tokenizer import gpt2_bpe_files, gpt2_encoding, load_tokenizer  # noqa: E402
+from trainer.data.tokenizer import gpt2_bpe_files, gpt2_encoding, load_tokenizer  # noqa: E402
+from trainer.errors import UserError  # noqa: E402
+from trainer.prepare.output import token_dtype  # noqa: E402
+from trainer.prepare.shakespeare import download_tiny_shakespeare  # noqa: E402
 
 # Tiny Shakespeare ships with the repo (data/tinyshakespeare.txt).
 from conftest import SHAKESPEARE as TINY_SHAKESPEARE  # noqa: E402
@@ -146,8 +148,8 @@ def test_shakespeare_uses_local_input_txt_without_download(tmp_path):
 def test_download_failure_is_one_clear_error(tmp_path):
     # Port 9 on localhost refuses at once: an offline machine without waiting.
     dest = tmp_path / "input.txt"
-    with pytest.raises(textprep.PrepareError) as e:
-        textprep.download_tiny_shakespeare(dest, url="http://127.0.0.1:9/input.txt", timeout=2)
+    with pytest.raises(UserError) as e:
+        download_tiny_shakespeare(dest, url="http://127.0.0.1:9/input.txt", timeout=2)
     message = str(e.value)
     assert message.startswith("could not download tiny Shakespeare (")
     assert message.endswith("); pass --input=path/to/input.txt")
@@ -257,5 +259,5 @@ def test_missing_input_is_one_line_error(tmp_path):
 
 
 def test_token_dtype_widens_for_big_vocabularies():
-    assert textprep.token_dtype(50257) == "uint16"
-    assert textprep.token_dtype(100_277) == "uint32"
+    assert token_dtype(50257) == "uint16"
+    assert token_dtype(100_277) == "uint32"

@@ -18,8 +18,11 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from trainer import textprep  # noqa: E402
-from trainer.tokenizer import gpt2_encoding  # noqa: E402
+from trainer.data.tokenizer import gpt2_encoding  # noqa: E402
+from trainer.prepare.corpus import prepare_corpus  # noqa: E402
+from trainer.prepare.cutting import safe_cut  # noqa: E402
+from trainer.prepare.split import val_indices  # noqa: E402
+from trainer.prepare.workers import start_method  # noqa: E402
 
 from conftest import SHAKESPEARE  # noqa: E402
 
@@ -45,7 +48,7 @@ def splits(tmp_path, name="ds"):
 def reference(texts, val_fraction=0.1, seed=1337):
     """The expected (train, val) ids: whole documents, encode_ordinary, <|endoftext|> between documents."""
     enc = gpt2_encoding()
-    val = set(textprep.val_documents(len(texts), val_fraction, seed).tolist())
+    val = set(val_indices(len(texts), val_fraction, seed).tolist())
     out = ([], [])
     for i, text in enumerate(texts):
         ids = out[i in val]
@@ -80,7 +83,7 @@ def test_cut_points_keep_the_ids_exact():
         data = text.encode()
         whole = enc.encode_ordinary(text)
         for end in range(1, len(data) + 1):
-            cut = textprep.safe_cut(data[:end])
+            cut = safe_cut(data[:end])
             if cut:
                 assert enc.encode_ordinary(data[:cut].decode()) + enc.encode_ordinary(data[cut:].decode()) == whole, \
                     (text, cut)
@@ -96,13 +99,13 @@ def test_many_pieces_and_workers_give_the_whole_texts_ids(tmp_path):
 
 
 def test_workers_fork_only_from_a_single_threaded_process():
-    code = ("import threading; from trainer import textprep; alone = textprep.start_method(); "
+    code = ("import threading; from trainer.prepare.workers import start_method; alone = start_method(); "
             "threading.Thread(target=threading.Event().wait, args=(5,), daemon=True).start(); "
-            "print(alone, textprep.start_method())")
+            "print(alone, start_method())")
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["fork", "spawn"]
-    out = subprocess.run([sys.executable, "-c", "import pyarrow; from trainer import textprep; "
-                          "print(textprep.start_method())"], cwd=REPO, capture_output=True, text=True, check=True)
+    out = subprocess.run([sys.executable, "-c", "import pyarrow; from trainer.prepare.workers import start_method; "
+                          "print(start_method())"], cwd=REPO, capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["spawn"]
 
 
@@ -111,8 +114,8 @@ def test_spawned_workers_give_the_same_ids(tmp_path):
     waiting = threading.Event()
     thread = threading.Thread(target=waiting.wait, daemon=True)
     thread.start()
-    assert textprep.start_method() == "spawn"
-    textprep.prepare_corpus(str(SHAKESPEARE), tmp_path / "data" / "ds", num_proc=2, chunk_bytes=1 << 16)
+    assert start_method() == "spawn"
+    prepare_corpus(str(SHAKESPEARE), tmp_path / "data" / "ds", num_proc=2, chunk_bytes=1 << 16)
     waiting.set()
     text = SHAKESPEARE.read_text()
     cut = int(len(text) * 0.9)
@@ -199,7 +202,7 @@ def test_char_tokenizer_many_documents(tmp_path):
             "--num_proc=2")
     import pickle
     meta = pickle.loads((tmp_path / "data" / "ds" / "meta.pkl").read_bytes())
-    val = set(textprep.val_documents(len(TEXTS), 0.3, 1337).tolist())
+    val = set(val_indices(len(TEXTS), 0.3, 1337).tolist())
     expected = []
     for split in (0, 1):
         docs = [t for i, t in enumerate(TEXTS) if (i in val) == split]
@@ -211,11 +214,11 @@ def test_char_tokenizer_many_documents(tmp_path):
 # ---------------------------------------------------------------- the split
 
 def test_whole_document_split_is_deterministic_and_sized():
-    a = textprep.val_documents(10_000, 0.0005, 2357)
-    assert len(a) == 5 and a.tolist() == textprep.val_documents(10_000, 0.0005, 2357).tolist()
-    assert a.tolist() != textprep.val_documents(10_000, 0.0005, 1).tolist()
-    assert len(textprep.val_documents(2, 0.01, 0)) == 1  # at least one
-    assert len(textprep.val_documents(3, 0.99, 0)) == 2  # at most n - 1
+    a = val_indices(10_000, 0.0005, 2357)
+    assert len(a) == 5 and a.tolist() == val_indices(10_000, 0.0005, 2357).tolist()
+    assert a.tolist() != val_indices(10_000, 0.0005, 1).tolist()
+    assert len(val_indices(2, 0.01, 0)) == 1  # at least one
+    assert len(val_indices(3, 0.99, 0)) == 2  # at most n - 1
 
 
 # ---------------------------------------------------------------- bad rows and fields
@@ -261,15 +264,20 @@ def test_bad_row_in_a_worker_keeps_the_previous_dataset(tmp_path):
 
 # ---------------------------------------------------------------- a kill mid-way
 
-def test_kill_midway_keeps_the_previous_dataset(tmp_path):
+def prepared_and_a_bigger_corpus(tmp_path, copies):
+    """tiny Shakespeare prepared as data/ds, its files' bytes, and a folder of `copies` copies of it."""
     prepare(tmp_path, f"--input={SHAKESPEARE}")
     folder = tmp_path / "data" / "ds"
     before = {p.name: p.read_bytes() for p in folder.iterdir()}
     big = tmp_path / "big"
     big.mkdir()
-    text = SHAKESPEARE.read_text()
-    for i in range(12):  # about 13 MB: some seconds of work on one core
-        (big / f"{i:02d}.txt").write_text(text)
+    for i in range(copies):
+        (big / f"{i:02d}.txt").write_text(SHAKESPEARE.read_text())
+    return folder, before, big
+
+
+def test_kill_midway_keeps_the_previous_dataset(tmp_path):
+    folder, before, big = prepared_and_a_bigger_corpus(tmp_path, 12)  # about 13 MB: seconds of work on one core
     proc = subprocess.Popen([sys.executable, str(REPO / "data/prepare.py"), f"--input={big}", "--name=ds",
                              f"--data_dir={tmp_path / 'data'}", "--num_proc=1", "--chunk_bytes=65536"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -292,13 +300,7 @@ def test_kill_midway_keeps_the_previous_dataset(tmp_path):
 def test_full_disk_keeps_the_previous_dataset(tmp_path):
     # A file-size limit makes the writes fail as a full disk does (EFBIG instead of ENOSPC).
     import resource
-    prepare(tmp_path, f"--input={SHAKESPEARE}")
-    folder = tmp_path / "data" / "ds"
-    before = {p.name: p.read_bytes() for p in folder.iterdir()}
-    big = tmp_path / "big"
-    big.mkdir()
-    for i in range(3):
-        (big / f"{i}.txt").write_text(SHAKESPEARE.read_text())
+    folder, before, big = prepared_and_a_bigger_corpus(tmp_path, 3)
     limit = 1 << 20  # train.bin will need about 1.7 MB
 
     def small_files():
@@ -316,7 +318,7 @@ def test_full_disk_keeps_the_previous_dataset(tmp_path):
 
 def test_nanogpt_dataset_without_meta_reads_as_gpt2_uint16(tmp_path, capsys):
     # nanoGPT's data/shakespeare/prepare.py writes these two files and no meta.pkl.
-    from trainer.data import TokenData
+    from trainer.data.tokens import TokenData
     enc = gpt2_encoding()
     text = SHAKESPEARE.read_text()[:20_000]
     folder = tmp_path / "shakespeare"

@@ -1,4 +1,4 @@
-"""The simulated training step (trainer/simulate.py) against the memory model, on a handful of the rows
+"""The simulated training step (trainer/plan/simulate.py) against the memory model, on a handful of the rows
 of bench/SIMULATE.md (the whole table: python bench/simulate_table.py). Fake tensors: no weights, no GPU."""
 import json
 
@@ -7,23 +7,25 @@ import torch
 
 from bench.plan_table import recipe_cfg
 from tests.conftest import python, run_cmd
-from trainer import simulate as sim_mod
-from trainer.memory_model import Candidate, Shape, estimate
-from trainer.planner import detect_hardware, make_plan
-from trainer.simulate import comparison, plan_shape, simulate
+from trainer.model.shapes import Shape
+from trainer.plan import cuda_kernels
+from trainer.plan.hardware import detect_hardware
+from trainer.plan.memory import Candidate, estimate
+from trainer.plan.planner import PlanInput, make_plan
+from trainer.plan.simulate import comparison, simulate
 
 
 def plan_for(model="gpt2", **fixed):
-    cfg = recipe_cfg(model, zero_stage=0, offload="none", **fixed)
-    return cfg, make_plan(cfg, detect_hardware(1, vram_gb=1000, gpus=1))
+    cfg, shape = recipe_cfg(model, zero_stage=0, offload="none", **fixed)
+    return cfg, shape, make_plan(PlanInput.of(cfg, shape), detect_hardware(1, vram_gb=1000, gpus=1))
 
 
 @pytest.mark.parametrize("mode,ckpt,micro,dtype", [("full", False, 1, "bf16"), ("full", True, 4, "fp16"),
                                                     ("lora", True, 4, "bf16"), ("qlora", False, 1, "fp16")])
 def test_estimate_within_5_percent_of_the_simulated_step(mode, ckpt, micro, dtype):
-    cfg, plan = plan_for(mode=mode, gradient_checkpointing=ckpt, micro_batch_size=micro, dtype=dtype)
+    cfg, shape, plan = plan_for(mode=mode, gradient_checkpointing=ckpt, micro_batch_size=micro, dtype=dtype)
     assert (plan.mode, plan.gradient_checkpointing, plan.micro_batch_size) == (mode, ckpt, micro)
-    sim = simulate(cfg, plan_shape(cfg), plan)
+    sim = simulate(cfg, shape, plan)
     rows = {r["item"]: r for r in comparison(plan, sim)}
     assert abs(rows["activations_and_logits"]["difference"]) <= 0.05, rows
     assert abs(rows["optimizer_step_transient"]["difference"]) <= 0.05, rows
@@ -33,8 +35,8 @@ def test_estimate_within_5_percent_of_the_simulated_step(mode, ckpt, micro, dtyp
 
 
 def test_packed_instruction_batches_keep_a_mask_per_layer():
-    cfg, plan = plan_for(mode="full", gradient_checkpointing=False, micro_batch_size=2, dtype="bf16")
-    packed = simulate(cfg, plan_shape(cfg), plan, packed=True).items["activations_and_logits"]
+    cfg, shape, plan = plan_for(mode="full", gradient_checkpointing=False, micro_batch_size=2, dtype="bf16")
+    packed = simulate(cfg, shape, plan, packed=True).items["activations_and_logits"]
     shape = Shape(12, 12, 768, 50257, 1024)
     cand = Candidate("full", 0, "none", False, 2)
     est = estimate(shape, cand, "bf16", 1, "cuda", 70 * 2**30, packed=True)
@@ -46,21 +48,21 @@ def test_packed_instruction_batches_keep_a_mask_per_layer():
 def test_cuda_kernels_flash_attention_no_causal_mask_bool_dropout_masks():
     from torch._subclasses.fake_tensor import FakeTensorMode
     calls = []
-    real = sim_mod.cuda_sdpa
+    real = cuda_kernels.cuda_sdpa
 
     def spy(q, k, v, attn_mask=None, **kw):
         calls.append(attn_mask)
         return real(q, k, v, attn_mask=attn_mask, **kw)
 
-    cfg, plan = plan_for(mode="lora", gradient_checkpointing=False, micro_batch_size=1, dtype="bf16",
-                         n_layer=1)
-    sim_mod.cuda_sdpa = spy
+    cfg, shape, plan = plan_for(mode="lora", gradient_checkpointing=False, micro_batch_size=1, dtype="bf16")
+    shape = Shape(1, shape.n_head, shape.n_embd, shape.vocab_size, shape.block_size)
+    cuda_kernels.cuda_sdpa = spy
     try:
-        simulate(cfg, plan_shape(cfg), plan)
+        simulate(cfg, shape, plan)
     finally:
-        sim_mod.cuda_sdpa = real
+        cuda_kernels.cuda_sdpa = real
     assert calls and all(m is None for m in calls)  # causal text: flash, no mask built
-    with FakeTensorMode(), sim_mod.cuda_kernels():
+    with FakeTensorMode(), cuda_kernels.cuda_kernels():
         x = torch.empty(4, 8, dtype=torch.bfloat16, requires_grad=True)
         out = torch.nn.functional.dropout(x, 0.1, True)
         q = torch.empty(1, 2, 16, 4, dtype=torch.bfloat16, requires_grad=True)

@@ -1,65 +1,115 @@
-"""The code's shape: imports point one way (docs/design.md's layers), no private names cross modules,
-every config key is declared with a meaning, and no ds_configs template holds a value the plan sets."""
+"""The code's shape: packages depend one way (docs/design.md), no module cycle inside a package, no private
+names cross modules (tests included), every config key is declared with a meaning, and no ds_configs
+template holds a value the plan sets."""
 import ast
 import json
+from pathlib import Path
 
 import pytest
 
 from conftest import REPO
 from trainer.config import KEYS, RUNTIME_KEYS
 
-# docs/design.md: each module imports only from lower layers (a number lower than its own).
-LAYERS = {
-    "errors": 0,
-    "config": 1, "memory_model": 1, "tokenizer": 1, "ranks": 1, "faults": 1, "interrupts": 1, "run_logger": 1,
-    "sampling": 1, "cli": 1,
-    "planner": 2, "model": 2, "data": 2, "checkpoint": 2, "textprep": 2,
-    "mixing": 3, "engine": 3, "adapters": 3, "evaluate": 3, "instructions": 3,
-    "build": 4, "inference": 4, "simulate": 4,
-    "oom": 5, "export": 5,
-    "loop": 6,
+TRAINER = REPO / "trainer"
+# docs/design.md: what each package may import. "root" is trainer/*.py (the errors, the CLI contract, the
+# config, the launcher's environment, files and units); prepare/ is never imported by a training run.
+MAY_IMPORT = {
+    "root": "root",
+    "data": "root",
+    "prepare": "root data",
+    "model": "root data",
+    "optim": "root",
+    "plan": "root data model optim",
+    "run": "root data model optim plan",
+    "tools": "root data model optim plan run prepare",
 }
-ENTRY_POINTS = 7  # launch/*.py, data/**/prepare.py, bench/*.py
+
+
+def package_of(module):
+    """'trainer.run.loop' -> 'run'; 'trainer.cli' -> 'root'."""
+    parts = module.split(".")
+    return parts[1] if len(parts) > 2 else "root"
 
 
 def trainer_imports(path):
-    """[(module imported from trainer, names imported)] anywhere in the file (function-level imports too)."""
+    """[(module imported, names imported)] anywhere in the file (function-level imports too)."""
     found = []
     for node in ast.walk(ast.parse(path.read_text())):
-        if isinstance(node, ast.ImportFrom) and node.module == "trainer":
-            found += [(alias.name, []) for alias in node.names]
-        elif isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("trainer."):
-            found.append((node.module.split(".")[1], [alias.name for alias in node.names]))
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "trainer":
+            for alias in node.names:
+                sub = f"{node.module}.{alias.name}"
+                # `from trainer.run import checkpoint` imports a module; `from trainer.cli import run_main` a name
+                is_module = (TRAINER.parent / (sub.replace(".", "/") + ".py")).is_file()
+                found.append((sub, []) if is_module else (node.module, [alias.name]))
         elif isinstance(node, ast.Import):
-            found += [(a.name.split(".")[1], []) for a in node.names if a.name.startswith("trainer.")]
+            found += [(a.name, []) for a in node.names if a.name.split(".")[0] == "trainer"]
     return found
 
 
+def modules():
+    return {".".join(p.relative_to(REPO).with_suffix("").parts): p for p in TRAINER.rglob("*.py")
+            if p.name != "__init__.py"}
+
+
 def sources():
-    files = sorted((REPO / "trainer").glob("*.py")) + sorted((REPO / "launch").glob("*.py"))
-    files += sorted((REPO / "data").rglob("*.py")) + sorted((REPO / "bench").glob("*.py"))
+    files = sorted(TRAINER.rglob("*.py")) + sorted((REPO / "launch").glob("*.py"))
+    files += sorted((REPO / "bench").glob("*.py"))
+    files += sorted((REPO / "data").rglob("*.py")) + sorted((REPO / "tests").glob("*.py"))
     return [f for f in files if f.name != "__init__.py"]
 
 
-def test_every_trainer_module_has_a_layer():
-    modules = {p.stem for p in (REPO / "trainer").glob("*.py")} - {"__init__"}
-    assert modules == set(LAYERS), "add the module to LAYERS here and to docs/design.md"
+def test_every_package_has_a_rule():
+    packages = {p.name for p in TRAINER.iterdir() if p.is_dir() and (p / "__init__.py").is_file()}
+    assert packages | {"root"} == set(MAY_IMPORT), "add the package to MAY_IMPORT here and to docs/design.md"
+
+
+@pytest.mark.parametrize("module", sorted(modules()))
+def test_packages_import_one_way(module):
+    own = package_of(module)
+    allowed = MAY_IMPORT[own].split() + [own]
+    for imported, _ in trainer_imports(modules()[module]):
+        assert package_of(imported) in allowed, f"{module} ({own}) imports {imported} ({package_of(imported)})"
+
+
+def test_no_import_cycle_inside_a_package():
+    graph = {m: {i for i, _ in trainer_imports(p) if i in modules() and i != m} for m, p in modules().items()}
+    done, path = set(), []
+
+    def visit(m):
+        if m in path:
+            raise AssertionError(f"import cycle: {' -> '.join(path[path.index(m):] + [m])}")
+        if m in done:
+            return
+        path.append(m)
+        for n in graph[m]:
+            visit(n)
+        path.pop()
+        done.add(m)
+
+    for m in graph:
+        visit(m)
 
 
 @pytest.mark.parametrize("path", sources(), ids=lambda p: str(p.relative_to(REPO)))
-def test_imports_point_down_and_use_public_names(path):
-    own = LAYERS.get(path.stem, ENTRY_POINTS) if path.parent.name == "trainer" else ENTRY_POINTS
+def test_no_private_name_crosses_a_module(path):
+    own = ".".join(path.relative_to(REPO).with_suffix("").parts)
     for module, names in trainer_imports(path):
-        assert LAYERS[module] < own, f"{path.name} (layer {own}) imports trainer.{module} (layer {LAYERS[module]})"
         private = [n for n in names if n.startswith("_")]
-        assert not private, f"{path.name} imports private names {private} from trainer.{module}"
+        assert not private or module == own, f"{path.name} imports private names {private} from {module}"
     nodes = list(ast.walk(ast.parse(path.read_text())))
-    modules = {alias.asname or alias.name for node in nodes
-               if isinstance(node, ast.ImportFrom) and node.module == "trainer" for alias in node.names}
+    imported = {alias.asname or alias.name for node in nodes if isinstance(node, ast.ImportFrom)
+                and node.module and node.module.split(".")[0] == "trainer" for alias in node.names}
     reached = [f"{node.value.id}.{node.attr}" for node in nodes
                if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name)
-               and node.value.id in modules and node.attr.startswith("_")]
+               and node.value.id in imported and node.attr.startswith("_") and not node.attr.startswith("__")]
     assert not reached, f"{path.name} reaches private names of other modules: {reached}"
+
+
+def test_training_never_imports_preparation():
+    """A training run imports trainer/run/ and what it needs; trainer/prepare/ only prepares data."""
+    for module, path in modules().items():
+        if package_of(module) in ("run", "plan", "model", "data", "optim"):
+            assert not any(package_of(i) == "prepare" for i, _ in trainer_imports(path)), module
 
 
 def test_every_key_is_declared_with_a_meaning_and_a_range():
@@ -81,3 +131,11 @@ def test_templates_hold_no_value_the_plan_sets(template):
     config = json.loads(template.read_text())
     keys = set(config) | set(config.get("zero_optimization", {}))
     assert not keys & PLAN_SET, f"{template.name} sets {keys & PLAN_SET}, which the plan overwrites"
+
+
+def test_the_package_map_is_documented():
+    design = (REPO / "docs" / "design.md").read_text()
+    for package in MAY_IMPORT:
+        if package != "root":
+            assert f"`{package}/`" in design, f"docs/design.md does not describe trainer/{package}/"
+    assert Path(TRAINER / "__init__.py").read_text().strip(), "trainer/__init__.py says what each package is"

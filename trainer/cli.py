@@ -1,66 +1,98 @@
-"""What every entry point shares: a user mistake is one `error:` line and exit code 2.
+"""The command-line contract every entry point shares: one flag parser, one way to fail.
 
-Flags of sample.py, eval.py and merge_adapter.py go through FlagParser: argparse's own mistakes
-(an unknown flag, a value of the wrong type) and values out of range (check_ranges) become the
-same one-line error instead of argparse's usage block.
+Every command (`launch/*.py`, `data/**/prepare.py`) parses its flags with FlagParser: argparse's own
+mistakes (an unknown flag, a value of the wrong type, a missing flag) and values outside their range
+(each flag's Rule) become a UserError, and `run_main` prints any UserError as one line
+`error: <what>; <the fix>` on stderr and exits with USER_ERROR_EXIT, before anything is written.
+launch/train.py's recipe keys are flags of the same parser (trainer/config.py adds them).
 """
 import argparse
 import gc
-import os
 import sys
+from dataclasses import dataclass
+from typing import Callable
 
 from trainer.errors import UserError
-
-# Where launchers put the global rank and the number of processes before torch.distributed starts:
-# DeepSpeed's own launcher and torchrun (RANK), OpenMPI, MPICH / Intel MPI (PMI), MVAPICH, Slurm's srun.
-RANK_VARIABLES = ("RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK", "MV2_COMM_WORLD_RANK", "SLURM_PROCID")
-SIZE_VARIABLES = ("WORLD_SIZE", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "MV2_COMM_WORLD_SIZE", "SLURM_STEP_NUM_TASKS")
-
-
-def launcher_rank():
-    """This process's global rank as its launcher set it, before torch.distributed starts (0 without one)."""
-    return next((int(os.environ[name]) for name in RANK_VARIABLES if name in os.environ), 0)
-
-
-def launcher_world():
-    """The number of processes the launcher started, before torch.distributed starts (1 without one)."""
-    return next((int(os.environ[name]) for name in SIZE_VARIABLES if name in os.environ), 1)
-
-
-def started_alone():
-    """No launcher of several processes: the trainer is a world of one (an MPI or srun launch is not)."""
-    return "RANK" not in os.environ and all(int(os.environ.get(name, "1")) <= 1 for name in SIZE_VARIABLES)
-
+from trainer.launcher import launcher_rank
 
 USER_ERROR_EXIT = 2  # every entry point, for every user mistake (argparse uses 2 as well)
 
 
+@dataclass(frozen=True)
+class Rule:
+    """The valid values of a number, and how an error and --help say them."""
+    valid: Callable[[object], bool]
+    must: str  # "1 or more"
+
+    def __iter__(self):  # (valid, must), as the config table unpacks it
+        return iter((self.valid, self.must))
+
+
+def at_least(low):
+    return Rule(lambda v: v >= low, f"{low} or more")
+
+
+def more_than(low, unit=""):
+    return Rule(lambda v: v > low, f"more than {low}{unit}")
+
+
+def between(low, high):
+    """The half-open range [low, high)."""
+    return Rule(lambda v: low <= v < high, f"in [{low}, {high})")
+
+
+def number(text):
+    """A flag's number as typed: an int if it is one (so an error repeats '-4', not '-4.0'), else a float."""
+    try:
+        return int(text)
+    except ValueError:
+        return float(text)
+
+
 class FlagParser(argparse.ArgumentParser):
-    def __init__(self, description):
-        super().__init__(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    """argparse with one-line errors, range rules per flag and, optionally, a help text of our own."""
+
+    def __init__(self, description, help_text=None):
+        super().__init__(description=description, formatter_class=argparse.RawDescriptionHelpFormatter,
+                         allow_abbrev=False, add_help=help_text is None)
+        self.rules = {}
+        if help_text is not None:
+            self.add_argument("-h", "--help", action=_PrintHelp, nargs=0, help_text=help_text)
+
+    def add_flag(self, *names, rule=None, **kwargs):
+        """add_argument, plus a Rule checked after parsing (a flag left at its default of None is not)."""
+        action = self.add_argument(*names, **kwargs)
+        if rule is not None:
+            self.rules[action.dest] = (names[0], rule)
+        return action
 
     def error(self, message):
         raise UserError(f"{message}; see {self.prog} --help")
 
+    def check_ranges(self, args):
+        for dest, (flag, rule) in self.rules.items():
+            value = getattr(args, dest, None)
+            if value is not None and not rule.valid(value):
+                raise UserError(f"{flag}={value!r} must be {rule.must}")
+        return args
 
-def at_least(low):
-    return (lambda v: v >= low), f"{low} or more"
+    def parse(self, argv):
+        """parse_args, then every flag's Rule."""
+        return self.check_ranges(self.parse_args(argv))
 
 
-def more_than(low):
-    return (lambda v: v > low), f"more than {low}"
+class _PrintHelp(argparse.Action):
+    def __init__(self, option_strings, dest, help_text, **kwargs):
+        super().__init__(option_strings, dest, **kwargs)
+        self.help_text = help_text
 
-
-def check_ranges(args, rules):
-    """rules: {flag name: (valid, must)}; None values (flag not given) are not checked."""
-    for name, (valid, must) in rules.items():
-        value = getattr(args, name)
-        if value is not None and not valid(value):
-            raise UserError(f"--{name}={value!r} must be {must}")
-    return args
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(self.help_text() if callable(self.help_text) else self.help_text)
+        parser.exit()
 
 
 def run_main(main):
+    """Run main(argv) -> exit code; a UserError is one line on stderr and USER_ERROR_EXIT."""
     try:
         code = main(sys.argv[1:])
     except UserError as exc:
@@ -79,4 +111,4 @@ def exit_quickly(code):
     handlers, the joins of non-daemon threads and the flushing of open files all still happen."""
     gc.collect()
     gc.freeze()
-    sys.exit(code)
+    sys.exit(code or 0)

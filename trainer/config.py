@@ -6,12 +6,14 @@ the rest of the trainer relies on (the planner, the loop and `--help` read it an
 again). Overrides `--key=value` are parsed as Python literals and checked the same way. A mistake
 is one ConfigError line naming the key, the value and what it must be.
 """
+import argparse
 import ast
 import difflib
 import os
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from trainer.cli import FlagParser, Rule, at_least, between, more_than
 from trainer.errors import UserError
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -53,22 +55,13 @@ class Key:
     group: str = ""
 
 
-def _at_least(low):
-    return (lambda v: v >= low), f"{low} or more"
+_POSITIVE = at_least(1)
+_NON_NEGATIVE = at_least(0)
+_PROBABILITY = between(0.0, 1.0)
 
 
-def _between(low, high):
-    return (lambda v: low <= v < high), f"in [{low}, {high})"
-
-
-_POSITIVE = _at_least(1)
-_NON_NEGATIVE = _at_least(0)
-_PROBABILITY = _between(0.0, 1.0)
-
-
-def _key(default, meaning, rule=(None, ""), **kw):
-    valid, must = rule
-    return Key(default, meaning, must, valid, **kw)
+def _key(default, meaning, rule=None, **kw):
+    return Key(default, meaning, rule.must if rule else "", rule.valid if rule else None, **kw)
 
 
 def _choice(default, choices, meaning, **kw):
@@ -79,7 +72,7 @@ def _choice(default, choices, meaning, **kw):
 _GROUPS = {
     "I/O and checkpoints": {
         "out_dir": _key("out", "the run's folder: checkpoints, config, plan, TensorBoard events",
-                        ((lambda v: bool(v)), "a folder path")),
+                        Rule(bool, "a folder path")),
         "eval_interval": _key(2000, "evaluate (and maybe save) every this many iterations", _POSITIVE),
         "log_interval": _key(1, "print and log training metrics every this many iterations", _POSITIVE),
         "eval_iters": _key(200, "evaluation batches per split (fixed windows, the same at every evaluation)",
@@ -87,7 +80,7 @@ _GROUPS = {
         "eval_only": _key(False, "evaluate once and exit"),
         "always_save_checkpoint": _key(True, "save at every evaluation, not only when val loss improves"),
         "init_from": _key("scratch", "scratch | resume | a GPT-2 hub name (gpt2, gpt2-medium, ...) | an HF "
-                          "model directory", ((lambda v: bool(v)), "scratch, resume, a hub name or a folder")),
+                          "model directory", Rule(bool, "scratch, resume, a hub name or a folder")),
         "overwrite": _key(False, "allow a fresh run in an out_dir that already holds another run"),
         "resume_tag": _key("", "with init_from=resume: the checkpoint tag to resume from instead of `latest`"),
         "max_bad_steps": _key(10, "stop after this many non-finite (NaN/inf) steps in a row", _POSITIVE),
@@ -96,12 +89,12 @@ _GROUPS = {
     },
     "data": {
         "dataset": _key("openwebtext", "data_dir/<dataset>, or a list of datasets to mix, e.g. "
-                        "['alpaca', 'shakespeare']", (None, "a name, or a non-empty list of names")),
+                        "['alpaca', 'shakespeare']", Rule(bool, "a name, or a non-empty list of names")),
         "mix": _key("proportional", "sampling of a dataset list: 'proportional' (to size) or 'temperature:T' "
-                    "(size^(1/T))", ((lambda v: parse_mix(v) is not None),
-                                     "'proportional' or 'temperature:T' with T > 0 (e.g. 'temperature:2')")),
+                    "(size^(1/T))", Rule(lambda v: parse_mix(v) is not None,
+                                          "'proportional' or 'temperature:T' with T > 0 (e.g. 'temperature:2')")),
         "data_dir": _key("data", "where datasets live (relative to the current directory)",
-                         ((lambda v: bool(v)), "a folder path")),
+                         Rule(bool, "a folder path")),
         "gradient_accumulation_steps": _key(40, "micro-steps per iteration, over all ranks (as in nanoGPT)",
                                             _POSITIVE),
         "batch_size": _key(12, "sequences per micro-step; an iteration is batch_size x "
@@ -116,20 +109,20 @@ _GROUPS = {
         "bias": _key(True, "biases in linear layers and LayerNorms (False: zeroed and frozen)"),
     },
     "optimizer (AdamW)": {
-        "learning_rate": _key(6e-4, "peak learning rate", ((lambda v: v > 0), "more than 0")),
+        "learning_rate": _key(6e-4, "peak learning rate", more_than(0)),
         "max_iters": _key(600000, "iterations to train", _NON_NEGATIVE),
         "max_epochs": _key(0.0, "> 0: passes over the training data instead; sets max_iters and lr_decay_iters",
-                           ((lambda v: v >= 0), "0 (off: use max_iters) or more")),
-        "weight_decay": _key(1e-1, "AdamW weight decay of 2-D weights", _at_least(0.0)),
+                           Rule(lambda v: v >= 0, "0 (off: use max_iters) or more")),
+        "weight_decay": _key(1e-1, "AdamW weight decay of 2-D weights", at_least(0.0)),
         "beta1": _key(0.9, "AdamW beta1", _PROBABILITY),
         "beta2": _key(0.95, "AdamW beta2", _PROBABILITY),
-        "grad_clip": _key(1.0, "clip gradients at this global norm (0: no clipping)", _at_least(0.0)),
+        "grad_clip": _key(1.0, "clip gradients at this global norm (0: no clipping)", at_least(0.0)),
     },
     "learning-rate schedule": {
         "decay_lr": _key(True, "linear warmup then cosine decay (False: constant learning_rate)"),
         "warmup_iters": _key(2000, "warmup iterations", _NON_NEGATIVE),
         "lr_decay_iters": _key(600000, "iteration where the cosine reaches min_lr", _NON_NEGATIVE),
-        "min_lr": _key(6e-5, "learning rate at the end of the decay", _at_least(0.0)),
+        "min_lr": _key(6e-5, "learning rate at the end of the decay", at_least(0.0)),
     },
     "the plan ('auto': the planner chooses for your memory)": {
         "mode": _choice("auto", ("auto",) + MODES, "full finetuning, LoRA adapters, or LoRA on a 4-bit base"),
@@ -149,8 +142,8 @@ _GROUPS = {
         "lora_alpha": _key(16, "adapter scaling numerator (scale = lora_alpha / lora_r)", _POSITIVE),
         "lora_dropout": _key(0.05, "dropout on the adapters' input", _PROBABILITY),
         "lora_targets": _key(list(LORA_TARGETS), "GPT-2 layers that get adapters",
-                             ((lambda v: bool(v) and all(t in LORA_TARGETS for t in v)),
-                              f"a non-empty list; choose from {', '.join(repr(t) for t in LORA_TARGETS)}")),
+                             Rule(lambda v: bool(v) and all(t in LORA_TARGETS for t in v),
+                                  f"a non-empty list; choose from {', '.join(repr(t) for t in LORA_TARGETS)}")),
     },
     "logging and sampling": {
         "tensorboard": _key(True, "write TensorBoard events to out_dir"),
@@ -160,7 +153,7 @@ _GROUPS = {
         "seed": _key(1337, "seed of weights, data order and dropout", _NON_NEGATIVE),
         "wandb_log": _key(False, "also log the scalars and texts to Weights & Biases (pip install wandb; "
                           "WANDB_MODE=offline works without an account)"),
-        "wandb_project": _key("gpt2-deepspeed-peft", "the W&B project", ((lambda v: bool(v)), "a project name")),
+        "wandb_project": _key("gpt2-deepspeed-peft", "the W&B project", Rule(bool, "a project name")),
         "wandb_run_name": _key("", "the W&B run name ('': the out_dir's name)"),
     },
 }
@@ -276,50 +269,59 @@ def read_recipe(path):
     return {k: check_value(k, v, f"recipe {path}") for k, v in namespace.items() if not k.startswith("_")}
 
 
-def parse_override(arg):
-    """'--key=value' -> (key, value); the value is a Python literal, else a plain string."""
-    if not arg.startswith("--") or "=" not in arg:
-        raise ConfigError(f"cannot read argument '{arg}': write overrides as --key=value")
-    key, text = arg[2:].split("=", 1)
+def literal(text):
+    """An override's value: a Python literal (3, 1e-4, False, ['c_attn']), else the text itself."""
     try:
-        value = ast.literal_eval(text)
+        return ast.literal_eval(text)
     except (ValueError, SyntaxError):
-        value = text
-    return key, check_value(key, value, f"override {arg}")
+        return text
+
+
+def _override(key):
+    """argparse type of one key: the text as a literal, checked against the table (errors name the key)."""
+    def parse(text):
+        return check_value(key, literal(text), f"override --{key}={text}")
+    parse.__name__ = key
+    return parse
+
+
+def add_config_arguments(parser):
+    """The recipe (`--recipe NAME|PATH` or nanoGPT's positional path) and every key as `--key=value`
+    (or `--key value`) on a FlagParser; read the result with config_from_args."""
+    parser.add_argument("recipe_words", nargs="*", default=[])
+    parser.add_argument("--recipe", dest="recipe_flag", default=None)
+    for name in KEYS:
+        # SUPPRESS: a key not given is absent from the namespace, so the recipe's value stays
+        parser.add_argument(f"--{name}", type=_override(name), default=argparse.SUPPRESS)
+    return parser
+
+
+def config_from_args(args, unknown=()):
+    """(config, recipe path or None) from a parse of add_config_arguments' flags: defaults, then the
+    recipe, then the overrides. `unknown`: the words argparse did not recognize (parse_known_args)."""
+    for word in unknown:
+        if word.startswith("--"):
+            key = word[2:].partition("=")[0]
+            check_value(key, None, f"override {word}")  # names the closest keys
+        raise ConfigError(f"cannot read argument '{word}': write overrides as --key=value")
+    words = list(args.recipe_words) + ([args.recipe_flag] if args.recipe_flag is not None else [])
+    for word in words:
+        if "=" in word and not Path(word).is_file():
+            raise ConfigError(f"cannot read argument '{word}': write overrides as --{word}")
+    if len(words) > 1:
+        raise ConfigError(f"two recipes given ('{words[0]}' and '{words[1]}'): pass one")
+    config = dict(DEFAULTS)
+    recipe_path = None
+    if words:
+        recipe_path = resolve_recipe_path(words[0])
+        config.update(read_recipe(recipe_path))
+    config.update({name: getattr(args, name) for name in KEYS if hasattr(args, name)})
+    return check_config(config, f"recipe {recipe_path}" if recipe_path else "the overrides"), recipe_path
 
 
 def resolve_config(argv):
-    """Command-line words -> config dict: defaults, then the recipe, then overrides in order.
-
-    Accepts `--recipe NAME|PATH`, `--recipe=NAME`, a positional recipe path (nanoGPT style)
-    and `--key=value` (or `--key value`) overrides. Returns (config, recipe_path or None).
-    """
-    recipe, overrides = None, []
-    words = list(argv)
-    while words:
-        word = words.pop(0)
-        if word == "--recipe":
-            if not words:
-                raise ConfigError("--recipe needs a recipe name or path, e.g. --recipe shakespeare_char")
-            recipe = words.pop(0)
-        elif word.startswith("--recipe="):
-            recipe = word.split("=", 1)[1]
-        elif not word.startswith("--"):
-            if "=" in word:
-                raise ConfigError(f"cannot read argument '{word}': write overrides as --{word}")
-            if recipe is not None:
-                raise ConfigError(f"two recipes given ('{recipe}' and '{word}'): pass one")
-            recipe = word
-        elif "=" not in word and words and not words[0].startswith("--"):
-            overrides.append(f"{word}={words.pop(0)}")  # `--mode lora` reads as `--mode=lora`
-        else:
-            overrides.append(word)
-    config = dict(DEFAULTS)
-    recipe_path = None
-    if recipe is not None:
-        recipe_path = resolve_recipe_path(recipe)
-        config.update(read_recipe(recipe_path))
-    for arg in overrides:
-        key, value = parse_override(arg)
-        config[key] = value
-    return check_config(config, f"recipe {recipe_path}" if recipe_path else "the overrides"), recipe_path
+    """Command-line words -> (config, recipe path or None): `--recipe NAME|PATH` or a positional recipe
+    path (nanoGPT style), and `--key=value` or `--key value` overrides (a later one wins)."""
+    parser = add_config_arguments(FlagParser("recipe and overrides"))
+    args, unknown = parser.parse_known_args(list(argv))
+    return config_from_args(args, unknown)

@@ -1,0 +1,1 @@
+"""What training reads: tokenizers, prepared datasets (memory-mapped .bin files), the sampler, mixtures."""

@@ -1,0 +1,111 @@
+"""GPT-2's shapes and what follows from them, arithmetic only (no torch): the published sizes, parameter
+and tensor counts, LoRA's additions, the loss chunk, and reading a model's shape without building it.
+
+The planner (trainer/plan/) and the model code share these, so each count is written once.
+"""
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from trainer.errors import UserError
+from trainer.units import MiB
+
+# (n_layer, n_head, n_embd) of the published GPT-2 sizes; all have vocab 50257 and 1024 positions.
+GPT2_SHAPES = {"gpt2": (12, 12, 768), "gpt2-medium": (24, 16, 1024), "gpt2-large": (36, 20, 1280),
+               "gpt2-xl": (48, 25, 1600)}
+HUB_NAMES = tuple(GPT2_SHAPES)
+GPT2_VOCAB = 50257
+GPT2_POSITIONS = 1024
+
+# The loss is computed over chunks of the flattened tokens so that one chunk's fp32 logits stay under this
+# many bytes (trainer/model/loss.py); the memory model counts the same chunk.
+LOSS_CHUNK_BYTES = 256 * MiB
+
+
+@dataclass(frozen=True)
+class Shape:
+    """What the memory of a GPT-2 depends on: its size and the length of the sequences it trains on."""
+    n_layer: int
+    n_head: int
+    n_embd: int
+    vocab_size: int
+    block_size: int
+
+
+def padded_vocab(vocab_size, multiple=64):
+    """A scratch model's vocabulary, rounded up: matmuls with a multiple of 64 run faster (nanoGPT's 50304)."""
+    return (vocab_size + multiple - 1) // multiple * multiple
+
+
+def gpt2_param_count(n_layer, n_head, n_embd, vocab_size, block_size):
+    """Parameters of GPT-2 with tied input/output embeddings and biases everywhere.
+
+    Per block: ln_1, ln_2 (2C each), c_attn C->3C, attn c_proj C->C, c_fc C->4C,
+    mlp c_proj 4C->C, each with a bias: 12C^2 + 13C. Plus wte, wpe and ln_f.
+    """
+    del n_head  # heads split C; they add no parameters
+    c = n_embd
+    return vocab_size * c + block_size * c + n_layer * (12 * c * c + 13 * c) + 2 * c
+
+
+def gpt2_tensor_numels(n_layer, n_embd, vocab_size, block_size):
+    """Element counts of every parameter tensor of HF's GPT2LMHeadModel (lm_head tied to wte).
+
+    Sums to gpt2_param_count; ZeRO-3 needs the single tensors (which stay whole on every rank).
+    """
+    c = n_embd
+    block = [c, c, 3 * c * c, 3 * c, c * c, c, c, c, 4 * c * c, 4 * c, 4 * c * c, c]  # ln_1, attn, ln_2, mlp
+    return [vocab_size * c, block_size * c] + block * n_layer + [c, c]
+
+
+def lora_projections(n_embd):
+    """(in, out) of the projections each LoRA target names in one block; `c_proj` names both the attention
+    output (C->C) and the MLP output (4C->C)."""
+    c = n_embd
+    return {"c_attn": [(c, 3 * c)], "c_proj": [(c, c), (4 * c, c)], "c_fc": [(c, 4 * c)]}
+
+
+def lora_tensor_numels(n_layer, n_embd, r, targets):
+    """Element counts of the LoRA A and B matrices (in x r and r x out per targeted projection)."""
+    projections = lora_projections(n_embd)
+    unknown = set(targets) - set(projections)
+    if unknown:
+        raise ValueError(f"unknown LoRA targets {sorted(unknown)}; choose from {', '.join(projections)}")
+    per_layer = [n for t in set(targets) for i, o in projections[t] for n in (i * r, r * o)]
+    return per_layer * n_layer
+
+
+def linear_weight_count(n_layer, n_embd):
+    """Weights of the four projections per block (what QLoRA quantizes to 4 bits)."""
+    return n_layer * 12 * n_embd * n_embd
+
+
+def lora_trainable_count(n_layer, n_embd, r, targets):
+    """LoRA adds A (in x r) and B (r x out) to each targeted projection: r * (in + out)."""
+    return sum(lora_tensor_numels(n_layer, n_embd, r, targets))
+
+
+def model_dir_config(source):
+    """config.json of a local model folder named by init_from, or one line saying what init_from may be."""
+    path = Path(source) / "config.json"
+    if not path.is_file():
+        raise UserError(f"init_from={source!r} is neither scratch, resume, a GPT-2 hub name "
+                        f"({', '.join(HUB_NAMES)}) nor a Hugging Face model directory with config.json")
+    return path
+
+
+def model_shape(cfg, data_vocab_size, model_config_path=None) -> "Shape":
+    """The model's shape for the planner, without building the model or reading weights.
+
+    A hub name has GPT-2's published shape; a local Hugging Face directory (or, on resume, the
+    run's model_config.json) is read as JSON; a scratch model pads the data's vocabulary as
+    trainer/model/gpt2.py does. Only json is needed, so `--plan` stays fast.
+    """
+    init_from = cfg["init_from"]
+    if model_config_path is not None or (init_from not in GPT2_SHAPES and init_from != "scratch"):
+        hf = json.loads(Path(model_config_path or model_dir_config(init_from)).read_text())
+        return Shape(hf["n_layer"], hf["n_head"], hf["n_embd"], hf["vocab_size"], cfg["block_size"])
+    if init_from in GPT2_SHAPES:
+        n_layer, n_head, n_embd = GPT2_SHAPES[init_from]
+        return Shape(n_layer, n_head, n_embd, GPT2_VOCAB, cfg["block_size"])
+    return Shape(cfg["n_layer"], cfg["n_head"], cfg["n_embd"], padded_vocab(data_vocab_size), cfg["block_size"])

@@ -1,0 +1,1 @@
+"""The optimizer (AdamW's groups and settings) and the learning-rate schedule."""

@@ -1,0 +1,178 @@
+"""Preparing instruction data: records -> rendered, tokenized, split, packed blocks with loss masks, streamed.
+
+`python data/prepare.py --input=alpaca.json --name=myinstr --format=instructions` comes here.
+Output (read by trainer/data/tokens.TokenData; docs/instructions.md describes it):
+  <data_dir>/<name>/{train,val}.bin       token ids, whole blocks of block_size + 1 tokens
+  <data_dir>/<name>/{train,val}_mask.bin  uint8, 1 where the loss counts: response tokens and their <|endoftext|>
+  <data_dir>/<name>/{train,val}_pos.bin   uint16, each token's position in its own example (0 where one starts)
+  <data_dir>/<name>/meta.pkl              {'tokenizer', 'vocab_size', 'dtype', 'format': 'instructions',
+                                           'block_size', 'template', ...}
+Examples are packed into blocks (trainer/prepare/packing.py) and never split across blocks; an example
+longer than a block is truncated or dropped (--overlong).
+
+Records are rendered and tokenized by worker processes, a batch at a time, and each example's ids and
+mask go straight to scratch files; memory keeps only a few numbers per example (its length and place,
+about 40 bytes with the packing), never the examples themselves. The packed blocks are then written one
+batch at a time from those files. The output is the same, byte for byte, as packing all examples in
+memory (packing.layout).
+"""
+import json
+from array import array
+from pathlib import Path
+
+import numpy as np
+
+from trainer.data.tokenizer import Gpt2Tokenizer
+from trainer.errors import UserError
+from trainer.prepare.output import DatasetWriter, make_meta
+from trainer.prepare.packing import fill_blocks, pack
+from trainer.prepare.records import InvalidRecord, iter_records, render, tokenize
+from trainer.prepare.sources import collect_files
+from trainer.prepare.split import check_val_fraction, split_indices
+from trainer.prepare.templates import get_template
+from trainer.prepare.workers import default_num_proc, run_tasks
+
+RECORDS_PER_TASK = 2000
+_WORKER = {}
+
+
+def init_render(template_name):
+    _WORKER.update(template=get_template(template_name), tok=Gpt2Tokenizer())
+
+
+def render_batch(batch):
+    """[(path, where, record or JSONL line, is_line)] -> [('ok', kind, ids, mask) or ('bad', problem)]."""
+    out = []
+    for path, where, item, is_line in batch:
+        try:
+            if is_line:
+                try:
+                    item = json.loads(item)
+                except json.JSONDecodeError as e:
+                    raise InvalidRecord(f"not valid JSON ({e.msg} at column {e.colno})") from None
+            pieces = render(item, _WORKER["template"])
+        except InvalidRecord as e:
+            out.append(("bad", f"{path} {where}: {e}"))
+            continue
+        ids, mask = tokenize(pieces, _WORKER["tok"])
+        out.append(("ok", "chat" if "messages" in item else "alpaca",
+                    np.asarray(ids, dtype=np.uint16), np.asarray(mask, dtype=np.uint8)))
+    return out
+
+
+def _batches(files):
+    batch = []
+    for path in files:
+        for where, item in iter_records(path):
+            batch.append((str(path), where, item, isinstance(item, str) and where.startswith("line")))
+            if len(batch) >= RECORDS_PER_TASK:
+                yield None, batch
+                batch = []
+    if batch:
+        yield None, batch
+
+
+def _write_blocks(store, order, lengths, mask_sums, capacity, pad_id, dtype, files, split):
+    """Pack the examples `order` (indices into the store) and write {split}.bin, _mask.bin, _pos.bin."""
+    tokens_all, masks_all, starts = store
+    blocks = pack([int(lengths[i]) for i in order], capacity)
+
+    def example(j):  # the j-th of `order`, read from the store
+        a, n = int(starts[order[j]]), int(lengths[order[j]])
+        return tokens_all[a:a + n], masks_all[a:a + n]
+
+    names = [f"{split}.bin", f"{split}_mask.bin", f"{split}_pos.bin"]
+    for name in names:
+        files.open(name)
+    for first in range(0, len(blocks), 1024):  # 1024 blocks at a time: memory stays bounded
+        tokens, mask, positions = fill_blocks(blocks[first:first + 1024], capacity, pad_id, example)
+        for name, arr in zip(names, (tokens.astype(dtype), mask, positions)):
+            files.append(name, arr)
+    for name in names:
+        files.close(name)
+    used = sum(int(lengths[i]) for i in order)
+    return {"examples": len(order), "blocks": len(blocks), "tokens": len(blocks) * capacity, "used": used,
+            "loss": sum(int(mask_sums[i]) for i in order)}
+
+
+def prepare_instructions(input_spec, out_dir, template_name="alpaca", block_size=1024, val_fraction=0.1,
+                         skip_invalid=False, overlong="truncate", seed=1337, tokenizer="gpt2", num_proc=None):
+    """Read, render, tokenize, split, pack and write an instruction dataset, streamed; prints what it did."""
+    if tokenizer != "gpt2":
+        raise UserError("--format=instructions needs --tokenizer=gpt2 (every example ends with <|endoftext|>)")
+    if overlong not in ("truncate", "drop"):
+        raise UserError(f"unknown --overlong={overlong} (choose truncate or drop)")
+    if not 8 <= block_size <= 65535:
+        raise UserError(f"--block_size={block_size} must be between 8 and 65535")
+    check_val_fraction(val_fraction)
+    template = get_template(template_name)
+    tok = Gpt2Tokenizer()
+    capacity = block_size + 1
+    out_dir = Path(out_dir)
+    files = collect_files(input_spec)
+    meta = {**make_meta(tok), "format": "instructions", "block_size": block_size, "template": template.name}
+
+    store = None
+    out = DatasetWriter(out_dir)
+    try:
+        # 1. every record, rendered and tokenized in order, appended to two temp files
+        kinds, skipped, first_problem, too_long, lost = {"alpaca": 0, "chat": 0}, 0, None, 0, 0
+        lengths, mask_sums = array("l"), array("l")
+        out.open("examples.ids")
+        out.open("examples.mask")
+        for _, results in run_tasks(_batches(files), num_proc or default_num_proc(),
+                                              init_render, (template.name,), render_batch):
+            for result in results:
+                if result[0] == "bad":
+                    if not skip_invalid:
+                        raise UserError(f"{result[1]}; fix the record or pass --skip_invalid to drop such records")
+                    skipped += 1
+                    first_problem = first_problem or result[1]
+                    continue
+                _, kind, ids, mask = result
+                kinds[kind] += 1
+                if len(ids) > capacity:  # truncated (keeping the start) or dropped
+                    too_long += 1
+                    if overlong == "drop":
+                        continue
+                    ids, mask = ids[:capacity], mask[:capacity]
+                    if not mask.any():  # the prompt alone fills the block: nothing left to learn
+                        lost += 1
+                        continue
+                out.append("examples.ids", ids)
+                out.append("examples.mask", mask)
+                lengths.append(len(ids))
+                mask_sums.append(int(mask.sum()))
+        print(f"read {sum(kinds.values()):,} examples from {len(files)} file(s) "
+              f"({kinds['alpaca']:,} alpaca, {kinds['chat']:,} chat), template {template.name}")
+        if skipped:
+            print(f"skipped {skipped:,} invalid record(s) (--skip_invalid); the first: {first_problem}")
+        action = "dropped" if overlong == "drop" else "truncated to the block"
+        print(f"longer than block_size + 1 = {capacity:,} tokens: {too_long:,} example(s), {action}"
+              + (f"; {lost:,} dropped as no response token was left" if lost else ""))
+
+        # 2. split, pack and write each split from the temp files
+        out.close("examples.ids")
+        out.close("examples.mask")
+        train, val = split_indices(len(lengths), val_fraction, seed, "usable example")
+        lengths = np.frombuffer(lengths, dtype=np.int64) if lengths.itemsize == 8 else np.asarray(lengths)
+        starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
+        store = (np.memmap(out.path("examples.ids"), dtype=np.uint16, mode="r"),
+                 np.memmap(out.path("examples.mask"), dtype=np.uint8, mode="r"), starts)
+        stats = {}
+        for split, order in (("train", train), ("val", val)):
+            st = _write_blocks(store, order, lengths, mask_sums, capacity, tok.eot_token, meta["dtype"], out, split)
+            stats[split] = st
+            print(f"{split}: {st['examples']:,} examples in {st['blocks']:,} blocks of {capacity:,} tokens = "
+                  f"{st['tokens']:,} tokens; {100 * st['loss'] / st['tokens']:.1f}% carry loss, "
+                  f"{100 * (1 - st['used'] / st['tokens']):.1f}% padding")
+        meta["examples"] = {s: v["examples"] for s, v in stats.items()}
+        store = None
+        out.commit(meta)  # the scratch example files are removed
+    except BaseException:
+        store = None
+        out.abort()
+        raise
+    print(f"wrote {out_dir}/{{train,val}}.bin, {{train,val}}_mask.bin, {{train,val}}_pos.bin, meta.pkl; "
+          f"train with --dataset={out_dir.name} --block_size={block_size}")
+    return meta

@@ -1,0 +1,154 @@
+"""The DeepSpeed engine: a config from ds_configs/ plus the plan, AdamW's parameter groups, initialize."""
+import copy
+import json
+import shutil
+import sysconfig
+from pathlib import Path
+
+import deepspeed
+import torch
+
+from trainer.config import REPO_ROOT
+from trainer.errors import UserError
+from trainer.optim.optimizer import adamw_hyperparameters, param_groups
+from trainer.plan.memory import fast_bf16_path
+
+DS_CONFIGS = REPO_ROOT / "ds_configs"
+
+
+def template_name(zero_stage, offload):
+    """Which ds_configs/ template a plan starts from."""
+    if offload != "none" and zero_stage >= 2:
+        return f"zero{zero_stage}_offload"
+    return f"zero{zero_stage}"
+
+
+def zero_section(zero_stage, offload, on_gpu):
+    name = template_name(zero_stage, offload)
+    zero = json.loads((DS_CONFIGS / f"{name}.json").read_text())["zero_optimization"]
+    if offload == "optimizer":
+        zero.pop("offload_param", None)
+    if offload != "none" and "offload_optimizer" not in zero:  # ZeRO-1 offload borrows ZeRO-2's section
+        offload_src = json.loads((DS_CONFIGS / "zero2_offload.json").read_text())["zero_optimization"]
+        zero["offload_optimizer"] = copy.deepcopy(offload_src["offload_optimizer"])
+    for key in ("offload_optimizer", "offload_param"):
+        if key in zero and not on_gpu:
+            zero[key]["pin_memory"] = False  # pinned memory means nothing without a GPU
+    return zero
+
+
+def fast_bf16(plan, on_gpu):
+    """The plan runs on DeepSpeed's BF16_Optimizer (trainer/plan/memory.fast_bf16_path says when and why)."""
+    return fast_bf16_path(plan.zero_stage, plan.offload, plan.dtype, on_gpu)
+
+
+def deepspeed_zero_stage(plan, on_gpu):
+    """The ZeRO stage the DeepSpeed engine is built with (the plan's, but 1 on the fast bf16 path)."""
+    return 1 if fast_bf16(plan, on_gpu) else plan.zero_stage
+
+
+def build_ds_config(cfg, plan, world_size, on_gpu):
+    """The full DeepSpeed config for this run: batch sizes, precision, clipping, optimizer, ZeRO."""
+    zero = {**zero_section(plan.zero_stage, plan.offload, on_gpu), **plan.estimate.buckets}
+    if fast_bf16(plan, on_gpu):
+        zero = {**zero_section(1, "none", on_gpu), **zero, "stage": 1}
+    config = {
+        "train_micro_batch_size_per_gpu": plan.micro_batch_size,
+        "gradient_accumulation_steps": plan.grad_accum_per_rank,
+        "train_batch_size": plan.micro_batch_size * plan.grad_accum_per_rank * world_size,
+        "gradient_clipping": 0.0 if clips_by_hand(plan) else max(cfg["grad_clip"], 0.0),
+        # the bucket sizes the planner counted replace the template's
+        "zero_optimization": zero,
+        "optimizer": {
+            "type": "AdamW",
+            "params": {
+                **{k: list(v) if k == "betas" else v for k, v in adamw_hyperparameters(cfg).items()},
+                # torch's AdamW needs no compiled op; with offload DeepSpeed uses its CPU Adam instead
+                "torch_adam": plan.offload == "none",
+                # DeepSpeed passes the remaining params to torch.optim.AdamW (engine.get_optimizer_configuration):
+                # on a GPU its fused kernel, one launch per step instead of per-tensor foreach kernels
+                **({"fused": True} if on_gpu and plan.offload == "none" else {}),
+            },
+        },
+        "steps_per_print": 2**31 - 1,  # the trainer prints its own progress
+        "wall_clock_breakdown": False,
+    }
+    if plan.dtype == "bf16":
+        config["bf16"] = {"enabled": True}
+        if fast_bf16(plan, on_gpu):
+            config["data_types"] = {"grad_accum_dtype": "fp32"}
+    elif plan.dtype == "fp16":
+        config["fp16"] = {"enabled": True, "loss_scale": 0, "initial_scale_power": 16,
+                          "loss_scale_window": 1000, "hysteresis": 2, "min_loss_scale": 1}
+    return config
+
+
+def may_offload(plan, cfg, hw):
+    """The plan offloads, or an out-of-memory step-down may switch to offload (trainer/plan/planner.step_down)."""
+    return plan.offload != "none" or (hw.device_type == "cuda" and cfg["offload"] == "auto")
+
+
+def ensure_cpu_adam():
+    """Load DeepSpeed's CPU Adam op (offload's optimizer), building it now if it is not built yet.
+
+    DeepSpeed builds it with torch's cpp_extension at the first offloaded step, which on a machine without
+    a compiler would fail hours into a run (after a step-down); the setup calls this instead.
+    """
+    from deepspeed.ops.op_builder import CPUAdamBuilder
+    try:
+        CPUAdamBuilder().load(verbose=False)
+        return
+    except Exception as exc:  # noqa: BLE001 - any failure to build is reported as what to install
+        error = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
+    missing = []
+    if not (shutil.which("c++") or shutil.which("g++")):
+        missing.append("a C++ compiler (apt-get install g++)")
+    if not shutil.which("ninja"):
+        missing.append("ninja (pip install ninja)")
+    if not (Path(sysconfig.get_paths()["include"]) / "Python.h").is_file():
+        missing.append("the Python headers (apt-get install python3-dev)")
+    what = "install " + ", ".join(missing) if missing else f"the build failed ({error})"
+    raise UserError(f"offload uses DeepSpeed's CPU Adam op, which must be built on this machine: {what}; "
+                    f"or pass --offload=none")
+
+
+def compiles(cfg, on_gpu):
+    """The `compile` key: auto compiles on GPUs only."""
+    return on_gpu if cfg["compile"] == "auto" else cfg["compile"]
+
+
+def create_engine(module, cfg, plan, world_size, on_gpu, load_universal=False):
+    ds_config = build_ds_config(cfg, plan, world_size, on_gpu)
+    if load_universal:  # resuming a checkpoint saved with another number of ranks
+        ds_config["checkpoint"] = {"load_universal": True}
+    engine, _, _, _ = deepspeed.initialize(model=module, model_parameters=param_groups(module, cfg["weight_decay"]),
+                                           config=ds_config)
+    if compiles(cfg, on_gpu):
+        # module.compile() in place: parameter names and checkpoints stay those of the uncompiled module
+        engine.compile()
+    return engine, ds_config
+
+
+def set_lr(engine, lr):
+    for group in engine.optimizer.param_groups:
+        group["lr"] = lr
+
+
+def clips_by_hand(plan):
+    """DeepSpeed's ZeRO and 16-bit optimizers report the grad norm and skip non-finite steps; with
+    plain fp32 at stage 0 it does neither, so the trainer clips and skips itself."""
+    return plan.zero_stage == 0 and plan.dtype == "fp32"
+
+
+def clip_or_skip(engine, max_norm):
+    """Clip the accumulated (already all-reduced) gradients; drop them if not finite. Returns the norm.
+
+    Dropped gradients (None) make torch's AdamW skip every parameter: a skipped step.
+    """
+    params = [p for p in engine.module.parameters() if p.grad is not None]
+    norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+    if not torch.isfinite(norm):
+        engine.zero_grad()
+    elif max_norm > 0:
+        torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
+    return float(norm)

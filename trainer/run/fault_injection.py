@@ -1,0 +1,45 @@
+"""Fault injection for tests of the recovery paths: real failures at chosen iterations.
+
+GPT2DS_INJECT_NAN="5,6" makes the training loss of those iterations NaN (a real non-finite loss,
+whose backward gives non-finite gradients), so the NaN guard can be tested on a healthy model.
+GPT2DS_INJECT_OOM="3,5" raises a real torch.OutOfMemoryError in the last micro-batch of those
+iterations, once each, before its forward pass (the earlier micro-batches' gradients are already
+accumulated and must be discarded), so the out-of-memory step-down can be tested on a CPU.
+
+The setup installs them on each engine it builds (trainer/run/setup.py) by wrapping the engine's
+forward; unset (normal use) nothing is wrapped and the loop carries no trace of them.
+"""
+import os
+
+import torch
+
+NAN_VARIABLE = "GPT2DS_INJECT_NAN"
+OOM_VARIABLE = "GPT2DS_INJECT_OOM"
+
+
+def iterations(variable):
+    text = os.environ.get(variable, "")
+    return {int(part) for part in text.split(",") if part.strip()}
+
+
+NAN_ITERS = iterations(NAN_VARIABLE)
+OOM_ITERS = iterations(OOM_VARIABLE)
+_oom_raised = set()  # once per iteration, across the engines a step-down builds
+
+
+def install(engine, run):
+    """Wrap engine.forward with the injections listed in the variables (training forward passes only)."""
+    if not (NAN_ITERS or OOM_ITERS):
+        return
+    forward = engine.forward
+
+    def forward_with_faults(*args, **kwargs):
+        it = run.iter_num
+        training = engine.training  # evaluation passes are left alone
+        if training and it in OOM_ITERS and it not in _oom_raised and engine.is_gradient_accumulation_boundary():
+            _oom_raised.add(it)
+            raise torch.OutOfMemoryError(f"CUDA out of memory (injected by {OOM_VARIABLE} at iteration {it})")
+        loss = forward(*args, **kwargs)
+        return loss * float("nan") if training and it in NAN_ITERS else loss
+
+    engine.forward = forward_with_faults

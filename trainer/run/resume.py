@@ -1,0 +1,60 @@
+"""Resuming a run: which keys come from the run, which from the command, and how a checkpoint saved on
+another number of ranks or ZeRO stage is loaded."""
+from dataclasses import dataclass
+
+from trainer.config import DEFAULTS
+from trainer.errors import UserError
+from trainer.run.run_dir import CONFIG, RunDir
+
+# Keys that fix the model a checkpoint holds: a resume takes them from the run.
+RUN_MODEL_KEYS = ("n_layer", "n_head", "n_embd", "block_size", "bias", "dataset", "mode", "lora_r", "lora_alpha",
+                  "lora_targets")
+
+
+@dataclass
+class Resume:
+    tag: str          # the checkpoint to load
+    universal: bool   # saved on another number of ranks: load through DeepSpeed's universal format
+
+
+def resume_config(cfg, out_dir):
+    """On resume the model's shape and source come from the run; training keys from the command."""
+    run_dir = RunDir(out_dir)
+    if not run_dir.is_run():
+        raise UserError(f"init_from='resume' but {out_dir / CONFIG} does not exist; start a new run without "
+                        f"--init_from=resume")
+    saved = run_dir.config()
+    merged = dict(cfg)
+    for key in RUN_MODEL_KEYS:
+        # A value the recipe or command asks for (not the default) must match the run's.
+        if cfg[key] != saved[key] and cfg[key] != DEFAULTS[key]:
+            raise UserError(f"{out_dir} holds a model with {key}={saved[key]!r}, but this run asks for "
+                            f"{key}={cfg[key]!r}; resume with the run's own settings or start a new out_dir")
+        merged[key] = saved[key]
+    merged["init_from"] = saved["init_from"]
+    merged["resumed_from"] = str(out_dir)
+    return merged
+
+
+def resume_layout(cfg, info, world):
+    """Resume keeps the saved mode and ZeRO stage; another rank count goes through a universal checkpoint.
+
+    Returns (cfg, universal). DeepSpeed re-partitions ZeRO-1/2/3 optimizer states for a new number of
+    ranks only from its universal format; a ZeRO-0 checkpoint holds whole states and loads anywhere.
+    """
+    cfg = dict(cfg)
+    if cfg["mode"] == "auto":
+        cfg["mode"] = info["mode"]
+    if cfg["zero_stage"] == "auto":
+        cfg["zero_stage"] = info["zero_stage"]
+    saved, wanted = info["zero_stage"], cfg["zero_stage"]
+    if cfg["mode"] != info["mode"]:
+        raise UserError(f"the checkpoint was trained in {info['mode']} mode, not {cfg['mode']}; "
+                        f"resume with --mode={info['mode']}")
+    # a ZeRO-0 plan saved through the fast bf16 path (DeepSpeed ZeRO-1) holds partitioned states too
+    partitioned = max(saved, info.get("engine_zero_stage", saved)) >= 1
+    universal = partitioned and (world != info["world_size"] or wanted != saved)
+    if wanted != saved and (saved == 0 or wanted == 0):
+        raise UserError(f"cannot resume a ZeRO-{saved} checkpoint with zero_stage={wanted}; "
+                        f"resume with --zero_stage={saved}")
+    return cfg, universal

@@ -1,0 +1,234 @@
+"""Export a training run as a model `transformers` (or `peft`) loads, and check that it reproduces the run.
+
+`export(out_dir, export_dir, dtype, adapter_only)`:
+- full runs: the latest checkpoint's weights (ZeRO shards consolidated by DeepSpeed's zero_to_fp32);
+- lora runs: the adapters folded into the base weights (peft's merge_and_unload);
+- qlora runs: the adapters folded into the base reloaded unquantized from the original weights (never
+  into dequantized 4-bit weights);
+- adapter_only: a peft adapter directory (adapter_config.json, adapter_model.safetensors) for
+  `PeftModel.from_pretrained(base, dir)`.
+The export is written to a temporary folder next to export_dir, reloaded from disk the way a user loads
+it, and compared with the trained model rebuilt from the checkpoint on a fixed batch (the maximum
+absolute difference of the logits). Only if that is within tolerance is it renamed to export_dir;
+otherwise it is removed and the command fails with one line.
+"""
+import gc
+import json
+import pickle
+import shutil
+from pathlib import Path
+
+import torch
+
+from trainer.config import ADAPTER_MODES
+from trainer.data.tokenizer import gpt2_bpe_files
+from trainer.errors import UserError
+from trainer.model.gpt2 import TORCH_DTYPES, load_pretrained
+from trainer.run import checkpoint
+from trainer.run.run_dir import RunDir
+from trainer.tools.loading import adapter_state_dict, load_adapter_run, load_run
+from trainer.units import format_bytes
+
+# Parity tolerance, relative to the largest reference logit (at least 1): the float rounding a merge
+# or a cast to the export dtype can cause, far below any real mismatch (a wrong layout or a missing
+# adapter moves logits by whole units).
+RELATIVE_TOLERANCE = {"fp32": 1e-4, "fp16": 1e-2, "bf16": 5e-2}
+PARITY_BATCH = (2, 64)  # sequences x tokens (cropped to the model's block size)
+PARITY_SEED = 0
+
+
+class ParityError(UserError):
+    """The exported model does not reproduce the trained one."""
+
+
+def parity_batch(vocab_limit, block_size):
+    """Fixed token ids: the same batch for every export of every run."""
+    gen = torch.Generator().manual_seed(PARITY_SEED)
+    rows, cols = PARITY_BATCH
+    return torch.randint(0, vocab_limit, (rows, min(cols, block_size)), generator=gen)
+
+
+@torch.no_grad()
+def logits_of(model, idx):
+    return model(input_ids=idx).logits.float()
+
+
+def max_abs_diff(a, b):
+    return float((a - b).abs().max())
+
+
+def tolerance_for(reference, dtype, override=None):
+    if override is not None:
+        return override
+    return RELATIVE_TOLERANCE[dtype] * max(1.0, float(reference.abs().max()))
+
+
+def base_source(cfg):
+    """Where the base weights came from, as a loadable name: a hub name or an absolute directory."""
+    init_from = cfg["init_from"]
+    return str(Path(init_from).resolve()) if Path(init_from).is_dir() else init_from
+
+
+def _prepare_tmp(export_dir):
+    export_dir = Path(export_dir)
+    if export_dir.exists() and (not export_dir.is_dir() or any(export_dir.iterdir())):
+        raise UserError(f"export_dir {export_dir} already exists and is not empty; choose another --export_dir "
+                        f"or remove it first")
+    tmp = export_dir.parent / f".tmp-export-{export_dir.name}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    return tmp
+
+
+def _finish(tmp, export_dir):
+    export_dir = Path(export_dir)
+    if export_dir.exists():
+        export_dir.rmdir()  # checked empty above
+    tmp.rename(export_dir)
+
+
+def write_tokenizer(meta, folder):
+    """GPT-2 BPE runs get the tokenizer files too (the same encoder.json / vocab.bpe the trainer uses);
+    other runs (characters) get the dataset's meta.pkl, which sample.py and eval.py read."""
+    if meta.get("tokenizer") != "gpt2":
+        with open(Path(folder) / "meta.pkl", "wb") as f:
+            pickle.dump(meta, f)
+        return False
+
+    from transformers import GPT2TokenizerFast
+
+    data = gpt2_bpe_files()
+    vocab = json.loads((data / "encoder.json").read_text(encoding="utf-8"))
+    lines = (data / "vocab.bpe").read_text(encoding="utf-8").split("\n")[1:]  # after '#version: 0.2'
+    merges = [tuple(line.split(" ")) for line in lines if line.strip()]
+    GPT2TokenizerFast(vocab=vocab, merges=merges).save_pretrained(folder)
+    return True
+
+
+def _save_merged(model, folder, dtype):
+    """A plain GPT2LMHeadModel in safetensors with config.json and generation_config.json."""
+    model = model.to(TORCH_DTYPES[dtype])
+    config = model.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    config.use_cache = True  # the trainer turns the KV cache off; generation wants it
+    model.save_pretrained(folder, safe_serialization=True)
+    if not (Path(folder) / "generation_config.json").is_file():
+        from transformers import GenerationConfig
+        GenerationConfig.from_model_config(config).save_pretrained(folder)
+
+
+def _check_run(out_dir):
+    out_dir = Path(out_dir)
+    if not RunDir(out_dir).is_run():
+        raise UserError(f"{out_dir} is not a training run (no config.json and model_config.json); "
+                        f"pass the --out_dir of a run")
+    return checkpoint.latest_tag_or_error(out_dir)
+
+
+def export(out_dir, export_dir, dtype="fp32", adapter_only=False, tolerance=None, log=print):
+    """Write the export, check its parity; returns {'max_abs_diff', 'tolerance', ...} (raises ParityError)."""
+    if dtype not in TORCH_DTYPES:
+        raise UserError(f"--dtype={dtype}: choose fp32, bf16 or fp16")
+    out_dir = Path(out_dir)
+    tag = _check_run(out_dir)
+    run_dir = RunDir(out_dir)
+    cfg, mode, meta = run_dir.config(), run_dir.mode(), run_dir.meta()
+    if adapter_only and mode not in ADAPTER_MODES:
+        raise UserError(f"--adapter_only needs a lora or qlora run, but {out_dir} trained in {mode} mode; "
+                        f"export it without --adapter_only")
+    if adapter_only and not cfg["bias"]:
+        raise UserError(f"{out_dir} trained with bias=False (biases zeroed), which an adapter directory cannot "
+                        f"carry; export the merged model without --adapter_only")
+    if adapter_only and cfg["init_from"] == "scratch":
+        raise UserError(f"{out_dir} trained adapters on a from-scratch base, which exists nowhere on disk for "
+                        f"PeftModel.from_pretrained(base, ...); export the merged model without --adapter_only")
+    tmp = _prepare_tmp(export_dir)
+    try:
+        result = _export(out_dir, tmp, cfg, mode, meta, dtype, adapter_only, tolerance, tag, log)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    _finish(tmp, export_dir)
+    log(f"exported to {export_dir}")
+    return result
+
+
+def _export(out_dir, folder, cfg, mode, meta, dtype, adapter_only, tolerance, tag, log):
+    from transformers import AutoModelForCausalLM
+
+    adapters = f" (r={cfg['lora_r']}, alpha={cfg['lora_alpha']}, targets {', '.join(cfg['lora_targets'])})"
+    log(f"run {out_dir}: {mode} mode{adapters if mode in ADAPTER_MODES else ''}, checkpoint {tag}, "
+        f"base {base_source(cfg) if mode in ADAPTER_MODES else 'in the checkpoint'}")
+    result = {"mode": mode, "dtype": dtype}
+    gap = None
+
+    # 1. the trained model, rebuilt from the checkpoint, and its logits on the fixed batch
+    if mode == "full":
+        loaded = load_run(out_dir)
+        model = loaded.lm
+    else:
+        weights = adapter_state_dict(out_dir)
+        if mode == "qlora":
+            quantized = load_adapter_run(out_dir, quantized=True, weights=weights)
+            idx = parity_batch(meta["vocab_size"], quantized.config.n_positions)
+            trained_4bit = logits_of(quantized, idx)
+            del quantized
+            gc.collect()
+        model = load_adapter_run(out_dir, quantized=False, weights=weights)  # on the unquantized original weights
+    idx = parity_batch(meta["vocab_size"], model.config.n_positions)
+    reference = logits_of(model, idx)
+    if mode == "qlora":
+        gap = max_abs_diff(reference, trained_4bit)
+        del trained_4bit
+
+    # 2. write the export
+    if adapter_only:
+        peft_cfg = model.peft_config["default"]
+        peft_cfg.base_model_name_or_path = base_source(cfg)
+        peft_cfg.inference_mode = True
+        model = model.to(TORCH_DTYPES[dtype])
+        model.save_pretrained(folder, safe_serialization=True, save_embedding_layers=False)
+        n_adapted = sum(1 for name, _ in model.named_modules() if name.endswith(".lora_A"))
+        del model
+        gc.collect()
+        log(f"saved the adapters of {n_adapted} layers ({dtype}) as a peft adapter directory "
+            f"(base_model_name_or_path {base_source(cfg)})")
+        from peft import PeftModel
+        base = load_pretrained(base_source(cfg), 0.0)
+        exported = PeftModel.from_pretrained(base, str(folder)).eval()
+        how = "PeftModel.from_pretrained(base, export)"
+    else:
+        if mode in ADAPTER_MODES:
+            n_adapted = sum(1 for name, _ in model.named_modules() if name.endswith(".lora_A"))
+            model = model.merge_and_unload()
+            log(f"merged the adapters of {n_adapted} layers into the "
+                f"{'unquantized original' if mode == 'qlora' else 'base'} weights")
+        _save_merged(model, folder, dtype)
+        del model
+        gc.collect()
+        tokenizer = write_tokenizer(meta, folder)
+        files = sorted(p.name for p in folder.iterdir())
+        size = format_bytes(sum(p.stat().st_size for p in folder.iterdir() if p.name.endswith(".safetensors")))
+        vocab = "the GPT-2 tokenizer" if tokenizer else "the characters' meta.pkl"
+        log(f"saved a transformers model ({dtype}, vocab {reference.size(-1):,}, {size} of "
+            f"safetensors, with {vocab}): {', '.join(files)}")
+        exported = AutoModelForCausalLM.from_pretrained(str(folder), dtype=TORCH_DTYPES[dtype]).eval()
+        how = "AutoModelForCausalLM.from_pretrained(export)"
+
+    # 3. parity
+    out = logits_of(exported, idx)
+    del exported
+    diff = max_abs_diff(out, reference)
+    tol = tolerance_for(reference, dtype, tolerance)
+    trained = "the trained model" if mode != "qlora" else "base + adapter unquantized (fp32)"
+    log(f"parity on a fixed batch of {idx.size(0)}x{idx.size(1)} tokens: max |logits({how}) - logits({trained})| "
+        f"= {diff:.3e} (tolerance {tol:.1e}): {'ok' if diff <= tol else 'FAILED'}")
+    if gap is not None:
+        log(f"parity vs the 4-bit model as trained: max |logits| difference = {gap:.3e} (the nf4 quantization "
+            f"gap: expected, not checked)")
+    result.update(max_abs_diff=diff, tolerance=tol, quantization_gap=gap)
+    if diff > tol:
+        raise ParityError(f"parity check failed: the export differs from the trained model by {diff:.3e} "
+                          f"(tolerance {tol:.1e}); nothing was written to the export_dir")
+    return result
