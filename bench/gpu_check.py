@@ -127,11 +127,10 @@ def speed_row(name, shape, mode, compile_model, args, micro, accum):
     from trainer.config import DEFAULTS
     from trainer.model.builder import build_module
     from trainer.model.gpt2 import build_model
-    from trainer.model.shapes import Shape
+    from trainer.model.shapes import Shape, flops_per_token
     from trainer.plan.hardware import Hardware, peak_flops
     from trainer.plan.planner import PlanInput, make_plan
     from trainer.run.engine import create_engine
-    from trainer.run.logger import flops_per_token
 
     on_gpu = torch.cuda.is_available() and not args.dry_run
     cfg = {**DEFAULTS, **shape, "batch_size": micro, "gradient_accumulation_steps": accum, "dropout": 0.0,

@@ -19,13 +19,12 @@ from trainer.config import DEFAULTS  # noqa: E402
 from trainer.model.attention import document_block_mask, packed_causal_mask  # noqa: E402
 from trainer.model.gpt2 import build_model  # noqa: E402
 from trainer.model.loss import LMWithLoss  # noqa: E402
-from trainer.model.shapes import Shape, model_shape  # noqa: E402
+from trainer.model.shapes import Shape, flops_per_token, model_shape  # noqa: E402
 from trainer.optim.optimizer import param_groups  # noqa: E402
 from trainer.plan.hardware import PEAK_FLOPS, Hardware, detect_hardware, gpu_model, peak_flops  # noqa: E402
 from trainer.plan.memory import Candidate, estimate  # noqa: E402
 from trainer.plan.planner import PlanError, PlanInput, make_plan  # noqa: E402
 from trainer.run.engine import build_ds_config, fast_bf16  # noqa: E402
-from trainer.run.logger import flops_per_token  # noqa: E402
 
 TINY = {**DEFAULTS, "n_layer": 1, "n_head": 2, "n_embd": 32, "block_size": 16, "batch_size": 2,
         "gradient_accumulation_steps": 2, "dropout": 0.0, "compile": False}

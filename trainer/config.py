@@ -25,6 +25,9 @@ ADAPTER_MODES = ("lora", "qlora")
 OFFLOADS = ("none", "optimizer", "optimizer+params")
 DTYPES = ("bf16", "fp16", "fp32")
 ZERO_STAGES = (0, 1, 2, 3)
+# AdamW with 32-bit states (torch), or bitsandbytes' AdamW with 8-bit states, and either paged (CUDA unified memory)
+OPTIMIZERS = ("adamw", "adamw8bit", "paged_adamw8bit", "paged_adamw")
+GRAD_ACCUM_DTYPES = ("fp32", "bf16")
 LORA_TARGETS = ("c_attn", "c_proj", "c_fc")
 
 
@@ -132,6 +135,12 @@ _GROUPS = {
         "micro_batch_size": _key("auto", "sequences per forward pass per rank (accumulation makes up the rest)",
                                  _POSITIVE, auto=int),
         "dtype": _choice("auto", ("auto",) + DTYPES, "training precision (auto: bf16 or fp16 on GPUs, fp32 on CPU)"),
+        "optimizer": _choice("auto", ("auto",) + OPTIMIZERS, "AdamW with 32-bit states, or bitsandbytes' 8-bit states "
+                             "(paged_*: states in CUDA unified memory, paged to CPU under pressure)"),
+        "grad_accum_dtype": _choice("auto", ("auto",) + GRAD_ACCUM_DTYPES, "with dtype=bf16 at ZeRO-0: accumulate "
+                                    "gradients in an fp32 buffer, or in bf16 (2 bytes per parameter less between steps)"),
+        "activation_offload": _key("auto", "with gradient checkpointing: keep the checkpointed activations in pinned "
+                                   "CPU memory, copied on a side stream", auto=bool),
     },
     "speed": {
         "compile": _key("auto", "torch.compile the model (DeepSpeed's engine.compile(); auto: on GPUs, off on the "

@@ -31,7 +31,7 @@ def base_model(cfg, plan, vocab_size, device_type, model_config=None, run_dir=No
 
 def build_module(cfg, plan, base, packed_kernel, wrapper=LMWithLoss):
     """LMWithLoss (or the simulation's `wrapper`) around `base` with the plan applied: checkpointing first
-    (before the adapters wrap the model), then LoRA/QLoRA for adapter modes."""
+    (before the adapters wrap the model), then LoRA/QLoRA for adapter modes, and activation offload."""
     if plan.gradient_checkpointing:
         enable_checkpointing(base)
-    return wrapper(apply_mode(base, plan, cfg), packed=packed_kernel)
+    return wrapper(apply_mode(base, plan, cfg), packed=packed_kernel, activation_offload=plan.activation_offload)

@@ -1,5 +1,6 @@
 """What DeepSpeed trains: LMWithLoss, tokens in and the mean token loss out, computed in chunks so that the
 full fp32 logits (batch x block x vocab) never exist at once."""
+import contextlib
 import functools
 
 import torch
@@ -9,6 +10,7 @@ from torch.utils.checkpoint import checkpoint
 
 from trainer.data.tokenizer import IGNORE_INDEX
 from trainer.model.attention import document_block_mask, packed_causal_mask, use_flex_for_packed
+from trainer.model.offload import ActivationOffload
 from trainer.model.shapes import LOSS_CHUNK_BYTES
 
 
@@ -45,14 +47,24 @@ class LMWithLoss(nn.Module):
     then get block-diagonal causal attention, so an example never sees the ones before it.
     """
 
-    def __init__(self, lm, packed="dense_mask"):
+    def __init__(self, lm, packed="dense_mask", activation_offload=False):
         super().__init__()
         self.lm = lm
         self.packed = packed  # how packed batches keep examples apart (packed_kernel)
         if packed == "flex":
             use_flex_for_packed(lm)
+        self.offload = None
+        self.set_activation_offload(activation_offload)
+
+    def set_activation_offload(self, on):
+        """Keep the activations the forward pass saves in CPU memory (trainer/model/offload.py), or not."""
+        self.offload = ActivationOffload() if on else None
 
     def forward(self, idx, targets, position_ids=None, attention_mask=None):
+        with self.offload or contextlib.nullcontext():
+            return self.loss(idx, targets, position_ids, attention_mask)
+
+    def loss(self, idx, targets, position_ids=None, attention_mask=None):
         extra = {}
         if position_ids is not None and attention_mask is None:
             if self.packed == "flex":  # the causal mask transformers makes is ignored by _packed_attention

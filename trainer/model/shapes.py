@@ -48,14 +48,21 @@ def gpt2_param_count(n_layer, n_head, n_embd, vocab_size, block_size):
     return vocab_size * c + block_size * c + n_layer * (12 * c * c + 13 * c) + 2 * c
 
 
+def gpt2_tensors(n_layer, n_embd, vocab_size, block_size):
+    """(element count, is a matrix) of every parameter tensor of HF's GPT2LMHeadModel (lm_head tied to wte),
+    in the model's order. Matrices are what AdamW decays (trainer/optim/optimizer.param_groups)."""
+    c = n_embd
+    block = [(c, False), (c, False), (3 * c * c, True), (3 * c, False), (c * c, True), (c, False), (c, False),
+             (c, False), (4 * c * c, True), (4 * c, False), (4 * c * c, True), (c, False)]  # ln_1, attn, ln_2, mlp
+    return [(vocab_size * c, True), (block_size * c, True)] + block * n_layer + [(c, False), (c, False)]
+
+
 def gpt2_tensor_numels(n_layer, n_embd, vocab_size, block_size):
     """Element counts of every parameter tensor of HF's GPT2LMHeadModel (lm_head tied to wte).
 
     Sums to gpt2_param_count; ZeRO-3 needs the single tensors (which stay whole on every rank).
     """
-    c = n_embd
-    block = [c, c, 3 * c * c, 3 * c, c * c, c, c, c, 4 * c * c, 4 * c, 4 * c * c, c]  # ln_1, attn, ln_2, mlp
-    return [vocab_size * c, block_size * c] + block * n_layer + [c, c]
+    return [n for n, _ in gpt2_tensors(n_layer, n_embd, vocab_size, block_size)]
 
 
 def lora_projections(n_embd):
@@ -83,6 +90,29 @@ def linear_weight_count(n_layer, n_embd):
 def lora_trainable_count(n_layer, n_embd, r, targets):
     """LoRA adds A (in x r) and B (r x out) to each targeted projection: r * (in + out)."""
     return sum(lora_tensor_numels(n_layer, n_embd, r, targets))
+
+
+def flops_per_token(n_params, n_layer, n_head, n_embd, block_size, mode="full", n_trainable=None):
+    """Training FLOPs per token (MFU's numerator: recomputation for checkpointing is not counted).
+
+    Attention (PaLM appendix B): 12 * n_layer * n_embd * block_size, forward and both input gradients.
+    full: 6N (forward 2N, input gradients 2N, weight gradients 2N).
+    lora/qlora: the frozen base does the forward and the input-gradient matmuls but no weight gradients,
+    4 * N_base, plus 6 * N_adapters for the adapters.
+    """
+    del n_head  # attention FLOPs depend on n_embd = n_head * head_dim only
+    attention = 12 * n_layer * n_embd * block_size
+    if mode == "full":
+        return 6 * n_params + attention
+    adapters = n_trainable or 0
+    return 4 * (n_params - adapters) + 6 * adapters + attention
+
+
+def forward_flops_per_token(n_params, n_layer, n_embd, block_size):
+    """FLOPs per token of one forward pass (2N, and attention's forward third): what gradient checkpointing
+    computes again in the backward pass."""
+    return 2 * n_params + 4 * n_layer * n_embd * block_size
+
 
 
 def model_dir_config(source):

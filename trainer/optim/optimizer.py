@@ -24,3 +24,56 @@ def adamw_hyperparameters(cfg):
     """AdamW's settings from the config: what DeepSpeed's optimizer section and the simulation both use."""
     return {"lr": cfg["learning_rate"], "betas": (cfg["beta1"], cfg["beta2"]), "eps": ADAM_EPS,
             "weight_decay": cfg["weight_decay"]}
+
+
+# ----------------------------------------------------------------------------- bitsandbytes' optimizers
+# The `optimizer` key: torch's AdamW (32-bit states, built by DeepSpeed from its config) or one of
+# bitsandbytes' AdamW classes, handed to DeepSpeed as a client optimizer (trainer/run/engine.py).
+BNB_CLASSES = {"adamw8bit": "AdamW8bit", "paged_adamw8bit": "PagedAdamW8bit", "paged_adamw": "PagedAdamW"}
+# bitsandbytes 0.50 (optim/optimizer.py Optimizer2State.init_state): a tensor smaller than min_8bit_size keeps
+# 32-bit states; 8-bit states are one byte per element per moment plus an fp32 absmax per block of 256 elements
+# per moment, and two 256-entry fp32 code books shared by all tensors; paged buffers only from 1e5 elements.
+MIN_8BIT_SIZE = 4096
+BLOCKSIZE_8BIT = 256
+CODEBOOK_BYTES = 2 * 256 * 4
+
+
+def is_client(name):
+    """bitsandbytes' optimizers go to DeepSpeed as a client optimizer; torch's AdamW comes from its config."""
+    return name in BNB_CLASSES
+
+
+def is_8bit(name):
+    return name in ("adamw8bit", "paged_adamw8bit")
+
+
+def is_paged(name):
+    return name.startswith("paged_")
+
+
+def unpaged(name):
+    """What a paged optimizer is without CUDA's unified memory: the same updates, states in ordinary memory."""
+    return name.removeprefix("paged_")
+
+
+def state_bytes(name, numels):
+    """Bytes of AdamW's two moments for tensors of these element counts (the tensors the optimizer steps:
+    the parameters, or the flat partitions DeepSpeed hands it)."""
+    if not is_8bit(name):
+        return 8 * sum(numels)
+    total = 0
+    for n in numels:
+        if n < MIN_8BIT_SIZE:
+            total += 8 * n
+        else:
+            total += 2 * n + 2 * 4 * -(-n // BLOCKSIZE_8BIT)
+    return total + (CODEBOOK_BYTES if any(n >= MIN_8BIT_SIZE for n in numels) else 0)
+
+
+def client_optimizer(name, groups, cfg):
+    """bitsandbytes' optimizer for `name` over the parameter groups, or None for adamw (DeepSpeed builds torch's
+    AdamW from its config). Its hyperparameters are the config's, as for torch's."""
+    if name not in BNB_CLASSES:
+        return None
+    import bitsandbytes as bnb
+    return getattr(bnb.optim, BNB_CLASSES[name])(groups, **adamw_hyperparameters(cfg))

@@ -15,8 +15,9 @@ steps, the backward pass has released every activation.
 from dataclasses import dataclass
 
 from trainer.config import LORA_TARGETS
-from trainer.model.shapes import (LOSS_CHUNK_BYTES, Shape, gpt2_param_count, gpt2_tensor_numels, linear_weight_count,
-                                  lora_tensor_numels, lora_trainable_count)
+from trainer.model.shapes import (LOSS_CHUNK_BYTES, Shape, gpt2_param_count, gpt2_tensor_numels, gpt2_tensors,
+                                  linear_weight_count, lora_tensor_numels, lora_trainable_count)
+from trainer.optim.optimizer import state_bytes, unpaged
 from trainer.units import GiB, MiB
 
 # ---------------------------------------------------------------------------------------
@@ -59,12 +60,15 @@ STAGE3_MAX_LIVE_PARAMETERS = 50_000_000
 # CPU SDPA falls back to the math kernel when attention dropout is on, materializing scores,
 # softmax and the mask: measured here (torch 2.13 CPU, fp32) at ~13 bytes per score element.
 MATH_ATTN_BYTES_FP32 = 13
-# Adam temporaries the size of the largest tensor the optimizer updates: torch's foreach path on
-# GPUs keeps one (sqrt of every exp_avg_sq at once, so "largest" is everything); the per-tensor CPU
-# path three (the previous tensor's denominator is still bound while the next one's sqrt and its
-# scaled copy are made: measured on a real engine, tests/optimizer_step.py, was 2).
-ADAM_TEMPS_GPU = 1
+# torch AdamW's temporaries on the CPU (per-tensor path), in tensors the size of the largest it updates: the
+# previous tensor's denominator is still bound while the next one's sqrt and its scaled copy are made
+# (measured on a real engine, tests/optimizer_step.py). On GPUs DeepSpeed runs torch's fused AdamW: none.
 ADAM_TEMPS_CPU = 3
+# bitsandbytes' CPU kernels (backends/cpu/ops.py), bytes per element of the largest tensor stepped: 8-bit
+# dequantizes both moments to fp32, copies the gradient to fp32, makes the denominator, then requantizes; the
+# 32-bit kernel works on the states in place. Measured on a real engine (tests/optimizer_step.py).
+BNB_CPU_TEMPS_BYTES = {"adamw8bit": 24, "adamw": 12}
+
 # ---------------------------------------------------------------------------------------
 
 DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
@@ -74,11 +78,15 @@ MEMORY_ITEMS = ("weights", "gradients", "optimizer_states", "ds_buckets", "activ
 
 @dataclass(frozen=True)
 class Candidate:
+    """One plan the search considers: the plan keys (dtype is decided before the search)."""
     mode: str          # full | lora | qlora
     zero_stage: int
     offload: str       # none | optimizer | optimizer+params
     gradient_checkpointing: bool
     micro_batch_size: int
+    optimizer: str = "adamw"          # trainer/config.OPTIMIZERS
+    grad_accum_dtype: str = "auto"    # 'auto': the path's own (default_grad_accum)
+    activation_offload: bool = False  # checkpointed activations in pinned CPU memory (needs checkpointing)
 
 
 @dataclass(frozen=True)
@@ -87,7 +95,7 @@ class Estimate:
     items: dict[str, int]   # bytes per device for each of MEMORY_ITEMS (+ offloaded_to_host on CPU)
     allocated: int          # peak of live tensors (what torch.cuda.max_memory_allocated measures)
     total: int              # allocated + fragmentation + context: the number that must fit
-    host: int               # bytes per rank that offload keeps in CPU memory
+    host: int               # bytes per rank kept in CPU memory: offloaded optimizer states, activations
     buckets: dict[str, int]  # DeepSpeed bucket sizes (elements) this estimate assumed
     states: dict[str, int]  # model states held between steps: weights (without ZeRO-3's gathered
                             # modules), gradients, optimizer states; what the engine's tensors add up to
@@ -120,49 +128,87 @@ def parameter_counts(shape, mode, lora_r, lora_targets):
     return base, adapters, base + adapters
 
 
-def fast_bf16_path(zero_stage, offload, dtype, on_gpu):
-    """bf16 at ZeRO-0 without offload on a GPU runs as DeepSpeed ZeRO-1 with fp32 gradient accumulation.
+def trained_tensors(shape, mode, lora_r, lora_targets):
+    """(element count, is a matrix) of every trainable tensor: GPT-2's for full mode, LoRA's A and B (matrices)
+    for the adapter modes."""
+    if mode == "full":
+        return gpt2_tensors(shape.n_layer, shape.n_embd, shape.vocab_size, shape.block_size)
+    return [(n, True) for n in lora_tensor_numels(shape.n_layer, shape.n_embd, lora_r, lora_targets)]
 
-    DeepSpeed 0.19.8 (engine._do_optimizer_sanity_check) then wraps the optimizer in its BF16_Optimizer
-    (runtime/bf16_optimizer.py): flat bf16 weights, one flat fp32 gradient buffer that every micro-step
-    accumulates into, fp32 master partitions, one fused optimizer step over them and no per-parameter
-    overflow check (bf16 needs no loss scaling). Left at ZeRO-0, DeepSpeed would use FP16_UnfusedOptimizer
-    (torch's AdamW is not DeepSpeed's FusedAdam): per-parameter Python loops, a host sync per parameter
-    tensor, gradients summed in bf16. The fp32 buffer costs 4 bytes per trainable parameter
-    (fp32_grad_accum_bytes). A ZeRO-1 plan keeps ZeRO's own flat partitions (stage_1_and_2: no
-    per-parameter syncs either); the unsharded fp32 buffer would cost it more than the sharding it was
-    chosen for saves. trainer/run/engine.py builds the engine by this rule; the memory model counts it.
+
+# ----------------------------------------------------------------------------- DeepSpeed's optimizer paths
+# Which of DeepSpeed 0.19.8's optimizer wrappers a plan runs on (engine._do_optimizer_sanity_check):
+#   cpu_adam        offload: ZeRO-Offload steps DeepSpeedCPUAdam in host memory
+#   bf16_optimizer  bf16 at ZeRO-0 with fp32 gradient accumulation, built as DeepSpeed ZeRO-1 with
+#                   grad_accum_dtype fp32: BF16_Optimizer (runtime/bf16_optimizer.py): flat bf16 weights, a flat
+#                   fp32 gradient buffer per group that each gradient is added into as backward produces it
+#                   (immediate_grad_update: the bf16 gradient is freed at once), fp32 master partitions, one
+#                   optimizer step over them, no per-parameter overflow check (bf16 needs no loss scaling)
+#   unfused         fp16, or bf16 accumulating in bf16, at ZeRO-0: FP16_UnfusedOptimizer
+#                   (runtime/fp16/unfused_optimizer.py): 16-bit gradients, fp32 masters per tensor, at the step
+#                   an fp32 copy of every gradient; per-parameter Python loops (slower)
+#   plain           fp32 at ZeRO-0: the optimizer on the parameters themselves
+#   zero            ZeRO 1-3: flat fp32 partitions of the masters (stage_1_and_2.py, stage3.py); gradients
+#                   accumulate in the compute dtype
+# trainer/run/engine.py builds the engine by this rule; the memory model and the simulation count it.
+
+def default_grad_accum(zero_stage, offload, dtype):
+    """The dtype gradients accumulate in unless the plan says otherwise: fp32 where bf16 can have its fp32
+    buffer (ZeRO-0, no offload), else the compute dtype."""
+    return "fp32" if dtype == "bf16" and zero_stage == 0 and offload == "none" else dtype
+
+
+def grad_accum(cand, dtype):
+    return default_grad_accum(cand.zero_stage, cand.offload, dtype) if cand.grad_accum_dtype == "auto" \
+        else cand.grad_accum_dtype
+
+
+def optimizer_path(zero_stage, offload, dtype, grad_accum_dtype):
+    if offload != "none":
+        return "cpu_adam"
+    if zero_stage >= 1:
+        return "zero"
+    if dtype == "bf16" and grad_accum_dtype == "fp32":
+        return "bf16_optimizer"
+    return "plain" if dtype == "fp32" else "unfused"
+
+
+def path_of(cand, dtype):
+    return optimizer_path(cand.zero_stage, cand.offload, dtype, grad_accum(cand, dtype))
+
+
+def fast_bf16_path(zero_stage, offload, dtype, grad_accum_dtype="fp32"):
+    """The plan runs on DeepSpeed's BF16_Optimizer (built as DeepSpeed ZeRO-1, see above)."""
+    return optimizer_path(zero_stage, offload, dtype, grad_accum_dtype) == "bf16_optimizer"
+
+
+def stepped_tensors(path, trained, n):
+    """Element counts of the tensors the optimizer steps: every trainable tensor (plain, unfused), or each
+    parameter group flattened and partitioned over the n ranks (bf16_optimizer, zero, cpu_adam): the
+    decayed matrices, then the rest (trainer/optim/optimizer.param_groups)."""
+    if path in ("plain", "unfused"):
+        return [k for k, _ in trained]
+    groups = [sum(k for k, matrix in trained if matrix), sum(k for k, matrix in trained if not matrix)]
+    return [-(-g // n) for g in groups if g]
+
+
+def bf16_optimizer_transient(group_numels, n):
+    """What the bf16_optimizer path allocates outside the forward and backward peak:
+    - nothing while backward adds each gradient into the buffer (accumulate_hp_grads_and_remove_lp: one fp32
+      copy of one gradient at a time; the largest, the tied wte/lm_head's, comes at the end of backward, when
+      the activations are gone: simulated, it does not raise the peak);
+    - at the boundary on several ranks, engine.allreduce_gradients -> buffered_allreduce_fallback(
+      elements_per_buffer=500M) over the fp32 flat buffers (one per param group, decayed first):
+      allreduce_no_retain adds buffers to a bucket until it holds more than 500M elements; allreduce_bucket
+      flattens it (a copy when it holds more than one buffer) and casts it to the communication dtype (bf16 by
+      default) for the all-reduce (on one rank the trainer turns that all-reduce off: trainer/run/engine.py);
+    - BF16_Optimizer.step: the grad norm (scalars), clipping in place, the optimizer over the flat fp32
+      partition (torch's fused AdamW and bitsandbytes' 8-bit kernels update in place), the bf16 weights copied
+      from the masters in place: nothing the size of the model.
     """
-    return on_gpu and dtype == "bf16" and offload == "none" and zero_stage == 0
-
-
-def fast_bf16(cand, dtype, device_type):
-    return fast_bf16_path(cand.zero_stage, cand.offload, dtype, device_type == "cuda")
-
-
-def fp32_grad_accum_bytes(cand, dtype, trainable, device_type):
-    """The fast bf16 path's extra gradient bytes: BF16_Optimizer._setup_for_real_optimizer allocates one flat
-    fp32 gradient buffer per param group, zeros_like(the whole flat bf16 group) (not partitioned), and adds
-    every micro-step's bf16 gradients into it (update_hp_grads; immediate_grad_update is off by default, so
-    the bf16 .grad tensors are zeroed, not freed, between micro-steps: they are counted too). Counted under
-    'gradients' (alignment padding, at most 2 * ranks elements per group, is left out)."""
-    return 4 * trainable if fast_bf16(cand, dtype, device_type) else 0
-
-
-def bf16_optimizer_transient(group_numels, largest):
-    """What the fast bf16 path allocates after backward, when the activations are gone:
-    - every micro-step, BF16_Optimizer.update_hp_grads: hp_grad.add_(lp.grad.to(fp32)), one fp32 copy of
-      one gradient at a time (the largest);
-    - at the boundary, engine.allreduce_gradients -> buffered_allreduce_fallback(elements_per_buffer=500M)
-      over the fp32 flat buffers (one per param group, decayed first): allreduce_no_retain adds buffers to a
-      bucket until it holds more than 500M elements; allreduce_bucket flattens it (a copy when it holds more
-      than one buffer) and casts it to the communication dtype (bf16 by default) for the all-reduce, even
-      on one rank;
-    - BF16_Optimizer.step: the grad norm (scalars), clipping in place, torch's fused AdamW (one in-place
-      kernel over the flat fp32 partition: no temporaries), the bf16 weights copied from the masters in
-      place: nothing the size of the model.
-    """
-    transient, bucket, numel = 4 * largest, [], 0
+    transient, bucket, numel = 0, [], 0
+    if n == 1:
+        return transient
 
     def reduce(bucket, numel):
         return (4 * numel if len(bucket) > 1 else 0) + 2 * numel
@@ -182,20 +228,23 @@ def estimate(shape: Shape, cand: Candidate, dtype, n_devices, device_type, usabl
              lora_targets=LORA_TARGETS, lora_dropout=0.0, dropout=0.0, packed=False):
     """Per-device bytes of one candidate plan (see the module docstring for the peak)."""
     w = DTYPE_BYTES[dtype]
+    path = path_of(cand, dtype)
     base, trainable, _ = parameter_counts(shape, cand.mode, lora_r, lora_targets)
     # every tensor of the model (GPT-2's, then LoRA's) and the trainable ones, by element count
     numels = gpt2_tensor_numels(shape.n_layer, shape.n_embd, shape.vocab_size, shape.block_size)
     adapters = lora_tensor_numels(shape.n_layer, shape.n_embd, lora_r, lora_targets) if cand.mode != "full" else []
-    trained = adapters or numels
+    trained = trained_tensors(shape, cand.mode, lora_r, lora_targets)
+    stepped = stepped_tensors(path, trained, n_devices)
     model_bytes = held_weight_bytes(shape, cand.mode, base, trainable, w)
     resident, weights = weight_bytes(cand, model_bytes, numels + adapters, w, n_devices)
-    states, host = optimizer_state_bytes(cand, dtype, device_type, trainable, model_bytes, w, n_devices)
+    states, host = optimizer_state_bytes(cand, path, trainable, stepped, model_bytes, w, n_devices)
     buckets = bucket_sizes(cand.zero_stage, trainable, usable_bytes)
-    activations, logits = activation_bytes(shape, cand, w, device_type, dropout, packed, lora_r, lora_targets,
-                                           lora_dropout)
+    activations, logits, offloaded = activation_bytes(shape, cand, w, device_type, dropout, packed, lora_r,
+                                                      lora_targets, lora_dropout)
+    host += offloaded
     items = {
         "weights": int(weights),
-        "gradients": int(gradient_bytes(cand, dtype, device_type, trainable, w, n_devices)),
+        "gradients": int(gradient_bytes(cand, path, trainable, w, n_devices)),
         "optimizer_states": int(states),
         # stage_1_and_2.setup_buckets: one reduce_bucket_size buffer (contiguous_gradients, on by default), a
         # second one with overlap_comm (zero2/zero3 templates), in the compute dtype (grad_accum_dtype defaults
@@ -204,7 +253,7 @@ def estimate(shape: Shape, cand: Candidate, dtype, n_devices, device_type, usabl
         "ds_buckets": int(buckets["reduce_bucket_size"] * w * (1 if cand.zero_stage == 1 else 2)) if buckets else 0,
         "activations": int(activations),
         "logits_and_loss": int(logits),
-        "optimizer_step_transient": int(step_transient_bytes(shape, cand, dtype, device_type, trainable, trained,
+        "optimizer_step_transient": int(step_transient_bytes(cand, path, device_type, trainable, trained, stepped,
                                                              buckets, w, n_devices)),
     }
     allocated = (items["weights"] + items["gradients"] + items["optimizer_states"] + items["ds_buckets"]
@@ -252,40 +301,42 @@ def weight_bytes(cand, model_bytes, numels, w, n):
     return resident, resident + in_flight
 
 
-def gradient_bytes(cand, dtype, device_type, trainable, w, n):
-    """Gradients (compute dtype) of the trainable parameters, plus the fast bf16 path's fp32 buffer."""
+def gradient_bytes(cand, path, trainable, w, n):
+    """Gradients of the trainable parameters between steps: in the compute dtype, or the bf16_optimizer
+    path's fp32 buffer instead (one flat fp32 buffer per param group, zeros_like the whole flat bf16 group, not
+    partitioned; alignment padding, at most 2 * ranks elements per group, is left out)."""
+    if path == "bf16_optimizer":
+        return 4 * trainable
     if cand.offload != "none" and cand.zero_stage >= 2:
-        gradients = 0  # streamed to CPU through the reduce buckets as they are produced
-    elif cand.zero_stage >= 2:
-        gradients = trainable * w / n
-    else:
-        gradients = trainable * w
-    return gradients + fp32_grad_accum_bytes(cand, dtype, trainable, device_type)
+        return 0  # streamed to CPU through the reduce buckets as they are produced
+    if cand.zero_stage >= 2:
+        return trainable * w / n
+    return trainable * w
 
 
-def optimizer_state_bytes(cand, dtype, device_type, trainable, model_bytes, w, n):
-    """(on the device, in host memory): Adam's moments (8 bytes) + an fp32 master copy (4 bytes) per trainable
+def optimizer_state_bytes(cand, path, trainable, stepped, model_bytes, w, n):
+    """(on the device, in host memory): the optimizer's moments for the tensors it steps (32-bit: 8 bytes per
+    element; 8-bit: trainer/optim/optimizer.state_bytes) + an fp32 master copy (4 bytes) per trainable
     parameter. In fp32 training ZeRO-0 updates the parameters themselves; ZeRO>=1 still clones an fp32
-    partition."""
-    shard = n if cand.zero_stage >= 1 else 1
-    master = 4 * trainable if (w != 4 or cand.zero_stage >= 1) else 0
-    if fast_bf16(cand, dtype, device_type):
-        # BF16_Optimizer partitions the fp32 masters (and so Adam's moments) over the data-parallel ranks
-        # (fp32_groups_flat_partition: one 1/n narrow of the flat group, cloned to fp32)
-        shard = n
-    states = (8 * trainable + master) / shard
-    if cand.offload == "none":
-        return states, 0
+    partition; the bf16_optimizer path partitions its masters over the ranks."""
+    moments = state_bytes(cand.optimizer, stepped)
+    if path == "plain":
+        return moments, 0
+    if path == "unfused":
+        return moments + 4 * trainable, 0
+    masters = 4 * sum(stepped)  # flat partitions: 1/n of each group
+    if path != "cpu_adam":
+        return moments + masters, 0
     # CPU Adam: moments, master, fp32 grads and a 16-bit staging copy live in host memory
-    host = states + (4 + w) * trainable / shard
+    host = moments + masters + (4 + w) * sum(stepped)
     if cand.offload == "optimizer+params":
         host += model_bytes / n
     return 0, host
 
 
 def activation_bytes(shape, cand, w, device_type, dropout, packed, lora_r, lora_targets, lora_dropout):
-    """(activations, logits and loss) of one micro-batch, calibrated against trainer/simulate.py
-    (bench/SIMULATE.md)."""
+    """(activations, logits and loss, activations offloaded to host memory) of one micro-batch, calibrated
+    against trainer/plan/simulate.py (bench/SIMULATE.md)."""
     s, b, c, L, V = shape.block_size, cand.micro_batch_size, shape.n_embd, shape.n_layer, shape.vocab_size
     sbh = s * b * c
     scale = w / 2  # the per-sbh constants are for 16-bit tensors
@@ -313,44 +364,58 @@ def activation_bytes(shape, cand, w, device_type, dropout, packed, lora_r, lora_
     logits = chunk * V * LOGITS_BYTES_PER_ELEMENT + 2 * tokens * c * w
     if cand.mode == "full" and tokens > chunk:
         logits += V * c * w
+    offloaded = 0
+    saved = (L * (CKPT_BYTES_PER_SBH if cand.gradient_checkpointing else 0) + OUTSIDE_LAYERS_SBH) * sbh * scale
     if cand.gradient_checkpointing:
         # the recomputed layer's activations live while one layer's backward runs, after the loss has
         # freed its chunk: they add only where they exceed it (never at GPT-2's vocabulary, measured)
-        activations = L * CKPT_BYTES_PER_SBH * sbh * scale + max(0, per_layer - logits)
+        activations = max(0, per_layer - logits)
+        if cand.activation_offload:
+            # the layers' inputs and the embeddings' and final LayerNorm's activations wait in pinned host
+            # memory; at the peak (the loss, then each recomputed layer) the ones coming back add nothing
+            # measurable (trainer/model/offload.py; simulated, bench/SIMULATE.md)
+            offloaded, saved = saved, 0
+        activations += saved
     else:
-        activations = L * per_layer
-    activations += OUTSIDE_LAYERS_SBH * sbh * scale
+        activations = L * per_layer + saved
     if packed:
-        activations += b * s * s  # the bool mask itself (trainer/model.packed_causal_mask)
-    return activations, logits
+        activations += b * s * s  # the bool mask itself (trainer/model/attention.packed_causal_mask)
+    return activations, logits, offloaded
 
 
-def step_transient_bytes(shape, cand, dtype, device_type, trainable, trained, buckets, w, n):
-    """The optimizer step's temporaries (fp32 gradient copies, Adam's), after the activations are freed;
-    `trained`: the element counts of the trainable tensors."""
-    temps = ADAM_TEMPS_GPU if device_type == "cuda" else ADAM_TEMPS_CPU
-    if cand.offload != "none":
+def step_transient_bytes(cand, path, device_type, trainable, trained, stepped, buckets, w, n):
+    """The optimizer step's temporaries (fp32 gradient copies, the optimizer's), after the activations are
+    freed; `trained`: the trainable tensors, `stepped`: the tensors the optimizer updates."""
+    if path == "cpu_adam":
         return 0  # DeepSpeedCPUAdam updates in place on the CPU
-    if fast_bf16(cand, dtype, device_type):
-        if cand.mode == "full":
-            c, L = shape.n_embd, shape.n_layer
-            decay = shape.vocab_size * c + shape.block_size * c + L * 12 * c * c  # engine.param_groups: 2-D first
-            return bf16_optimizer_transient([decay, trainable - decay], max(trained))
-        return bf16_optimizer_transient([trainable], max(trained))  # LoRA's tensors are all 2-D: one group
-    if cand.zero_stage == 0:
-        allreduce = min(trainable, ZERO0_ALLREDUCE_ELEMENTS) * w
-        # torch's AdamW: foreach on CUDA (one fp32 temporary the size of everything it updates,
-        # torch/optim/adam.py _multi_tensor_adam: _foreach_sqrt(exp_avg_sqs)), per tensor on the CPU
-        # (sqrt and its scaled copy of one tensor at a time)
-        largest = trainable if device_type == "cuda" else min(trainable, max(trained))
-        adam = temps * 4 * largest
-        if w != 4:
-            # DeepSpeed's FP16_UnfusedOptimizer (runtime/fp16/unfused_optimizer.py, step): an fp32 copy
-            # of every gradient beside the fp32 masters, then AdamW on the masters
-            return max(4 * trainable + adam, allreduce)
-        return max(allreduce, adam)  # plain torch AdamW on the parameters
-    # the fp32 gradient partition plus Adam's temporaries on the flat fp32 partition
-    transient = (4 + temps * 4) * trainable / n
-    if cand.zero_stage <= 2:
-        transient = max(transient, buckets["allgather_bucket_size"] * w)
-    return transient
+    optimizer = optimizer_temporaries(cand.optimizer, device_type, stepped)
+    if path == "bf16_optimizer":
+        return max(bf16_optimizer_transient(stepped, n), optimizer)
+    if path == "zero":
+        # the fp32 gradient partition, then the optimizer on the flat fp32 partition
+        transient = 4 * sum(stepped) + optimizer
+        if cand.zero_stage <= 2:
+            transient = max(transient, buckets["allgather_bucket_size"] * w)
+        return transient
+    # ZeRO-0's gradient all-reduce (engine.buffered_allreduce_fallback), in buckets of 500M elements: only on
+    # several ranks (on one, trainer/run/engine.py turns it off)
+    allreduce = min(trainable, ZERO0_ALLREDUCE_ELEMENTS) * w if n > 1 else 0
+    if path == "unfused":
+        # DeepSpeed's FP16_UnfusedOptimizer (runtime/fp16/unfused_optimizer.py, step): an fp32 copy of every
+        # gradient beside the fp32 masters, then the optimizer on the masters
+        return max(4 * trainable + optimizer, allreduce)
+    return max(allreduce, optimizer)  # plain: the optimizer on the parameters
+
+
+def optimizer_temporaries(optimizer, device_type, stepped):
+    """What one optimizer step allocates beside its states. On GPUs every optimizer here updates in place:
+    torch's fused AdamW (DeepSpeed's config asks for it, trainer/run/engine.py) and bitsandbytes' fused 8-bit
+    and 32-bit kernels. On the CPU torch's AdamW steps one tensor at a time (ADAM_TEMPS_CPU temporaries of the
+    largest), and bitsandbytes' CPU kernels dequantize, update and requantize the states of one tensor at a
+    time (BNB_CPU_TEMPS_BYTES per element of the largest; measured, tests/optimizer_step.py)."""
+    if device_type == "cuda":
+        return 0
+    largest = max(stepped)
+    if optimizer == "adamw":
+        return ADAM_TEMPS_CPU * 4 * largest
+    return BNB_CPU_TEMPS_BYTES[unpaged(optimizer)] * largest

@@ -6,7 +6,7 @@ read, so `--plan` answers at once even for gpt2-xl. A Plan keeps its decision (t
 accounting (`estimate`, bytes per item) and its explanation (`reasons`) apart.
 """
 import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from trainer.config import MODES
 from trainer.plan import reasons as why
@@ -31,14 +31,19 @@ class Plan:
     micro_batch_size: int
     grad_accum_per_rank: int   # micro * accum * n_devices == batch_size * gradient_accumulation_steps
     dtype: str
+    optimizer: str             # trainer/config.OPTIMIZERS (a paged one only where CUDA runs)
+    grad_accum_dtype: str      # the dtype gradients accumulate in
+    activation_offload: bool
     # what it is for
     hardware: Hardware
     usable_bytes: int          # the budget the plan fits in
     block_size: int
     sequences_per_iteration: int
-    # its accounting and its explanation
+    # its accounting, its estimated speed and its explanation
     estimate: Estimate
+    step_time: float           # estimated time per iteration relative to plain full fine-tuning (plan/cost.py)
     reasons: dict[str, str]    # one line per plan key (+ 'budget', and 'step_down' after an out-of-memory error)
+    runners_up: list[dict] = field(default_factory=list)  # the candidates that lost, and why (runner_ups)
 
     @property
     def n_devices(self):
@@ -54,28 +59,62 @@ class Plan:
 
     @property
     def candidate(self):
-        return Candidate(self.mode, self.zero_stage, self.offload, self.gradient_checkpointing, self.micro_batch_size)
+        return Candidate(self.mode, self.zero_stage, self.offload, self.gradient_checkpointing, self.micro_batch_size,
+                         self.optimizer, self.grad_accum_dtype, self.activation_offload)
 
     def keys(self):
         """The plan keys and their values (what a step-down changes, what plan.json's history records)."""
         return {key: getattr(self, key) for key in PLAN_KEYS}
 
 
-def _plan(search, cand, est, reasons):
+def _plan(search, scored, reasons, runners_up=()):
+    cand = scored.cand
     return Plan(mode=cand.mode, zero_stage=cand.zero_stage, offload=cand.offload,
                 gradient_checkpointing=cand.gradient_checkpointing, micro_batch_size=cand.micro_batch_size,
-                grad_accum_per_rank=search.per_rank // cand.micro_batch_size, dtype=search.dtype, hardware=search.hw,
-                usable_bytes=search.usable, block_size=search.inp.shape.block_size,
-                sequences_per_iteration=search.inp.sequences, estimate=est, reasons=reasons)
+                grad_accum_per_rank=search.per_rank // cand.micro_batch_size, dtype=search.dtype,
+                optimizer=cand.optimizer, grad_accum_dtype=cand.grad_accum_dtype,
+                activation_offload=cand.activation_offload, hardware=search.hw, usable_bytes=search.usable,
+                block_size=search.inp.shape.block_size, sequences_per_iteration=search.inp.sequences,
+                estimate=scored.est, step_time=scored.time, reasons=reasons, runners_up=list(runners_up))
 
 
 def make_plan(inp: PlanInput, hw: Hardware) -> Plan:
-    """The fastest plan that fits `hw`, or PlanError with one line saying what would fit."""
+    """The fastest plan that fits `hw` within the best mode that fits, or PlanError with one line saying what
+    would fit."""
     search = Search(inp, hw)
-    cand, est, smallest = search.first_fit()
-    if cand is None:
+    chosen, others, smallest = search.choose()
+    if chosen is None:
         _nothing_fits(search, smallest)
-    return _plan(search, cand, est, why.explain(search, cand, smallest))
+    return _plan(search, chosen, why.explain(search, chosen, others, smallest), runner_ups(search, chosen, others))
+
+
+RUNNERS_UP = 3  # fitting candidates shown beside the chosen one
+
+
+def runner_ups(search, chosen, others):
+    """The candidates that lost, each with its estimated time, memory and why: the next fastest that fit, the
+    fastest that would be faster but does not fit, and the best plan of each lower-quality mode that fits."""
+    def row(scored, why_not):
+        c = scored.cand
+        return {"plan": describe(c), **{k: getattr(c, k) for k in PLAN_KEYS if k != "dtype"},
+                "step_time": round(scored.time, 4), "total_bytes": scored.est.total,
+                "fits": scored.est.total <= search.usable, "why": why_not}
+
+    rows = [row(s, f"estimated {s.time / chosen.time - 1:+.0%} time") for s in others[:RUNNERS_UP]]
+    mode_fixed = "mode" in search.fixed
+    faster = [search.score(c) for c in search.candidates(chosen.cand.mode, mode_fixed)]
+    faster = [s for s in faster if s.est.total > search.usable and s.time < chosen.time]
+    if faster:
+        best = min(faster, key=lambda s: s.time)
+        rows.append(row(best, f"faster ({best.time / chosen.time - 1:+.0%} time) but needs "
+                              f"{format_bytes(best.est.total)} (usable {format_bytes(search.usable)})"))
+    if not mode_fixed:
+        for mode in MODES[MODES.index(chosen.cand.mode) + 1:]:
+            best, _, _ = search.choose([mode])
+            if best is not None:
+                rows.append(row(best, f"{chosen.cand.mode} fits, and quality comes first (full, then LoRA, then "
+                                      f"QLoRA)"))
+    return rows
 
 
 def _nothing_fits(search, smallest):
@@ -124,9 +163,10 @@ def _nothing_fits(search, smallest):
 def step_down(plan: Plan, inp: PlanInput, hw: Hardware) -> Plan | None:
     """The next plan after an out-of-memory error, or None when nothing is left to give up.
 
-    Order: checkpointing on; a smaller micro-batch (more accumulation); on several ranks a
-    higher ZeRO stage; then offload (mode fixed) or the next mode (mode auto). Keys the user
-    fixed are never changed. What changed is in reasons['step_down'].
+    Order, each only where the user left the key on auto: checkpointing on; activation offload on (GPUs); a
+    smaller micro-batch (more accumulation); on several ranks a higher ZeRO stage; 8-bit optimizer states;
+    bf16 gradient accumulation; then offload (mode fixed) or the next mode (mode auto). What changed is in
+    reasons['step_down'].
     """
     search = Search(inp, hw)
     f = search.fixed
@@ -135,40 +175,57 @@ def step_down(plan: Plan, inp: PlanInput, hw: Hardware) -> Plan | None:
 
     smaller = [d for d in divisors_desc(search.per_rank) if d < cur.micro_batch_size]
     higher = [z for z in range(cur.zero_stage + 1, 4) if not (cur.mode == "qlora" and z == 3)]
+    bf16_buffer = plan.dtype == "bf16" and cur.zero_stage == 0 and cur.offload == "none" \
+        and cur.grad_accum_dtype == "fp32"
     if not cur.gradient_checkpointing and "gradient_checkpointing" not in f:
         new, key, what = dataclasses.replace(cur, gradient_checkpointing=True), "gradient_checkpointing", \
             "turned gradient checkpointing on"
+    elif not cur.activation_offload and "activation_offload" not in f and hw.device_type == "cuda":
+        new, key, what = dataclasses.replace(cur, activation_offload=True), "activation_offload", \
+            "checkpointed activations moved to pinned CPU memory"
     elif smaller and "micro_batch_size" not in f:
         m = smaller[0]
         new, key = dataclasses.replace(cur, micro_batch_size=m), "micro_batch_size"
         what = f"micro-batch {cur.micro_batch_size} -> {m}, accumulation {search.per_rank // m} per rank"
-    elif hw.n_devices > 1 and cur.offload == "none" and higher and "zero_stage" not in f:
+    elif hw.n_devices > 1 and cur.offload == "none" and higher and "zero_stage" not in f and not bf16_buffer:
         new, key = dataclasses.replace(cur, zero_stage=higher[0]), "zero_stage"
         what = f"ZeRO-{cur.zero_stage} -> ZeRO-{higher[0]}: shards more over {hw.n_devices} ranks"
+    elif cur.optimizer == "adamw" and "optimizer" not in f and cur.offload == "none":
+        new, key, what = dataclasses.replace(cur, optimizer="adamw8bit"), "optimizer", \
+            "AdamW's states 32-bit -> 8-bit (bitsandbytes)"
+    elif bf16_buffer and "grad_accum_dtype" not in f:
+        new, key, what = dataclasses.replace(cur, grad_accum_dtype="bf16"), "grad_accum_dtype", \
+            "gradient accumulation fp32 -> bf16 (no fp32 buffer)"
     elif "mode" in f and "offload" not in f and hw.device_type == "cuda" and cur.offload != "optimizer+params":
-        new, key, what = _offload_step(cur, f)
+        new, key, what = _offload_step(cur, f, plan.dtype)
     if new is None and "mode" not in f and cur.mode != MODES[-1]:
         for mode in MODES[MODES.index(cur.mode) + 1:]:
-            cand, _, _ = search.first_fit([mode])
-            if cand is not None:
-                new, key, what = cand, "mode", f"{cur.mode} -> {mode} (searched afresh: {describe(cand)})"
+            chosen, _, _ = search.choose([mode])
+            if chosen is not None:
+                new, key, what = chosen.cand, "mode", f"{cur.mode} -> {mode} (searched afresh: {describe(chosen.cand)})"
                 break
     if new is None:
         return None
-    reasons = why.explain(search, new, {})
+    scored = search.score(new)
+    reasons = why.explain(search, scored, [], {})
     reasons[key] = f"stepped down after running out of memory: {what}"
     reasons["step_down"] = f"out of memory with {describe(cur)}: {what}"
-    return _plan(search, new, search.estimate(new), reasons)
+    return _plan(search, scored, reasons)
 
 
-def _offload_step(cur, fixed):
+def _offload_step(cur, fixed, dtype):
+    """ZeRO-Offload: DeepSpeed's CPU Adam steps (an 8-bit optimizer the user did not fix goes back to AdamW),
+    gradients accumulate in the compute dtype."""
     zero = fixed.get("zero_stage")
+    if fixed.get("optimizer", "adamw") != "adamw" or fixed.get("grad_accum_dtype") == "fp32":
+        return None, None, None
+    offloaded = {"optimizer": "adamw", "grad_accum_dtype": dtype}
     if cur.offload == "none":
         stage = zero if zero is not None else max(cur.zero_stage, 2)
         if stage >= 1:
-            return (dataclasses.replace(cur, offload="optimizer", zero_stage=stage), "offload",
+            return (dataclasses.replace(cur, offload="optimizer", zero_stage=stage, **offloaded), "offload",
                     f"optimizer states moved to CPU memory (ZeRO-{stage})")
     if cur.mode != "qlora" and zero in (None, 3):
-        return (dataclasses.replace(cur, offload="optimizer+params", zero_stage=3), "offload",
+        return (dataclasses.replace(cur, offload="optimizer+params", zero_stage=3, **offloaded), "offload",
                 "optimizer states and parameters moved to CPU memory (ZeRO-3)")
     return None, None, None

@@ -1,14 +1,17 @@
 """Why the plan is what it is: one line per plan key, one small function per key.
 
-Each function reads the search (its input, hardware and estimates) and the chosen candidate; a key the
-user fixed says so. `explain` gathers them into the plan's `reasons` (printed with the plan, saved in
-plan.json).
+Each function reads the search (its input, hardware and estimates), the chosen candidate with its estimated
+time, and the other candidates of its mode that fit (fastest first); a key the user fixed says so. Where
+another value of the key would also fit, the line says how much slower the best such plan is estimated to be
+(trainer/plan/cost.py); where none fits, how much memory the value would need. `explain` gathers them into
+the plan's `reasons` (printed with the plan, saved in plan.json).
 """
 import dataclasses
 
 from trainer.config import MODES
+from trainer.optim.optimizer import is_8bit, unpaged
 from trainer.plan.hardware import USABLE_FRACTION_CPU, USABLE_FRACTION_GPU
-from trainer.plan.search import divisors_desc
+from trainer.plan.search import describe, divisors_desc
 from trainer.units import format_bytes
 
 USER = "fixed by the user"
@@ -23,22 +26,37 @@ def _ranks(n):
     return f"{n} rank{'s' if n > 1 else ''}"
 
 
-def mode(search, cand, smallest):
-    est = search.estimate(cand)
-    trainable, total = est.params_trainable, est.params_total
-    share = f"{trainable:,} of {total:,} parameters train ({100 * trainable / total:.2f}%)"
+def _usable(search):
+    return f"usable {format_bytes(search.usable)}"
+
+
+def _slower(chosen, other):
+    return f"estimated {other.time / chosen.time - 1:+.0%} time ({describe(other.cand)})"
+
+
+def _also_fits(chosen, others, key, label):
+    """'; <label> also fits, estimated +N% time (...)' for the fastest fitting plan with another value of key."""
+    value = getattr(chosen.cand, key)
+    other = next((s for s in others if getattr(s.cand, key) != value), None)
+    return f"; {label(getattr(other.cand, key))} also fits, {_slower(chosen, other)}" if other else ""
+
+
+def mode(search, chosen, others, smallest):
+    cand, est = chosen.cand, chosen.est
+    share = (f"{est.params_trainable:,} of {est.params_total:,} parameters train "
+             f"({100 * est.params_trainable / est.params_total:.2f}%)")
     if "mode" in search.fixed:
         return f"{USER}; {share}"
     if cand.mode == "full":
-        return f"full fine-tuning fits (auto tries full, then LoRA, then QLoRA); {share}"
+        return f"full fine-tuning fits (auto tries full, then LoRA, then QLoRA: quality first); {share}"
     if smallest:
         tried = ", ".join(f"{m} needs at least {format_bytes(smallest[m][0])}" for m in MODES if m in smallest)
-        return f"{tried} (usable {format_bytes(search.usable)}); {cand.mode}: {share}"
+        return f"{tried} ({_usable(search)}); {cand.mode}: {share}"
     return f"auto: {cand.mode}; {share}"
 
 
-def zero_stage(search, cand):
-    n = search.hw.n_devices
+def zero_stage(search, chosen, others):
+    cand, n = chosen.cand, search.hw.n_devices
     if "zero_stage" in search.fixed:
         return USER
     if cand.offload != "none":
@@ -46,35 +64,62 @@ def zero_stage(search, cand):
         return f"ZeRO-{cand.zero_stage}: offload runs with DeepSpeed's ZeRO-Offload ({which})"
     if cand.zero_stage == 0:
         return "1 rank: ZeRO 1-3 shard across ranks and would save nothing" if n == 1 else \
-            "plain data parallelism fits"
-    lower = dataclasses.replace(cand, zero_stage=cand.zero_stage - 1)
-    return (f"lowest stage that fits: ZeRO-{cand.zero_stage - 1} would need {_need(search, lower)} "
-            f"(usable {format_bytes(search.usable)}); ZeRO-{cand.zero_stage} shards {SHARDED[cand.zero_stage]} "
-            f"over {n} ranks")
+            "plain data parallelism fits" + _also_fits(chosen, others, "zero_stage", lambda z: f"ZeRO-{z}")
+    lower = [s for s in others if s.cand.zero_stage < cand.zero_stage]
+    if lower:
+        return (f"ZeRO-{cand.zero_stage} shards {SHARDED[cand.zero_stage]} over {n} ranks; ZeRO-{lower[0].cand.zero_stage}"
+                f" also fits, {_slower(chosen, lower[0])}")
+    below = dataclasses.replace(cand, zero_stage=cand.zero_stage - 1)
+    return (f"lowest stage that fits: ZeRO-{cand.zero_stage - 1} would need {_need(search, below)} ({_usable(search)}); "
+            f"ZeRO-{cand.zero_stage} shards {SHARDED[cand.zero_stage]} over {n} ranks")
 
 
-def offload(search, cand):
+def offload(search, chosen, others):
+    cand = chosen.cand
     if "offload" in search.fixed:
         return USER
     if cand.offload == "none":
         return ("not needed: model states fit on the GPU" if search.hw.device_type == "cuda"
                 else "none: on a CPU-only machine offloading to CPU memory saves nothing")
     prev = "none" if cand.offload == "optimizer" else "optimizer"
-    return (f"nothing fits with offload={prev} (at least {format_bytes(search.smallest_with(cand.mode, prev))}); "
-            f"{format_bytes(search.estimate(cand).host)} of states per rank go to CPU memory")
+    return (f"nothing fits with offload={prev} (at least {format_bytes(search.least_with(cand.mode, offload=prev))}); "
+            f"{format_bytes(chosen.est.host)} of states per rank go to CPU memory")
 
 
-def gradient_checkpointing(search, cand):
+def gradient_checkpointing(search, chosen, others):
+    cand = chosen.cand
     if "gradient_checkpointing" in search.fixed:
         return USER
     if not cand.gradient_checkpointing:
         return "off: activations fit without recomputation"
-    off = dataclasses.replace(cand, gradient_checkpointing=False, micro_batch_size=1)
-    return (f"on: without it even micro-batch 1 needs {_need(search, off)} (usable {format_bytes(search.usable)}); "
-            f"costs about a third more compute")
+    without = [s for s in others if not s.cand.gradient_checkpointing]
+    if without:
+        return (f"on: recomputing the forward pass costs less than the smaller micro-batches that fit without it "
+                f"({describe(without[0].cand)}: estimated {without[0].time / chosen.time - 1:+.0%} time)")
+    off = dataclasses.replace(cand, gradient_checkpointing=False, activation_offload=False, micro_batch_size=1)
+    return (f"on: without it even micro-batch 1 needs {_need(search, off)} ({_usable(search)}); "
+            f"recomputation costs about a third more compute")
 
 
-def micro_batch_size(search, cand):
+def activation_offload(search, chosen, others):
+    cand = chosen.cand
+    if "activation_offload" in search.fixed:
+        return USER + ("" if search.hw.device_type == "cuda" or not cand.activation_offload else
+                       "; on a CPU-only machine it moves activations within the same memory")
+    if not cand.gradient_checkpointing:
+        return "off: it offloads the checkpointed activations, and checkpointing is off"
+    if search.hw.device_type == "cpu":
+        return "off: on a CPU-only machine there is no other memory to move activations to"
+    if not cand.activation_offload:
+        return "off: the checkpointed activations fit on the GPU" + _also_fits(
+            chosen, others, "activation_offload", lambda on: "offloading them")
+    kept = dataclasses.replace(cand, activation_offload=False)
+    return (f"on: with the checkpointed activations on the GPU the plan needs {_need(search, kept)}; "
+            f"{format_bytes(chosen.est.host)} wait in pinned CPU memory, copied on a side stream")
+
+
+def micro_batch_size(search, chosen, others):
+    cand = chosen.cand
     m, accum = cand.micro_batch_size, search.per_rank // cand.micro_batch_size
     split = (f"{m} x {accum} accumulation x {_ranks(search.hw.n_devices)} = {search.inp.sequences} sequences "
              f"per iteration")
@@ -87,11 +132,11 @@ def micro_batch_size(search, cand):
     return f"largest that fits ({larger[-1]} would need {_need(search, nxt)}); {split}"
 
 
-def grad_accum_per_rank(search, cand):
+def grad_accum_per_rank(search, chosen, others):
     return f"keeps tokens per iteration at {search.inp.sequences * search.inp.shape.block_size:,}"
 
 
-def dtype(search, cand):
+def dtype(search, chosen, others):
     if "dtype" in search.fixed:
         return USER
     if search.hw.device_type == "cpu":
@@ -99,6 +144,37 @@ def dtype(search, cand):
     if search.dtype == "bf16":
         return "bf16: supported by the GPU"
     return "fp16 with dynamic loss scaling: this GPU has no bf16"
+
+
+def optimizer(search, chosen, others):
+    cand = chosen.cand
+    if search.unpaged_from:
+        return (f"{search.unpaged_from} needs CUDA's unified memory; on the CPU this run uses {cand.optimizer}: "
+                f"the same updates, its states in ordinary memory")
+    if "optimizer" in search.fixed:
+        return USER
+    if not is_8bit(cand.optimizer):
+        return "adamw: 32-bit states fit" + _also_fits(chosen, others, "optimizer", lambda o: o)
+    states = format_bytes(chosen.est.items["optimizer_states"])
+    full = dataclasses.replace(cand, optimizer=unpaged(cand.optimizer).replace("8bit", ""))
+    return (f"{cand.optimizer}: with 32-bit states the plan needs {_need(search, full)} ({_usable(search)}); "
+            f"bitsandbytes' block-wise 8-bit moments ({states} with the fp32 masters)")
+
+
+def grad_accum_dtype(search, chosen, others):
+    cand = chosen.cand
+    if "grad_accum_dtype" in search.fixed:
+        return USER
+    if search.dtype != "bf16":
+        return f"{cand.grad_accum_dtype}: gradients accumulate in the training dtype"
+    if cand.zero_stage > 0 or cand.offload != "none":
+        return "bf16: DeepSpeed's ZeRO optimizer accumulates in the compute dtype"
+    if cand.grad_accum_dtype == "fp32":
+        return ("fp32: DeepSpeed's BF16_Optimizer adds each bf16 gradient into an fp32 buffer (4 bytes per "
+                "parameter) and steps once, fused" + _also_fits(chosen, others, "grad_accum_dtype", lambda d: d))
+    buffered = dataclasses.replace(cand, grad_accum_dtype="fp32")
+    return (f"bf16: with the fp32 buffer the plan needs {_need(search, buffered)} ({_usable(search)}); bf16 "
+            f"gradients (2 bytes per parameter), copied to fp32 only at the step (FP16_UnfusedOptimizer)")
 
 
 def budget(search):
@@ -111,10 +187,19 @@ def budget(search):
             f"available per rank ({_ranks(hw.n_devices)})")
 
 
-def explain(search, cand, smallest):
-    """One line per plan key saying why it has its value (and the budget)."""
-    return {"mode": mode(search, cand, smallest), "zero_stage": zero_stage(search, cand),
-            "offload": offload(search, cand), "gradient_checkpointing": gradient_checkpointing(search, cand),
-            "micro_batch_size": micro_batch_size(search, cand),
-            "grad_accum_per_rank": grad_accum_per_rank(search, cand), "dtype": dtype(search, cand),
-            "budget": budget(search)}
+def step_time(search, chosen, others):
+    faster = "" if not others else f"; the next fastest that fits is {_slower(chosen, others[0])}"
+    return (f"estimated {chosen.time:.2f}x the time per iteration of plain full fine-tuning (no memory tool, one "
+            f"micro-batch: trainer/plan/cost.py){faster}")
+
+
+KEYS = (zero_stage, offload, gradient_checkpointing, activation_offload, micro_batch_size, grad_accum_per_rank,
+        dtype, optimizer, grad_accum_dtype, step_time)
+
+
+def explain(search, chosen, others, smallest):
+    """One line per plan key saying why it has its value (and the budget and the estimated time)."""
+    reasons = {"mode": mode(search, chosen, others, smallest)}
+    reasons.update({key.__name__: key(search, chosen, others) for key in KEYS})
+    reasons["budget"] = budget(search)
+    return reasons

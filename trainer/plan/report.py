@@ -21,7 +21,8 @@ def plan_to_dict(plan: Plan):
             "device_bytes": hw.bytes_per_device, "device_type": hw.device_type, "block_size": plan.block_size,
             "sequences_per_iteration": plan.sequences_per_iteration,
             "tokens_per_iteration": plan.tokens_per_iteration, "zero_buckets": dict(est.buckets),
-            "model_states": dict(est.states), "fits": est.total <= plan.usable_bytes}
+            "model_states": dict(est.states), "fits": est.total <= plan.usable_bytes,
+            "step_time": round(plan.step_time, 4), "runners_up": list(plan.runners_up)}
 
 
 def format_plan(plan: Plan):
@@ -31,7 +32,8 @@ def format_plan(plan: Plan):
     values = {"mode": plan.mode, "zero_stage": plan.zero_stage, "offload": plan.offload,
               "gradient_checkpointing": "on" if plan.gradient_checkpointing else "off",
               "micro_batch_size": plan.micro_batch_size, "grad_accum_per_rank": plan.grad_accum_per_rank,
-              "dtype": plan.dtype}
+              "dtype": plan.dtype, "optimizer": plan.optimizer, "grad_accum_dtype": plan.grad_accum_dtype,
+              "activation_offload": "on" if plan.activation_offload else "off", "step_time": f"{plan.step_time:.2f}x"}
     for key, value in values.items():
         lines.append(f"  {key:<24}{value!s:<12}{plan.reasons.get(key, '')}")
     lines.append(f"  {'parameters':<24}{est.params_total:,} total, {est.params_trainable:,} trainable")
@@ -47,6 +49,11 @@ def format_plan(plan: Plan):
     lines.append(f"  {'usable':<28}{format_bytes(plan.usable_bytes):>12}  {plan.reasons.get('budget', '')}")
     if est.host and plan.device_type == "cuda":
         lines.append(f"  {'CPU memory for offload':<28}{format_bytes(est.host):>12}  per rank")
+    if plan.runners_up:
+        lines.append("runners-up (estimated time per iteration, peak memory; why they lost):")
+        for row in plan.runners_up:
+            lines.append(f"  {row['plan']:<62}{row['step_time']:>6.2f}x {format_bytes(row['total_bytes']):>10}  "
+                         f"{row['why']}")
     if "step_down" in plan.reasons:
         lines.append(f"step-down: {plan.reasons['step_down']}")
     return "\n".join(lines)

@@ -1,10 +1,12 @@
-"""The search over candidate plans: the planner's input, the candidates in the order they are tried, and
-the first one that fits.
+"""The search over candidate plans: the planner's input, every candidate the keys allow, and the choice.
 
-Auto mode tries full fine-tuning without offload, then LoRA, then QLoRA; within a mode the lowest ZeRO
-stage, checkpointing only if needed and the largest micro-batch that fits. A fixed mode also allows
-offload. Keys the user fixed are never changed; the micro-batch and accumulation change, tokens per
-iteration never do.
+Quality first, then speed: auto mode tries full fine-tuning, then LoRA, then QLoRA (the quality rule, whenever
+one fits), and within the first mode that fits takes the candidate with the lowest estimated time per
+iteration (trainer/plan/cost.py), among every combination of ZeRO stage, recomputation, activation offload,
+optimizer (32-bit or bitsandbytes' 8-bit AdamW), gradient-accumulation dtype and micro-batch. ZeRO-Offload of
+optimizer states (and weights) is considered only when the mode is fixed: it moves the optimizer step to the
+CPU, so auto mode prefers a cheaper mode. Keys the user fixed are never changed; the micro-batch and
+accumulation change, tokens per iteration never do.
 """
 import dataclasses
 from dataclasses import dataclass
@@ -12,10 +14,14 @@ from dataclasses import dataclass
 from trainer.config import MODES, OFFLOADS
 from trainer.errors import UserError
 from trainer.model.shapes import Shape
+from trainer.optim.optimizer import is_client, is_paged, unpaged
+from trainer.plan.cost import step_time
 from trainer.plan.hardware import Hardware, usable_bytes
-from trainer.plan.memory import Candidate, Estimate, estimate
+from trainer.plan.memory import Candidate, Estimate, default_grad_accum, estimate
 
-PLAN_KEYS = ("mode", "zero_stage", "offload", "gradient_checkpointing", "micro_batch_size", "dtype")
+PLAN_KEYS = ("mode", "zero_stage", "offload", "gradient_checkpointing", "micro_batch_size", "dtype", "optimizer",
+             "grad_accum_dtype", "activation_offload")
+AUTO_OPTIMIZERS = ("adamw", "adamw8bit")  # paged ones only when asked for: they page out, they do not shrink
 
 
 class PlanError(UserError):
@@ -65,16 +71,31 @@ def divisors_desc(n):
     return [d for d in range(n, 0, -1) if n % d == 0]
 
 
+@dataclass(frozen=True)
+class Scored:
+    """A candidate with its accounting and its estimated time per iteration (relative to the plain plan)."""
+    cand: Candidate
+    est: Estimate
+    time: float
+
+
+def memory_tools(cand):
+    """How many memory tools a candidate uses: equal times go to the simpler plan."""
+    bf16_accumulation = cand.grad_accum_dtype == "bf16" and cand.zero_stage == 0 and cand.offload == "none"
+    return (cand.zero_stage > 0) + (cand.offload != "none") + cand.gradient_checkpointing + cand.activation_offload \
+        + (cand.optimizer != "adamw") + bf16_accumulation
+
+
 class Search:
     """The planner's input on one hardware: its dtype, usable memory and sequences per rank, resolved
-    once, and the estimate of any candidate."""
+    once, and the estimate and estimated time of any candidate."""
 
     def __init__(self, inp: PlanInput, hw: Hardware):
         n = hw.n_devices
         if inp.sequences % n:
             raise PlanError(f"batch_size x gradient_accumulation_steps = {inp.sequences} sequences per iteration "
                             f"cannot be split evenly over {n} ranks; make it a multiple of {n}")
-        self.inp, self.hw, self.fixed = inp, hw, inp.fixed
+        self.inp, self.hw, self.fixed = inp, hw, dict(inp.fixed)
         self.per_rank = inp.sequences // n
         self.usable = usable_bytes(hw)
         self.dtype = self.fixed.get("dtype") or ("fp32" if hw.device_type == "cpu" else "bf16" if hw.bf16 else "fp16")
@@ -82,6 +103,11 @@ class Search:
             raise PlanError(f"dtype=bf16 but {hw.name} does not support bf16; use dtype=fp16 (loss scaling) or auto")
         if hw.device_type == "cpu" and self.dtype == "fp16":
             raise PlanError("dtype=fp16 needs a GPU; on the CPU use fp32 (auto) or bf16")
+        # a paged optimizer needs CUDA's unified memory: on the CPU the same optimizer runs unpaged
+        self.unpaged_from = None
+        if hw.device_type == "cpu" and is_paged(self.fixed.get("optimizer", "")):
+            self.unpaged_from = self.fixed["optimizer"]
+            self.fixed["optimizer"] = unpaged(self.unpaged_from)
         self.check_fixed()
 
     def estimate(self, cand) -> Estimate:
@@ -89,10 +115,13 @@ class Search:
         return estimate(inp.shape, cand, self.dtype, hw.n_devices, hw.device_type, self.usable, inp.lora_r,
                         inp.lora_targets, inp.lora_dropout, inp.dropout, inp.packed)
 
+    def score(self, cand) -> Scored:
+        return Scored(cand, self.estimate(cand), step_time(self, cand))
+
     def check_fixed(self):
         """Combinations of fixed plan keys that cannot work (each key's own values are checked by config)."""
         f = self.fixed
-        zero, offload = f.get("zero_stage"), f.get("offload")
+        zero, offload, optimizer = f.get("zero_stage"), f.get("offload"), f.get("optimizer")
         if f.get("mode") == "qlora" and (zero == 3 or offload == "optimizer+params"):
             raise PlanError("QLoRA cannot run with ZeRO-3 (nor parameter offload, which needs it): bitsandbytes' "
                             "4-bit parameters cannot be partitioned by ZeRO-3; use zero_stage 0, 1 or 2")
@@ -100,6 +129,22 @@ class Search:
             raise PlanError(f"offload=optimizer+params needs ZeRO-3, but zero_stage={zero}; set zero_stage=3 or auto")
         if offload == "optimizer" and zero == 0:
             raise PlanError("offload=optimizer needs ZeRO stage 1, 2 or 3, but zero_stage=0; set zero_stage=auto")
+        if optimizer and is_client(optimizer) and offload not in (None, "none"):
+            raise PlanError(f"optimizer={optimizer} cannot run with offload={offload}: DeepSpeed's ZeRO-Offload steps "
+                            f"its own CPU Adam and refuses other optimizers; use --optimizer=adamw (or auto) or "
+                            f"--offload=none")
+        accum = f.get("grad_accum_dtype")
+        if accum and self.dtype != "bf16":
+            raise PlanError(f"grad_accum_dtype={accum} is a choice of bf16 training; with dtype={self.dtype} "
+                            f"gradients accumulate in {self.dtype if self.dtype == 'fp32' else 'fp16'}; "
+                            f"leave grad_accum_dtype on auto")
+        if accum == "fp32" and ((zero or 0) > 0 or offload not in (None, "none")):
+            raise PlanError("grad_accum_dtype=fp32 is DeepSpeed's BF16_Optimizer, which this trainer runs at ZeRO-0 "
+                            "without offload; ZeRO 1-3 and offload accumulate in bf16: set zero_stage=0 and "
+                            "offload=none, or grad_accum_dtype=auto")
+        if f.get("activation_offload") and f.get("gradient_checkpointing") is False:
+            raise PlanError("activation_offload=True keeps the checkpointed activations in CPU memory, so it needs "
+                            "gradient_checkpointing=True (or auto)")
         micro = f.get("micro_batch_size")
         if micro is not None and self.per_rank % micro:
             options = ", ".join(str(d) for d in reversed(divisors_desc(self.per_rank)))
@@ -107,16 +152,14 @@ class Search:
                             f"processes per iteration (batch_size x gradient_accumulation_steps / ranks); "
                             f"use one of {options}")
 
-    # --------------------------------------------------------------------- candidates, fastest first
+    # --------------------------------------------------------------------- candidates
 
-    def stage_groups(self, mode, offload):
-        """ZeRO stages to try, in groups of equal speed: ZeRO-1/2 move the same bytes as plain
-        data parallelism, so within (0, 1, 2) the largest micro-batch wins; ZeRO-3 adds half again."""
+    def stages(self, mode, offload):
+        """ZeRO stages a mode and offload can run with: on one rank ZeRO 1-3 shard nothing (without offload)."""
         zero = self.fixed.get("zero_stage")
         if zero is not None:
             stages = [zero]
         elif offload == "none":
-            # on one rank ZeRO shards nothing, so 1-3 only add buckets
             stages = [0] if self.hw.n_devices == 1 else [0, 1, 2, 3]
         elif offload == "optimizer":
             stages = [2, 3]  # DeepSpeed's ZeRO-Offload (ds_configs/zero2_offload, zero3_offload)
@@ -125,11 +168,10 @@ class Search:
         if mode == "qlora":
             stages = [z for z in stages if z != 3]
         if offload == "optimizer+params":
-            stages = [z for z in stages if z == 3]
-        elif offload == "optimizer":
-            stages = [z for z in stages if z >= 1]
-        groups = [[z for z in stages if z < 3], [z for z in stages if z == 3]]
-        return [g for g in groups if g]
+            return [z for z in stages if z == 3]
+        if offload == "optimizer":
+            return [z for z in stages if z >= 1]
+        return stages
 
     def offloads(self, mode_fixed):
         offload = self.fixed.get("offload")
@@ -139,62 +181,94 @@ class Search:
             return list(OFFLOADS)
         return ["none"]  # auto mode prefers a cheaper mode to offload; on a CPU offload saves nothing
 
+    def options(self, key, auto):
+        """The values a key may take: the user's, else `auto`'s list."""
+        return [self.fixed[key]] if key in self.fixed else list(auto)
+
     def candidates(self, mode, mode_fixed):
-        """Candidates of one mode, fastest first."""
-        ckpt = self.fixed.get("gradient_checkpointing")
-        ckpts = [ckpt] if ckpt is not None else [False, True]
-        micro = self.fixed.get("micro_batch_size")
-        micros = [micro] if micro is not None else divisors_desc(self.per_rank)
+        """Every candidate of one mode the fixed keys allow."""
+        cuda = self.hw.device_type == "cuda"
+        micros = self.options("micro_batch_size", divisors_desc(self.per_rank))
         for offload in self.offloads(mode_fixed):
-            for gc in ckpts:
-                for group in self.stage_groups(mode, offload):
-                    for m in micros:
-                        for zero in group:
-                            yield Candidate(mode, zero, offload, gc, m)
+            optimizers = self.options("optimizer", ["adamw"] if offload != "none" else AUTO_OPTIMIZERS)
+            for ckpt in self.options("gradient_checkpointing", (False, True)):
+                for act in self.options("activation_offload", (False, True) if ckpt and cuda else (False,)):
+                    if act and not ckpt:
+                        continue
+                    for zero in self.stages(mode, offload):
+                        default = default_grad_accum(zero, offload, self.dtype)
+                        accums = self.options("grad_accum_dtype", ("fp32", "bf16") if default == "fp32"
+                                              and self.dtype == "bf16" else (default,))
+                        for accum in accums:
+                            if accum == "fp32" and default != "fp32":
+                                continue  # fp32 accumulation needs ZeRO-0 without offload
+                            for optimizer in optimizers:
+                                for m in micros:
+                                    yield Candidate(mode, zero, offload, ckpt, m, optimizer,
+                                                    accum if self.dtype == "bf16" else default, act)
 
     def modes(self):
         mode = self.fixed.get("mode")
         return [mode] if mode else list(MODES)
 
-    def first_fit(self, modes=None):
-        """First fitting candidate: (candidate, estimate, smallest per mode) or (None, None, smallest per mode).
-
-        'smallest' maps mode -> (total bytes, candidate) of its least demanding candidate tried.
-        """
+    def choose(self, modes=None):
+        """(chosen Scored, the other fitting Scored of its mode fastest first, smallest per mode) or (None, [],
+        smallest per mode); 'smallest' maps mode -> (total bytes, candidate) of its least demanding candidate."""
         mode_fixed = "mode" in self.fixed
         smallest = {}
         for mode in modes or self.modes():
-            least = None
+            fitting, least = [], None
             for cand in self.candidates(mode, mode_fixed):
                 est = self.estimate(cand)
                 if est.total <= self.usable:
-                    return cand, est, smallest
+                    fitting.append(Scored(cand, est, step_time(self, cand)))
                 if least is None or est.total <= least[0]:  # ties: the later, leaner candidate
                     least = (est.total, cand)
+            if fitting:
+                fitting.sort(key=lambda s: (round(s.time, 6), memory_tools(s.cand), s.est.total))
+                return fitting[0], fitting[1:], smallest
             if least is not None:
                 smallest[mode] = least
-        return None, None, smallest
+        return None, [], smallest
 
-    def smallest_with(self, mode, offload):
-        """Least memory any candidate of `mode` needs with the given offload."""
-        sub = Search(self.inp.with_keys(offload=offload), self.hw)
+    def first_fit(self, modes=None):
+        """Whether anything fits, as fast as possible: the first fitting candidate, or None."""
+        mode_fixed = "mode" in self.fixed
+        for mode in modes or self.modes():
+            for cand in self.candidates(mode, mode_fixed):
+                if self.estimate(cand).total <= self.usable:
+                    return cand
+        return None
+
+    def least_with(self, mode, **keys):
+        """Least memory any candidate of `mode` needs with these keys fixed (0 if they contradict)."""
+        try:
+            sub = Search(self.inp.with_keys(**keys), self.hw)
+        except PlanError:
+            return 0
         return min((sub.estimate(c).total for c in sub.candidates(mode, True)), default=0)
 
 
 def fits(inp, hw):
     """Whether any plan fits `hw` (fixed keys that contradict each other: no)."""
     try:
-        return Search(inp, hw).first_fit()[0] is not None
+        return Search(inp, hw).first_fit() is not None
     except PlanError:
         return False
 
 
 def describe(cand):
-    """'full, ZeRO-2, checkpointing, micro-batch 4'."""
+    """'full, ZeRO-2, checkpointing, micro-batch 4, adamw8bit'."""
     parts = [cand.mode, f"ZeRO-{cand.zero_stage}"]
     if cand.offload != "none":
         parts.append(f"offload {cand.offload}")
     if cand.gradient_checkpointing:
         parts.append("checkpointing")
+    if cand.activation_offload:
+        parts.append("activation offload")
     parts.append(f"micro-batch {cand.micro_batch_size}")
+    if cand.optimizer != "adamw":
+        parts.append(cand.optimizer)
+    if cand.grad_accum_dtype == "bf16" and cand.zero_stage == 0 and cand.offload == "none":
+        parts.append("bf16 accumulation")
     return ", ".join(parts)

@@ -37,9 +37,10 @@ from trainer.model.attention import packed_causal_mask
 from trainer.model.builder import build_module
 from trainer.model.gpt2 import TORCH_DTYPES, fit_to_config, gpt2_config
 from trainer.model.loss import LMWithLoss, chunked_lm_loss
-from trainer.optim.optimizer import adamw_hyperparameters, param_groups
+from trainer.model.offload import MIN_BYTES as OFFLOAD_MIN_BYTES
+from trainer.optim.optimizer import adamw_hyperparameters, client_optimizer, is_client, param_groups
 from trainer.plan.cuda_kernels import cuda_kernels
-from trainer.plan.memory import ZERO0_ALLREDUCE_ELEMENTS, fast_bf16_path
+from trainer.plan.memory import ZERO0_ALLREDUCE_ELEMENTS, optimizer_path
 from trainer.units import format_bytes
 
 
@@ -98,7 +99,7 @@ class PackedLMWithLoss(LMWithLoss):
     data-dependent size that fake tensors cannot have, so every target counts (the worst case: a block
     of response tokens only); the selection is still a gathered copy, as the boolean index makes."""
 
-    def forward(self, idx, targets, position_ids=None, attention_mask=None):
+    def loss(self, idx, targets, position_ids=None, attention_mask=None):
         attention_mask = packed_causal_mask(position_ids)
         hidden = self.lm.transformer(input_ids=idx, position_ids=position_ids,
                                      attention_mask=attention_mask).last_hidden_state
@@ -132,30 +133,35 @@ def build_fake_module(cfg, shape, plan, fake_mode, packed=False):
 
 # ----------------------------------------------------------------------------- DeepSpeed's optimizer step
 
-def _adamw(groups, cfg, foreach=True, fused=None):
-    """torch's AdamW as DeepSpeed is configured with it (trainer/optim/optimizer.py: the config's betas, eps and
-    weight decay); foreach as torch picks on CUDA (foreach=False: the per-tensor loop torch picks on the CPU)."""
+def _optimizer(name, groups, cfg, cpu_step=False):
+    """The optimizer DeepSpeed steps: bitsandbytes' (its fake kernels update in place, as its CUDA kernels do),
+    or torch's AdamW as DeepSpeed's config builds it: fused on GPUs (cpu_step=True: the per-tensor loop torch
+    runs on the CPU, to compare with a real CPU engine). Hyperparameters: the config's."""
+    if is_client(name):
+        # bitsandbytes computes its 8-bit code books (real, tiny constants) when it is built: with real tensors
+        with torch._subclasses.fake_tensor.unset_fake_temporarily():
+            return client_optimizer(name, groups, cfg)
     settings = {k: v for k, v in adamw_hyperparameters(cfg).items() if k != "weight_decay"}
-    return torch.optim.AdamW(groups, **settings, foreach=None if fused else foreach, fused=fused)
-
+    return torch.optim.AdamW(groups, **settings, foreach=False if cpu_step else None, fused=None if cpu_step else True)
 
 
 class _Zero0Step:
-    """ZeRO-0: 16-bit is FP16_UnfusedOptimizer around torch AdamW on fp32 masters; fp32 is AdamW itself.
+    """ZeRO-0 (the plain and unfused paths): 16-bit is FP16_UnfusedOptimizer around the optimizer on fp32
+    masters; fp32 is the optimizer itself on the parameters.
 
     The parameters come in trainer/optim/optimizer.param_groups' order (decayed 2-D weights first), as the
     engine's optimizer holds them: on the CPU's per-tensor path the previous tensor's denominator is
     still alive while the next one's is computed, so the order matters there.
     """
 
-    def __init__(self, params, cfg, dtype, foreach=True):
-        self.dtype = dtype
+    def __init__(self, params, cfg, plan, cpu_step=False):
+        self.dtype = TORCH_DTYPES[plan.dtype]
         self.params = [p for group in param_groups(params, 0.0) for p in group["params"]]
-        if dtype == torch.float32:
+        if self.dtype == torch.float32:
             self.masters = self.params
         else:
             self.masters = [nn.Parameter(p.detach().float()) for p in self.params]
-        self.opt = _adamw(param_groups(self.masters, cfg["weight_decay"]), cfg, foreach)
+        self.opt = _optimizer(plan.optimizer, param_groups(self.masters, cfg["weight_decay"]), cfg, cpu_step)
 
     def step(self):
         if self.dtype != torch.float32:
@@ -171,39 +177,44 @@ class _Zero0Step:
 
 
 class _ZeroStep:
-    """ZeRO 1-3 (stage_1_and_2.py / stage3.py): AdamW on this rank's flat fp32 partition, its fp32 grads."""
+    """ZeRO 1-3 (stage_1_and_2.py / stage3.py): the optimizer on this rank's flat fp32 partition of each param
+    group, with its fp32 gradient partition made at the step."""
 
-    def __init__(self, params, cfg, n_ranks, foreach=True):
-        numel = sum(p.numel() for p in params)
-        self.part = -(-numel // n_ranks)
-        self.master = nn.Parameter(torch.empty(self.part, dtype=torch.float32))
-        self.opt = _adamw([{"params": [self.master], "weight_decay": cfg["weight_decay"]}], cfg, foreach)
+    def __init__(self, params, cfg, plan, cpu_step=False):
+        groups = [g for g in param_groups(params, cfg["weight_decay"]) if g["params"]]
+        self.masters = [nn.Parameter(torch.empty(-(-sum(p.numel() for p in g["params"]) // plan.n_devices),
+                                                 dtype=torch.float32)) for g in groups]
+        self.opt = _optimizer(plan.optimizer, [{"params": [m], "weight_decay": g["weight_decay"]}
+                                               for m, g in zip(self.masters, groups)], cfg, cpu_step)
 
     def step(self):
-        self.master.grad = torch.empty(self.part, dtype=torch.float32)
+        for master in self.masters:
+            master.grad = torch.empty_like(master)
         self.opt.step()
-        self.master.grad = None
+        for master in self.masters:
+            master.grad = None
 
 
 class _Bf16Step:
-    """The fast bf16 path (trainer/plan/memory.fast_bf16_path): DeepSpeed ZeRO-1 with grad_accum_dtype fp32,
-    which DeepSpeed 0.19.8 wraps in BF16_Optimizer (runtime/bf16_optimizer.py), around torch's fused AdamW.
+    """The bf16_optimizer path (trainer/plan/memory.py): DeepSpeed ZeRO-1 with grad_accum_dtype fp32, which
+    DeepSpeed 0.19.8 wraps in BF16_Optimizer (runtime/bf16_optimizer.py), around the plan's optimizer.
 
     What it keeps (_setup_for_real_optimizer), per group of trainer/optim/optimizer.param_groups (decayed 2-D
     weights, then the rest): the bf16 weights moved into one flat tensor (the same bytes, less at most
     2 * ranks elements of alignment padding: the module's parameters stand for it here), a flat fp32
     gradient buffer of the whole group (zeros_like the flat bf16 group: not partitioned), and an fp32 master
-    partition of 1/ranks of the group (Adam's moments are its size). immediate_grad_update is off by default,
-    so the bf16 .grad tensors stay allocated between micro-steps (zeroed, not freed) until the step's
-    zero_grad(set_to_none=True).
+    partition of 1/ranks of the group (the optimizer's states are its size). With immediate_grad_update (the
+    trainer's setting) each bf16 gradient is added into the buffer as backward produces it and freed at once
+    (accumulate_hp_grads_and_remove_lp, a hook per parameter: install_hooks).
     """
 
-    def __init__(self, params, cfg, n_ranks):
+    def __init__(self, params, cfg, plan):
         self.bucket_elements = ZERO0_ALLREDUCE_ELEMENTS  # engine.allreduce_gradients' MEMORY_OPT_ALLREDUCE_SIZE
+        self.n_ranks = plan.n_devices
         param_group = [g for g in param_groups(params, cfg["weight_decay"]) if g["params"]]
         groups = [g["params"] for g in param_group]
         self.groups, self.hp_flat, self.hp_grads, self.masters, self.partitions = groups, [], [], [], []
-        align = 2 * n_ranks  # nccl_start_alignment_factor * dp world size
+        align = 2 * self.n_ranks  # nccl_start_alignment_factor * dp world size
         for group in groups:
             numel = sum(p.numel() for p in group)
             padded = -(-numel // align) * align
@@ -214,21 +225,28 @@ class _Bf16Step:
                 views.append(flat.narrow(0, offset, p.numel()).view(p.shape))
                 offset += p.numel()
             self.hp_grads.append(views)
-            part = padded // n_ranks
+            part = padded // self.n_ranks
             self.partitions.append(flat.narrow(0, 0, part))  # this rank's gradient partition (a view)
             self.masters.append(nn.Parameter(torch.empty(part, dtype=torch.float32)))
         groups = [{"params": [m], "weight_decay": g["weight_decay"]} for m, g in zip(self.masters, param_group)]
-        self.opt = _adamw(groups, cfg, fused=True)
+        self.opt = _optimizer(plan.optimizer, groups, cfg)
 
-    def backward_epilogue(self):
-        """update_hp_grads, after every micro-step's backward: hp_grad.add_(lp.grad.to(fp32)), one at a time."""
+    def install_hooks(self):
+        """accumulate_hp_grads_and_remove_lp: hp_grad.add_(lp.grad.to(fp32)) as each gradient is produced, then
+        the bf16 gradient is dropped."""
         for group, views in zip(self.groups, self.hp_grads):
             for p, hp in zip(group, views):
-                hp.add_(p.grad.to(torch.float32).view(hp.shape))
+                def accumulate(param, hp=hp):
+                    hp.add_(param.grad.to(torch.float32).view(hp.shape))
+                    param.grad = None
+                p.register_post_accumulate_grad_hook(accumulate)
 
     def allreduce(self):
-        """engine.allreduce_gradients at the boundary: buffered_allreduce_fallback over the fp32 flat buffers."""
+        """engine.allreduce_gradients at the boundary, on several ranks only (one rank skips it:
+        trainer/run/engine.py): buffered_allreduce_fallback over the fp32 flat buffers."""
         from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+        if self.n_ranks == 1:
+            return
         bucket, numel = [], 0
         buckets = []
         for flat in self.hp_flat:  # allreduce_no_retain
@@ -249,7 +267,6 @@ class _Bf16Step:
             del tensor
 
     def step(self):
-        self.backward_epilogue()
         self.allreduce()
         # BF16_Optimizer.step: get_global_norm_of_tensors (fp32 already: .float() copies nothing)
         norms = [g.float().norm(2) for views in self.hp_grads for g in views]
@@ -257,7 +274,7 @@ class _Bf16Step:
         del norms
         for master, part in zip(self.masters, self.partitions):
             master.grad = part  # fp32 accumulation: the partition itself, no copy
-        self.opt.step()  # torch._fused_adamw_: in place
+        self.opt.step()  # torch's fused AdamW, bitsandbytes' kernels: in place
         for group, master in zip(self.groups, self.masters):  # update_lp_params: copy_ into the bf16 weights
             offset = 0
             for p in group:
@@ -267,7 +284,27 @@ class _Bf16Step:
                 offset += p.numel()
         for flat in self.hp_flat:  # clear_hp_grads
             flat.zero_()
-        # the engine's zero_grad(set_to_none=True) then frees the bf16 .grad tensors
+
+
+class _HostOffload(torch.autograd.graph.saved_tensors_hooks):
+    """trainer/model/offload.ActivationOffload as the simulation sees it: what would go to pinned host memory
+    goes to the meta device, which the tracker does not count, and comes back as a new tensor in backward."""
+
+    def __init__(self):
+        super().__init__(self.pack, self.unpack)
+
+    @staticmethod
+    def pack(tensor):
+        if isinstance(tensor, nn.Parameter) or tensor.untyped_storage().nbytes() < OFFLOAD_MIN_BYTES:
+            return tensor
+        return ("host", torch.empty_strided(tensor.size(), tensor.stride(), dtype=tensor.dtype, device="meta"))
+
+    @staticmethod
+    def unpack(packed):
+        if not isinstance(packed, tuple):
+            return packed
+        meta = packed[1]
+        return torch.empty_strided(meta.size(), meta.stride(), dtype=meta.dtype)
 
 
 # ----------------------------------------------------------------------------- the simulation
@@ -301,14 +338,17 @@ class Simulation:
     peak_step: int     # live bytes at the peak of the optimizer step
 
 
+def _device_bytes(snapshot):
+    """Bytes on the simulated device (fake CPU tensors); the meta device stands for host memory (_HostOffload)."""
+    return sum(d.get("Total", 0) for device, d in snapshot.items() if torch.device(device).type != "meta")
+
+
 def _live(tracker):
-    snap = tracker.get_tracker_snapshot("current")
-    return sum(d.get("Total", 0) for d in snap.values())
+    return _device_bytes(tracker.get_tracker_snapshot("current"))
 
 
 def _peak(tracker):
-    snap = tracker.get_tracker_snapshot("peak")
-    return sum(d.get("Total", 0) for d in snap.values())
+    return _device_bytes(tracker.get_tracker_snapshot("peak"))
 
 
 def _nbytes(tensors):
@@ -336,25 +376,38 @@ def _weights_bytes(module):
     return total
 
 
-def simulate(cfg, shape, plan, packed=False, foreach=True):
-    """Run one micro-step (forward, backward) and one optimizer step of `plan` on fake tensors."""
+def simulate(cfg, shape, plan, packed=False, cpu_step=False):
+    """Run one micro-step (forward, backward) and one optimizer step of `plan` on fake tensors.
+
+    cpu_step: torch's AdamW as on the CPU (per tensor) instead of CUDA's fused kernel, to compare with a real
+    CPU engine (tests/optimizer_step.py)."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     b, s = plan.micro_batch_size, cfg["block_size"]
     dtype = TORCH_DTYPES[plan.dtype]
+    path = optimizer_path(plan.zero_stage, plan.offload, plan.dtype, plan.grad_accum_dtype)
     fake_mode = FakeTensorMode(allow_non_fake_inputs=True)
     module = build_fake_module(cfg, shape, plan, fake_mode, packed)
+    if plan.activation_offload:
+        module.offload = _HostOffload()
     with fake_mode, cuda_kernels():
         params = [p for p in module.parameters() if p.requires_grad]
-        # Accumulated gradients of the earlier micro-steps are already there (DeepSpeed accumulates into .grad)
-        for p in params:
-            p.grad = torch.zeros_like(p)
+        extra = []
+        if path == "bf16_optimizer":
+            # the fp32 buffer holds the earlier micro-steps' gradients; no bf16 gradient stays between them
+            opt = _Bf16Step(params, cfg, plan)
+            opt.install_hooks()
+            extra = opt.hp_flat
+        else:
+            # accumulated gradients of the earlier micro-steps are already there (DeepSpeed accumulates into .grad)
+            for p in params:
+                p.grad = torch.zeros_like(p)
         idx = torch.zeros(b, s, dtype=torch.long)
         targets = torch.zeros(b, s, dtype=torch.long)
         position_ids = torch.zeros(b, s, dtype=torch.long) if packed else None
 
         tracker = peak_tracker()
-        tracker.track_external(*module.parameters(), *(p.grad for p in params))
+        tracker.track_external(*module.parameters(), *(p.grad for p in params if p.grad is not None), *extra)
         with tracker:
             before = _live(tracker)
             loss = module(idx, targets, position_ids) if packed else module(idx, targets)
@@ -364,26 +417,25 @@ def simulate(cfg, shape, plan, packed=False, foreach=True):
         act = fwd_bwd_peak - before
 
         weights = _weights_bytes(module)
-        gradients = _nbytes(p.grad for p in params)
+        gradients = _nbytes([p.grad for p in params] + extra)
         transient = states = 0
         if plan.offload == "none":
-            extra = []
-            # the optimizer DeepSpeed is configured with for this plan
-            if fast_bf16_path(plan.zero_stage, plan.offload, plan.dtype, plan.device_type == "cuda"):
-                opt = _Bf16Step(params, cfg, plan.n_devices)
-                extra = opt.hp_flat
-                gradients += _nbytes(extra)
+            if path == "bf16_optimizer":
+                pass
             elif plan.zero_stage == 0:
-                opt = _Zero0Step(params, cfg, dtype, foreach)
+                opt = _Zero0Step(params, cfg, plan, cpu_step)
             else:
-                opt = _ZeroStep(params, cfg, plan.n_devices, foreach)
-            opt.step()  # the first step creates the moments; the second is every later step
-            masters = opt.masters if plan.zero_stage == 0 else [opt.master]
-            states = _nbytes(list(opt.opt.state[m]["exp_avg"] for m in masters)
-                             + list(opt.opt.state[m]["exp_avg_sq"] for m in masters)
-                             + ([] if dtype == torch.float32 and plan.zero_stage == 0 else masters))
+                opt = _ZeroStep(params, cfg, plan, cpu_step)
+            opt.step()  # the first step creates the states; the second is every later step
+            own_masters = dtype != torch.float32 or plan.zero_stage > 0 or path == "bf16_optimizer"
+            states = _nbytes([t for m in opt.masters for t in opt.opt.state[m].values() if isinstance(t, torch.Tensor)]
+                             + (opt.masters if own_masters else []))
+            if path != "bf16_optimizer":
+                for p in params:  # the next micro-step's accumulation starts from these
+                    p.grad = torch.zeros_like(p)
             step_tracker = peak_tracker()
-            step_tracker.track_external(opt.opt, *module.parameters(), *masters, *(p.grad for p in params), *extra)
+            step_tracker.track_external(opt.opt, *module.parameters(), *opt.masters,
+                                        *(p.grad for p in params if p.grad is not None), *extra)
             with step_tracker:
                 before_step = _live(step_tracker)
                 opt.step()

@@ -10,8 +10,8 @@ import torch
 
 from trainer.config import REPO_ROOT
 from trainer.errors import UserError
-from trainer.optim.optimizer import adamw_hyperparameters, param_groups
-from trainer.plan.memory import fast_bf16_path
+from trainer.optim.optimizer import adamw_hyperparameters, client_optimizer, is_client, param_groups
+from trainer.plan.memory import fast_bf16_path, optimizer_path
 
 DS_CONFIGS = REPO_ROOT / "ds_configs"
 
@@ -37,20 +37,25 @@ def zero_section(zero_stage, offload, on_gpu):
     return zero
 
 
-def fast_bf16(plan, on_gpu):
-    """The plan runs on DeepSpeed's BF16_Optimizer (trainer/plan/memory.fast_bf16_path says when and why)."""
-    return fast_bf16_path(plan.zero_stage, plan.offload, plan.dtype, on_gpu)
+def path_of_plan(plan):
+    """Which of DeepSpeed's optimizer wrappers the plan runs on (trainer/plan/memory.py)."""
+    return optimizer_path(plan.zero_stage, plan.offload, plan.dtype, plan.grad_accum_dtype)
 
 
-def deepspeed_zero_stage(plan, on_gpu):
-    """The ZeRO stage the DeepSpeed engine is built with (the plan's, but 1 on the fast bf16 path)."""
-    return 1 if fast_bf16(plan, on_gpu) else plan.zero_stage
+def fast_bf16(plan):
+    """The plan runs on DeepSpeed's BF16_Optimizer (trainer/plan/memory.py: the optimizer paths)."""
+    return fast_bf16_path(plan.zero_stage, plan.offload, plan.dtype, plan.grad_accum_dtype)
+
+
+def deepspeed_zero_stage(plan):
+    """The ZeRO stage the DeepSpeed engine is built with (the plan's, but 1 on the BF16_Optimizer path)."""
+    return 1 if fast_bf16(plan) else plan.zero_stage
 
 
 def build_ds_config(cfg, plan, world_size, on_gpu):
     """The full DeepSpeed config for this run: batch sizes, precision, clipping, optimizer, ZeRO."""
     zero = {**zero_section(plan.zero_stage, plan.offload, on_gpu), **plan.estimate.buckets}
-    if fast_bf16(plan, on_gpu):
+    if fast_bf16(plan):
         zero = {**zero_section(1, "none", on_gpu), **zero, "stage": 1}
     config = {
         "train_micro_batch_size_per_gpu": plan.micro_batch_size,
@@ -59,7 +64,15 @@ def build_ds_config(cfg, plan, world_size, on_gpu):
         "gradient_clipping": 0.0 if clips_by_hand(plan) else max(cfg["grad_clip"], 0.0),
         # the bucket sizes the planner counted replace the template's
         "zero_optimization": zero,
-        "optimizer": {
+        "steps_per_print": 2**31 - 1,  # the trainer prints its own progress
+        "wall_clock_breakdown": False,
+    }
+    if is_client(plan.optimizer):
+        # bitsandbytes' optimizers come in as DeepSpeed's client optimizer (create_engine); ZeRO accepts them
+        # only with this flag (it steps them on its flat fp32 partitions like any torch optimizer)
+        config["zero_allow_untested_optimizer"] = True
+    else:
+        config["optimizer"] = {
             "type": "AdamW",
             "params": {
                 **{k: list(v) if k == "betas" else v for k, v in adamw_hyperparameters(cfg).items()},
@@ -69,13 +82,12 @@ def build_ds_config(cfg, plan, world_size, on_gpu):
                 # on a GPU its fused kernel, one launch per step instead of per-tensor foreach kernels
                 **({"fused": True} if on_gpu and plan.offload == "none" else {}),
             },
-        },
-        "steps_per_print": 2**31 - 1,  # the trainer prints its own progress
-        "wall_clock_breakdown": False,
-    }
+        }
     if plan.dtype == "bf16":
         config["bf16"] = {"enabled": True}
-        if fast_bf16(plan, on_gpu):
+        if fast_bf16(plan):
+            # each bf16 gradient is added into the fp32 buffer as backward produces it and freed at once
+            config["bf16"]["immediate_grad_update"] = True
             config["data_types"] = {"grad_accum_dtype": "fp32"}
     elif plan.dtype == "fp16":
         config["fp16"] = {"enabled": True, "loss_scale": 0, "initial_scale_power": 16,
@@ -121,8 +133,14 @@ def create_engine(module, cfg, plan, world_size, on_gpu, load_universal=False):
     ds_config = build_ds_config(cfg, plan, world_size, on_gpu)
     if load_universal:  # resuming a checkpoint saved with another number of ranks
         ds_config["checkpoint"] = {"load_universal": True}
-    engine, _, _, _ = deepspeed.initialize(model=module, model_parameters=param_groups(module, cfg["weight_decay"]),
-                                           config=ds_config)
+    groups = param_groups(module, cfg["weight_decay"])
+    optimizer = client_optimizer(plan.optimizer, groups, cfg)  # None: torch's AdamW from the config
+    engine, _, _, _ = deepspeed.initialize(model=module, model_parameters=groups if optimizer is None else None,
+                                           optimizer=optimizer, config=ds_config)
+    if world_size == 1 and path_of_plan(plan) in ("plain", "unfused", "bf16_optimizer"):
+        # One rank has nothing to average: DeepSpeed's ZeRO-0 all-reduce would only copy the gradients (the
+        # BF16_Optimizer's fp32 buffer into bf16 and back: 2 bytes per parameter, and its precision).
+        engine.enable_backward_allreduce = False
     if compiles(cfg, on_gpu):
         # module.compile() in place: parameter names and checkpoints stay those of the uncompiled module
         engine.compile()

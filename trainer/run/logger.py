@@ -15,22 +15,6 @@ from tqdm import tqdm
 
 from trainer.errors import UserError
 
-def flops_per_token(n_params, n_layer, n_head, n_embd, block_size, mode="full", n_trainable=None):
-    """Training FLOPs per token (MFU's numerator: recomputation for checkpointing is not counted).
-
-    Attention (PaLM appendix B): 12 * n_layer * n_embd * block_size, forward and both input gradients.
-    full: 6N (forward 2N, input gradients 2N, weight gradients 2N).
-    lora/qlora: the frozen base does the forward and the input-gradient matmuls but no weight gradients,
-    4 * N_base, plus 6 * N_adapters for the adapters.
-    """
-    del n_head  # attention FLOPs depend on n_embd = n_head * head_dim only
-    attention = 12 * n_layer * n_embd * block_size
-    if mode == "full":
-        return 6 * n_params + attention
-    adapters = n_trainable or 0
-    return 4 * (n_params - adapters) + 6 * adapters + attention
-
-
 def peak_memory_bytes():
     """GPU: the allocator's peak allocated and reserved bytes since the last reset_peak_memory(); CPU: the
     process's peak resident memory (since it started; the OS keeps no resettable peak) and None."""

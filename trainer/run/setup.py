@@ -26,13 +26,13 @@ from trainer.errors import UserError
 from trainer.model.attention import packed_kernel
 from trainer.model.builder import base_model, build_module
 from trainer.model.gpt2 import count_parameters
-from trainer.model.shapes import Shape, model_shape
+from trainer.model.shapes import Shape, flops_per_token, model_shape
 from trainer.plan.hardware import Hardware, detect_hardware
 from trainer.plan.planner import Plan, PlanInput, make_plan
 from trainer.plan.report import format_plan, plan_to_dict
 from trainer.run import checkpoint, fault_injection
 from trainer.run.engine import clips_by_hand, create_engine, ensure_cpu_adam, may_offload
-from trainer.run.logger import RunLogger, flops_per_token, require_wandb
+from trainer.run.logger import RunLogger, require_wandb
 from trainer.run.preflight import check_same_data, check_shared_out_dir, on_every_rank, same_hardware
 from trainer.run.ranks import barrier, rank_and_world
 from trainer.run.resume import Resume, resume_config, resume_layout

@@ -1,0 +1,123 @@
+"""The cost model: an estimated time per iteration for each candidate plan, relative to the plain plan.
+
+The plain plan is full fine-tuning of the same model and batch with no memory tool: ZeRO-0, no recomputation,
+32-bit AdamW, fp32 gradient accumulation, nothing offloaded, the whole iteration in one micro-batch (it need
+not fit). A candidate's time is the plain plan's compute scaled by what the candidate changes, plus what it
+moves over PCIe or between GPUs that the compute cannot hide. Every constant below is written once, with its
+source; docs/plan.md lists them. The planner keeps the quality rule (full before LoRA before QLoRA, whenever
+one fits) and, within the first mode that fits, takes the fastest candidate.
+
+    time = compute x mode x recompute x optimizer  +  micro-steps x fixed cost  +  exposed transfers and
+           communication
+"""
+from trainer.model.shapes import flops_per_token, forward_flops_per_token
+from trainer.optim.optimizer import is_8bit
+from trainer.plan.hardware import gpu_model, peak_flops
+from trainer.plan.memory import DTYPE_BYTES, parameter_counts, path_of
+
+# ---------------------------------------------------------------------------------------------------------
+# Compute. LoRA and QLoRA skip the frozen weights' gradient matmuls (flops_per_token: 4N + 6N_adapters instead
+# of 6N); QLoRA also dequantizes every 4-bit weight in each forward and backward pass. On this project's
+# 2-core CPU (bench/RESULTS.md, "costs of the memory tools", python bench/step_costs.py) an iteration of
+# GPT-2 124M took 0.73x (LoRA) and 0.86x (QLoRA) of full fine-tuning's; on GPUs the FLOPs ratio stands for
+# LoRA, and QLORA_OVER_LORA_GPU for the dequantization (the QLoRA paper and peft's reports put 4-bit LoRA at
+# about a third slower than 16-bit LoRA; bench/gpu_check.py measures it when a GPU is lent).
+MODE_TIME_CPU = {"lora": 0.73, "qlora": 0.86}
+QLORA_OVER_LORA_GPU = 1.33
+# Each micro-step pays a fixed time besides its compute (kernel launches and Python of an eager GPT-2 forward
+# and backward, DeepSpeed's bookkeeping): measured on the CPU (bench/step_costs.py: the same tokens in 1 and
+# in 8 micro-steps); on GPUs an assumption to calibrate with gpu_check.
+MICRO_STEP_SECONDS = {"cpu": 0.004, "cuda": 0.015}
+# This project's 2-core CPU sustains this many FLOP/s on GPT-2 training in fp32 (bench/step_costs.py).
+CPU_FLOPS = 20e9
+# bitsandbytes' 8-bit AdamW against 32-bit: torchtune's published ablation (full fine-tuning of a 3B model,
+# each flag added to the previous) measured -4.7% tokens/s for 8-bit AdamW; scaled by the trained share of
+# the parameters (the optimizer of a LoRA run steps ~1% of them).
+EIGHT_BIT_COST = 0.049
+# FP16_UnfusedOptimizer (bf16 accumulation at ZeRO-0): a Python loop and a host sync per parameter tensor and
+# an fp32 copy of every gradient at each step (trainer/plan/memory.py). An assumption, scaled like 8-bit's.
+UNFUSED_COST = 0.10
+# ---------------------------------------------------------------------------------------------------------
+# Transfers. A GPU is assumed to sustain this share of its dense 16-bit peak (trainer/plan/hardware.PEAK_FLOPS)
+# on GPT-2 training, to turn FLOPs into seconds where compute and copies compete.
+MFU_ASSUMED = 0.40
+REFERENCE_PEAK_FLOPS = 312e12  # a GPU of unknown model (--vram_gb): an A100's dense bf16 peak
+# Host<->GPU bandwidth per direction: PCIe 4.0 x16 moves 31.5 GB/s and PCIe 5.0 x16 63 GB/s (PCI-SIG); about
+# 80% of it is sustained by pinned copies. H100 and H200 sit on PCIe 5.0; every other GPU here on 4.0.
+PCIE_BYTES_PER_S = {"gen4": 25e9, "gen5": 50e9}
+PCIE5_MODELS = ("h100", "h200")
+# GPU<->GPU all-reduce bandwidth: NVLink on SXM parts (A100 SXM 300 GB/s, H100/H200 SXM 450 GB/s per
+# direction, NVIDIA datasheets), PCIe between the others. Half of the gradient reduction is assumed hidden
+# behind the backward pass (DeepSpeed's overlap_comm buckets), half of ZeRO-3's gathers behind prefetching.
+NVLINK_BYTES_PER_S = {"a100": 300e9, "h100": 450e9, "h200": 450e9}
+COMM_EXPOSED = 0.5
+# DeepSpeed's CPU Adam streams about 28 bytes per parameter (fp32 weight, gradient, two moments read; weight
+# and moments written): at ~56 GB/s of host memory bandwidth, 2e9 parameters per second.
+CPU_ADAM_PARAMS_PER_S = 2e9
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _hardware(search):
+    """(peak FLOP/s, PCIe bytes/s, GPU-to-GPU bytes/s) of the GPU planned for; a GPU of unknown model counts as
+    an A100 on PCIe 4.0."""
+    peak, _ = peak_flops(search.hw.name)
+    model, variant = gpu_model(search.hw.name)
+    pcie = PCIE_BYTES_PER_S["gen5" if model in PCIE5_MODELS else "gen4"]
+    nvlink = NVLINK_BYTES_PER_S.get(model) if variant in ("sxm", "") and model in NVLINK_BYTES_PER_S else None
+    return peak or REFERENCE_PEAK_FLOPS, pcie, nvlink or pcie
+
+
+def _compute_share(search, cand, plain_flops):
+    """Compute of the candidate's iteration against the plain plan's: its mode, recomputation, optimizer."""
+    inp, shape, cpu = search.inp, search.inp.shape, search.hw.device_type == "cpu"
+    base, trainable, total = parameter_counts(shape, cand.mode, inp.lora_r, inp.lora_targets)
+    flops = flops_per_token(total, shape.n_layer, shape.n_head, shape.n_embd, shape.block_size, cand.mode,
+                            trainable)
+    mode = flops / plain_flops
+    if cand.mode != "full":
+        mode = MODE_TIME_CPU[cand.mode] if cpu else mode * (QLORA_OVER_LORA_GPU if cand.mode == "qlora" else 1.0)
+    recompute = 1.0
+    if cand.gradient_checkpointing:
+        recompute += forward_flops_per_token(total, shape.n_layer, shape.n_embd, shape.block_size) / flops
+    trained_share = trainable / base
+    optimizer = 1.0 + (EIGHT_BIT_COST * trained_share if is_8bit(cand.optimizer) else 0.0)
+    if path_of(cand, search.dtype) == "unfused" and search.dtype == "bf16":
+        optimizer += UNFUSED_COST * trained_share
+    return mode * recompute * optimizer
+
+
+def step_time(search, cand):
+    """The candidate's estimated time per iteration, relative to the plain plan (see the module docstring)."""
+    inp, shape, hw = search.inp, search.inp.shape, search.hw
+    base, _, _ = parameter_counts(shape, "full", inp.lora_r, inp.lora_targets)
+    plain_flops = flops_per_token(base, shape.n_layer, shape.n_head, shape.n_embd, shape.block_size)
+    share = _compute_share(search, cand, plain_flops)
+    tokens = search.per_rank * shape.block_size  # this rank's tokens per iteration
+    n, micro_steps = hw.n_devices, search.per_rank // cand.micro_batch_size
+    overhead = MICRO_STEP_SECONDS[hw.device_type]
+    if hw.device_type == "cpu":  # one memory: nothing to move
+        plain_s = tokens * plain_flops / CPU_FLOPS
+        return (share * plain_s + micro_steps * overhead) / (plain_s + overhead)
+    peak, pcie, link = _hardware(search)
+    plain_s = tokens * plain_flops / (peak * MFU_ASSUMED)
+    compute_s = share * plain_s
+    w = DTYPE_BYTES[search.dtype]
+    _, trainable, total = parameter_counts(shape, cand.mode, inp.lora_r, inp.lora_targets)
+    exposed = micro_steps * overhead
+    if cand.activation_offload:
+        # each layer's input goes to host memory in the forward pass and back in the backward pass, on a side
+        # stream: only what the compute cannot cover costs time
+        moved = 2 * shape.n_layer * w * tokens * shape.n_embd
+        exposed += max(0.0, moved / pcie - compute_s)
+    if cand.offload != "none":
+        # ZeRO-Offload: gradients to the host and weights back each iteration, then CPU Adam; with parameter
+        # offload the weights also come over for every micro-step's forward and backward
+        exposed += 2 * w * trainable / n / pcie + trainable / n / CPU_ADAM_PARAMS_PER_S
+        if cand.offload == "optimizer+params":
+            exposed += 2 * micro_steps * w * total / n / pcie
+    if n > 1:
+        ring = (n - 1) / n
+        exposed += COMM_EXPOSED * 2 * w * trainable * ring / link  # the gradient reduction
+        if cand.zero_stage == 3:  # weights gathered in every micro-step's forward and backward
+            exposed += COMM_EXPOSED * 2 * micro_steps * w * total * ring / link
+    return (compute_s + exposed) / (plain_s + overhead)
