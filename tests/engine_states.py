@@ -42,8 +42,10 @@ DATA_VOCAB = 65  # a character vocabulary: the scratch model pads it to 128
 # n_embd 384: the projections (>= 147,456 elements) are above ZeRO-3's persistence threshold,
 # the embeddings, biases, LayerNorms and LoRA matrices under it, as in the real GPT-2 sizes.
 SHAPE = {"n_layer": 2, "n_head": 2, "n_embd": 384, "block_size": 64}
-# ZeRO-3 last: it rewires the module in place, and engines are built one after another
-CONFIGS = [("full", 0), ("full", 1), ("full", 2), ("lora", 0), ("lora", 1), ("lora", 2), ("full", 3), ("lora", 3)]
+# (mode, ZeRO stage, optimizer); ZeRO-3 last: it rewires the module in place, and engines are built one after another
+CONFIGS = [("full", 0, "adamw"), ("full", 1, "adamw"), ("full", 2, "adamw"), ("lora", 0, "adamw"), ("lora", 1, "adamw"),
+           ("lora", 2, "adamw"), ("full", 0, "adamw8bit"), ("full", 2, "adamw8bit"), ("lora", 0, "adamw8bit"),
+           ("full", 3, "adamw"), ("lora", 3, "adamw"), ("full", 3, "adamw8bit")]
 
 
 def storage(t):
@@ -132,10 +134,10 @@ def classify(engine, base, everything=True):
             - buckets}
 
 
-def measure(mode, zero, world):
+def measure(mode, zero, optimizer, world):
     micro, accum = 1, 2
     cfg = {**DEFAULTS, **SHAPE, "init_from": "scratch", "dropout": 0.0, "mode": mode, "zero_stage": zero,
-           "offload": "none", "micro_batch_size": micro, "gradient_checkpointing": False,
+           "offload": "none", "micro_batch_size": micro, "gradient_checkpointing": False, "optimizer": optimizer,
            "batch_size": micro, "gradient_accumulation_steps": accum * world, "lora_dropout": 0.0}
     hw = detect_hardware(world)
     plan = make_plan(PlanInput.of(cfg, model_shape(cfg, DATA_VOCAB)), hw)
@@ -159,7 +161,8 @@ def measure(mode, zero, world):
     measured = classify(engine, base)
     measured.update(gradients=gradients, buckets=buckets)
     est = plan.estimate
-    record = {"mode": mode, "zero_stage": zero, "ranks": world, "params_total": est.params_total,
+    record = {"mode": mode, "zero_stage": zero, "optimizer": optimizer, "ranks": world,
+              "params_total": est.params_total,
               "params_trainable": est.params_trainable, "predicted": est.states,
               "predicted_buckets": est.items["ds_buckets"], "measured": measured}
     engine.destroy()
@@ -176,7 +179,7 @@ def main():
     deepspeed.init_distributed()
     release_cpu_allreduce_buffer()  # as launch/train.py does: no 66 MiB file per rank left in /dev/shm
     world = dist.get_world_size()
-    records = [measure(mode, zero, world) for mode, zero in CONFIGS]
+    records = [measure(mode, zero, optimizer, world) for mode, zero, optimizer in CONFIGS]
     if dist.get_rank() == 0:
         Path(out).write_text(json.dumps(records, indent=1))
 

@@ -2,7 +2,7 @@
 
     python tests/optimizer_step.py OUT.json
 
-For full and LoRA at ZeRO-0 in bf16 (DeepSpeed's FP16_UnfusedOptimizer around torch AdamW, as a GPU plan
+For full and LoRA at ZeRO-0 in bf16 with bf16 accumulation (DeepSpeed's FP16_UnfusedOptimizer around torch AdamW, as a GPU plan
 runs) and fp32, it builds the engine the trainer builds for a small GPT-2, runs two iterations and counts,
 with torch's MemTracker (trainer/plan/simulate.peak_tracker), the bytes the second optimizer step allocates above what was live before it
 (the fp32 gradient copies and Adam's temporaries). The same step on fake tensors (trainer/plan/simulate.py, with
@@ -34,10 +34,11 @@ SHAPE = {"n_layer": 2, "n_head": 2, "n_embd": 384, "block_size": 64}
 DATA_VOCAB = 65
 
 
-def measure(mode, dtype):
+def measure(mode, dtype, accum, optimizer):
     cfg = {**DEFAULTS, **SHAPE, "init_from": "scratch", "mode": mode, "zero_stage": 0, "offload": "none",
-           "dtype": dtype, "batch_size": 2, "gradient_accumulation_steps": 1, "micro_batch_size": 2,
-           "gradient_checkpointing": False, "dropout": 0.0, "lora_dropout": 0.0}
+           "dtype": dtype, "grad_accum_dtype": accum, "optimizer": optimizer, "batch_size": 2,
+           "gradient_accumulation_steps": 1, "micro_batch_size": 2, "gradient_checkpointing": False, "dropout": 0.0,
+           "lora_dropout": 0.0}
     shape = Shape(SHAPE["n_layer"], SHAPE["n_head"], SHAPE["n_embd"], 128, SHAPE["block_size"])
     hw = Hardware("cpu", 64 * 2**30, 1, False, "CPU")
     plan = make_plan(PlanInput.of(cfg, shape), hw)
@@ -58,14 +59,20 @@ def measure(mode, dtype):
         before = sum(d["Total"] for d in tracker.get_tracker_snapshot("current").values())
         engine.step()
     real = sum(d["Total"] for d in tracker.get_tracker_snapshot("peak").values()) - before
-    sim = simulate(cfg, shape, plan, foreach=False).items["optimizer_step_transient"]
-    return {"mode": mode, "dtype": dtype, "optimizer": type(engine.optimizer).__name__, "real": real,
-            "simulated": sim, "estimated": plan.estimate.items["optimizer_step_transient"]}
+    # bitsandbytes' CPU kernels have no fake twin that allocates as they do: the simulation is CUDA's (in place)
+    sim = simulate(cfg, shape, plan, cpu_step=True).items["optimizer_step_transient"] if optimizer == "adamw" else None
+    return {"mode": mode, "dtype": dtype, "grad_accum_dtype": accum, "optimizer_name": optimizer,
+            "optimizer": type(engine.optimizer).__name__, "real": real, "simulated": sim,
+            "estimated": plan.estimate.items["optimizer_step_transient"]}
+
+
+CASES = [(mode, *case) for mode in ("full", "lora") for case in (("bf16", "bf16", "adamw"), ("fp32", "fp32", "adamw"),
+                                                                  ("fp32", "fp32", "adamw8bit"))]
 
 
 def main(out):
     deepspeed.init_distributed(dist_backend="gloo")
-    records = [measure(mode, dtype) for mode in ("full", "lora") for dtype in ("bf16", "fp32")]
+    records = [measure(*case) for case in CASES]
     Path(out).write_text(json.dumps(records, indent=1))
 
 

@@ -31,30 +31,41 @@ TINY = {**DEFAULTS, "n_layer": 1, "n_head": 2, "n_embd": 32, "block_size": 16, "
 GiB = 2**30
 
 
-def plan_for(device_type, dtype, zero_stage=0, offload="none", bf16=True):
+def plan_for(device_type, dtype, zero_stage=0, offload="none", bf16=True, accum="auto", optimizer="auto"):
     hw = Hardware(device_type, 16 * GiB, 1, bf16, "test")
-    cfg = {**TINY, "dtype": dtype, "zero_stage": zero_stage, "offload": offload}
+    cfg = {**TINY, "dtype": dtype, "zero_stage": zero_stage, "offload": offload, "grad_accum_dtype": accum,
+           "optimizer": optimizer}
     return make_plan(PlanInput.of(cfg, model_shape(TINY, 65)), hw)
 
 
 # ----------------------------------------------------------------------------- 1. optimizer path per plan
 
-@pytest.mark.parametrize("device,dtype,zero,offload,stage,fused,fp32_accum", [
-    ("cuda", "bf16", 0, "none", 1, True, True),       # the fast bf16 path: BF16_Optimizer
-    ("cuda", "bf16", 1, "none", 1, True, False),      # ZeRO-1 keeps stage_1_and_2's flat partitions
-    ("cuda", "bf16", 2, "none", 2, True, False),      # ZeRO-2 keeps its own flat partitions
-    ("cuda", "fp16", 0, "none", 0, True, False),      # no bf16: FP16 loss scaling, fused AdamW
-    ("cuda", "bf16", 2, "optimizer", 2, False, False),  # offload: DeepSpeed's CPU Adam
-    ("cpu", "fp32", 0, "none", 0, False, False),      # the CPU keeps what it had
+@pytest.mark.parametrize("device,dtype,zero,offload,accum,stage,fused,fp32_accum", [
+    ("cuda", "bf16", 0, "none", "auto", 1, True, True),       # the fast bf16 path: BF16_Optimizer
+    ("cuda", "bf16", 0, "none", "bf16", 0, True, False),      # bf16 accumulation: FP16_UnfusedOptimizer
+    ("cuda", "bf16", 1, "none", "auto", 1, True, False),      # ZeRO-1 keeps stage_1_and_2's flat partitions
+    ("cuda", "bf16", 2, "none", "auto", 2, True, False),      # ZeRO-2 keeps its own flat partitions
+    ("cuda", "fp16", 0, "none", "auto", 0, True, False),      # no bf16: FP16 loss scaling, fused AdamW
+    ("cuda", "bf16", 2, "optimizer", "auto", 2, False, False),  # offload: DeepSpeed's CPU Adam
+    ("cpu", "fp32", 0, "none", "auto", 0, False, False),      # the CPU keeps what it had
+    ("cpu", "bf16", 0, "none", "auto", 1, False, True),       # bf16 on the CPU: BF16_Optimizer as on GPUs
 ])
-def test_ds_config_per_plan(device, dtype, zero, offload, stage, fused, fp32_accum):
-    plan = plan_for(device, dtype, zero, offload)
+def test_ds_config_per_plan(device, dtype, zero, offload, accum, stage, fused, fp32_accum):
+    plan = plan_for(device, dtype, zero, offload, accum=accum)
     ds = build_ds_config(TINY, plan, 1, on_gpu=device == "cuda")
     assert ds["zero_optimization"]["stage"] == stage
     assert ds["optimizer"]["params"].get("fused", False) is fused
     assert ds["optimizer"]["params"]["torch_adam"] is (offload == "none")
     assert (ds.get("data_types") == {"grad_accum_dtype": "fp32"}) is fp32_accum
-    assert fast_bf16(plan, device == "cuda") is fp32_accum
+    assert ds.get("bf16", {}).get("immediate_grad_update", False) is fp32_accum  # bf16 grads freed as added
+    assert fast_bf16(plan) is fp32_accum
+
+
+@pytest.mark.parametrize("zero", [0, 2])
+def test_bitsandbytes_optimizers_are_client_optimizers(zero):
+    plan = plan_for("cuda", "bf16", zero, optimizer="adamw8bit")
+    ds = build_ds_config(TINY, plan, 1, on_gpu=True)
+    assert "optimizer" not in ds and ds["zero_allow_untested_optimizer"] is True
 
 
 @pytest.fixture(scope="module")
@@ -76,17 +87,18 @@ def test_fast_bf16_config_builds_deepspeeds_bf16_optimizer_around_fused_adamw(pr
     torch.manual_seed(0)
     module = LMWithLoss(build_model(TINY, 65))
     engine, *_ = deepspeed.initialize(model=module, model_parameters=param_groups(module, 0.1), config=ds)
-    assert type(engine.optimizer).__name__ == "BF16_Optimizer"
+    assert type(engine.optimizer).__name__ == "BF16_Optimizer" and engine.optimizer.immediate_grad_update
     assert type(engine.basic_optimizer) is torch.optim.AdamW and engine.basic_optimizer.defaults["fused"] is True
     buffers = engine.optimizer.fp32_groups_gradients_flat
     assert all(b.dtype == torch.float32 for b in buffers)
     trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)
-    assert sum(b.numel() for b in buffers) >= trainable  # what memory_model.fp32_grad_accum_bytes counts
+    assert sum(b.numel() for b in buffers) >= trainable  # what trainer/plan/memory.gradient_bytes counts
     x = torch.randint(0, 65, (plan.micro_batch_size, 16))
     losses = []
     for _ in range(3 * plan.grad_accum_per_rank):
         loss = engine(x, x)
         engine.backward(loss)
+        assert all(p.grad is None for p in module.parameters())  # added into the fp32 buffer and freed
         engine.step()
         losses.append(loss.item())
     assert losses[-1] < losses[0] and torch.isfinite(torch.as_tensor(engine.get_global_grad_norm()))
@@ -98,7 +110,8 @@ def test_memory_model_counts_the_fp32_gradient_buffer():
     fast = estimate(shape, cand, "bf16", 1, "cuda", 70 * GiB)
     fp16 = estimate(shape, cand, "fp16", 1, "cuda", 70 * GiB)
     trainable = 124_439_808 + 1024 * 768 - 1024 * 768  # GPT-2 124M, tied embeddings
-    assert fast.items["gradients"] - fp16.items["gradients"] == pytest.approx(4 * trainable, rel=0.01)
+    # the fp32 buffer instead of the bf16 gradients, which immediate_grad_update frees as they are added in
+    assert fast.items["gradients"] == 4 * trainable and fp16.items["gradients"] == 2 * trainable
 
 
 # ----------------------------------------------------------------------------- 3. precision

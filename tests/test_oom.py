@@ -87,7 +87,8 @@ def test_nothing_left_to_give_up_is_one_error_line(tmp_path):
 
     cfg = {**DEFAULTS, "batch_size": 12, "gradient_accumulation_steps": 1, "block_size": 64, "n_layer": 4,
            "n_head": 4, "n_embd": 128, "mode": "full", "zero_stage": 0, "offload": "none",
-           "gradient_checkpointing": True, "micro_batch_size": 12, "dtype": "auto"}
+           "gradient_checkpointing": True, "micro_batch_size": 12, "dtype": "auto", "optimizer": "adamw",
+           "grad_accum_dtype": "fp32", "activation_offload": False}
     shape = Shape(4, 4, 128, 128, 64)
     plan_input = PlanInput.of(cfg, shape)
     hw = Hardware("cpu", 8 * 2**30, 1, False, "CPU")

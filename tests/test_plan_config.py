@@ -55,7 +55,7 @@ def test_micro_batch_and_accumulation(gb, gpus):
 def test_precision_sections():
     cfg = cfg_for()
     bf16 = plan_of(cfg, detect_hardware(1, vram_gb=80, gpus=1))
-    assert build_ds_config(cfg, bf16, 1, True)["bf16"] == {"enabled": True}
+    assert build_ds_config(cfg, bf16, 1, True)["bf16"] == {"enabled": True, "immediate_grad_update": True}
     no_bf16 = dataclasses.replace(detect_hardware(1, vram_gb=80, gpus=1), bf16=False)  # e.g. a V100 or T4
     fp16 = plan_of(cfg, no_bf16)
     section = build_ds_config(cfg, fp16, 1, True)["fp16"]

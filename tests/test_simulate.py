@@ -20,10 +20,15 @@ def plan_for(model="gpt2", **fixed):
     return cfg, shape, make_plan(PlanInput.of(cfg, shape), detect_hardware(1, vram_gb=1000, gpus=1))
 
 
-@pytest.mark.parametrize("mode,ckpt,micro,dtype", [("full", False, 1, "bf16"), ("full", True, 4, "fp16"),
-                                                    ("lora", True, 4, "bf16"), ("qlora", False, 1, "fp16")])
-def test_estimate_within_5_percent_of_the_simulated_step(mode, ckpt, micro, dtype):
-    cfg, shape, plan = plan_for(mode=mode, gradient_checkpointing=ckpt, micro_batch_size=micro, dtype=dtype)
+@pytest.mark.parametrize("mode,ckpt,micro,dtype,tools", [
+    ("full", False, 1, "bf16", {}), ("full", True, 4, "fp16", {}), ("lora", True, 4, "bf16", {}),
+    ("qlora", False, 1, "fp16", {}),
+    # the toolbox: 8-bit states with activation offload, bf16 accumulation (FP16_UnfusedOptimizer), 8-bit LoRA
+    ("full", True, 4, "bf16", {"optimizer": "adamw8bit", "activation_offload": True}),
+    ("full", False, 1, "bf16", {"grad_accum_dtype": "bf16"}),
+    ("lora", True, 2, "bf16", {"optimizer": "adamw8bit"})])
+def test_estimate_within_5_percent_of_the_simulated_step(mode, ckpt, micro, dtype, tools):
+    cfg, shape, plan = plan_for(mode=mode, gradient_checkpointing=ckpt, micro_batch_size=micro, dtype=dtype, **tools)
     assert (plan.mode, plan.gradient_checkpointing, plan.micro_batch_size) == (mode, ckpt, micro)
     sim = simulate(cfg, shape, plan)
     rows = {r["item"]: r for r in comparison(plan, sim)}

@@ -20,12 +20,14 @@ class ActivationOffload(torch.autograd.graph.saved_tensors_hooks):
 
     def __init__(self):
         self.stream = torch.cuda.Stream() if torch.cuda.is_available() else None
+        self.moved_bytes = 0  # bytes sent to host memory so far (what the plan counts, for a look afterwards)
         super().__init__(self.pack, self.unpack)
 
     def pack(self, tensor):
         if isinstance(tensor, torch.nn.Parameter) or tensor.untyped_storage().nbytes() < MIN_BYTES \
                 or tensor.device.type == "meta":
             return tensor  # weights stay where they are; small tensors are not worth a copy
+        self.moved_bytes += tensor.untyped_storage().nbytes()
         if tensor.device.type != "cuda":
             return ("host", tensor.device, tensor.clone())
         host = torch.empty(tensor.size(), dtype=tensor.dtype, layout=tensor.layout, pin_memory=True)

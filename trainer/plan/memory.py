@@ -65,9 +65,10 @@ MATH_ATTN_BYTES_FP32 = 13
 # (measured on a real engine, tests/optimizer_step.py). On GPUs DeepSpeed runs torch's fused AdamW: none.
 ADAM_TEMPS_CPU = 3
 # bitsandbytes' CPU kernels (backends/cpu/ops.py), bytes per element of the largest tensor stepped: 8-bit
-# dequantizes both moments to fp32, copies the gradient to fp32, makes the denominator, then requantizes; the
-# 32-bit kernel works on the states in place. Measured on a real engine (tests/optimizer_step.py).
-BNB_CPU_TEMPS_BYTES = {"adamw8bit": 24, "adamw": 12}
+# dequantizes both moments to fp32, copies the gradient to fp32 and makes the denominator (sqrt, then its
+# quotient) before requantizing; its 32-bit kernel keeps three fp32 temporaries. Measured by the peak resident
+# memory of one step (bench/optimizer_temps.py, tests/test_optimizer_step.py): 20.05 and 12.11.
+BNB_CPU_TEMPS_BYTES = {"adamw8bit": 20, "adamw": 12}
 
 # ---------------------------------------------------------------------------------------
 
@@ -397,9 +398,9 @@ def step_transient_bytes(cand, path, device_type, trainable, trained, stepped, b
         if cand.zero_stage <= 2:
             transient = max(transient, buckets["allgather_bucket_size"] * w)
         return transient
-    # ZeRO-0's gradient all-reduce (engine.buffered_allreduce_fallback), in buckets of 500M elements: only on
-    # several ranks (on one, trainer/run/engine.py turns it off)
-    allreduce = min(trainable, ZERO0_ALLREDUCE_ELEMENTS) * w if n > 1 else 0
+    # ZeRO-0's gradient all-reduce (engine.buffered_allreduce_fallback), in buckets of 500M elements; on one rank
+    # trainer/run/engine.py turns it off for the plain path
+    allreduce = min(trainable, ZERO0_ALLREDUCE_ELEMENTS) * w if n > 1 or path == "unfused" else 0
     if path == "unfused":
         # DeepSpeed's FP16_UnfusedOptimizer (runtime/fp16/unfused_optimizer.py, step): an fp32 copy of every
         # gradient beside the fp32 masters, then the optimizer on the masters

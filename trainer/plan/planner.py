@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from trainer.config import MODES
 from trainer.plan import reasons as why
 from trainer.plan.hardware import USABLE_FRACTION_CPU, USABLE_FRACTION_GPU, Hardware
-from trainer.plan.memory import Candidate, Estimate
+from trainer.plan.memory import Candidate, Estimate, default_grad_accum
 from trainer.plan.search import PLAN_KEYS, PlanError, PlanInput, Search, describe, divisors_desc, fits
 from trainer.units import format_bytes
 
@@ -160,13 +160,14 @@ def _nothing_fits(search, smallest):
                     f"i.e. {wanted}; options: {'; '.join(options)}")
 
 
-def step_down(plan: Plan, inp: PlanInput, hw: Hardware) -> Plan | None:
+def step_down(plan: Plan, inp: PlanInput, hw: Hardware, started=False) -> Plan | None:
     """The next plan after an out-of-memory error, or None when nothing is left to give up.
 
     Order, each only where the user left the key on auto: checkpointing on; activation offload on (GPUs); a
     smaller micro-batch (more accumulation); on several ranks a higher ZeRO stage; 8-bit optimizer states;
-    bf16 gradient accumulation; then offload (mode fixed) or the next mode (mode auto). What changed is in
-    reasons['step_down'].
+    bf16 gradient accumulation; then offload (mode fixed) or the next mode (mode auto). Once an optimizer step
+    was taken (`started`) the optimizer and the mode stay: their states cannot be carried into another's.
+    What changed is in reasons['step_down'].
     """
     search = Search(inp, hw)
     f = search.fixed
@@ -180,25 +181,30 @@ def step_down(plan: Plan, inp: PlanInput, hw: Hardware) -> Plan | None:
     if not cur.gradient_checkpointing and "gradient_checkpointing" not in f:
         new, key, what = dataclasses.replace(cur, gradient_checkpointing=True), "gradient_checkpointing", \
             "turned gradient checkpointing on"
-    elif not cur.activation_offload and "activation_offload" not in f and hw.device_type == "cuda":
+    elif cur.gradient_checkpointing and not cur.activation_offload and "activation_offload" not in f \
+            and hw.device_type == "cuda":
         new, key, what = dataclasses.replace(cur, activation_offload=True), "activation_offload", \
             "checkpointed activations moved to pinned CPU memory"
     elif smaller and "micro_batch_size" not in f:
         m = smaller[0]
         new, key = dataclasses.replace(cur, micro_batch_size=m), "micro_batch_size"
         what = f"micro-batch {cur.micro_batch_size} -> {m}, accumulation {search.per_rank // m} per rank"
-    elif hw.n_devices > 1 and cur.offload == "none" and higher and "zero_stage" not in f and not bf16_buffer:
-        new, key = dataclasses.replace(cur, zero_stage=higher[0]), "zero_stage"
+    elif hw.n_devices > 1 and cur.offload == "none" and higher and "zero_stage" not in f \
+            and not (bf16_buffer and "grad_accum_dtype" in f):
+        # ZeRO 1-3 accumulate in the compute dtype (trainer/plan/memory.py: the optimizer paths)
+        new, key = dataclasses.replace(cur, zero_stage=higher[0], grad_accum_dtype=default_grad_accum(
+            higher[0], cur.offload, plan.dtype)), "zero_stage"
         what = f"ZeRO-{cur.zero_stage} -> ZeRO-{higher[0]}: shards more over {hw.n_devices} ranks"
-    elif cur.optimizer == "adamw" and "optimizer" not in f and cur.offload == "none":
+    elif cur.optimizer == "adamw" and "optimizer" not in f and cur.offload == "none" and not started:
         new, key, what = dataclasses.replace(cur, optimizer="adamw8bit"), "optimizer", \
             "AdamW's states 32-bit -> 8-bit (bitsandbytes)"
     elif bf16_buffer and "grad_accum_dtype" not in f:
         new, key, what = dataclasses.replace(cur, grad_accum_dtype="bf16"), "grad_accum_dtype", \
             "gradient accumulation fp32 -> bf16 (no fp32 buffer)"
-    elif "mode" in f and "offload" not in f and hw.device_type == "cuda" and cur.offload != "optimizer+params":
+    elif "mode" in f and "offload" not in f and hw.device_type == "cuda" and cur.offload != "optimizer+params" \
+            and not (started and cur.optimizer != "adamw"):
         new, key, what = _offload_step(cur, f, plan.dtype)
-    if new is None and "mode" not in f and cur.mode != MODES[-1]:
+    if new is None and "mode" not in f and cur.mode != MODES[-1] and not started:
         for mode in MODES[MODES.index(cur.mode) + 1:]:
             chosen, _, _ = search.choose([mode])
             if chosen is not None:

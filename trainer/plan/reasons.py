@@ -63,8 +63,12 @@ def zero_stage(search, chosen, others):
         which = "parameter offload needs stage 3" if cand.offload == "optimizer+params" else "lowest such stage"
         return f"ZeRO-{cand.zero_stage}: offload runs with DeepSpeed's ZeRO-Offload ({which})"
     if cand.zero_stage == 0:
-        return "1 rank: ZeRO 1-3 shard across ranks and would save nothing" if n == 1 else \
-            "plain data parallelism fits" + _also_fits(chosen, others, "zero_stage", lambda z: f"ZeRO-{z}")
+        if n == 1:
+            return "1 rank: ZeRO 1-3 shard across ranks and would save nothing"
+        sharded = " (DeepSpeed's BF16_Optimizer shards the fp32 masters and optimizer states over the ranks)" \
+            if cand.grad_accum_dtype == "fp32" and search.dtype == "bf16" else ""
+        return "plain data parallelism fits" + sharded + _also_fits(chosen, others, "zero_stage",
+                                                                    lambda z: f"ZeRO-{z}")
     lower = [s for s in others if s.cand.zero_stage < cand.zero_stage]
     if lower:
         return (f"ZeRO-{cand.zero_stage} shards {SHARDED[cand.zero_stage]} over {n} ranks; ZeRO-{lower[0].cand.zero_stage}"

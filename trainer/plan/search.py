@@ -80,9 +80,9 @@ class Scored:
 
 
 def memory_tools(cand):
-    """How many memory tools a candidate uses: equal times go to the simpler plan."""
+    """How much of the memory toolbox a candidate uses: equal times go to the simpler plan (a lower ZeRO stage)."""
     bf16_accumulation = cand.grad_accum_dtype == "bf16" and cand.zero_stage == 0 and cand.offload == "none"
-    return (cand.zero_stage > 0) + (cand.offload != "none") + cand.gradient_checkpointing + cand.activation_offload \
+    return cand.zero_stage + 2 * (cand.offload != "none") + cand.gradient_checkpointing + cand.activation_offload \
         + (cand.optimizer != "adamw") + bf16_accumulation
 
 
@@ -134,7 +134,7 @@ class Search:
                             f"its own CPU Adam and refuses other optimizers; use --optimizer=adamw (or auto) or "
                             f"--offload=none")
         accum = f.get("grad_accum_dtype")
-        if accum and self.dtype != "bf16":
+        if accum and self.dtype != "bf16" and accum != self.dtype:
             raise PlanError(f"grad_accum_dtype={accum} is a choice of bf16 training; with dtype={self.dtype} "
                             f"gradients accumulate in {self.dtype if self.dtype == 'fp32' else 'fp16'}; "
                             f"leave grad_accum_dtype on auto")

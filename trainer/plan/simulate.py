@@ -41,7 +41,7 @@ from trainer.model.offload import MIN_BYTES as OFFLOAD_MIN_BYTES
 from trainer.optim.optimizer import adamw_hyperparameters, client_optimizer, is_client, param_groups
 from trainer.plan.cuda_kernels import cuda_kernels
 from trainer.plan.memory import ZERO0_ALLREDUCE_ELEMENTS, optimizer_path
-from trainer.units import format_bytes
+from trainer.units import MiB, format_bytes
 
 
 # ----------------------------------------------------------------------------- the module as trained
@@ -459,8 +459,9 @@ def comparison(plan, sim):
     rows = []
     for item, e in est.items():
         s = sim.items.get(item)
+        # items under a MiB on both sides (an in-place optimizer's scalars) count as equal
         rows.append({"item": item, "estimated": int(e), "simulated": s,
-                     "difference": None if s is None else (e - s) / s if s else 0.0})
+                     "difference": None if s is None else 0.0 if max(e, s) < MiB else (e - s) / s})
     return rows
 
 

@@ -128,7 +128,8 @@ def save(engine, out_dir, iter_num, client_state, adapters_only=False):
             atomic_write(root / tmp_tag / INFO, json.dumps(
                 {"iter_num": iter_num, "world_size": plan["n_devices"], "zero_stage": plan["zero_stage"],
                  # the fast bf16 path builds a ZeRO-0 plan as DeepSpeed ZeRO-1 (trainer/run/engine.py)
-                 "engine_zero_stage": engine.zero_optimization_stage(), "mode": plan["mode"]}))
+                 "engine_zero_stage": engine.zero_optimization_stage(), "mode": plan["mode"],
+                 "optimizer": plan["optimizer"], "grad_accum_dtype": plan["grad_accum_dtype"]}))
             write_manifest(root / tmp_tag)
         except OSError as exc:
             error = exc

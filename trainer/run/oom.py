@@ -182,9 +182,9 @@ class Recovery:
         message, in_optimizer_step = error
         plan, iter_num = run.plan, run.iter_num
         last = checkpoint.latest_tag(run.out_dir) or "none"
-        new = step_down(plan, run.plan_input, run.hw)
-        if new is not None and new.mode != plan.mode and run.engine.global_steps > 0:
-            new = None  # see the module docstring: a mode change only before the first step
+        # the mode and the optimizer change only before the first step (their states cannot be carried)
+        started = run.engine is not None and run.engine.global_steps > 0
+        new = step_down(plan, run.plan_input, run.hw, started=started)
         if in_optimizer_step or new is None:
             why = ("inside the optimizer step, so the update may be half applied" if in_optimizer_step else
                    "and the plan has nothing left to give up within the keys you fixed")
@@ -194,8 +194,9 @@ class Recovery:
             raise UserError(f"out of memory at iteration {iter_num} ({message}) {why}; last checkpoint: {last}; "
                             f"{hint}")
 
-        rebuild = run.engine.zero_optimization_stage() > 0 or (new.zero_stage, new.offload, new.mode) != \
-            (plan.zero_stage, plan.offload, plan.mode)
+        engine_keys = ("zero_stage", "offload", "mode", "optimizer", "grad_accum_dtype")
+        rebuild = run.engine.zero_optimization_stage() > 0 or any(getattr(new, k) != getattr(plan, k)
+                                                                  for k in engine_keys)
         how = ("" if not rebuild else f" with a new {new.mode} engine on the original weights (no optimizer step "
                f"was taken yet)" if new.mode != plan.mode else " with a rebuilt engine (weights and optimizer state "
                "carried)")
@@ -214,7 +215,8 @@ class Recovery:
         run.log.json_text("plan", run.plan_dict, iter_num)
 
     def _in_place(self, new):
-        """ZeRO-0: drop the partial gradients, rewind the micro-steps, set checkpointing and batch sizes."""
+        """ZeRO-0: drop the partial gradients, rewind the micro-steps, set checkpointing, activation offload and
+        batch sizes."""
         engine, plan = self.run.engine, self.run.plan
         engine.zero_grad()
         accum = new.grad_accum_per_rank
@@ -223,6 +225,8 @@ class Recovery:
         engine.micro_steps = engine.global_steps * accum
         if new.gradient_checkpointing and not plan.gradient_checkpointing:
             enable_checkpointing(engine.module.lm, frozen_inputs=plan.mode != "full")
+        if new.activation_offload != plan.activation_offload:
+            engine.module.set_activation_offload(new.activation_offload)
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()

@@ -2,7 +2,8 @@
 another number of ranks or ZeRO stage is loaded."""
 from dataclasses import dataclass
 
-from trainer.config import DEFAULTS
+from trainer.config import DEFAULTS, GRAD_ACCUM_DTYPES
+from trainer.optim.optimizer import is_8bit, unpaged
 from trainer.errors import UserError
 from trainer.run.run_dir import CONFIG, RunDir
 
@@ -47,6 +48,15 @@ def resume_layout(cfg, info, world):
         cfg["mode"] = info["mode"]
     if cfg["zero_stage"] == "auto":
         cfg["zero_stage"] = info["zero_stage"]
+    saved_optimizer = info.get("optimizer", "adamw")  # checkpoints from before the optimizer key: torch's AdamW
+    if cfg["optimizer"] == "auto":
+        cfg["optimizer"] = saved_optimizer
+    elif unpaged(cfg["optimizer"]) != unpaged(saved_optimizer):  # paging does not change the states
+        raise UserError(f"the checkpoint holds {saved_optimizer}'s optimizer states, not {cfg['optimizer']}'s; "
+                        f"resume with --optimizer={saved_optimizer}")
+    if "grad_accum_dtype" in info and cfg["grad_accum_dtype"] == "auto":
+        cfg["grad_accum_dtype"] = info["grad_accum_dtype"] if info["grad_accum_dtype"] in GRAD_ACCUM_DTYPES \
+            else "auto"
     saved, wanted = info["zero_stage"], cfg["zero_stage"]
     if cfg["mode"] != info["mode"]:
         raise UserError(f"the checkpoint was trained in {info['mode']} mode, not {cfg['mode']}; "
@@ -54,6 +64,11 @@ def resume_layout(cfg, info, world):
     # a ZeRO-0 plan saved through the fast bf16 path (DeepSpeed ZeRO-1) holds partitioned states too
     partitioned = max(saved, info.get("engine_zero_stage", saved)) >= 1
     universal = partitioned and (world != info["world_size"] or wanted != saved)
+    if universal and is_8bit(saved_optimizer):
+        raise UserError(f"the checkpoint's {saved_optimizer} states are partitioned over {info['world_size']} ranks "
+                        f"at ZeRO-{saved}, and DeepSpeed's universal checkpoint (how a run moves to another number of "
+                        f"ranks or stage) knows only AdamW's 32-bit moments; resume on {info['world_size']} ranks with "
+                        f"--zero_stage={saved}")
     if wanted != saved and (saved == 0 or wanted == 0):
         raise UserError(f"cannot resume a ZeRO-{saved} checkpoint with zero_stage={wanted}; "
                         f"resume with --zero_stage={saved}")
