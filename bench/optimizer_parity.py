@@ -1,0 +1,122 @@
+"""Quality parity of the planner's memory tools: 8-bit against 32-bit AdamW, bf16 against fp32 gradient
+accumulation, each trained by the documented command on this CPU with the same seeds.
+
+    python bench/optimizer_parity.py [--seeds=1337,1,2,3,4] [--only=adamw8bit,lora,accum] [--results=FILE]
+
+  adamw8bit  shakespeare_char_cpu (4 layers x 128, 2000 iterations) with --optimizer=adamw8bit and =adamw: its
+             matrices (>= 4096 elements) get 8-bit states, LayerNorms and biases 32-bit (bitsandbytes' rule)
+  lora       a LoRA finetune (r=8) of a character model 4 layers x 512 wide, pretrained here for 600 iterations
+             and exported (launch/merge_adapter.py), 400 iterations, adamw8bit and adamw: LoRA's A and B are
+             512 x 8 = 4096 elements, so they get 8-bit states
+  accum      shakespeare_char_cpu in bf16 with micro-batch 1 (12 accumulation steps per iteration), 1000
+             iterations, --grad_accum_dtype=bf16 (FP16_UnfusedOptimizer) and =fp32 (BF16_Optimizer)
+For every run: the val loss at the last iteration on the recipe's fixed val batches and on the whole val split
+(launch/eval.py); the table gives each seed and the mean ± sd, and is appended to the results file.
+"""
+import argparse
+import json
+import os
+import platform
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+SHAKESPEARE = REPO / "data" / "tinyshakespeare.txt"
+EXPERIMENTS = {
+    "adamw8bit": ("optimizer", ("adamw", "adamw8bit"), ["--recipe", "shakespeare_char_cpu"]),
+    "lora": ("optimizer", ("adamw", "adamw8bit"), ["--recipe", "shakespeare_char_cpu", "--mode=lora", "--lora_r=8",
+                                                   "--max_iters=400", "--lr_decay_iters=400", "--learning_rate=3e-3",
+                                                   "--warmup_iters=20", "--eval_interval=400"]),
+    "accum": ("grad_accum_dtype", ("fp32", "bf16"), ["--recipe", "shakespeare_char_cpu", "--dtype=bf16",
+                                                     "--micro_batch_size=1", "--max_iters=1000",
+                                                     "--lr_decay_iters=1000", "--eval_interval=1000"]),
+}
+
+
+def run(args, cwd=REPO):
+    proc = subprocess.run([sys.executable, *map(str, args)], cwd=cwd, capture_output=True, text=True,
+                          env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    if proc.returncode:
+        sys.exit(f"{' '.join(map(str, args))} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return proc.stdout
+
+
+def train(data_dir, out_dir, words, seed):
+    """(val loss at the last evaluation on the recipe's fixed batches, on the whole val split)."""
+    out = run([REPO / "launch/train.py", *words, f"--data_dir={data_dir}", f"--out_dir={out_dir}", f"--seed={seed}",
+               "--always_save_checkpoint=True", "--sample_max_new_tokens=0", "--tensorboard=False"])
+    fixed = float(re.findall(r"val loss ([\d.]+)", out)[-1])
+    report = json.loads(run([REPO / "launch/eval.py", f"--out_dir={out_dir}", "--json"]).strip().splitlines()[-1])
+    return fixed, report["results"][0]["loss"]
+
+
+def lora_base(data_dir, work):
+    """A 4 x 512 character model pretrained here and exported in Hugging Face format: the LoRA runs' base."""
+    out, export = work / "base-run", work / "base"
+    if not (export / "config.json").is_file():
+        run([REPO / "launch/train.py", "--recipe", "shakespeare_char_cpu", f"--data_dir={data_dir}",
+             f"--out_dir={out}", "--n_embd=512", "--n_head=8", "--max_iters=600", "--lr_decay_iters=600",
+             "--eval_interval=600", "--always_save_checkpoint=True", "--sample_max_new_tokens=0",
+             "--tensorboard=False"])
+        run([REPO / "launch/merge_adapter.py", f"--out_dir={out}", f"--export_dir={export}"])
+    return export
+
+
+def mean_sd(values):
+    return f"{statistics.mean(values):.4f} ± {statistics.stdev(values):.4f}" if len(values) > 1 else f"{values[0]:.4f}"
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--seeds", default="1337,1,2,3,4")
+    ap.add_argument("--only", default=",".join(EXPERIMENTS))
+    ap.add_argument("--lora_seeds", default="1337,1,2", help="seeds of the LoRA and accumulation experiments")
+    ap.add_argument("--results", default=str(REPO / "bench" / "RESULTS.md"))
+    ap.add_argument("--work_dir", default=None, help="keep the data and runs here (default: a temporary folder)")
+    args = ap.parse_args()
+    started = time.time()
+    sections = []
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(args.work_dir or tmp)
+        data_dir = work / "data"
+        if not (data_dir / "shakespeare_char" / "train.bin").is_file():
+            run([REPO / "data/shakespeare_char/prepare.py", f"--data_dir={data_dir}", f"--input={SHAKESPEARE}"])
+        for name in args.only.split(","):
+            key, values, words = EXPERIMENTS[name]
+            seeds = [int(s) for s in (args.seeds if name == "adamw8bit" else args.lora_seeds).split(",")]
+            if name == "lora":
+                words = [*words, f"--init_from={lora_base(data_dir, work)}"]
+            rows = {}
+            for value in values:
+                for seed in seeds:
+                    rows[value, seed] = train(data_dir, work / f"{name}-{value}-{seed}", [*words, f"--{key}={value}"],
+                                              seed)
+                    print(f"{name} {key}={value} seed {seed}: val {rows[value, seed][0]:.4f} (whole val "
+                          f"{rows[value, seed][1]:.4f}); {time.time() - started:.0f} s so far", flush=True)
+            command = f"python bench/optimizer_parity.py --only={name}"
+            lines = [f"\n#### {name}: `{key}` {' vs '.join(values)} (`{command}`; launch/train.py "
+                     f"{' '.join(w for w in words if not w.startswith('--init_from'))})\n",
+                     f"| {key} | " + " | ".join(f"seed {s}" for s in seeds) + " | mean ± sd | whole val mean ± sd |",
+                     "|---|" + "---|" * (len(seeds) + 2)]
+            for value in values:
+                fixed = [rows[value, s][0] for s in seeds]
+                whole = [rows[value, s][1] for s in seeds]
+                lines.append(f"| {value} | " + " | ".join(f"{v:.4f}" for v in fixed) +
+                             f" | {mean_sd(fixed)} | {mean_sd(whole)} |")
+            sections.append("\n".join(lines))
+    import torch
+    machine = f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}"
+    table = (f"\n### Quality parity of the memory tools ({time.strftime('%Y-%m-%d')}, {machine}, "
+             f"{(time.time() - started) / 60:.0f} min)\n" + "\n".join(sections) + "\n")
+    print(table)
+    with open(args.results, "a") as f:
+        f.write(table)
+
+
+if __name__ == "__main__":
+    main()
