@@ -1,6 +1,6 @@
 """One prepared GPU check of the trainer's GPU paths, written to bench/GPU.md as it goes (docs/gpu.md).
 
-    python bench/gpu_check.py                                  # one H100/H200-class GPU, about 8 minutes
+    python bench/gpu_check.py                                  # one H100/H200-class GPU, about 10 minutes
     python bench/gpu_check.py --only=speed,packed              # some steps
     python bench/gpu_check.py --dry_run --out=/tmp/GPU.md      # CPU: tiny shapes through every step's code
 
@@ -13,6 +13,9 @@ ends (a step that runs over says so and the next one starts):
   packed   a packed instruction batch: the kernel used (FlexAttention) and its speed against the dense
            mask and against unpacked text of the same shape
   offload  the offload path: DeepSpeed's CPU Adam op built, a few steps (a memory_fit row with offload)
+  toolbox  the planner's memory tools (docs/plan.md): gpt2-xl full at 24 GB (adamw8bit, checkpointing),
+           gpt2-medium full at 8 GB (adamw8bit, activation offload), QLoRA with paged_adamw8bit, bf16
+           gradient accumulation at ZeRO-0: predicted against measured memory, tokens/s (memory_fit rows)
   oom      a real CUDA out-of-memory under a cap: the trainer steps the plan down and finishes the run
   context  the CUDA context (and cuBLAS workspace) outside torch's allocator, measured
 --dry_run: the same steps on the CPU with a tiny GPT-2 (compile, the CUDA context and the real OOM are
@@ -37,9 +40,15 @@ sys.path.insert(0, str(REPO / "bench"))
 import memory_fit  # noqa: E402
 
 GiB, MiB = 2**30, 2**20
-# (step, seconds it may take on one H100/H200): 8 minutes in all
+# (step, seconds it may take on one H100/H200): 10 minutes in all
 # (the offload step builds DeepSpeed's CPU Adam op, about a minute on 16 cores; later starts load it cached)
-STEPS = {"context": 30, "memory": 150, "speed": 100, "qlora": 40, "packed": 30, "offload": 90, "oom": 40}
+STEPS = {"context": 30, "memory": 150, "speed": 100, "qlora": 40, "packed": 30, "offload": 90, "oom": 40,
+         "toolbox": 150}
+# (model, cap in GB, fixed keys) of the toolbox step: the targets of docs/plan.md's table, and each tool forced once
+TOOLBOX_ROWS = [("gpt2-xl", 24, {"mode": "full"}), ("gpt2-medium", 8, {"mode": "full"}),
+                ("gpt2-xl", 24, {"mode": "qlora", "optimizer": "paged_adamw8bit"}),
+                ("gpt2", 16, {"mode": "full", "grad_accum_dtype": "bf16", "zero_stage": 0}),
+                ("gpt2-large", 16, {"mode": "full", "activation_offload": True})]
 CAPS_GB = (16, 24, 40)
 
 
@@ -118,6 +127,19 @@ def step_qlora(args):
 
 def step_offload(args):
     return {"fit_rows": memory_rows(args, {"offload": "optimizer", "zero_stage": 2, "mode": "full"}, ["gpt2"], [16])}
+
+
+def step_toolbox(args):
+    rows = []
+    for model, cap, keys in TOOLBOX_ROWS:
+        if args.dry_run and set(keys) <= {"mode"}:  # the tiny model at 2 GB needs no tool: nothing new to run
+            continue
+        if args.dry_run:  # the CPU has no CUDA to page with, and accumulates in bf16 only when it trains in bf16
+            keys = {**keys, "optimizer": keys.get("optimizer", "auto").replace("paged_", "")}
+            keys.update({"dtype": "bf16"} if "grad_accum_dtype" in keys else {})
+            keys.update({"gradient_checkpointing": True} if keys.get("activation_offload") else {})
+        rows += memory_rows(args, keys, [model], [cap])
+    return {"fit_rows": rows}
 
 
 def speed_row(name, shape, mode, compile_model, args, micro, accum):

@@ -214,14 +214,17 @@ def run_one(model, cap, args, overrides=None):
 
 
 def table(rows):
-    head = ["model", "cap", "plan (mode, ZeRO, offload, ckpt, micro x accum)", "predicted allocated",
+    head = ["model", "cap", "plan (mode, ZeRO, offload, ckpt, micro x accum, tools)", "predicted allocated",
             "max allocated", "diff", "predicted reserved", "max reserved", "diff", "outside torch (pred / meas)",
             "tokens/s", "status"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         p = r.get("plan")
         desc = (f"{p['mode']}, {p['zero_stage']}, {p['offload']}, {'on' if p['gradient_checkpointing'] else 'off'}, "
-                f"{p['micro_batch_size']} x {p['grad_accum_per_rank']}") if p else r.get("error", "")[:120]
+                f"{p['micro_batch_size']} x {p['grad_accum_per_rank']}"
+                + (f", {p['optimizer']}" if p.get("optimizer", "adamw") != "adamw" else "")
+                + (", accum bf16" if p.get("grad_accum_dtype") == "bf16" and p.get("dtype") == "bf16" else "")
+                + (", act. offload" if p.get("activation_offload") else "")) if p else r.get("error", "")[:120]
         d_alloc, d_res = pct(r.get("predicted_allocated"), r.get("allocated")), pct(r.get("predicted_reserved"),
                                                                                     r.get("reserved"))
         cells = [r["model"], f"{r['cap_gb']:g} GB", desc, fmt(r.get("predicted_allocated")), fmt(r.get("allocated")),

@@ -9,6 +9,7 @@ defaults, planned by trainer/plan/planner.py. Nothing is loaded; it runs in well
     python bench/plan_table.py --gpus=4
     python bench/plan_table.py --simulate      # + each plan's step simulated on fake tensors (minutes)
 
+"est. time" is the cost model's time per iteration relative to the plain plan (trainer/plan/cost.py).
 With --simulate each row also gets the simulation's verdict (trainer/plan/simulate.py): the peak with the
 simulated activations + logits and optimizer step in place of the estimated ones (model states,
 DeepSpeed's buckets, fragmentation and the CUDA context as estimated), against the usable memory.
@@ -55,11 +56,12 @@ def rows(mode, gpus, simulate=False):
                 p = make_plan(PlanInput.of(cfg, shape), hw)
             except PlanError as exc:
                 need = str(exc).split(", i.e. ")[1].split(";")[0] if ", i.e. " in str(exc) else str(exc)
-                yield [model, f"{gb} GB", "does not fit", "", "", "", "", need] + ([""] if simulate else [])
+                yield [model, f"{gb} GB", "does not fit", "", "", "", "", "", "", "", need] + ([""] if simulate else [])
                 continue
             row = [model, f"{gb} GB", p.mode, str(p.zero_stage), p.offload,
-                   "on" if p.gradient_checkpointing else "off",
-                   f"{p.micro_batch_size} x {p.grad_accum_per_rank}",
+                   "on" if p.gradient_checkpointing else "off", "on" if p.activation_offload else "off",
+                   p.optimizer, p.grad_accum_dtype, f"{p.micro_batch_size} x {p.grad_accum_per_rank}",
+                   f"{p.step_time:.2f}",
                    f"{format_bytes(p.estimate.total)} / {format_bytes(p.usable_bytes)}"]
             if simulate:
                 peak = simulated_peak(cfg, shape, p)
@@ -73,8 +75,8 @@ def main():
     ap.add_argument("--gpus", type=int, default=1)
     ap.add_argument("--simulate", action="store_true", help="add the simulated step's verdict per row")
     args = ap.parse_args()
-    head = ["model", "GPU", "mode", "ZeRO", "offload", "checkpointing", "micro x accum",
-            "est. peak / usable"] + (["simulated peak"] if args.simulate else [])
+    head = ["model", "GPU", "mode", "ZeRO", "offload", "checkpointing", "act. offload", "optimizer", "accum",
+            "micro x accum", "est. time", "est. peak / usable"] + (["simulated peak"] if args.simulate else [])
     print(f"Plans with --mode={args.mode} on {args.gpus} GPU{'s' if args.gpus > 1 else ''} "
           f"(recipes gpt2_small/medium/large/xl, block 1024, bf16):\n")
     print("| " + " | ".join(head) + " |")

@@ -13,10 +13,13 @@ def test_dry_run_runs_every_step_and_writes_the_report(tmp_path):
                           "--time_scale=20", "--row_timeout=700"), cwd=REPO, timeout=3600, check=False)
     text = out.read_text()
     assert text.startswith("# GPU check (DRY RUN on the CPU"), text
-    for step in ("context", "memory", "speed", "qlora", "packed", "offload", "oom"):
+    for step in ("context", "memory", "speed", "qlora", "packed", "offload", "oom", "toolbox"):
         assert f"## {step} (ok" in text, f"{step} did not finish:\n{text}\n{proc.stdout}\n{proc.stderr[-3000:]}"
     assert "| tiny | 2 GB | full, 0, none, off, 8 x 1 |" in text
     assert "| packed, dense_mask | forward (CPU) |" in text
+    for tools in ("qlora, 0, none, off, 8 x 1, adamw8bit |", "full, 0, none, off, 8 x 1, accum bf16 |",
+                  "full, 0, none, on, 8 x 1, act. offload |"):  # the planner's tools, each forced once
+        assert f"| tiny | 2 GB | {tools}" in text, text
     assert "| iterations done | 6 of 6 |" in text and "iteration 1: out of memory" in text  # injected, stepped down
     assert proc.returncode == 0 and "every step ok" in proc.stdout
 

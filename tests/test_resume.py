@@ -94,14 +94,11 @@ def test_two_rank_checkpoint_continues_on_one_rank(data_dir, tmp_path, one_rank_
     assert max(abs(losses[i] - reference[i]) for i in range(1, 31)) < RANK_CHANGE_TOL
 
 
-def test_8bit_states_resume_exactly_and_paged_falls_back_on_the_cpu(data_dir, tmp_path):
-    """bitsandbytes' 8-bit states go through DeepSpeed's checkpoint and come back bit for bit; asked for the
-    paged variant on a CPU-only machine, the run says what it uses instead and trains with it."""
-    args = [*EXACT, "--max_iters=20", "--optimizer=paged_adamw8bit"]
+def test_8bit_states_resume_exactly(data_dir, tmp_path):
+    """bitsandbytes' 8-bit states go through DeepSpeed's checkpoint and come back bit for bit; a resume with
+    another optimizer is refused in one line."""
+    args = [*EXACT, "--max_iters=20", "--optimizer=adamw8bit"]
     assert_kill_and_resume_match_whole_run(data_dir, tmp_path, args, last=20, kill_at=13, resumed_at=10)
-    plan = __import__("json").loads((tmp_path / "whole" / "plan.json").read_text())
-    assert plan["optimizer"] == "adamw8bit" and plan["reasons"]["optimizer"].startswith(
-        "paged_adamw8bit needs CUDA's unified memory; on the CPU this run uses adamw8bit")
     info = __import__("json").loads((tmp_path / "whole" / "checkpoints" / "iter0000020" / "info.json").read_text())
     assert info["optimizer"] == "adamw8bit"
     proc = run_cmd(python(*train_args(data_dir, tmp_path / "whole", *EXACT, "--max_iters=22", "--optimizer=adamw",

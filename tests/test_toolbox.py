@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from conftest import REPO, python, run_cmd
+from conftest import REPO, python, run_cmd, train_args
 from trainer.config import DEFAULTS
 from trainer.model.builder import build_module
 from trainer.model.gpt2 import build_model
@@ -121,7 +121,7 @@ def test_contradictions_are_one_line(keys, message):
     assert "\n" not in str(info.value)
 
 
-def test_bad_flags_are_one_line_exit_2(tmp_path):
+def test_bad_flags_are_one_line_exit_2(data_dir, tmp_path):
     proc = run_cmd(python("launch/train.py", "--recipe", "gpt2_small", "--plan", "--optimizer=adam8bit",
                           f"--out_dir={tmp_path / 'out'}"), cwd=REPO, check=False)
     assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1].startswith(
@@ -131,14 +131,21 @@ def test_bad_flags_are_one_line_exit_2(tmp_path):
                    cwd=REPO, check=False)
     assert proc.returncode == 2 and "cannot run with offload=optimizer" in proc.stderr
     assert not (tmp_path / "out").exists()
+    # a training launch (not --plan) of a paged optimizer on this CPU-only machine: refused before anything is written
+    proc = run_cmd(python(*train_args(data_dir, tmp_path / "out", "--optimizer=paged_adamw8bit")), cwd=REPO,
+                   check=False)
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1].startswith(
+        "error: optimizer=paged_adamw8bit pages its states through CUDA's unified memory"), proc.stderr
+    assert not (tmp_path / "out").exists()
 
 
-def test_paged_optimizers_say_what_runs_on_the_cpu():
+def test_paged_optimizers_need_cuda():
+    """A paged optimizer pages its states through CUDA's unified memory: on a machine without CUDA the plan is
+    refused with what runs instead; planned for a GPU it is kept."""
     hw = Hardware("cpu", 20 * GiB, 1, False, "CPU")
-    plan = make_plan(plan_input("gpt2", optimizer="paged_adamw8bit"), hw)
-    assert plan.optimizer == "adamw8bit"
-    assert plan.reasons["optimizer"].startswith("paged_adamw8bit needs CUDA's unified memory; on the CPU this run "
-                                                "uses adamw8bit")
+    with pytest.raises(PlanError, match=r"^optimizer=paged_adamw8bit pages its states through CUDA's unified memory "
+                       r"and this machine has no CUDA GPU; use optimizer=adamw8bit \(the same states"):
+        make_plan(plan_input("gpt2", optimizer="paged_adamw8bit"), hw)
     assert make_plan(plan_input("gpt2", optimizer="paged_adamw8bit"), gpu(80)).optimizer == "paged_adamw8bit"
 
 
@@ -180,3 +187,21 @@ def test_activation_offload_changes_no_loss_on_the_cpu():
     assert losses[True] == losses[False]
     # each micro-step sends at least every block's checkpointed input: 2 x (2 x 32 x 64) fp32 values
     assert moved >= 3 * plan.grad_accum_per_rank * 2 * (plan.micro_batch_size * 32 * 64 * 4)
+
+
+# ----------------------------------------------------------------------------- resume
+
+def test_8bit_states_do_not_change_rank_count():
+    """A resume keeps the run's optimizer (paged and unpaged are the same states); 8-bit states partitioned by
+    ZeRO cannot go through DeepSpeed's universal checkpoint, so another rank count is refused in one line."""
+    from trainer.errors import UserError
+    from trainer.run.resume import resume_layout
+    cfg = {**DEFAULTS, "mode": "auto", "zero_stage": "auto", "optimizer": "auto"}
+    info = {"mode": "full", "zero_stage": 2, "world_size": 2, "optimizer": "paged_adamw8bit"}
+    kept, universal = resume_layout(cfg, info, 2)
+    assert kept["optimizer"] == "paged_adamw8bit" and not universal
+    assert resume_layout({**cfg, "optimizer": "adamw8bit"}, info, 2)[0]["optimizer"] == "adamw8bit"
+    with pytest.raises(UserError, match=r"^the checkpoint's paged_adamw8bit states are partitioned over 2 ranks at "
+                       r"ZeRO-2, .* resume on 2 ranks with --zero_stage=2$"):
+        resume_layout(cfg, info, 1)
+    assert resume_layout(cfg, {**info, "optimizer": "adamw"}, 1)[1]  # 32-bit states convert

@@ -2,34 +2,44 @@
 
 The plain plan is full fine-tuning of the same model and batch with no memory tool: ZeRO-0, no recomputation,
 32-bit AdamW, fp32 gradient accumulation, nothing offloaded, the whole iteration in one micro-batch (it need
-not fit). A candidate's time is the plain plan's compute scaled by what the candidate changes, plus what it
-moves over PCIe or between GPUs that the compute cannot hide. Every constant below is written once, with its
-source; docs/plan.md lists them. The planner keeps the quality rule (full before LoRA before QLoRA, whenever
-one fits) and, within the first mode that fits, takes the fastest candidate.
+not fit). Every constant below is written once, with its source; docs/plan.md lists them. The planner keeps
+the quality rule (full before LoRA before QLoRA, whenever one fits) and, within the first mode that fits,
+takes the fastest candidate.
+
+On a GPU the candidate's compute is the plain plan's scaled by what it changes, plus what it moves over PCIe
+or between GPUs that the compute cannot hide:
 
     time = compute x mode x recompute x optimizer  +  micro-steps x fixed cost  +  exposed transfers and
            communication
+
+On the CPU every term is in seconds measured on this project's machine:
+
+    time = tokens x FLOPs per token / CPU_FLOPS  +  QLoRA's dequantization per micro-step  +  the optimizer
+           step per trained parameter  +  per extra micro-step a fixed cost and the gradients' accumulation
 """
 from trainer.model.shapes import flops_per_token, forward_flops_per_token
 from trainer.optim.optimizer import is_8bit
 from trainer.plan.hardware import gpu_model, peak_flops
-from trainer.plan.memory import DTYPE_BYTES, parameter_counts, path_of
+from trainer.plan.memory import DTYPE_BYTES, Candidate, parameter_counts, path_of
 
 # ---------------------------------------------------------------------------------------------------------
-# Compute. LoRA and QLoRA skip the frozen weights' gradient matmuls (flops_per_token: 4N + 6N_adapters instead
-# of 6N); QLoRA also dequantizes every 4-bit weight in each forward and backward pass. On this project's
-# 2-core CPU (bench/RESULTS.md, "costs of the memory tools", python bench/step_costs.py) an iteration of
-# GPT-2 124M took 0.73x (LoRA) and 0.86x (QLoRA) of full fine-tuning's; on GPUs the FLOPs ratio stands for
-# LoRA, and QLORA_OVER_LORA_GPU for the dequantization (the QLoRA paper and peft's reports put 4-bit LoRA at
-# about a third slower than 16-bit LoRA; bench/gpu_check.py measures it when a GPU is lent).
-MODE_TIME_CPU = {"lora": 0.73, "qlora": 0.86}
-QLORA_OVER_LORA_GPU = 1.33
-# Each micro-step pays a fixed time besides its compute (kernel launches and Python of an eager GPT-2 forward
-# and backward, DeepSpeed's bookkeeping): measured on the CPU (bench/step_costs.py: the same tokens in 1 and
-# in 8 micro-steps); on GPUs an assumption to calibrate with gpu_check.
-MICRO_STEP_SECONDS = {"cpu": 0.004, "cuda": 0.015}
-# This project's 2-core CPU sustains this many FLOP/s on GPT-2 training in fp32 (bench/step_costs.py).
+# On the CPU (one memory, nothing to move) every term is measured here, in CPU seconds of one thread
+# (python bench/step_costs.py; bench/RESULTS.md, "costs of the memory tools"): the passes' FLOPs at CPU_FLOPS
+# (LoRA's FLOPs count, 4N + 6N_adapters, says 0.67x full's passes; measured 0.63x), QLoRA's dequantization of
+# each 4-bit weight once per micro-step, the optimizer step per trained parameter, and per extra micro-step a
+# fixed cost and the addition of each trained parameter's gradient into the accumulated one.
 CPU_FLOPS = 20e9
+CPU_DEQUANT_SECONDS = 1e-9             # per 4-bit weight and micro-step
+CPU_STEP_SECONDS = {"adamw": 5e-9, "adamw8bit": 2e-8}  # per trained parameter
+CPU_MICRO_STEP_SECONDS = 0.004         # per micro-step
+CPU_ACCUMULATE_SECONDS = 3e-9          # per trained parameter and micro-step after the first
+# On GPUs LoRA's cost is its FLOPs count, and QLORA_OVER_LORA_GPU stands for the dequantization (the QLoRA
+# paper and peft's reports put 4-bit LoRA at about a third slower than 16-bit LoRA; bench/gpu_check.py
+# measures it when a GPU is lent). Each micro-step pays a fixed time besides its compute (kernel launches
+# and Python of an eager GPT-2 forward and backward, DeepSpeed's bookkeeping): an assumption to calibrate
+# with gpu_check.
+QLORA_OVER_LORA_GPU = 1.33
+GPU_MICRO_STEP_SECONDS = 0.015
 # bitsandbytes' 8-bit AdamW against 32-bit: torchtune's published ablation (full fine-tuning of a 3B model,
 # each flag added to the previous) measured -4.7% tokens/s for 8-bit AdamW; scaled by the trained share of
 # the parameters (the optimizer of a LoRA run steps ~1% of them).
@@ -67,15 +77,34 @@ def _hardware(search):
     return peak or REFERENCE_PEAK_FLOPS, pcie, nvlink or pcie
 
 
+def _quantized_weights(shape):
+    """The 4-bit weights of a QLoRA run: the blocks' four projections."""
+    return shape.n_layer * 12 * shape.n_embd ** 2
+
+
+def _cpu_seconds(search, cand):
+    """The candidate's iteration in CPU seconds (every term measured by bench/step_costs.py)."""
+    inp, shape = search.inp, search.inp.shape
+    _, trainable, total = parameter_counts(shape, cand.mode, inp.lora_r, inp.lora_targets)
+    flops = flops_per_token(total, shape.n_layer, shape.n_head, shape.n_embd, shape.block_size, cand.mode, trainable)
+    if cand.gradient_checkpointing:
+        flops += forward_flops_per_token(total, shape.n_layer, shape.n_embd, shape.block_size)
+    micro_steps = search.per_rank // cand.micro_batch_size
+    seconds = search.per_rank * shape.block_size * flops / CPU_FLOPS
+    if cand.mode == "qlora":
+        seconds += micro_steps * _quantized_weights(shape) * CPU_DEQUANT_SECONDS
+    seconds += micro_steps * CPU_MICRO_STEP_SECONDS + (micro_steps - 1) * trainable * CPU_ACCUMULATE_SECONDS
+    return seconds + trainable * CPU_STEP_SECONDS["adamw8bit" if is_8bit(cand.optimizer) else "adamw"]
+
+
 def _compute_share(search, cand, plain_flops):
-    """Compute of the candidate's iteration against the plain plan's: its mode, recomputation, optimizer."""
-    inp, shape, cpu = search.inp, search.inp.shape, search.hw.device_type == "cpu"
+    """Compute of the candidate's iteration against the plain plan's on a GPU: its mode, recomputation,
+    optimizer."""
+    inp, shape = search.inp, search.inp.shape
     base, trainable, total = parameter_counts(shape, cand.mode, inp.lora_r, inp.lora_targets)
     flops = flops_per_token(total, shape.n_layer, shape.n_head, shape.n_embd, shape.block_size, cand.mode,
                             trainable)
-    mode = flops / plain_flops
-    if cand.mode != "full":
-        mode = MODE_TIME_CPU[cand.mode] if cpu else mode * (QLORA_OVER_LORA_GPU if cand.mode == "qlora" else 1.0)
+    mode = flops / plain_flops * (QLORA_OVER_LORA_GPU if cand.mode == "qlora" else 1.0)
     recompute = 1.0
     if cand.gradient_checkpointing:
         recompute += forward_flops_per_token(total, shape.n_layer, shape.n_embd, shape.block_size) / flops
@@ -89,15 +118,15 @@ def _compute_share(search, cand, plain_flops):
 def step_time(search, cand):
     """The candidate's estimated time per iteration, relative to the plain plan (see the module docstring)."""
     inp, shape, hw = search.inp, search.inp.shape, search.hw
+    if hw.device_type == "cpu":
+        plain = Candidate("full", 0, "none", False, search.per_rank)
+        return _cpu_seconds(search, cand) / _cpu_seconds(search, plain)
     base, _, _ = parameter_counts(shape, "full", inp.lora_r, inp.lora_targets)
     plain_flops = flops_per_token(base, shape.n_layer, shape.n_head, shape.n_embd, shape.block_size)
     share = _compute_share(search, cand, plain_flops)
     tokens = search.per_rank * shape.block_size  # this rank's tokens per iteration
     n, micro_steps = hw.n_devices, search.per_rank // cand.micro_batch_size
-    overhead = MICRO_STEP_SECONDS[hw.device_type]
-    if hw.device_type == "cpu":  # one memory: nothing to move
-        plain_s = tokens * plain_flops / CPU_FLOPS
-        return (share * plain_s + micro_steps * overhead) / (plain_s + overhead)
+    overhead = GPU_MICRO_STEP_SECONDS
     peak, pcie, link = _hardware(search)
     plain_s = tokens * plain_flops / (peak * MFU_ASSUMED)
     compute_s = share * plain_s

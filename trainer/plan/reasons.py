@@ -152,9 +152,6 @@ def dtype(search, chosen, others):
 
 def optimizer(search, chosen, others):
     cand = chosen.cand
-    if search.unpaged_from:
-        return (f"{search.unpaged_from} needs CUDA's unified memory; on the CPU this run uses {cand.optimizer}: "
-                f"the same updates, its states in ordinary memory")
     if "optimizer" in search.fixed:
         return USER
     if not is_8bit(cand.optimizer):

@@ -103,11 +103,11 @@ class Search:
             raise PlanError(f"dtype=bf16 but {hw.name} does not support bf16; use dtype=fp16 (loss scaling) or auto")
         if hw.device_type == "cpu" and self.dtype == "fp16":
             raise PlanError("dtype=fp16 needs a GPU; on the CPU use fp32 (auto) or bf16")
-        # a paged optimizer needs CUDA's unified memory: on the CPU the same optimizer runs unpaged
-        self.unpaged_from = None
+        # a paged optimizer pages through CUDA's unified memory: nothing to page on a machine without CUDA
         if hw.device_type == "cpu" and is_paged(self.fixed.get("optimizer", "")):
-            self.unpaged_from = self.fixed["optimizer"]
-            self.fixed["optimizer"] = unpaged(self.unpaged_from)
+            name = self.fixed["optimizer"]
+            raise PlanError(f"optimizer={name} pages its states through CUDA's unified memory and this machine has "
+                            f"no CUDA GPU; use optimizer={unpaged(name)} (the same states and updates, not paged)")
         self.check_fixed()
 
     def estimate(self, cand) -> Estimate:
