@@ -15,7 +15,8 @@ backward and optimizer step. Every variant trains the same tokens per iteration 
 
 The variants alternate (--rounds), so that drift in the machine's load spreads over all of them. Times are
 the process's CPU seconds with torch on one thread (time.process_time): other processes sharing the cores
-change them far less than wall time. The first iteration of each engine is left out (warm-up). Derived:
+change them far less than wall time. The first iteration of each engine is left out (warm-up), and the
+least of the others is taken (load on a shared machine only ever adds time). Derived:
 each variant's time / full's; the micro-step's fixed seconds; GPT-2 training FLOP/s of one core
 (flops_per_token x tokens / full's seconds). The table is printed and appended to --results.
 """
@@ -23,7 +24,6 @@ import argparse
 import gc
 import os
 import platform
-import statistics
 import sys
 import tempfile
 import time
@@ -106,7 +106,8 @@ def main():
                       MASTER_PORT=os.environ.get("MASTER_PORT", "29731"))
     import deepspeed
     import torch
-    from trainer.model.shapes import Shape, flops_per_token, forward_flops_per_token
+    from trainer.config import DEFAULTS
+    from trainer.model.shapes import Shape, flops_per_token, recompute_flops_per_token
     from trainer.plan.memory import parameter_counts
     from trainer.run.ranks import release_cpu_allreduce_buffer
     torch.set_num_threads(1)
@@ -125,8 +126,10 @@ def main():
                 steps[name] += s
                 print(f"round {r + 1}/{args.rounds} {name}: passes {' '.join(f'{x:.2f}' for x in p)}, step "
                       f"{' '.join(f'{x:.2f}' for x in s)} CPU s; {time.time() - started:.0f} s so far", flush=True)
-    fb = {n: statistics.median(v) for n, v in passes.items()}
-    st = {n: statistics.median(v) for n, v in steps.items()}
+    # the least disturbed iteration: other processes on the machine only ever add time (even to CPU seconds,
+    # through shared caches and memory bandwidth); the spread is in the table
+    fb = {n: min(v) for n, v in passes.items()}
+    st = {n: min(v) for n, v in steps.items()}
     tokens = SEQUENCES * args.block_size
     lines = [f"\n### Costs of the memory tools on this CPU ({time.strftime('%Y-%m-%d')}, {platform.machine()}, "
              f"{os.cpu_count()} cores, torch {torch.__version__} on 1 thread, load average "
@@ -134,14 +137,15 @@ def main():
              f"`python bench/step_costs.py --block_size={args.block_size} --iters={args.iters} "
              f"--rounds={args.rounds}`: GPT-2 124M shape (random weights), {SEQUENCES} x {args.block_size} tokens "
              f"per iteration; CPU seconds (one thread) of the forward and backward passes and of the optimizer "
-             f"step, each the median of {args.iters * args.rounds} iterations\n",
-             "| variant | passes (each) | passes | step | iteration | / full |", "|---|---|---|---|---|---|"]
+             f"step, each the least of {args.iters * args.rounds} iterations\n",
+             "| variant | passes (each iteration) | passes (least) | step (least) | iteration | / full |",
+             "|---|---|---|---|---|---|"]
     for n in names:
         ratio = f"{(fb[n] + st[n]) / (fb['full'] + st['full']):.3f}" if "full" in fb else ""
         lines.append(f"| {n} | {' '.join(f'{x:.2f}' for x in passes[n])} | {fb[n]:.3f} | {st[n]:.3f} | "
                      f"{fb[n] + st[n]:.3f} | {ratio} |")
     shape = Shape(12, 12, 768, 50257, args.block_size)
-    base, adapters, total = parameter_counts(shape, "lora", 8, "c_attn")
+    base, adapters, total = parameter_counts(shape, "lora", DEFAULTS["lora_r"], DEFAULTS["lora_targets"])
     derived = []
     if "full" in fb:
         fpt = flops_per_token(base, 12, 12, 768, args.block_size)
@@ -160,7 +164,7 @@ def main():
             derived.append(f"gradient accumulation, CPU seconds per trained parameter and extra micro-step: "
                            f"({fb['full_micro1']:.3f} - {fb['full']:.3f} - {fixed:.3f}) / {base} = {per:.3g}")
         if "full_ckpt" in fb:
-            fwd = forward_flops_per_token(base, 12, 768, args.block_size)
+            fwd = recompute_flops_per_token(12, 768, args.block_size)
             derived.append(f"recomputation: passes {fb['full_ckpt'] / fb['full']:.3f}x full's; the FLOPs count "
                            f"says {1 + fwd / fpt:.3f}x")
         if "lora" in fb:

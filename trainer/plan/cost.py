@@ -17,22 +17,23 @@ On the CPU every term is in seconds measured on this project's machine:
     time = tokens x FLOPs per token / CPU_FLOPS  +  QLoRA's dequantization per micro-step  +  the optimizer
            step per trained parameter  +  per extra micro-step a fixed cost and the gradients' accumulation
 """
-from trainer.model.shapes import flops_per_token, forward_flops_per_token
+from trainer.model.shapes import flops_per_token, recompute_flops_per_token
 from trainer.optim.optimizer import is_8bit
 from trainer.plan.hardware import gpu_model, peak_flops
 from trainer.plan.memory import DTYPE_BYTES, Candidate, parameter_counts, path_of
 
 # ---------------------------------------------------------------------------------------------------------
 # On the CPU (one memory, nothing to move) every term is measured here, in CPU seconds of one thread
-# (python bench/step_costs.py; bench/RESULTS.md, "costs of the memory tools"): the passes' FLOPs at CPU_FLOPS
-# (LoRA's FLOPs count, 4N + 6N_adapters, says 0.67x full's passes; measured 0.63x), QLoRA's dequantization of
-# each 4-bit weight once per micro-step, the optimizer step per trained parameter, and per extra micro-step a
+# (python bench/step_costs.py, GPT-2 124M at block 128; bench/RESULTS.md, "Costs of the memory tools on this
+# CPU", 2026-12-02): the passes' FLOPs at CPU_FLOPS (LoRA's FLOPs count, 4N + 6N_adapters, says 0.682x full's
+# passes, measured 0.692x; recomputation's count 1.231x, measured 1.223x), QLoRA's dequantization of each
+# 4-bit weight once per micro-step, the optimizer step per trained parameter, and per extra micro-step a
 # fixed cost and the addition of each trained parameter's gradient into the accumulated one.
-CPU_FLOPS = 20e9
-CPU_DEQUANT_SECONDS = 1e-9             # per 4-bit weight and micro-step
-CPU_STEP_SECONDS = {"adamw": 5e-9, "adamw8bit": 2e-8}  # per trained parameter
-CPU_MICRO_STEP_SECONDS = 0.004         # per micro-step
-CPU_ACCUMULATE_SECONDS = 3e-9          # per trained parameter and micro-step after the first
+CPU_FLOPS = 1.16e11
+CPU_DEQUANT_SECONDS = 2.07e-9          # per 4-bit weight and micro-step
+CPU_STEP_SECONDS = {"adamw": 5.32e-9, "adamw8bit": 2.23e-8}  # per trained parameter (bitsandbytes' CPU kernel)
+CPU_MICRO_STEP_SECONDS = 0.187         # per micro-step
+CPU_ACCUMULATE_SECONDS = 1.83e-9       # per trained parameter and micro-step after the first
 # On GPUs LoRA's cost is its FLOPs count, and QLORA_OVER_LORA_GPU stands for the dequantization (the QLoRA
 # paper and peft's reports put 4-bit LoRA at about a third slower than 16-bit LoRA; bench/gpu_check.py
 # measures it when a GPU is lent). Each micro-step pays a fixed time besides its compute (kernel launches
@@ -88,7 +89,7 @@ def _cpu_seconds(search, cand):
     _, trainable, total = parameter_counts(shape, cand.mode, inp.lora_r, inp.lora_targets)
     flops = flops_per_token(total, shape.n_layer, shape.n_head, shape.n_embd, shape.block_size, cand.mode, trainable)
     if cand.gradient_checkpointing:
-        flops += forward_flops_per_token(total, shape.n_layer, shape.n_embd, shape.block_size)
+        flops += recompute_flops_per_token(shape.n_layer, shape.n_embd, shape.block_size)
     micro_steps = search.per_rank // cand.micro_batch_size
     seconds = search.per_rank * shape.block_size * flops / CPU_FLOPS
     if cand.mode == "qlora":
@@ -107,7 +108,7 @@ def _compute_share(search, cand, plain_flops):
     mode = flops / plain_flops * (QLORA_OVER_LORA_GPU if cand.mode == "qlora" else 1.0)
     recompute = 1.0
     if cand.gradient_checkpointing:
-        recompute += forward_flops_per_token(total, shape.n_layer, shape.n_embd, shape.block_size) / flops
+        recompute += recompute_flops_per_token(shape.n_layer, shape.n_embd, shape.block_size) / flops
     trained_share = trainable / base
     optimizer = 1.0 + (EIGHT_BIT_COST * trained_share if is_8bit(cand.optimizer) else 0.0)
     if path_of(cand, search.dtype) == "unfused" and search.dtype == "bf16":
