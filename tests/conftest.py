@@ -35,10 +35,9 @@ def deepspeed_cmd(*args, num_gpus=None):
 
 
 def free_port():
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """The trainer's own pick (trainer/launcher.py): outside the OS's ephemeral range, checked free."""
+    from trainer.launcher import free_port as pick
+    return pick()
 
 
 @pytest.fixture(scope="session")

@@ -27,12 +27,19 @@ def resume_config(cfg, out_dir):
     merged = dict(cfg)
     for key in RUN_MODEL_KEYS:
         # A value the recipe or command asks for (not the default) must match the run's.
+        if key == "dataset" and cfg[key] != saved[key] and cfg[key] != DEFAULTS[key]:
+            raise UserError(f"{out_dir} trained on dataset={saved[key]!r} and a resume continues the same run on "
+                            f"the same data, but this run asks for dataset={cfg[key]!r}; to continue its model on "
+                            f"other data, start a new run from it: --init_from={out_dir} --out_dir=<a new folder> "
+                            f"--dataset={cfg[key]!r}")
         if cfg[key] != saved[key] and cfg[key] != DEFAULTS[key]:
             raise UserError(f"{out_dir} holds a model with {key}={saved[key]!r}, but this run asks for "
                             f"{key}={cfg[key]!r}; resume with the run's own settings or start a new out_dir")
         merged[key] = saved[key]
     merged["init_from"] = saved["init_from"]
     merged["resumed_from"] = str(out_dir)
+    if "continued_from" in saved:  # a run started from another run's weights stays so
+        merged["continued_from"] = saved["continued_from"]
     return merged
 
 
