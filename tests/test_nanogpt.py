@@ -136,3 +136,79 @@ def test_not_a_nanogpt_checkpoint_is_one_line(tmp_path):
     torch.save({"model": {}}, tmp_path / "other.pt")
     with pytest.raises(UserError, match="is not a nanoGPT checkpoint"):
         load_pretrained(str(tmp_path / "other.pt"), 0.0)
+
+
+# ----------------------------------------------------------------------------- the commands, for real
+
+@pytest.fixture(scope="module")
+def nanogpt_clone(data_dir, tmp_path_factory):
+    """A nanoGPT folder as its train.py leaves it: out-shakespeare-char/ckpt.pt (bias=False, compiled names)
+    and data/shakespeare_char/ (train.bin, val.bin, meta.pkl) beside it."""
+    import shutil
+    root = tmp_path_factory.mktemp("nanoGPT")
+    shutil.copytree(data_dir / "shakespeare_char", root / "data" / "shakespeare_char")
+    write_nanogpt_checkpoint(root / "out-shakespeare-char", bias=False, compiled=True)
+    return root
+
+
+@pytest.fixture(scope="module")
+def exported(nanogpt_clone, tmp_path_factory):
+    export_dir = tmp_path_factory.mktemp("exports") / "nanogpt-char"
+    proc = run_cmd(python(REPO / "launch/merge_adapter.py", f"--out_dir={nanogpt_clone / 'out-shakespeare-char'}",
+                          f"--export_dir={export_dir}"), cwd=REPO)
+    return export_dir, proc.stdout
+
+
+@pytest.mark.slow
+def test_export_of_a_nanogpt_checkpoint_gives_nanogpts_logits(nanogpt_clone, exported):
+    from transformers import AutoModelForCausalLM
+    export_dir, stdout = exported
+    assert "nanoGPT checkpoint" in stdout and ": ok" in stdout
+    model = AutoModelForCausalLM.from_pretrained(export_dir).eval()
+    assert model.config.activation_function == "gelu"
+    with open(export_dir / "meta.pkl", "rb") as f:  # the characters travel with the export
+        assert len(pickle.load(f)["stoi"]) == CHAR_VOCAB
+    sd = torch.load(nanogpt_clone / "out-shakespeare-char" / "ckpt.pt", weights_only=True)["model"]
+    idx = torch.randint(0, CHAR_VOCAB, (2, 64), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        ours = model(input_ids=idx).logits.double()
+    assert (ours - nanogpt_forward(sd, idx, n_head=2)).abs().max() < ATOL
+
+
+@pytest.mark.slow
+def test_sample_and_eval_read_a_nanogpt_out_dir(nanogpt_clone):
+    out = nanogpt_clone / "out-shakespeare-char"
+    proc = run_cmd(python(REPO / "launch/sample.py", f"--out_dir={out}", "--start=ROMEO:", "--num_samples=1",
+                          "--max_new_tokens=20", "--device=cpu"), cwd=REPO)
+    text = proc.stdout.split("---------------")[0]
+    assert text.startswith("ROMEO:") and len(text.strip()) >= 20  # decoded through data/shakespeare_char/meta.pkl
+    # eval.py: nanoGPT's dataset, found beside its out_dir, evaluated with the model's characters
+    proc = run_cmd(python(REPO / "launch/eval.py", f"--out_dir={out}", "--device=cpu", "--batch_size=64"), cwd=REPO)
+    assert re.search(r"shakespeare_char val \(all tokens\): loss [\d.]+, perplexity", proc.stdout), proc.stdout
+
+
+@pytest.mark.slow
+def test_finetune_from_a_nanogpt_checkpoint_keeps_its_architecture(nanogpt_clone, exported, data_dir, tmp_path):
+    import json
+    from safetensors.torch import load_file
+    out = nanogpt_clone / "out-shakespeare-char"
+    short = ["--max_iters=2", "--eval_interval=2", "--eval_iters=2", "--always_save_checkpoint=True",
+             "--block_size=32"]
+    proc = run_cmd(python(*train_args(data_dir, tmp_path / "ft", f"--init_from={out}", *short)), cwd=REPO)
+    assert "nanoGPT's checkpoint of iteration 250 (best val loss 1.4697)" in proc.stdout
+    assert "its weights only: the optimizer starts fresh at iteration 0" in proc.stdout
+    assert json.loads((tmp_path / "ft" / "config.json").read_text())["bias"] is False  # the checkpoint's
+    saved = json.loads((tmp_path / "ft" / "model_config.json").read_text())
+    assert saved["activation_function"] == "gelu" and saved["n_layer"] == 2 and saved["n_positions"] == 32
+    # the same weights as the export of the checkpoint: the same val loss at iteration 0, on the same windows
+    proc_hf = run_cmd(python(*train_args(data_dir, tmp_path / "hf", f"--init_from={exported[0]}", "--eval_only=True",
+                                         *short)), cwd=REPO)
+    first = lambda stdout: re.search(r"step 0: train loss ([\d.]+), val loss ([\d.]+)", stdout).groups()  # noqa: E731
+    assert first(proc.stdout) == first(proc_hf.stdout)
+    # trained, then exported: still nanoGPT's architecture (exact GELU, its biases zero and never trained)
+    run_cmd(python(REPO / "launch/merge_adapter.py", f"--out_dir={tmp_path / 'ft'}", f"--export_dir={tmp_path / 'exp'}"),
+            cwd=REPO)
+    assert json.loads((tmp_path / "exp" / "config.json").read_text())["activation_function"] == "gelu"
+    weights = load_file(tmp_path / "exp" / "model.safetensors")
+    biases = [v for k, v in weights.items() if k.endswith(".bias")]
+    assert biases and not any(b.any() for b in biases)
