@@ -24,14 +24,14 @@ def resume_config(cfg, out_dir):
         raise UserError(f"init_from='resume' but {out_dir / CONFIG} does not exist; start a new run without "
                         f"--init_from=resume")
     saved = run_dir.config()
+    if cfg["dataset"] != saved["dataset"] and cfg["dataset"] != DEFAULTS["dataset"]:  # sequential finetuning
+        raise UserError(f"{out_dir} trained on dataset={saved['dataset']!r} and a resume continues the same run on "
+                        f"the same data, but this run asks for dataset={cfg['dataset']!r}; to continue its model on "
+                        f"other data, start a new run from it: --init_from={out_dir} --out_dir=<a new folder> "
+                        f"--dataset={cfg['dataset']!r}")
     merged = dict(cfg)
     for key in RUN_MODEL_KEYS:
         # A value the recipe or command asks for (not the default) must match the run's.
-        if key == "dataset" and cfg[key] != saved[key] and cfg[key] != DEFAULTS[key]:
-            raise UserError(f"{out_dir} trained on dataset={saved[key]!r} and a resume continues the same run on "
-                            f"the same data, but this run asks for dataset={cfg[key]!r}; to continue its model on "
-                            f"other data, start a new run from it: --init_from={out_dir} --out_dir=<a new folder> "
-                            f"--dataset={cfg[key]!r}")
         if cfg[key] != saved[key] and cfg[key] != DEFAULTS[key]:
             raise UserError(f"{out_dir} holds a model with {key}={saved[key]!r}, but this run asks for "
                             f"{key}={cfg[key]!r}; resume with the run's own settings or start a new out_dir")
