@@ -1,6 +1,7 @@
 """Train a GPT-2: `deepspeed launch/train.py --recipe NAME [--key=value ...]`.
 
-Also `python launch/train.py recipes/X.py --key=value` (one process, no launcher) and
+Also `python launch/train.py recipes/X.py --key=value` (one process, no launcher; a nanoGPT config file works
+the same), `torchrun --standalone --nproc_per_node=N launch/train.py recipes/X.py`, and
 `--plan [--json] [--vram_gb=24] [--gpus=1] [--simulate]` to print the memory plan and exit (--simulate:
 beside the plan's training step run on fake tensors, trainer/plan/simulate.py).
 """
@@ -21,6 +22,7 @@ from trainer.launcher import (free_port, is_port_in_use, launcher_rank, launcher
 
 USAGE = """usage: deepspeed [--num_gpus N] launch/train.py --recipe NAME [--key=value ...] [--plan [--json]]
        python launch/train.py [--recipe] NAME_OR_PATH [--key=value ...]      (one process, no launcher)
+       torchrun --standalone --nproc_per_node=N launch/train.py NAME_OR_PATH [--key=value ...]
 
 Train (or finetune) a GPT-2 with a recipe. A recipe is a file of `key = value` lines (recipes/NAME.py or
 any path); every key below can be overridden as --key=value or --key value (Python literals:

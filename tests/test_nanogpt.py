@@ -127,15 +127,47 @@ def test_read_as_gpt2_it_computes_nanogpts_logits(tmp_path, bias, compiled, mask
         assert biases and all(not p.requires_grad and not p.any() for p in biases)
 
 
-def test_not_a_nanogpt_checkpoint_is_one_line(tmp_path):
+def test_only_gelu_new_is_replaced_any_other_activation_is_kept(tmp_path):
+    """Loading, rebuilding from a saved config (resume, sampling, export) and building keep nanoGPT's exact GELU;
+    GPT-2's gelu_new alone becomes the same function in one kernel."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+    from trainer.model.gpt2 import ACTIVATION, load_pretrained, model_from_config_file
+    for saved, built in (("gelu", "gelu"), ("gelu_new", ACTIVATION), ("relu", "relu")):
+        config = GPT2Config(n_layer=1, n_head=2, n_embd=8, n_positions=16, vocab_size=65, activation_function=saved)
+        GPT2LMHeadModel(config).save_pretrained(tmp_path / saved)
+        config.to_json_file(tmp_path / f"{saved}.json")
+        for model in (load_pretrained(str(tmp_path / saved), 0.0), model_from_config_file(tmp_path / f"{saved}.json")):
+            assert model.config.activation_function == built
+
+
+def test_what_cannot_be_read_is_one_line(tmp_path):
     from trainer.errors import UserError
     from trainer.model.gpt2 import load_pretrained
+    from trainer.model.nanogpt import find_meta
+    from trainer.tools.export import export
     (tmp_path / "ckpt.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(UserError, match="could not be read as a nanoGPT checkpoint"):
         load_pretrained(str(tmp_path), 0.0)
     torch.save({"model": {}}, tmp_path / "other.pt")
-    with pytest.raises(UserError, match="is not a nanoGPT checkpoint"):
+    with pytest.raises(UserError, match="is not a nanoGPT checkpoint \\(a dict with 'model' and 'model_args'"):
         load_pretrained(str(tmp_path / "other.pt"), 0.0)
+    # another model's weights under nanoGPT's keys
+    out = write_nanogpt_checkpoint(tmp_path / "extra")
+    ckpt = torch.load(out / "ckpt.pt", weights_only=True)
+    ckpt["model"]["transformer.h.0.mlp.gate.weight"] = torch.zeros(1)
+    torch.save(ckpt, out / "ckpt.pt")
+    with pytest.raises(UserError, match="does not hold nanoGPT's GPT of its model_args .*unexpected "
+                                        "\\['transformer.h.0.mlp.gate.weight'\\]"):
+        load_pretrained(str(out), 0.0)
+    # a character model whose dataset's meta.pkl is nowhere near
+    lone = write_nanogpt_checkpoint(tmp_path / "lone", dataset="no_such_dataset")
+    with pytest.raises(UserError, match="is a character model \\(vocab_size 65\\) and its vocabulary, the meta.pkl of "
+                                        "its dataset 'no_such_dataset', is in none of .*; copy that meta.pkl next to "
+                                        "ckpt.pt or run from nanoGPT's folder"):
+        find_meta(lone / "ckpt.pt")
+    with pytest.raises(UserError, match="is a nanoGPT checkpoint: a whole model, without adapters; export it without "
+                                        "--adapter_only"):
+        export(lone, tmp_path / "exp", adapter_only=True)
 
 
 # ----------------------------------------------------------------------------- the commands, for real
