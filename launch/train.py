@@ -99,7 +99,7 @@ def deepspeed_decides(cfg):
     if not given:
         return None
     import torch
-    where = f"GPU {local_rank() % torch.cuda.device_count()} of each node" if torch.cuda.is_available() else "the CPU"
+    where = "the GPUs, one per rank" if torch.cuda.is_available() else "the CPU"
     return (f"note: {', '.join(given)} (nanoGPT's) are DeepSpeed's to decide here: each rank runs on its own GPU "
             f"when there is one; this run: {where}, backend {torch.distributed.get_backend()}")
 

@@ -238,8 +238,8 @@ def test_finetune_from_a_nanogpt_checkpoint_keeps_its_architecture(nanogpt_clone
     first = lambda stdout: re.search(r"step 0: train loss ([\d.]+), val loss ([\d.]+)", stdout).groups()  # noqa: E731
     assert first(proc.stdout) == first(proc_hf.stdout)
     # trained, then exported: still nanoGPT's architecture (exact GELU, its biases zero and never trained)
-    run_cmd(python(REPO / "launch/merge_adapter.py", f"--out_dir={tmp_path / 'ft'}", f"--export_dir={tmp_path / 'exp'}"),
-            cwd=REPO)
+    run_cmd(python(REPO / "launch/merge_adapter.py", f"--out_dir={tmp_path / 'ft'}",
+                   f"--export_dir={tmp_path / 'exp'}"), cwd=REPO)
     assert json.loads((tmp_path / "exp" / "config.json").read_text())["activation_function"] == "gelu"
     weights = load_file(tmp_path / "exp" / "model.safetensors")
     biases = [v for k, v in weights.items() if k.endswith(".bias")]

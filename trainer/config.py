@@ -2,8 +2,8 @@
 
 A recipe is a nanoGPT-style Python file of `key = value` lines; like nanoGPT's config files it may
 import modules and compute values (only the resulting top-level names that are keys count). Every key
-is declared once, in KEYS below, with its default, its valid values and a one-line meaning; that table is the contract
-the rest of the trainer relies on (the planner, the loop and `--help` read it and check nothing
+is declared once, in KEYS below, with its default, its valid values and a one-line meaning; that table
+is the contract the rest of the trainer relies on (the planner, the loop and `--help` read it and check nothing
 again). Overrides `--key=value` are parsed as Python literals and checked the same way. A mistake
 is one ConfigError line naming the key, the value and what it must be.
 """
@@ -171,7 +171,8 @@ _GROUPS = {
     "nanoGPT's keys that DeepSpeed decides here (accepted, not used; the run prints what it uses)": {
         "device": _key("", "nanoGPT's 'cuda', 'cpu', 'cuda:0', ...: each rank trains on its own GPU (LOCAL_RANK) when "
                        "there is one, else on the CPU (CUDA_VISIBLE_DEVICES= hides the GPUs)"),
-        "backend": _key("", "nanoGPT's DDP backend ('nccl', 'gloo'): DeepSpeed chooses it (NCCL on GPUs, gloo on CPUs)"),
+        "backend": _key("", "nanoGPT's DDP backend ('nccl', 'gloo'): DeepSpeed chooses it (NCCL on GPUs, gloo on "
+                        "CPUs)"),
     },
 }
 KEYS = {name: replace(key, group=group) for group, keys in _GROUPS.items() for name, key in keys.items()}

@@ -106,8 +106,9 @@ def model_shape(cfg, data_vocab_size, model_config_path=None) -> "Shape":
     """The model's shape for the planner, without building the model or reading weights.
 
     A hub name has GPT-2's published shape; a local Hugging Face directory (or, on resume, the
-    run's model_config.json) is read as JSON; a nanoGPT checkpoint has its model_args; a scratch model pads the data's vocabulary as
-    trainer/model/gpt2.py does. Only json is needed, so `--plan` stays fast.
+    run's model_config.json) is read as JSON; a nanoGPT checkpoint has its model_args; a scratch model
+    pads the data's vocabulary as trainer/model/gpt2.py does. Only json is needed (a nanoGPT checkpoint
+    needs torch to read), so `--plan` stays fast.
     """
     init_from = cfg["init_from"]
     checkpoint = nanogpt.checkpoint_path(init_from) if model_config_path is None else None

@@ -255,7 +255,8 @@ def _export_nanogpt(ckpt, export_dir, dtype, tolerance, log):
         idx = parity_batch(loaded.vocab_limit, loaded.block_size)
         reference = logits_of(loaded.lm, idx)
         _save_merged(loaded.lm, tmp, dtype)
-        vocab = "the GPT-2 tokenizer" if write_tokenizer(nanogpt.find_meta(ckpt)[0], tmp) else "the characters' meta.pkl"
+        with_bpe = write_tokenizer(nanogpt.find_meta(ckpt)[0], tmp)
+        vocab = "the GPT-2 tokenizer" if with_bpe else "the characters' meta.pkl"
         files = ", ".join(sorted(p.name for p in tmp.iterdir()))
         log(f"saved a transformers model ({dtype}, vocab {reference.size(-1):,}, exact GELU, with {vocab}): {files}")
         exported = AutoModelForCausalLM.from_pretrained(str(tmp), dtype=TORCH_DTYPES[dtype]).eval()
