@@ -1,9 +1,10 @@
 """Loss and perplexity: `python launch/eval.py --out_dir=out-lora [--dataset=NAME | --text=FILE] [--compare_base]`.
 
---out_dir is a training run (its latest checkpoint; LoRA runs too), an exported Hugging Face directory
-or a GPT-2 hub name. Without --dataset/--text a run is evaluated on its own dataset(s). A dataset is
-evaluated on its whole val split (instruction data with the training masking: response tokens only,
-each packed example on its own); a text file is tokenized with the model's tokenizer. Perplexity is
+--out_dir is a training run (its latest checkpoint; LoRA runs too), an exported Hugging Face directory,
+a GPT-2 hub name or a nanoGPT out_dir (its ckpt.pt). Without --dataset/--text a run is evaluated on its own
+dataset(s) (a nanoGPT out_dir on the dataset its config names). A dataset is evaluated on its whole val
+split (instruction data with the training masking: response tokens only, each packed example on its own);
+a text file is tokenized with the model's tokenizer. Perplexity is
 exp of the mean token loss. --compare_base evaluates the model the run started from (its init_from,
 or --base) on the same tokens and prints the change: what the finetune cost on general text.
 """

@@ -1,7 +1,8 @@
 """Export a training run as a Hugging Face model: `python launch/merge_adapter.py --out_dir=out-lora --export_dir=DIR`.
 
 LoRA/QLoRA runs: the adapters are merged into the base weights (QLoRA: into the unquantized original
-weights); full runs: the checkpoint's weights (ZeRO shards consolidated). The result is a directory
+weights); full runs: the checkpoint's weights (ZeRO shards consolidated); a nanoGPT out_dir (its ckpt.pt):
+its model as GPT-2 with nanoGPT's exact GELU. The result is a directory
 that `AutoModelForCausalLM.from_pretrained(DIR)` loads (model.safetensors, config.json,
 generation_config.json, and the tokenizer for GPT-2 BPE runs). `--adapter_only` writes a peft adapter
 directory instead, for `PeftModel.from_pretrained(base, DIR)`.

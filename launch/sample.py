@@ -1,6 +1,7 @@
 """Sample from a trained model: `python launch/sample.py --out_dir=out-shakespeare --start="To be"`.
 
-Also `--init_from=gpt2-xl` (a hub name) or `--init_from=path/to/hf_dir`.
+Also `--init_from=gpt2-xl` (a hub name) or `--init_from=path/to/hf_dir`; `--out_dir` may be a nanoGPT out_dir
+(its ckpt.pt; a character model's meta.pkl is found in its dataset's folder, docs/training.md).
 Instruction-tuned models: `--prompt_template=alpaca --start="Give three tips for staying healthy."`, and an
 Alpaca record's input beside its instruction: `--start="Translate to French." --input="Good morning"`.
 """

@@ -1,25 +1,28 @@
 """Train a GPT-2: `deepspeed launch/train.py --recipe NAME [--key=value ...]`.
 
-Also `python launch/train.py recipes/X.py --key=value` (one process, no launcher) and
+Also `python launch/train.py recipes/X.py --key=value` (one process, no launcher; a nanoGPT config file works
+the same), `torchrun --standalone --nproc_per_node=N launch/train.py recipes/X.py`, and
 `--plan [--json] [--vram_gb=24] [--gpus=1] [--simulate]` to print the memory plan and exit (--simulate:
 beside the plan's training step run on fake tensors, trainer/plan/simulate.py).
 """
 import argparse
 import json
 import os
-import socket
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this clone's trainer, even if another is installed
 
 from trainer.cli import USER_ERROR_EXIT, FlagParser, at_least, more_than, number, run_main  # noqa: E402
-from trainer.config import (RECIPES_DIR, add_config_arguments, config_from_args, describe_keys,  # noqa: E402
-                            recipe_names, recipe_summary)
-from trainer.launcher import launcher_rank, launcher_world, local_rank, started_alone  # noqa: E402
+from trainer.config import (DEEPSPEED_DECIDES, RECIPES_DIR, add_config_arguments, config_from_args,  # noqa: E402
+                            describe_keys, recipe_names, recipe_summary)
+from trainer.errors import UserError  # noqa: E402
+from trainer.launcher import (free_port, is_port_in_use, launcher_rank, launcher_world, local_rank,  # noqa: E402
+                              started_alone)
 
 USAGE = """usage: deepspeed [--num_gpus N] launch/train.py --recipe NAME [--key=value ...] [--plan [--json]]
        python launch/train.py [--recipe] NAME_OR_PATH [--key=value ...]      (one process, no launcher)
+       torchrun --standalone --nproc_per_node=N launch/train.py NAME_OR_PATH [--key=value ...]
 
 Train (or finetune) a GPT-2 with a recipe. A recipe is a file of `key = value` lines (recipes/NAME.py or
 any path); every key below can be overridden as --key=value or --key value (Python literals:
@@ -57,26 +60,48 @@ def parser():
     return add_config_arguments(p)
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+PORT_ATTEMPTS = 5  # a one-process run picks its own port; another launch may take it in between
 
 
 def init_distributed():
-    """Under `deepspeed` the launcher sets RANK etc. (under an MPI or srun launch DeepSpeed discovers them);
-    a plain `python` run is a world of one."""
-    if started_alone():
-        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
-                          MASTER_PORT=str(free_port()))
+    """Under `deepspeed` or torchrun the launcher sets RANK etc. (under an MPI or srun launch DeepSpeed
+    discovers them); a plain `python` run is a world of one on a port it picks itself."""
     import deepspeed
     import torch
 
     from trainer.run.ranks import release_cpu_allreduce_buffer
     if torch.cuda.is_available():  # this node's GPU, by local rank: the setup's collectives run on it
         torch.cuda.set_device(local_rank() % torch.cuda.device_count())
-    deepspeed.init_distributed()
+    alone = started_alone()
+    for attempt in range(PORT_ATTEMPTS if alone else 1):
+        if alone:
+            os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
+                              MASTER_PORT=str(free_port()))
+        try:
+            deepspeed.init_distributed()
+            break
+        except torch.distributed.DistNetworkError as exc:
+            if not is_port_in_use(exc):
+                raise
+            if not alone:  # rank 0 serves the rendezvous on the launcher's port: another run holds it
+                port = os.environ.get("MASTER_PORT", "29500")
+                raise UserError(f"port {port}, where the ranks meet (MASTER_PORT), is in use on this machine, "
+                                f"probably by another run; launch with another port: deepspeed --master_port="
+                                f"{int(port) + 1} ... (torchrun: --master_port={int(port) + 1})") from None
+            if attempt == PORT_ATTEMPTS - 1:
+                raise
     release_cpu_allreduce_buffer()
+
+
+def deepspeed_decides(cfg):
+    """One line for nanoGPT's `device` and `backend` when the config sets them: what this run uses instead."""
+    given = [f"{key}={cfg[key]!r}" for key in DEEPSPEED_DECIDES if cfg[key]]
+    if not given:
+        return None
+    import torch
+    where = "the GPUs, one per rank" if torch.cuda.is_available() else "the CPU"
+    return (f"note: {', '.join(given)} (nanoGPT's) are DeepSpeed's to decide here: each rank runs on its own GPU "
+            f"when there is one; this run: {where}, backend {torch.distributed.get_backend()}")
 
 
 def print_plan(cfg, args):
@@ -90,6 +115,10 @@ def print_plan(cfg, args):
 
     meta = read_meta(dataset_dir(cfg)) if (dataset_dir(cfg) / "meta.pkl").is_file() else {}
     saved_model = RunDir(cfg["out_dir"]).model_config_path if cfg["init_from"] == "resume" else None
+    if cfg["init_from"] != "resume" and RunDir(cfg["init_from"]).is_run():  # a new run from another run
+        from trainer.run.continuation import continue_run, model_config
+        cfg = continue_run(cfg).cfg
+        saved_model = model_config(cfg) or RunDir(cfg["continued_from"]).model_config_path
     shape = model_shape(cfg, meta.get("vocab_size", 50257), saved_model)
     # packed instruction blocks, as the run will plan
     plan_input = PlanInput.of(cfg, shape, packed=meta.get("format") == "instructions")
@@ -120,6 +149,9 @@ def main(argv):
     from trainer.model.adapters import check_source
     check_source(cfg["mode"], cfg["init_from"])  # before any rank starts or writes
     init_distributed()
+    note = deepspeed_decides(cfg)
+    if note and launcher_rank() == 0:
+        print(note, flush=True)
     from trainer.run.loop import train
     hardware = {"vram_gb": args.vram_gb, "gpus": args.gpus}
     train(cfg, {k: v for k, v in hardware.items() if v is not None})

@@ -35,10 +35,9 @@ def deepspeed_cmd(*args, num_gpus=None):
 
 
 def free_port():
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """The trainer's own pick (trainer/launcher.py): outside the OS's ephemeral range, checked free."""
+    from trainer.launcher import free_port as pick
+    return pick()
 
 
 @pytest.fixture(scope="session")
@@ -90,9 +89,11 @@ def train_args(data_dir, out_dir, *extra, recipe="shakespeare_char_cpu"):
 
 # launch/test.sh gives each worker whole files (`--dist loadfile`) in the order collected. The longest files
 # go first, so that the run does not end on one long file while the other worker idles (seconds per file
-# in a 2-worker run on 2 cores, 2026-11-30; the rest take under a minute each and keep their order).
+# in a 2-worker run on 2 cores, 2026-11-30; test_continue.py and test_launch_ports.py, about a minute each
+# alone on a loaded machine, 2026-12-02; the rest take under a minute each and keep their order).
 LONGEST_FILES_FIRST = ("test_gpu_check.py", "test_resume.py", "test_lora.py", "test_multinode.py",
-                       "test_faults.py", "test_errors.py", "test_multirank.py", "test_engine_states.py")
+                       "test_continue.py", "test_faults.py", "test_errors.py", "test_multirank.py",
+                       "test_launch_ports.py", "test_engine_states.py")
 
 
 def pytest_collection_modifyitems(items):

@@ -152,3 +152,48 @@ def test_an_out_dir_that_is_a_file_is_refused(tmp_path):
 def test_every_recipe_is_within_range():
     for name in recipe_names():
         resolve_config(["--recipe", name])  # raises on any key out of range
+
+
+def test_a_recipe_may_import_and_compute_like_nanogpts_config_files(tmp_path):
+    """Only the resulting top-level names that are keys count: modules, functions, classes, _private names
+    are ignored (nanoGPT's finetune config starts with `import time`)."""
+    recipe = tmp_path / "finetune.py"
+    recipe.write_text("import time\nimport math as _math\nfrom os import path\n\n"
+                      "def tokens(batch, block):\n    return batch * block\n\n"
+                      "class Notes:\n    pass\n\n"
+                      "_per_gpu = 5\n"
+                      "wandb_run_name = 'ft-' + str(time.time())\n"
+                      "gradient_accumulation_steps = _per_gpu * 8\n"
+                      "max_iters = int(_math.ceil(tokens(4, 256) / 100))\n"
+                      "lora_targets = [t for t in ('c_attn', 'c_fc') if path.sep]\n")
+    cfg, _ = resolve_config([str(recipe)])
+    assert cfg["wandb_run_name"].startswith("ft-") and float(cfg["wandb_run_name"][3:]) > 0
+    assert cfg["gradient_accumulation_steps"] == 40 and cfg["max_iters"] == 11
+    assert cfg["lora_targets"] == ["c_attn", "c_fc"]
+    assert not {"time", "path", "tokens", "Notes", "_per_gpu", "_math"} & set(cfg)
+
+
+def test_a_computed_name_that_is_not_a_key_is_still_a_typo(tmp_path):
+    recipe = tmp_path / "mine.py"
+    recipe.write_text("import time\nlearning_rte = 1e-3 * 2\n")
+    with pytest.raises(ConfigError, match="unknown key 'learning_rte' in recipe .*did you mean learning_rate"):
+        resolve_config([str(recipe)])
+
+
+@pytest.mark.parametrize("spelling, ours", [("bfloat16", "bf16"), ("float16", "fp16"), ("float32", "fp32"),
+                                            ("bf16", "bf16")])
+def test_nanogpts_dtype_spellings_are_ours(tmp_path, spelling, ours):
+    assert resolve_config([f"--dtype={spelling}"])[0]["dtype"] == ours
+    recipe = tmp_path / "mine.py"
+    recipe.write_text(f"dtype = '{spelling}'\n")
+    assert resolve_config([str(recipe)])[0]["dtype"] == ours
+    with pytest.raises(ConfigError, match="dtype='float64' in override --dtype=float64 must be one of auto, bf16"):
+        resolve_config(["--dtype=float64"])
+
+
+def test_nanogpts_device_and_backend_are_accepted(tmp_path):
+    recipe = tmp_path / "mine.py"
+    recipe.write_text("device = 'cuda:0'\nbackend = 'nccl'\n")
+    cfg, _ = resolve_config([str(recipe), "--device=cpu"])
+    assert cfg["device"] == "cpu" and cfg["backend"] == "nccl"
+    assert DEFAULTS["device"] == DEFAULTS["backend"] == ""  # not given: nothing is printed about them

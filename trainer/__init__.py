@@ -4,9 +4,10 @@
   launcher.py, files.py, units.py  the launcher's environment, atomic writes, byte units
   data/      what training reads: tokenizers, memory-mapped datasets, the sampler, mixtures
   prepare/   text and instruction records -> datasets (data/**/prepare.py); never imported while training
-  model/     GPT-2 as trained: shapes, the loss, attention for packed batches, LoRA/QLoRA, the builder
+  model/     GPT-2 as trained: shapes, nanoGPT's checkpoints, the loss, packed attention, LoRA/QLoRA, the builder
   optim/     the optimizer and the learning-rate schedule
   plan/      the memory plan: hardware, memory model, search, reasons, and `--plan --simulate`
-  run/       a training run: setup, DeepSpeed engine, the loop, checkpoints, resume, out-of-memory step-down
+  run/       a training run: setup, DeepSpeed engine, the loop, checkpoints, resume and continuation,
+             out-of-memory step-down
   tools/     using a trained run: loading, evaluation, export
 """

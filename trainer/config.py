@@ -1,8 +1,9 @@
 """Recipes and overrides -> one resolved, validated config dict.
 
-A recipe is a nanoGPT-style Python file of `key = value` lines. Every key is declared once, in
-KEYS below, with its default, its valid values and a one-line meaning; that table is the contract
-the rest of the trainer relies on (the planner, the loop and `--help` read it and check nothing
+A recipe is a nanoGPT-style Python file of `key = value` lines; like nanoGPT's config files it may
+import modules and compute values (only the resulting top-level names that are keys count). Every key
+is declared once, in KEYS below, with its default, its valid values and a one-line meaning; that table
+is the contract the rest of the trainer relies on (the planner, the loop and `--help` read it and check nothing
 again). Overrides `--key=value` are parsed as Python literals and checked the same way. A mistake
 is one ConfigError line naming the key, the value and what it must be.
 """
@@ -10,6 +11,7 @@ import argparse
 import ast
 import difflib
 import os
+import types
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -29,6 +31,10 @@ ZERO_STAGES = (0, 1, 2, 3)
 OPTIMIZERS = ("adamw", "adamw8bit", "paged_adamw8bit", "paged_adamw")
 GRAD_ACCUM_DTYPES = ("fp32", "bf16")
 LORA_TARGETS = ("c_attn", "c_proj", "c_fc")
+# nanoGPT's dtype names (its train.py's `dtype`), read as ours
+NANOGPT_DTYPES = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
+# nanoGPT's keys that DeepSpeed decides here: accepted, not used (launch/train.py says what the run uses)
+DEEPSPEED_DECIDES = ("device", "backend")
 
 
 class ConfigError(UserError):
@@ -56,6 +62,7 @@ class Key:
     valid: object = None      # value -> bool, checked after the type; None: any value of the type
     auto: type = None         # the key also takes 'auto' (the planner decides); else values of this type
     group: str = ""
+    spellings: dict = None    # other spellings of a value, as nanoGPT writes them ('bfloat16' -> 'bf16')
 
 
 _POSITIVE = at_least(1)
@@ -83,9 +90,13 @@ _GROUPS = {
         "eval_only": _key(False, "evaluate once and exit"),
         "always_save_checkpoint": _key(True, "save at every evaluation, not only when val loss improves"),
         "init_from": _key("scratch", "scratch | resume | a GPT-2 hub name (gpt2, gpt2-medium, ...) | an HF "
-                          "model directory", Rule(bool, "scratch, resume, a hub name or a folder")),
+                          "model directory | a run's out_dir (a new run from its weights) | a nanoGPT out_dir or "
+                          "ckpt.pt", Rule(bool, "scratch, resume, a hub name, a folder or a ckpt.pt")),
         "overwrite": _key(False, "allow a fresh run in an out_dir that already holds another run"),
         "resume_tag": _key("", "with init_from=resume: the checkpoint tag to resume from instead of `latest`"),
+        "init_adapters": _choice("keep", ("keep", "merge"), "with init_from=<a LoRA/QLoRA run's out_dir>: keep (train "
+                                 "its adapters further, on its base, in its mode) or merge (train the base with the "
+                                 "adapters merged in, in full mode)"),
         "max_bad_steps": _key(10, "stop after this many non-finite (NaN/inf) steps in a row", _POSITIVE),
         "early_stop": _key(0, "stop after this many evaluations without a new best val loss (0: off); needs "
                            "always_save_checkpoint=False, so the checkpoint kept is the best one", _NON_NEGATIVE),
@@ -134,7 +145,8 @@ _GROUPS = {
         "gradient_checkpointing": _key("auto", "recompute activations in the backward pass", auto=bool),
         "micro_batch_size": _key("auto", "sequences per forward pass per rank (accumulation makes up the rest)",
                                  _POSITIVE, auto=int),
-        "dtype": _choice("auto", ("auto",) + DTYPES, "training precision (auto: bf16 or fp16 on GPUs, fp32 on CPU)"),
+        "dtype": _choice("auto", ("auto",) + DTYPES, "training precision (auto: bf16 or fp16 on GPUs, fp32 on CPU); "
+                         "nanoGPT's 'bfloat16', 'float16', 'float32' are bf16, fp16, fp32", spellings=NANOGPT_DTYPES),
         "optimizer": _choice("auto", ("auto",) + OPTIMIZERS, "AdamW with 32-bit states, or bitsandbytes' 8-bit states "
                              "(paged_*: states in CUDA unified memory, paged to CPU under pressure)"),
         "grad_accum_dtype": _choice("auto", ("auto",) + GRAD_ACCUM_DTYPES, "with dtype=bf16 at ZeRO-0: accumulate "
@@ -165,6 +177,12 @@ _GROUPS = {
         "wandb_project": _key("gpt2-deepspeed-peft", "the W&B project", Rule(bool, "a project name")),
         "wandb_run_name": _key("", "the W&B run name ('': the out_dir's name)"),
     },
+    "nanoGPT's keys that DeepSpeed decides here (accepted, not used; the run prints what it uses)": {
+        "device": _key("", "nanoGPT's 'cuda', 'cpu', 'cuda:0', ...: each rank trains on its own GPU (LOCAL_RANK) when "
+                       "there is one, else on the CPU (CUDA_VISIBLE_DEVICES= hides the GPUs)"),
+        "backend": _key("", "nanoGPT's DDP backend ('nccl', 'gloo'): DeepSpeed chooses it (NCCL on GPUs, gloo on "
+                        "CPUs)"),
+    },
 }
 KEYS = {name: replace(key, group=group) for group, keys in _GROUPS.items() for name, key in keys.items()}
 DEFAULTS = {name: key.default for name, key in KEYS.items()}
@@ -173,6 +191,8 @@ DEFAULTS = {name: key.default for name, key in KEYS.items()}
 RUNTIME_KEYS = {
     "resumed_from": "the out_dir this run resumed (set on --init_from=resume; init_from then names the run's "
                     "original source)",
+    "continued_from": "the run whose weights this run started from (set on --init_from=<a run's out_dir>; with "
+                      "init_adapters=keep init_from then names that run's base)",
 }
 
 
@@ -218,6 +238,8 @@ def check_value(key, value, source):
         raise ConfigError(f"unknown key '{key}' in {source}{closest(key, KEYS)}; "
                           f"see `python launch/train.py --help` for every key")
     spec = KEYS[key]
+    if spec.spellings and isinstance(value, str):
+        value = spec.spellings.get(value, value)
     if spec.auto is not None and value == "auto":
         return value
     if key == "dataset":  # a name, or a mixture: a non-empty list of names
@@ -268,14 +290,25 @@ def recipe_names():
     return sorted(p.stem for p in RECIPES_DIR.glob("*.py"))
 
 
+def is_code(value):
+    """A module, class or function a recipe defined or imported (nanoGPT's `import time`): not a value."""
+    return isinstance(value, (types.ModuleType, type)) or callable(value)
+
+
 def read_recipe(path):
-    """Execute a recipe file and return its public `key = value` assignments, type-checked."""
+    """Execute a recipe file and return its top-level values, type-checked.
+
+    A recipe is Python, as nanoGPT's config files are: it may import modules and compute values
+    (`wandb_run_name = 'ft-' + str(time.time())`). Only the resulting top-level names count: modules,
+    classes, functions and `_private` names are ignored, and every other name must be a key (a typo
+    is an error naming the closest keys)."""
     namespace = {}
-    try:
-        exec(compile(Path(path).read_text(), str(path), "exec"), {}, namespace)
+    try:  # one namespace, as a module has: functions and comprehensions in the recipe see its imports
+        exec(compile(Path(path).read_text(), str(path), "exec"), namespace)
     except Exception as exc:  # a recipe is user code: report where it broke, in one line
         raise ConfigError(f"recipe {path} failed to load: {type(exc).__name__}: {exc}") from None
-    return {k: check_value(k, v, f"recipe {path}") for k, v in namespace.items() if not k.startswith("_")}
+    return {k: check_value(k, v, f"recipe {path}") for k, v in namespace.items()
+            if not k.startswith("_") and not is_code(v)}
 
 
 def literal(text):

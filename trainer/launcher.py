@@ -5,7 +5,9 @@ environment variables. Entry points read them before torch.distributed exists (t
 once, to choose one process or several); trainer/run/ranks.py answers the same questions once it runs.
 """
 import os
+import random
 import socket
+from pathlib import Path
 
 # Where launchers put the global rank and the number of processes before torch.distributed starts:
 # DeepSpeed's own launcher and torchrun (RANK), OpenMPI, MPICH / Intel MPI (PMI), MVAPICH, Slurm's srun.
@@ -37,3 +39,55 @@ def node_name():
     """This process's node as a console line names it: DeepSpeed's node rank (CROSS_RANK) and the host."""
     node = os.environ.get("CROSS_RANK")
     return f"node {node} ({socket.gethostname()})" if node is not None else socket.gethostname()
+
+
+# Ports the trainer never picks for itself: the launchers' defaults (torchrun 29400, deepspeed and
+# torch 29500), so that a run started without a launcher never blocks a user's default launch.
+LAUNCHER_DEFAULT_PORTS = range(29400, 29501)
+PORT_FLOOR = 20000  # below it lie the well-known and many registered services' ports
+
+
+def ephemeral_ports():
+    """The range the OS hands out for outgoing connections and `bind(0)` (Linux's ip_local_port_range)."""
+    try:
+        low, high = map(int, Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+        return range(low, high + 1)
+    except (OSError, ValueError):
+        return range(32768, 61000)  # Linux's default
+
+
+def port_is_free(port):
+    """Nothing listens on the port, on any address (TCPStore's server binds them all)."""
+    with socket.socket() as s:
+        try:
+            s.bind(("", port))
+            return True
+        except OSError:
+            return False
+
+
+def free_port(rng=random):
+    """A free TCP port for a launch's rendezvous, outside the OS's ephemeral range.
+
+    `bind(0)` then close hands back an ephemeral port, which any process's next outgoing connection
+    may take before the run binds it (parallel launches failed now and then with EADDRINUSE). A port
+    below the ephemeral range is never handed out by the OS; only another launch picking the same
+    number at random could collide, and the caller retries on EADDRINUSE.
+    """
+    ephemeral = ephemeral_ports()
+    candidates = [p for p in range(PORT_FLOOR, min(ephemeral.start, 65536))
+                  if p not in LAUNCHER_DEFAULT_PORTS] or list(range(ephemeral.stop, 65536))
+    for _ in range(200):
+        port = rng.choice(candidates) if candidates else 0
+        if port == 0:
+            break
+        if port_is_free(port):
+            return port
+    with socket.socket() as s:  # no port outside the ephemeral range is free: let the OS choose
+        s.bind(("", 0))
+        return s.getsockname()[1]
+
+
+def is_port_in_use(exc):
+    """A torch.distributed error raised because the rendezvous port is taken (EADDRINUSE)."""
+    return "EADDRINUSE" in str(exc) or "address already in use" in str(exc).lower()

@@ -25,6 +25,7 @@ logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 from trainer.config import ADAPTER_MODES  # noqa: E402
 from trainer.errors import UserError  # noqa: E402
 from trainer.launcher import local_rank  # noqa: E402
+from trainer.model import nanogpt  # noqa: E402
 from trainer.model.gpt2 import TORCH_DTYPES, build_model, fit_to_config, load_pretrained  # noqa: E402
 from trainer.model.shapes import HUB_NAMES  # noqa: E402
 
@@ -92,7 +93,8 @@ def build_base(cfg, vocab_size, mode, dtype="fp32", device_type="cpu", run_dir=N
     run_dir is the trained run being rebuilt (resume, sampling, export), named if its base is gone.
     """
     source = cfg["init_from"]
-    if run_dir and source not in HUB_NAMES + ("scratch",) and not (Path(source) / "config.json").is_file():
+    on_disk = (Path(source) / "config.json").is_file() or nanogpt.checkpoint_path(source) is not None
+    if run_dir and source not in HUB_NAMES + ("scratch",) and not on_disk:
         raise UserError(f"the base weights of the adapter run {run_dir}, init_from={source!r}, are no longer there "
                         f"(adapter checkpoints hold only the adapters); put the base back at that path")
     if mode != "qlora":

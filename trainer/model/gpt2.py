@@ -1,6 +1,7 @@
 """GPT-2 as the trainer builds it: transformers' GPT2LMHeadModel with SDPA attention, from scratch, from a
-hub name or local Hugging Face directory, or from a run's saved config; with the few changes training
-needs (a cropped position table, frozen zero biases, gradient checkpointing)."""
+hub name, a local Hugging Face directory or a nanoGPT checkpoint, or from a run's saved config; with the
+few changes training needs (a cropped position table, frozen zero biases, gradient checkpointing)."""
+import tempfile
 import warnings
 
 import torch
@@ -9,23 +10,32 @@ from transformers import GPT2Config, GPT2LMHeadModel
 
 from trainer.data.tokenizer import GPT2_EOT
 from trainer.errors import UserError
-from trainer.model.shapes import HUB_NAMES, Shape, model_dir_config, padded_vocab
+from trainer.model import nanogpt
+from trainer.model.shapes import HUB_NAMES, Shape, model_dir_config, nanogpt_shape, padded_vocab
 
 # GPT-2's own activation, "gelu_new", is the tanh GELU written as five Python-level ops: autograd keeps
 # four extra 4h-wide tensors per layer for it. torch's fused tanh GELU computes the same function in one
 # kernel (max |difference| 4.8e-7 in fp32, at most one rounding step in bf16/fp16: tests/test_model.py),
-# so every model the trainer builds uses it; saved and exported configs carry it (transformers knows it).
+# so every model the trainer builds uses it instead of gelu_new; saved and exported configs carry it
+# (transformers knows it). Any other activation is another function and is kept: nanoGPT's models use the
+# exact GELU ("gelu").
 ACTIVATION = "gelu_pytorch_tanh"
 # The plan's dtype names
 TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def gpt2_config(shape, dropout):
-    """The GPT2Config of a shape as the trainer builds it: the fused GELU, dropout everywhere, no KV cache."""
+def trained_activation(name):
+    """The activation a model is built with: gelu_new becomes the same function in one kernel, others stay."""
+    return ACTIVATION if name == "gelu_new" else name
+
+
+def gpt2_config(shape, dropout, activation=ACTIVATION):
+    """The GPT2Config of a shape as the trainer builds it: the fused GELU (unless another activation is
+    asked for), dropout everywhere, no KV cache."""
     return GPT2Config(
         vocab_size=shape.vocab_size, n_positions=shape.block_size, n_embd=shape.n_embd, n_layer=shape.n_layer,
         n_head=shape.n_head, resid_pdrop=dropout, embd_pdrop=dropout, attn_pdrop=dropout, use_cache=False,
-        activation_function=ACTIVATION,
+        activation_function=activation,
         # GPT-2's <|endoftext|> exists only in a GPT-2 vocabulary, not in a character one
         bos_token_id=GPT2_EOT if shape.vocab_size > GPT2_EOT else None,
         eos_token_id=GPT2_EOT if shape.vocab_size > GPT2_EOT else None,
@@ -39,16 +49,47 @@ def scratch_config(cfg, vocab_size):
 
 
 def load_pretrained(source, dropout, dtype=None, **kwargs):
-    """GPT-2 from the hub or a local HF directory, with dropout overridden."""
+    """GPT-2 from the hub, a local HF directory or a nanoGPT checkpoint, with dropout overridden."""
+    checkpoint = nanogpt.checkpoint_path(source)
+    if checkpoint is not None:
+        return load_nanogpt(checkpoint, dropout, dtype, **kwargs)
     if source not in HUB_NAMES:
         model_dir_config(source)  # a folder with config.json, or one line saying what init_from may be
     try:
+        activation = trained_activation(GPT2Config.from_pretrained(source).activation_function)
         return GPT2LMHeadModel.from_pretrained(
             source, attn_implementation="sdpa", resid_pdrop=dropout, embd_pdrop=dropout,
-            attn_pdrop=dropout, use_cache=False, dtype=dtype, activation_function=ACTIVATION, **kwargs)
+            attn_pdrop=dropout, use_cache=False, dtype=dtype, activation_function=activation, **kwargs)
     except OSError as exc:
         raise UserError(f"could not load {source!r} ({str(exc).splitlines()[0]}); "
                         f"check the name or download it first with network access") from None
+
+
+def load_nanogpt(path, dropout, dtype=None, **kwargs):
+    """A nanoGPT checkpoint as GPT2LMHeadModel, its architecture kept exactly (trainer/model/nanogpt.py):
+    the exact GELU, its vocabulary and positions, zero biases where it had none. A 4-bit load (kwargs: a
+    quantization_config) goes through from_pretrained, from the model saved to a temporary folder."""
+    args = nanogpt.model_args(path)
+    config = gpt2_config(nanogpt_shape(path, args["block_size"]), dropout, activation=nanogpt.ACTIVATION)
+    config._attn_implementation = "sdpa"
+    model = GPT2LMHeadModel(config)
+    missing, unexpected = model.load_state_dict(nanogpt.hf_state_dict(path), strict=False)
+    expected = {"lm_head.weight"} | ({n for n, _ in model.named_parameters() if n.endswith(".bias")}
+                                     if not args["bias"] else set())
+    if set(missing) - expected or unexpected:
+        raise UserError(f"{path} does not hold nanoGPT's GPT of its model_args (missing "
+                        f"{sorted(set(missing) - expected)[:3]}, unexpected {unexpected[:3]}); was it saved by "
+                        f"another model?")
+    model.tie_weights()
+    if not args["bias"]:
+        remove_biases(model)
+    if not kwargs:
+        return model.to(dtype) if dtype is not None else model
+    with tempfile.TemporaryDirectory(prefix="nanogpt-") as folder:
+        model.save_pretrained(folder)
+        del model
+        return GPT2LMHeadModel.from_pretrained(folder, attn_implementation="sdpa", use_cache=False, dtype=dtype,
+                                               **kwargs)
 
 
 def crop_block_size(model, block_size):
@@ -108,7 +149,7 @@ def model_from_config_file(path):
     """Rebuild the architecture saved at the start of a run (weights come from the checkpoint)."""
     config = GPT2Config.from_json_file(path)
     config._attn_implementation = "sdpa"
-    config.activation_function = ACTIVATION  # runs saved before the switch say gelu_new: the same function
+    config.activation_function = trained_activation(config.activation_function)  # older runs say gelu_new
     return GPT2LMHeadModel(config)
 
 

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from trainer.errors import UserError
+from trainer.model import nanogpt
 from trainer.units import MiB
 
 # (n_layer, n_head, n_embd) of the published GPT-2 sizes; all have vocab 50257 and 1024 positions.
@@ -122,18 +123,29 @@ def model_dir_config(source):
     path = Path(source) / "config.json"
     if not path.is_file():
         raise UserError(f"init_from={source!r} is neither scratch, resume, a GPT-2 hub name "
-                        f"({', '.join(HUB_NAMES)}) nor a Hugging Face model directory with config.json")
+                        f"({', '.join(HUB_NAMES)}), a Hugging Face model directory with config.json, a training "
+                        f"run's out_dir nor a nanoGPT out_dir or ckpt.pt")
     return path
+
+
+def nanogpt_shape(path, block_size):
+    """The shape of a nanoGPT checkpoint's model (its model_args), trained on blocks of block_size."""
+    args = nanogpt.model_args(path)
+    return Shape(args["n_layer"], args["n_head"], args["n_embd"], args["vocab_size"], block_size)
 
 
 def model_shape(cfg, data_vocab_size, model_config_path=None) -> "Shape":
     """The model's shape for the planner, without building the model or reading weights.
 
     A hub name has GPT-2's published shape; a local Hugging Face directory (or, on resume, the
-    run's model_config.json) is read as JSON; a scratch model pads the data's vocabulary as
-    trainer/model/gpt2.py does. Only json is needed, so `--plan` stays fast.
+    run's model_config.json) is read as JSON; a nanoGPT checkpoint has its model_args; a scratch model
+    pads the data's vocabulary as trainer/model/gpt2.py does. Only json is needed (a nanoGPT checkpoint
+    needs torch to read), so `--plan` stays fast.
     """
     init_from = cfg["init_from"]
+    checkpoint = nanogpt.checkpoint_path(init_from) if model_config_path is None else None
+    if checkpoint is not None:  # reading its model_args imports torch
+        return nanogpt_shape(checkpoint, cfg["block_size"])
     if model_config_path is not None or (init_from not in GPT2_SHAPES and init_from != "scratch"):
         hf = json.loads(Path(model_config_path or model_dir_config(init_from)).read_text())
         return Shape(hf["n_layer"], hf["n_head"], hf["n_embd"], hf["vocab_size"], cfg["block_size"])

@@ -25,6 +25,11 @@ def resume_config(cfg, out_dir):
         raise UserError(f"init_from='resume' but {out_dir / CONFIG} does not exist; start a new run without "
                         f"--init_from=resume")
     saved = run_dir.config()
+    if cfg["dataset"] != saved["dataset"] and cfg["dataset"] != DEFAULTS["dataset"]:  # sequential finetuning
+        raise UserError(f"{out_dir} trained on dataset={saved['dataset']!r} and a resume continues the same run on "
+                        f"the same data, but this run asks for dataset={cfg['dataset']!r}; to continue its model on "
+                        f"other data, start a new run from it: --init_from={out_dir} --out_dir=<a new folder> "
+                        f"--dataset={cfg['dataset']!r}")
     merged = dict(cfg)
     for key in RUN_MODEL_KEYS:
         # A value the recipe or command asks for (not the default) must match the run's.
@@ -34,6 +39,8 @@ def resume_config(cfg, out_dir):
         merged[key] = saved[key]
     merged["init_from"] = saved["init_from"]
     merged["resumed_from"] = str(out_dir)
+    if "continued_from" in saved:  # a run started from another run's weights stays so
+        merged["continued_from"] = saved["continued_from"]
     return merged
 
 

@@ -30,7 +30,7 @@ from trainer.model.shapes import Shape, flops_per_token, model_shape
 from trainer.plan.hardware import Hardware, detect_hardware
 from trainer.plan.planner import Plan, PlanInput, make_plan
 from trainer.plan.report import format_plan, plan_to_dict
-from trainer.run import checkpoint, fault_injection
+from trainer.run import checkpoint, continuation, fault_injection
 from trainer.run.engine import clips_by_hand, create_engine, ensure_cpu_adam, may_offload
 from trainer.run.logger import RunLogger, require_wandb
 from trainer.run.preflight import check_same_data, check_shared_out_dir, on_every_rank, same_hardware
@@ -123,17 +123,24 @@ def check_out_dir(cfg):
 def final_config(cfg, out_dir, world):
     """(cfg, data, resume, notes): the config the run trains with, once.
 
-    On resume the model keys, mode and ZeRO stage come from the run; max_epochs > 0 becomes
+    On resume the model keys, mode and ZeRO stage come from the run, and from another run or a nanoGPT
+    checkpoint the keys its weights fix; max_epochs > 0 becomes
     max_iters (and lr_decay_iters) from the data's size. `notes` are lines for the console.
     """
-    resume = None
+    resume, start = None, None
     if cfg["init_from"] == "resume":
         cfg = resume_config(cfg, out_dir)
         tag = checkpoint.choose_tag(out_dir, cfg["resume_tag"])
         cfg, universal = resume_layout(cfg, checkpoint.read_info(out_dir, tag), world)
         resume = Resume(tag, universal)
+    else:  # a new run from another run's out_dir or a nanoGPT checkpoint (trainer/run/continuation.py)
+        start = continuation.starting_point(cfg)
+        cfg = start.cfg if start else cfg
     data = open_data(cfg)  # one dataset, or a MixedData for a list of them
     notes = []
+    if start:
+        continuation.check_vocabulary(start, data)
+        notes.append(start.note)
     if cfg["max_epochs"] > 0:
         cfg, line = epochs_to_iters(cfg, data)
         notes.append(line)
@@ -180,7 +187,7 @@ def build_run(cfg, hardware=None):
     cfg, data, resume, notes = on_every_rank(final_config, cfg, out_dir, world)  # each rank opens its own data
     check_same_data(data)
 
-    saved_model = RunDir(out_dir).model_config_path if resume else None
+    saved_model = RunDir(out_dir).model_config_path if resume else continuation.model_config(cfg)
     # the model's shape, and whether batches are packed instruction blocks: what the planner plans for
     shape = model_shape(cfg, data.vocab_size, saved_model)
     plan_input = PlanInput.of(cfg, shape, packed=bool(data.packed))
@@ -190,8 +197,11 @@ def build_run(cfg, hardware=None):
         ensure_cpu_adam()  # built now, not hours in when a step-down first offloads
 
     full_resume = resume is not None and plan.mode not in ADAPTER_MODES  # adapter runs rebuild their base
-    module = build_trained_module(cfg, plan, data.vocab_size, hw.device_type, saved_model if full_resume else None,
+    module = build_trained_module(cfg, plan, data.vocab_size, hw.device_type,
+                                  saved_model if full_resume or not resume else None,
                                   run_dir=out_dir if resume else None)
+    if resume is None:
+        continuation.load_weights(module, cfg)  # a new run from another run's weights or adapters
     data.check_vocab(module.lm.config.vocab_size)
     if cfg["wandb_log"]:
         require_wandb()

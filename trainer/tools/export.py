@@ -6,7 +6,8 @@
 - qlora runs: the adapters folded into the base reloaded unquantized from the original weights (never
   into dequantized 4-bit weights);
 - adapter_only: a peft adapter directory (adapter_config.json, adapter_model.safetensors) for
-  `PeftModel.from_pretrained(base, dir)`.
+  `PeftModel.from_pretrained(base, dir)`;
+- a nanoGPT out_dir (or ckpt.pt): its model as transformers' GPT-2 (trainer/model/nanogpt.py).
 The export is written to a temporary folder next to export_dir, reloaded from disk the way a user loads
 it, and compared with the trained model rebuilt from the checkpoint on a fixed batch (the maximum
 absolute difference of the logits). Only if that is within tolerance is it renamed to export_dir;
@@ -23,10 +24,12 @@ import torch
 from trainer.config import ADAPTER_MODES
 from trainer.data.tokenizer import gpt2_bpe_files
 from trainer.errors import UserError
+from trainer.model import nanogpt
 from trainer.model.gpt2 import TORCH_DTYPES, load_pretrained
 from trainer.run import checkpoint
 from trainer.run.run_dir import RunDir
-from trainer.tools.loading import adapter_state_dict, load_adapter_run, load_run
+from trainer.run.weights import adapter_state_dict, load_adapter_run
+from trainer.tools.loading import load_nanogpt, load_run
 from trainer.units import format_bytes
 
 # Parity tolerance, relative to the largest reference logit (at least 1): the float rounding a merge
@@ -131,6 +134,12 @@ def export(out_dir, export_dir, dtype="fp32", adapter_only=False, tolerance=None
     if dtype not in TORCH_DTYPES:
         raise UserError(f"--dtype={dtype}: choose fp32, bf16 or fp16")
     out_dir = Path(out_dir)
+    ckpt = nanogpt.checkpoint_path(out_dir)
+    if ckpt is not None and not RunDir(out_dir).is_run():
+        if adapter_only:
+            raise UserError(f"{out_dir} is a nanoGPT checkpoint: a whole model, without adapters; export it "
+                            f"without --adapter_only")
+        return _export_nanogpt(ckpt, export_dir, dtype, tolerance, log)
     tag = _check_run(out_dir)
     run_dir = RunDir(out_dir)
     cfg, mode, meta = run_dir.config(), run_dir.mode(), run_dir.meta()
@@ -232,3 +241,35 @@ def _export(out_dir, folder, cfg, mode, meta, dtype, adapter_only, tolerance, ta
         raise ParityError(f"parity check failed: the export differs from the trained model by {diff:.3e} "
                           f"(tolerance {tol:.1e}); nothing was written to the export_dir")
     return result
+
+
+def _export_nanogpt(ckpt, export_dir, dtype, tolerance, log):
+    """A nanoGPT checkpoint as a transformers model, reloaded and compared with the model read from it."""
+    from transformers import AutoModelForCausalLM
+
+    tmp = _prepare_tmp(export_dir)
+    try:
+        iter_num, best = nanogpt.training_state(ckpt)
+        log(f"nanoGPT checkpoint {ckpt}: iteration {iter_num}, best val loss {best:.4f}")
+        loaded = load_nanogpt(ckpt)
+        idx = parity_batch(loaded.vocab_limit, loaded.block_size)
+        reference = logits_of(loaded.lm, idx)
+        _save_merged(loaded.lm, tmp, dtype)
+        with_bpe = write_tokenizer(nanogpt.find_meta(ckpt)[0], tmp)
+        vocab = "the GPT-2 tokenizer" if with_bpe else "the characters' meta.pkl"
+        files = ", ".join(sorted(p.name for p in tmp.iterdir()))
+        log(f"saved a transformers model ({dtype}, vocab {reference.size(-1):,}, exact GELU, with {vocab}): {files}")
+        exported = AutoModelForCausalLM.from_pretrained(str(tmp), dtype=TORCH_DTYPES[dtype]).eval()
+        diff, tol = max_abs_diff(logits_of(exported, idx), reference), tolerance_for(reference, dtype, tolerance)
+        log(f"parity on a fixed batch of {idx.size(0)}x{idx.size(1)} tokens: max |logits(AutoModelForCausalLM."
+            f"from_pretrained(export)) - logits(the nanoGPT model)| = {diff:.3e} (tolerance {tol:.1e}): "
+            f"{'ok' if diff <= tol else 'FAILED'}")
+        if diff > tol:
+            raise ParityError(f"parity check failed: the export differs from the nanoGPT model by {diff:.3e} "
+                              f"(tolerance {tol:.1e}); nothing was written to the export_dir")
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    _finish(tmp, export_dir)
+    log(f"exported to {export_dir}")
+    return {"mode": "nanogpt", "dtype": dtype, "max_abs_diff": diff, "tolerance": tol, "quantization_gap": None}
