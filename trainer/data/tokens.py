@@ -122,6 +122,15 @@ class TokenData:
         pos = np.stack([self.positions[split][i:i + T] for i in starts]).astype(np.int64)
         return torch.from_numpy(x), torch.from_numpy(y), torch.from_numpy(pos)
 
+    def loss_tokens(self, split, offsets):
+        """How many targets of the windows at `offsets` carry loss: all of them without a mask, else the
+        mask's ones (the sampler counts an iteration's loss tokens with this, trainer/data/sampler.py)."""
+        mask, T = self.masks[split], self.block_size
+        if mask is None:
+            return len(offsets) * T
+        starts = np.asarray(offsets) * (T + 1) if self.packed else offsets
+        return sum(int(np.count_nonzero(mask[i + 1:i + 1 + T])) for i in starts)
+
     def epoch_sequences(self):
         """Sequences in one pass over train.bin: its blocks (packed), else its tokens / block_size."""
         return self.n_windows("train") if self.packed else len(self.tokens["train"]) / self.block_size

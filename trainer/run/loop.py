@@ -12,6 +12,7 @@ import torch
 from trainer.data.mixing import shares_line
 from trainer.data.tokenizer import IGNORE_INDEX
 from trainer.errors import UserError
+from trainer.model.loss import token_weighted
 from trainer.model.sampling import generate
 from trainer.optim.schedule import lr_at
 from trainer.plan.hardware import peak_flops
@@ -65,7 +66,8 @@ def train(cfg, hardware=None):
 
 
 def train_iteration(run, recovery):
-    """One optimizer step over this rank's micro-batches; (mean micro-batch loss, grad norm or None).
+    """One optimizer step over this rank's micro-batches; (this rank's loss, whose mean over the ranks is the
+    iteration's mean token loss; grad norm or None).
 
     Out of memory: the plan steps down (trainer/run/oom.py) and the iteration is redone on the same windows.
     """
@@ -80,11 +82,21 @@ def train_iteration(run, recovery):
 
 
 def micro_steps(run):
-    """The micro-steps of one iteration; one host sync at its end (the losses and the grad norm together)."""
-    engine, device, plan = run.engine, run.device, run.plan
+    """The micro-steps of one iteration; one host sync at its end (the losses and the grad norm together).
+
+    Token-weighted: each micro-batch's mean loss is weighted by its share of the iteration's loss tokens
+    (trainer/model/loss.token_weight), so the update, and the loss returned (summed over the ranks by
+    log_progress), are the mean over every loss token of the iteration, whatever the micro-batch,
+    accumulation or number of ranks (an out-of-memory step-down included: the weights use the plan of
+    the try that runs).
+    """
+    engine, device = run.engine, run.device
+    accum = engine.gradient_accumulation_steps()  # what engine.backward divides each loss by
     loss_sum, grad_norm = None, None
-    for x, y, *pos in run.sampler.iteration_batches(run.sequences, run.rank, run.world, plan.micro_batch_size):
+    batches, loss_tokens = run.sampler.iteration(run.sequences, run.rank, run.world, run.plan.micro_batch_size)
+    for x, y, *pos in batches:
         loss = engine(*[to_device(t, device) for t in (x, y, *pos)])  # pos: packed data's positions
+        loss = token_weighted(loss, int((y != IGNORE_INDEX).sum()), loss_tokens, accum * run.world)
         engine.backward(loss)
         if run.clips_by_hand and engine.is_gradient_accumulation_boundary():
             grad_norm = clip_or_skip(engine, run.cfg["grad_clip"])
@@ -96,7 +108,7 @@ def micro_steps(run):
         loss_total, grad_norm = torch.stack([loss_sum.float(), grad_norm.to(loss_sum.device).float()]).tolist()
     else:
         loss_total = loss_sum.item()
-    return loss_total / plan.grad_accum_per_rank, grad_norm
+    return loss_total / accum, grad_norm
 
 
 def to_device(t, device):
