@@ -6,7 +6,7 @@ in tokens, 'proportional' is p_i = n_i / sum(n), 'temperature:T' is p_i proporti
 T = 1 is proportional, larger T moves towards equal shares (T -> infinity: uniform).
 
 MixedData has TokenData's interface (names, meta, vocab_size, n_windows, windows, loss_tokens, draw,
-eval_offsets, epoch_sequences, check_vocab); an offset is global: dataset i's windows come after
+eval_offsets, examples, epoch_sequences, check_vocab); an offset is global: dataset i's windows come after
 those of datasets 0..i-1. The sampler (trainer/data/sampler.TrainSampler) counts the windows drawn from
 each dataset, which the loop logs as the realised shares.
 """
@@ -93,6 +93,10 @@ class MixedData:
         bases = self._bases(split)
         which = np.searchsorted(bases, offsets, side="right") - 1
         return sum(part.loss_tokens(split, offsets[which == i] - bases[i]) for i, part in enumerate(self.parts))
+
+    def examples(self, split):
+        """The packed examples of every instruction dataset of the mixture, one dataset after another."""
+        return [example for part in self.parts for example in part.examples(split)]
 
     def draw(self, rng, count, drawn, seed):
         """Pick a dataset for each window (one draw, the same on every rank), then its windows."""

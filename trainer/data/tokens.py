@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from trainer.errors import UserError
-from trainer.data.tokenizer import IGNORE_INDEX
+from trainer.data.tokenizer import GPT2_EOT, IGNORE_INDEX
 
 
 def dataset_dir(cfg):
@@ -130,6 +130,28 @@ class TokenData:
             return len(offsets) * T
         starts = np.asarray(offsets) * (T + 1) if self.packed else offsets
         return sum(int(np.count_nonzero(mask[i + 1:i + 1 + T])) for i in starts)
+
+    def examples(self, split):
+        """[(prompt ids, response ids)] of each packed example of a split, in order: its last response (its
+        last run of loss tokens) without the end-of-text, and everything before it (the prompt; a chat's
+        earlier turns too). What launch/eval.py --generate and eval_generate ask and compare with."""
+        if not self.packed:
+            return []
+        tokens, mask, positions = self.tokens[split], self.masks[split], self.positions[split]
+        starts = np.append(np.flatnonzero(positions == 0), len(tokens))
+        out = []
+        for a, b in zip(starts[:-1], starts[1:]):
+            carries = np.flatnonzero(mask[a:b])
+            if not len(carries):  # the padding at the end of a block
+                continue
+            end = a + carries[-1] + 1
+            begin = end - 1
+            while begin > a and mask[begin - 1]:
+                begin -= 1
+            response = tokens[begin:end].astype(np.int64).tolist()
+            out.append((tokens[a:begin].astype(np.int64).tolist(),
+                        response[:-1] if response[-1] == GPT2_EOT else response))
+        return out
 
     def epoch_sequences(self):
         """Sequences in one pass over train.bin: its blocks (packed), else its tokens / block_size."""

@@ -7,11 +7,14 @@ rate, evaluate and save when due, one iteration of micro-steps (engine(x, y) -> 
 import math
 import time
 
+import numpy as np
 import torch
 
 from trainer.data.mixing import shares_line
 from trainer.data.tokenizer import IGNORE_INDEX
 from trainer.errors import UserError
+from trainer.metrics import answer_metrics
+from trainer.model.generate import answer_budget, generate_answers
 from trainer.model.loss import token_weighted
 from trainer.model.sampling import generate
 from trainer.optim.schedule import lr_at
@@ -127,6 +130,8 @@ def evaluate_and_save(run):
     run.log.scalar("eval/val_loss", losses["val"], run.iter_num)
     if (cfg["tensorboard"] or cfg["wandb_log"]) and cfg["sample_max_new_tokens"] > 0:
         run.log.text("sample", sample_text(run), run.iter_num)
+    if cfg["eval_generate"]:
+        log_answers(run)
     improved = losses["val"] < run.best_val_loss
     if run.iter_num > run.start_iter:  # the state a run starts from was counted before it was saved
         run.evals_without_improvement = 0 if improved else run.evals_without_improvement + 1
@@ -192,6 +197,39 @@ def sample_text(run):
                    vocab_limit=run.data.vocab_size, generator=gen)
     lm.train()
     return run.tokenizer.decode(out[0].tolist())
+
+
+def log_answers(run, shown=3):
+    """eval_generate=N: greedy answers to N fixed val examples (a seeded choice), scored against their
+    references (trainer/metrics.py); the scores and the first `shown` answers go to the console and TensorBoard.
+
+    Every rank answers the same examples and stops each batch at the same step (ZeRO-3 forward passes are
+    collective); rank 0 scores and logs.
+    """
+    examples = run.data.examples("val")
+    if not examples:
+        return
+    chosen = np.random.default_rng(run.cfg["seed"]).permutation(len(examples))[:run.cfg["eval_generate"]]
+    prompts, references = [examples[i][0] for i in chosen], [examples[i][1] for i in chosen]
+    lm, eot = run.engine.module.lm, run.tokenizer.eot_token
+    all_done = None if run.world == 1 else (lambda done: not agree_any([not bool(done.all())], run.device)[0])
+    lm.eval()
+    answers = generate_answers(lm, prompts, run.cfg["block_size"], answer_budget(map(len, references)), eot,
+                               batch_size=run.plan.micro_batch_size, vocab_limit=run.data.vocab_size,
+                               all_done=all_done)
+    lm.train()
+    if not run.master:
+        return
+    decode = run.tokenizer.decode
+    predictions, references = [decode(a) for a in answers], [decode(r) for r in references]
+    scores = answer_metrics(predictions, references)
+    run.log.print(f"step {run.iter_num}: {len(answers)} val answers: exact match {scores['exact_match']:.4f}, "
+                  f"ROUGE-L {scores['rougeL']:.4f}, BLEU {scores['bleu']:.2f}")
+    for name, value in scores.items():
+        run.log.scalar(f"eval/{name}", value, run.iter_num)
+    run.log.text("answers", "\n\n".join(
+        f"### prompt (its end)\n{decode(prompts[i])[-300:]}\n### answer\n{predictions[i]}\n### reference\n"
+        f"{references[i]}" for i in range(min(shown, len(answers)))), run.iter_num)
 
 
 def log_progress(run, loss, grad_norm, lr, timer):
