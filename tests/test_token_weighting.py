@@ -8,9 +8,9 @@ order of floating-point sums. Pretraining (every micro-batch holds the same numb
 today's arithmetic exactly: the weight is exactly 1.0 and the loss is passed on untouched.
 
 Measured on this file's data and runs (2 CPU cores), TensorBoard's val loss after 40 iterations: before
-(each micro-batch its own mean) micro-batch 16: 6.741254, 2 x 8: 6.748010, 2 ranks: 6.739565, step-down:
-6.741858 (off by 6.8e-3, 1.7e-3 and 6.0e-4); token-weighted: all four within 1e-6 of 6.741254, and
-micro-batch 16 (one micro-batch: weight 1.0) bit for bit what it was.
+(each micro-batch its own mean) micro-batch 16: 6.741254, 2 x 8: 6.748010, 2 ranks (ZeRO-2): 6.739565,
+step-down: 6.741858 (off by 6.8e-3, 1.7e-3 and 6.0e-4); token-weighted: all four within 1e-6 of 6.741254,
+micro-batch 16 (one micro-batch: weight 1.0) bit for bit what it was; 2 ranks under ZeRO-3 too.
 """
 import json
 import random
@@ -18,6 +18,7 @@ import random
 import numpy as np
 import pytest
 import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from conftest import REPO, deepspeed_cmd, python, run_cmd, tb_scalars
 from trainer.data.mixing import open_data
@@ -63,11 +64,19 @@ def curves(out):
     return tb_scalars(out, "eval/val_loss")[ITERS], tb_scalars(out, "train/loss")
 
 
+def answers(out):
+    """eval_generate's scores at the last evaluation, and the answers logged as text at each."""
+    events = EventAccumulator(str(out), size_guidance={"tensors": 0})
+    events.Reload()
+    texts = [e.tensor_proto.string_val[0].decode() for e in events.Tensors("answers/text_summary")]
+    return {tag: tb_scalars(out, f"eval/{tag}")[ITERS] for tag in ("exact_match", "rougeL", "bleu")}, texts
+
+
 @pytest.fixture(scope="module")
 def one_micro_batch(packed, tiny_gpt2_dir):
     out = packed / "m16"
-    run_cmd(python(*args(packed, tiny_gpt2_dir, out, "--micro_batch_size=16")), cwd=REPO)
-    return curves(out)
+    run_cmd(python(*args(packed, tiny_gpt2_dir, out, "--micro_batch_size=16", "--eval_generate=4")), cwd=REPO)
+    return curves(out), answers(out)
 
 
 def assert_same_training(got, want):
@@ -80,23 +89,26 @@ def assert_same_training(got, want):
 @pytest.mark.slow
 @pytest.mark.parametrize("split", ["accumulation", "ranks", "oom_step_down"])
 def test_packed_instruction_updates_do_not_depend_on_the_split(packed, tiny_gpt2_dir, one_micro_batch, split, tmp_path):
-    """Micro-batch 16 = micro-batch 2 x 8 accumulation = 2 ranks (ZeRO-2) of 8 = a step-down 16 -> 8 x 2 at
+    """Micro-batch 16 = micro-batch 2 x 8 accumulation = 2 ranks (ZeRO-3) of 8 = a step-down 16 -> 8 x 2 at
     iteration 3: the same val loss and the same logged train loss at every iteration, within float reordering."""
     out = tmp_path / "out"
     if split == "accumulation":
         proc = run_cmd(python(*args(packed, tiny_gpt2_dir, out, "--micro_batch_size=2")), cwd=REPO)
         assert "micro-batch 2 x 8 accumulation x 1 ranks" in proc.stdout
-    elif split == "ranks":
-        proc = run_cmd(deepspeed_cmd(*args(packed, tiny_gpt2_dir, out, "--micro_batch_size=8", "--zero_stage=2"),
-                                     num_gpus=2), cwd=REPO)
+    elif split == "ranks":  # ZeRO-3, whose forward passes are collective: eval_generate's answers too
+        proc = run_cmd(deepspeed_cmd(*args(packed, tiny_gpt2_dir, out, "--micro_batch_size=8", "--zero_stage=3",
+                                           "--eval_generate=4"), num_gpus=2), cwd=REPO)
         assert "micro-batch 8 x 1 accumulation x 2 ranks" in proc.stdout
+        scores, texts = answers(out)
+        assert len(texts) == 2 and texts == one_micro_batch[1][1] and "### answer" in texts[0]  # iterations 0, 40
+        assert scores == one_micro_batch[1][0]
     else:
         proc = run_cmd(python(*args(packed, tiny_gpt2_dir, out, "--gradient_checkpointing=True")), cwd=REPO,
                        env={"GPT2DS_INJECT_OOM": "3"})
         assert "iteration 3: out of memory with full, ZeRO-0, checkpointing, micro-batch 16: micro-batch 16 -> 8, " \
                "accumulation 2 per rank" in proc.stdout
-    assert_same_training(curves(out), one_micro_batch)
-    assert one_micro_batch[0] < 8.0  # it trained (the tiny random GPT-2 starts near ln(50257) = 10.8)
+    assert_same_training(curves(out), one_micro_batch[0])
+    assert one_micro_batch[0][0] < 8.0  # it trained (the tiny random GPT-2 starts near ln(50257) = 10.8)
 
 
 def iteration_token_counts(data, split_by, iterations=5):
