@@ -36,7 +36,8 @@ def generate_batch(lm, prompts, max_new_tokens, stop_token, temperature=0.0, top
     all_done = all_done or (lambda flags: bool(flags.all()))
     past, new = None, []
     for _ in range(max_new_tokens):
-        out = lm(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=past, use_cache=True)
+        out = lm(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=past, use_cache=True,
+                 logits_to_keep=1)  # the last position's logits only, not the whole prompt's
         past = out.past_key_values
         ids = next_token(out.logits[:, -1, :], temperature, top_k, vocab_limit, generator).to(device)
         ids = ids.masked_fill(done[:, None], stop_token)  # a finished row only repeats its stop token
