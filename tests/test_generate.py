@@ -142,3 +142,33 @@ def test_eval_generate_on_text_data_is_one_line(data_dir, tmp_path):
         "error: eval_generate=4 answers the instructions of the val split, but dataset='shakespeare_char' is text; "
         "train on instruction data (data/prepare.py --format=instructions) or leave eval_generate=0")
     assert not out.exists()
+
+
+def eval_cli():
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("eval_cli", REPO / "launch/eval.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--records=r.jsonl"], "--records is for answering instructions; add --generate"),
+    (["--template=plain"], "--template is for answering instructions; add --generate"),
+    (["--generate", "--text=t.txt"], "--generate answers instructions, not a text file; give --records=FILE"),
+    (["--generate", "--records=r.jsonl", "--dataset=d"], "give --dataset or --records, not both"),
+    (["--generate", "--max_new_tokens=-1"], "--max_new_tokens=-1 must be 0 or more"),
+])
+def test_generate_flags_that_belong_together(argv, message):
+    with pytest.raises(UserError, match=message.replace("(", r"\(")):
+        eval_cli().parse_args(["--out_dir=x", *argv])
+
+
+def test_records_on_a_model_without_a_template_asks_for_one(tmp_path):
+    from types import SimpleNamespace
+    cli = eval_cli()
+    args = cli.parse_args(["--out_dir=export", "--generate", f"--records={tmp_path / 'r.jsonl'}"])
+    loaded = SimpleNamespace(run_config=None, template=None, tokenizer=Gpt2Tokenizer())
+    with pytest.raises(UserError, match=r"export is not a run trained on instruction data, so its prompt template is "
+                                        r"unknown: pass --template=alpaca or --template=plain"):
+        cli.generation_targets(args, loaded)
