@@ -144,10 +144,8 @@ class TokenData:
             carries = np.flatnonzero(mask[a:b])
             if not len(carries):  # the padding at the end of a block
                 continue
-            end = a + carries[-1] + 1
-            begin = end - 1
-            while begin > a and mask[begin - 1]:
-                begin -= 1
+            gaps = np.flatnonzero(np.diff(carries) > 1)  # where a run of loss tokens ends before another starts
+            begin, end = a + carries[gaps[-1] + 1 if len(gaps) else 0], a + carries[-1] + 1
             response = tokens[begin:end].astype(np.int64).tolist()
             out.append((tokens[a:begin].astype(np.int64).tolist(),
                         response[:-1] if response[-1] == GPT2_EOT else response))
