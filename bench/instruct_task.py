@@ -91,8 +91,13 @@ def one_seed(work, seed, variant, max_iters):
                              f"--records={work / 'held_out.jsonl'}", f"--predictions={work / f'answers-{seed}.jsonl'}",
                              "--json"]).strip().splitlines()[-1])
     (result,) = report["results"]
+    # exact match per operation: the answers file keeps the held-out records' order
+    held_out = [json.loads(line) for line in (work / "held_out.jsonl").read_text().splitlines()]
+    rows = [json.loads(line) for line in (work / f"answers-{seed}.jsonl").read_text().splitlines()]
+    per_op = {op: statistics.mean(row["exact_match"] for row, r in zip(rows, held_out) if r["instruction"] == op)
+              for op in OPERATIONS}
     return {"seed": seed, "val_loss": float(val[-1]) if val else float("nan"), "train_minutes": minutes,
-            **{k: result[k] for k in ("exact_match", "rougeL", "bleu")}}
+            **{k: result[k] for k in ("exact_match", "rougeL", "bleu")}, "per_operation": per_op}
 
 
 def mean_sd(values):
@@ -108,13 +113,16 @@ def table(rows, label, command, max_iters):
              f"records, {max_iters} iterations of 16 packed blocks of 64 tokens, a tiny random GPT-2 (2 x 128) per "
              f"seed; greedy answers to 200 held-out records (word lists unseen in training) scored by "
              f"`launch/eval.py --generate`.", "",
-             "| seed | exact match | ROUGE-L | BLEU | val loss | training minutes |", "|---|---|---|---|---|---|"]
+             "| seed | exact match | ROUGE-L | BLEU | val loss | exact match: reverse / sort / last / count | "
+             "training minutes |", "|---|---|---|---|---|---|---|"]
     for r in rows:
+        ops = " / ".join(f"{v:.2f}" for v in r["per_operation"].values())
         lines.append(f"| {r['seed']} | {r['exact_match']:.4f} | {r['rougeL']:.4f} | {r['bleu']:.2f} | "
-                     f"{r['val_loss']:.4f} | {r['train_minutes']:.1f} |")
+                     f"{r['val_loss']:.4f} | {ops} | {r['train_minutes']:.1f} |")
     cells = [mean_sd([r[k] for r in rows]) for k in ("exact_match", "rougeL", "bleu", "val_loss")]
+    ops = " / ".join(f"{statistics.mean(r['per_operation'][op] for r in rows):.2f}" for op in OPERATIONS)
     lines.append(f"| mean ± sd | {cells[0][0]:.4f} ± {cells[0][1]:.4f} | {cells[1][0]:.4f} ± {cells[1][1]:.4f} | "
-                 f"{cells[2][0]:.2f} ± {cells[2][1]:.2f} | {cells[3][0]:.4f} ± {cells[3][1]:.4f} | |")
+                 f"{cells[2][0]:.2f} ± {cells[2][1]:.2f} | {cells[3][0]:.4f} ± {cells[3][1]:.4f} | {ops} (means) | |")
     return "\n".join(lines)
 
 
