@@ -163,6 +163,8 @@ def generation_targets(args, loaded):
         data = open_dataset(data_dir / name, loaded.tokenizer, loaded.block_size)
         if data.packed:
             out.append((f"{name} val", dataset_examples(data, loaded.tokenizer, name)))
+        elif len(names) > 1:
+            print(f"notice: {name} is text, not instructions: left out of --generate", file=sys.stderr)
     if not out:
         raise UserError(f"--generate answers instructions, but {', '.join(names)} is text, not instruction data; "
                         f"give a file of instruction records with --records=FILE (JSON or JSONL, e.g. "
