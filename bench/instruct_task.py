@@ -1,7 +1,7 @@
 """Benchmark: a small synthetic instruction task, trained and judged by its answers, over several seeds.
 
     python bench/instruct_task.py [--seeds=1,2,3] [--variant="--neftune_alpha=5"] [--label=NAME]
-                                  [--max_iters=300] [--work_dir=DIR] [--results=bench/RESULTS.md]
+                                  [--max_iters=600] [--work_dir=DIR] [--results=bench/RESULTS.md]
 
 The task (written by this script, the same for every seed and variant): four string operations with one
 right answer each on 2 to 5 words of a 20-word vocabulary: reverse the words, sort them, name the last one,
@@ -131,7 +131,7 @@ def main(argv=None):
     p.add_argument("--seeds", default="1,2,3")
     p.add_argument("--variant", default="", help="extra train.py overrides, e.g. \"--mode=lora --lora_r=16\"")
     p.add_argument("--label", default=None, help="the table's name (default: baseline, or the variant)")
-    p.add_argument("--max_iters", type=int, default=300)
+    p.add_argument("--max_iters", type=int, default=600)
     p.add_argument("--work_dir", default=None, help="where data and runs go (default: a temporary folder)")
     p.add_argument("--results", default=None, help="append the table to this markdown file")
     args = p.parse_args(argv)
