@@ -8,7 +8,8 @@ One GPT-2 of the given shape (random weights: the speed does not depend on them)
 model does not reach it in so few tokens, which is checked): `generate_answers(lm, prompts, ...)` against
 `lm.generate(input_ids, attention_mask, max_new_tokens, do_sample=False)` on the same left-padded batch,
 alternately, `--repeats` times each; the answers must be equal token for token. The fastest time of each
-is reported as new tokens per second, beside the fewest CPU seconds (steadier on a shared machine); the table is appended to the results file with the machine.
+is reported as new tokens per second, beside the fewest CPU seconds (steadier on a shared machine); the
+table is appended to the results file with the machine.
 """
 import argparse
 import os
@@ -86,7 +87,8 @@ def main(argv=None):
              f"`{command.strip()}`: GPT-2 {args.n_layer} layers x {args.n_embd} (random weights), {args.batch} "
              f"prompts of 16-48 tokens left-padded, {args.new_tokens} new tokens each, greedy; fastest of "
              f"{args.repeats}, alternating. Answers equal token for token.", "",
-             "| decoding | seconds | new tokens/s | CPU seconds (fewest) | all runs: seconds |", "|---|---|---|---|---|"]
+             "| decoding | seconds | new tokens/s | CPU seconds (fewest) | all runs: seconds |",
+             "|---|---|---|---|---|"]
     for name, label in (("trainer", "trainer/model/generate.generate_answers"),
                         ("transformers", "transformers GPT2LMHeadModel.generate")):
         lines.append(f"| {label} | {best[name]:.3f} | {tokens / best[name]:,.0f} | {min(cpu[name]):.3f} | "
