@@ -337,7 +337,8 @@ def test_tiny_gpt2_learns_reversing_words(tmp_path):
     """Reverse three words: about 0/64 held-out prompts right at the start, at least 48/64 after training.
 
     Measured: 0/64 before; 64/64 after 58 iterations (2 epochs of 229 blocks, 8 blocks per iteration), val loss
-    10.8 -> about 0.1; about 50 s on 2 busy CPU cores.
+    10.8 -> about 0.1; about 50 s on 2 busy CPU cores, and about 10 s more for eval_generate=16 and the
+    eval.py --generate launch on the held-out records (64/64 there too).
     """
     from trainer.tools.loading import load_for_inference
     train, held_out = reverse_task()
