@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import REPO, make_tiny_gpt2, python, run_cmd
+from conftest import REPO, make_tiny_gpt2, python, run_cmd, tb_scalars
 from trainer.data.tokenizer import GPT2_EOT, IGNORE_INDEX, Gpt2Tokenizer
 from trainer.data.tokens import TokenData
 from trainer.errors import UserError
@@ -337,7 +337,8 @@ def test_tiny_gpt2_learns_reversing_words(tmp_path):
     """Reverse three words: about 0/64 held-out prompts right at the start, at least 48/64 after training.
 
     Measured: 0/64 before; 64/64 after 58 iterations (2 epochs of 229 blocks, 8 blocks per iteration), val loss
-    10.8 -> about 0.1; about 50 s on 2 busy CPU cores.
+    10.8 -> about 0.1; about 50 s on 2 busy CPU cores, and about 10 s more for eval_generate=16 and the
+    eval.py --generate launch on the held-out records (64/64 there too).
     """
     from trainer.tools.loading import load_for_inference
     train, held_out = reverse_task()
@@ -354,7 +355,7 @@ def test_tiny_gpt2_learns_reversing_words(tmp_path):
                           "--gradient_accumulation_steps=1", "--max_epochs=2", "--learning_rate=3e-3",
                           "--warmup_iters=10", "--min_lr=3e-4", "--weight_decay=0.0", "--eval_interval=1000",
                           "--eval_iters=4", "--log_interval=50", "--mode=full", "--sample_max_new_tokens=0",
-                          "--tensorboard=False"), cwd=tmp_path)
+                          "--eval_generate=16"), cwd=tmp_path)
     iters = -(-2 * blocks // 8)  # ceil(2 epochs * blocks / 8 blocks per iteration)
     assert f"-> max_iters={iters} " in proc.stdout
     losses = [float(v) for v in re.findall(r"val loss ([\d.]+)", proc.stdout)]
@@ -363,6 +364,24 @@ def test_tiny_gpt2_learns_reversing_words(tmp_path):
     after = exact_match(load_for_inference(str(tmp_path / "out")).lm, held_out)
     print(f"exact match on {len(held_out)} held-out prompts: {before} before, {after} after {iters} iterations")
     assert before <= 2 and after >= 48, (before, after)
+
+    # eval_generate=16: 16 fixed val answers scored at each evaluation (the first and the last)
+    scores = {tag: tb_scalars(tmp_path / "out", f"eval/{tag}") for tag in ("exact_match", "rougeL", "bleu")}
+    assert scores["exact_match"][0] == 0 and scores["exact_match"][iters] >= 0.75, scores
+    assert scores["rougeL"][iters] >= 0.75 and scores["bleu"][iters] == 0, scores  # 3 words: no 4-gram to match
+    assert re.search(rf"^step {iters}: 16 val answers: exact match [\d.]+, ROUGE-L [\d.]+, BLEU [\d.]+$", proc.stdout,
+                     re.M)
+
+    # eval.py --generate on the held-out records: the exact match counted above, and every answer in the JSONL
+    (tmp_path / "held_out.jsonl").write_text("".join(json.dumps(r) + "\n" for r in held_out))
+    report = json.loads(run_cmd(python(REPO / "launch/eval.py", f"--out_dir={tmp_path / 'out'}", "--generate",
+                                       f"--records={tmp_path / 'held_out.jsonl'}", "--json"),
+                                cwd=tmp_path).stdout.strip().splitlines()[-1])
+    (result,) = report["results"]
+    assert result["answers"] == 64 and result["exact_match"] == pytest.approx(after / 64, abs=1 / 64), (result, after)
+    rows = [json.loads(line) for line in (tmp_path / "out" / "predictions.jsonl").read_text().splitlines()]
+    assert [r["reference"] for r in rows] == [r["output"] for r in held_out]
+    assert sum(r["exact_match"] for r in rows) == round(64 * result["exact_match"])
 
     # sample.py wraps the instruction in the template and stops at end-of-text
     record = held_out[0]

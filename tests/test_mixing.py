@@ -40,7 +40,7 @@ def drawn_shares(data, seed, iterations=100, sequences=64):
     sampler = TrainSampler(data, seed)
     counts = np.zeros(len(data.names))
     for _ in range(iterations):
-        for x, y in sampler.iteration_batches(sequences, 0, 1, 16):
+        for x, y in sampler.iteration(sequences, 0, 1, 16).batches:
             counts += np.bincount((x[:, 0].numpy() // 1000) - 1, minlength=len(counts))
     assert list(counts) == sampler.drawn  # the logged counters are what was drawn
     return counts / counts.sum(), counts.sum()
@@ -85,16 +85,16 @@ def test_sampler_is_global_across_ranks_and_checkpointable(three):
     whole = TrainSampler(data, 11)
     ranks = [TrainSampler(data, 11) for _ in range(2)]
     for _ in range(5):
-        (x_all, y_all), = whole.iteration_batches(8, 0, 1, 8)
-        parts = [s.iteration_batches(8, r, 2, 4)[0] for r, s in enumerate(ranks)]
+        (x_all, y_all), = whole.iteration(8, 0, 1, 8).batches
+        parts = [s.iteration(8, r, 2, 4).batches[0] for r, s in enumerate(ranks)]
         assert torch.equal(torch.cat([p[0] for p in parts]), x_all)  # each rank takes its slice of one draw
         assert ranks[0].drawn == ranks[1].drawn == whole.drawn
     state = pickle.loads(pickle.dumps(whole.state_dict()))  # a plain picklable dict in the checkpoint
     assert isinstance(state, dict) and state["drawn"] == whole.drawn
-    later = [whole.iteration_batches(8, 0, 1, 8)[0][0] for _ in range(3)]
+    later = [whole.iteration(8, 0, 1, 8).batches[0][0] for _ in range(3)]
     resumed = TrainSampler(data, 11)
     resumed.load_state_dict(state)
-    assert all(torch.equal(resumed.iteration_batches(8, 0, 1, 8)[0][0], x) for x in later)
+    assert all(torch.equal(resumed.iteration(8, 0, 1, 8).batches[0][0], x) for x in later)
     assert resumed.shares() == whole.shares()
 
 
@@ -103,7 +103,7 @@ def test_old_sampler_state_still_loads(three):
     fresh = TrainSampler(data, 3)
     old = TrainSampler(data, 99)
     old.load_state_dict(np.random.Generator(np.random.PCG64(3)).bit_generator.state)  # saved before mixing
-    assert torch.equal(old.iteration_batches(4, 0, 1, 4)[0][0], fresh.iteration_batches(4, 0, 1, 4)[0][0])
+    assert torch.equal(old.iteration(4, 0, 1, 4).batches[0][0], fresh.iteration(4, 0, 1, 4).batches[0][0])
 
 
 def test_mixed_instruction_and_text_batches(three, tmp_path):
@@ -119,6 +119,8 @@ def test_mixed_instruction_and_text_batches(three, tmp_path):
     assert (pos[from_text] == torch.arange(BLOCK)).all()  # a text window is one sequence
     assert (pos[~from_text][:, 0] == 0).all() and (pos[~from_text] < BLOCK).all()
     assert ((y[from_text] != -100).all())
+    # the loss tokens the sampler counts for token-weighted updates: those of each window's own targets
+    assert data.loss_tokens("val", offsets) == int((y != -100).sum()) < len(offsets) * BLOCK
 
 
 @pytest.mark.parametrize("args, message", [

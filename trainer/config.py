@@ -171,6 +171,8 @@ _GROUPS = {
         "sample_max_new_tokens": _key(200, "tokens of the sample logged at each evaluation (0: none)",
                                       _NON_NEGATIVE),
         "sample_start": _key("\n", "prompt of that sample"),
+        "eval_generate": _key(0, "instruction data: at each evaluation answer this many fixed val examples "
+                              "(greedy) and log exact match, ROUGE-L, BLEU and a few answers (0: off)", _NON_NEGATIVE),
         "seed": _key(1337, "seed of weights, data order and dropout", _NON_NEGATIVE),
         "wandb_log": _key(False, "also log the scalars and texts to Weights & Biases (pip install wandb; "
                           "WANDB_MODE=offline works without an account)"),

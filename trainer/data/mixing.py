@@ -5,8 +5,8 @@ would (random windows for text, whole blocks in epoch order for instruction data
 in tokens, 'proportional' is p_i = n_i / sum(n), 'temperature:T' is p_i proportional to n_i^(1/T):
 T = 1 is proportional, larger T moves towards equal shares (T -> infinity: uniform).
 
-MixedData has TokenData's interface (names, meta, vocab_size, n_windows, windows, draw,
-eval_offsets, epoch_sequences, check_vocab); an offset is global: dataset i's windows come after
+MixedData has TokenData's interface (names, meta, vocab_size, n_windows, windows, loss_tokens, draw,
+eval_offsets, examples, epoch_sequences, check_vocab); an offset is global: dataset i's windows come after
 those of datasets 0..i-1. The sampler (trainer/data/sampler.TrainSampler) counts the windows drawn from
 each dataset, which the loop logs as the realised shares.
 """
@@ -86,6 +86,17 @@ class MixedData:
         if self.packed:  # a text window is one example: positions 0..T-1
             rows = [r if len(r) == 3 else r + [torch.arange(T)] for r in rows]
         return tuple(torch.stack(column) for column in zip(*rows))
+
+    def loss_tokens(self, split, offsets):
+        """How many targets of the windows at global `offsets` carry loss (each dataset counts its own)."""
+        offsets = np.asarray(offsets)
+        bases = self._bases(split)
+        which = np.searchsorted(bases, offsets, side="right") - 1
+        return sum(part.loss_tokens(split, offsets[which == i] - bases[i]) for i, part in enumerate(self.parts))
+
+    def examples(self, split):
+        """The packed examples of every instruction dataset of the mixture, one dataset after another."""
+        return [example for part in self.parts for example in part.examples(split)]
 
     def draw(self, rng, count, drawn, seed):
         """Pick a dataset for each window (one draw, the same on every rank), then its windows."""

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from trainer.errors import UserError
-from trainer.data.tokenizer import IGNORE_INDEX
+from trainer.data.tokenizer import GPT2_EOT, IGNORE_INDEX
 
 
 def dataset_dir(cfg):
@@ -121,6 +121,35 @@ class TokenData:
             return torch.from_numpy(x), torch.from_numpy(y)
         pos = np.stack([self.positions[split][i:i + T] for i in starts]).astype(np.int64)
         return torch.from_numpy(x), torch.from_numpy(y), torch.from_numpy(pos)
+
+    def loss_tokens(self, split, offsets):
+        """How many targets of the windows at `offsets` carry loss: all of them without a mask, else the
+        mask's ones (the sampler counts an iteration's loss tokens with this, trainer/data/sampler.py)."""
+        mask, T = self.masks[split], self.block_size
+        if mask is None:
+            return len(offsets) * T
+        starts = np.asarray(offsets) * (T + 1) if self.packed else offsets
+        return sum(int(np.count_nonzero(mask[i + 1:i + 1 + T])) for i in starts)
+
+    def examples(self, split):
+        """[(prompt ids, response ids)] of each packed example of a split, in order: its last response (its
+        last run of loss tokens) without the end-of-text, and everything before it (the prompt; a chat's
+        earlier turns too). What launch/eval.py --generate and eval_generate ask and compare with."""
+        if not self.packed:
+            return []
+        tokens, mask, positions = self.tokens[split], self.masks[split], self.positions[split]
+        starts = np.append(np.flatnonzero(positions == 0), len(tokens))
+        out = []
+        for a, b in zip(starts[:-1], starts[1:]):
+            carries = np.flatnonzero(mask[a:b])
+            if not len(carries):  # the padding at the end of a block
+                continue
+            gaps = np.flatnonzero(np.diff(carries) > 1)  # where a run of loss tokens ends before another starts
+            begin, end = a + carries[gaps[-1] + 1 if len(gaps) else 0], a + carries[-1] + 1
+            response = tokens[begin:end].astype(np.int64).tolist()
+            out.append((tokens[a:begin].astype(np.int64).tolist(),
+                        response[:-1] if response[-1] == GPT2_EOT else response))
+        return out
 
     def epoch_sequences(self):
         """Sequences in one pass over train.bin: its blocks (packed), else its tokens / block_size."""

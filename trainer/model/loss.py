@@ -40,6 +40,26 @@ def chunked_lm_loss(lm_head, hidden, targets, chunk_bytes=LOSS_CHUNK_BYTES):
     return total / n_valid
 
 
+def token_weight(micro_tokens, iteration_tokens, micro_batches):
+    """The factor on a micro-batch's mean loss that makes every loss token of the iteration count alike.
+
+    DeepSpeed divides each micro-batch's loss by the accumulation steps (engine.backward) and averages the
+    gradients over the ranks (ZeRO 0-3, the 16-bit optimizers alike), so an iteration's update is the plain
+    mean of its `micro_batches` (accumulation steps x ranks) micro-batch means. With response-only masks
+    those hold different numbers of loss tokens; weighting each mean by micro_tokens x micro_batches /
+    iteration_tokens makes the update sum(token losses) / iteration_tokens, however the iteration is split.
+    Where every micro-batch holds the same number (pretraining) the weight is exactly 1.0 (integers divided).
+    """
+    return micro_tokens * micro_batches / max(iteration_tokens, 1)
+
+
+def token_weighted(loss, micro_tokens, iteration_tokens, micro_batches):
+    """A micro-batch's mean loss times its token_weight; a weight of 1.0 hands back `loss` itself, so
+    pretraining keeps today's arithmetic bit for bit."""
+    weight = token_weight(micro_tokens, iteration_tokens, micro_batches)
+    return loss if weight == 1.0 else loss * weight
+
+
 class LMWithLoss(nn.Module):
     """What DeepSpeed trains: tokens in, mean loss out (the HF model is `self.lm`).
 

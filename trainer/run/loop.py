@@ -7,11 +7,15 @@ rate, evaluate and save when due, one iteration of micro-steps (engine(x, y) -> 
 import math
 import time
 
+import numpy as np
 import torch
 
 from trainer.data.mixing import shares_line
 from trainer.data.tokenizer import IGNORE_INDEX
 from trainer.errors import UserError
+from trainer.metrics import answer_metrics
+from trainer.model.generate import answer_budget, generate_answers
+from trainer.model.loss import token_weighted
 from trainer.model.sampling import generate
 from trainer.optim.schedule import lr_at
 from trainer.plan.hardware import peak_flops
@@ -65,7 +69,8 @@ def train(cfg, hardware=None):
 
 
 def train_iteration(run, recovery):
-    """One optimizer step over this rank's micro-batches; (mean micro-batch loss, grad norm or None).
+    """One optimizer step over this rank's micro-batches; (this rank's loss, whose mean over the ranks is the
+    iteration's mean token loss; grad norm or None).
 
     Out of memory: the plan steps down (trainer/run/oom.py) and the iteration is redone on the same windows.
     """
@@ -80,11 +85,21 @@ def train_iteration(run, recovery):
 
 
 def micro_steps(run):
-    """The micro-steps of one iteration; one host sync at its end (the losses and the grad norm together)."""
-    engine, device, plan = run.engine, run.device, run.plan
+    """The micro-steps of one iteration; one host sync at its end (the losses and the grad norm together).
+
+    Token-weighted: each micro-batch's mean loss is weighted by its share of the iteration's loss tokens
+    (trainer/model/loss.token_weight), so the update, and the loss returned (summed over the ranks by
+    log_progress), are the mean over every loss token of the iteration, whatever the micro-batch,
+    accumulation or number of ranks (an out-of-memory step-down included: the weights use the plan of
+    the try that runs).
+    """
+    engine, device = run.engine, run.device
+    accum = engine.gradient_accumulation_steps()  # what engine.backward divides each loss by
     loss_sum, grad_norm = None, None
-    for x, y, *pos in run.sampler.iteration_batches(run.sequences, run.rank, run.world, plan.micro_batch_size):
+    batches, loss_tokens = run.sampler.iteration(run.sequences, run.rank, run.world, run.plan.micro_batch_size)
+    for x, y, *pos in batches:
         loss = engine(*[to_device(t, device) for t in (x, y, *pos)])  # pos: packed data's positions
+        loss = token_weighted(loss, int((y != IGNORE_INDEX).sum()), loss_tokens, accum * run.world)
         engine.backward(loss)
         if run.clips_by_hand and engine.is_gradient_accumulation_boundary():
             grad_norm = clip_or_skip(engine, run.cfg["grad_clip"])
@@ -96,7 +111,7 @@ def micro_steps(run):
         loss_total, grad_norm = torch.stack([loss_sum.float(), grad_norm.to(loss_sum.device).float()]).tolist()
     else:
         loss_total = loss_sum.item()
-    return loss_total / plan.grad_accum_per_rank, grad_norm
+    return loss_total / accum, grad_norm
 
 
 def to_device(t, device):
@@ -115,6 +130,8 @@ def evaluate_and_save(run):
     run.log.scalar("eval/val_loss", losses["val"], run.iter_num)
     if (cfg["tensorboard"] or cfg["wandb_log"]) and cfg["sample_max_new_tokens"] > 0:
         run.log.text("sample", sample_text(run), run.iter_num)
+    if cfg["eval_generate"]:
+        log_answers(run)
     improved = losses["val"] < run.best_val_loss
     if run.iter_num > run.start_iter:  # the state a run starts from was counted before it was saved
         run.evals_without_improvement = 0 if improved else run.evals_without_improvement + 1
@@ -180,6 +197,39 @@ def sample_text(run):
                    vocab_limit=run.data.vocab_size, generator=gen)
     lm.train()
     return run.tokenizer.decode(out[0].tolist())
+
+
+def log_answers(run, shown=3):
+    """eval_generate=N: greedy answers to N fixed val examples (a seeded choice), scored against their
+    references (trainer/metrics.py); the scores and the first `shown` answers go to the console and TensorBoard.
+
+    Every rank answers the same examples and stops each batch at the same step (ZeRO-3 forward passes are
+    collective); rank 0 scores and logs.
+    """
+    examples = run.data.examples("val")
+    if not examples:
+        return
+    chosen = np.random.default_rng(run.cfg["seed"]).permutation(len(examples))[:run.cfg["eval_generate"]]
+    prompts, references = [examples[i][0] for i in chosen], [examples[i][1] for i in chosen]
+    lm, eot = run.engine.module.lm, run.tokenizer.eot_token
+    all_done = None if run.world == 1 else (lambda done: not agree_any([not bool(done.all())], run.device)[0])
+    lm.eval()
+    answers = generate_answers(lm, prompts, run.cfg["block_size"], answer_budget(map(len, references)), eot,
+                               batch_size=run.plan.micro_batch_size, vocab_limit=run.data.vocab_size,
+                               all_done=all_done)
+    lm.train()
+    if not run.master:
+        return
+    decode = run.tokenizer.decode
+    predictions, references = [decode(a) for a in answers], [decode(r) for r in references]
+    scores = answer_metrics(predictions, references)
+    run.log.print(f"step {run.iter_num}: {len(answers)} val answers: exact match {scores['exact_match']:.4f}, "
+                  f"ROUGE-L {scores['rougeL']:.4f}, BLEU {scores['bleu']:.2f}")
+    for name, value in scores.items():
+        run.log.scalar(f"eval/{name}", value, run.iter_num)
+    run.log.text("answers", "\n\n".join(
+        f"### prompt (its end)\n{decode(prompts[i])[-300:]}\n### answer\n{predictions[i]}\n### reference\n"
+        f"{references[i]}" for i in range(min(shown, len(answers)))), run.iter_num)
 
 
 def log_progress(run, loss, grad_norm, lr, timer):

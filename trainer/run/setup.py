@@ -23,6 +23,7 @@ from trainer.data.sampler import TrainSampler
 from trainer.data.tokenizer import CharTokenizer, Gpt2Tokenizer, load_tokenizer
 from trainer.data.tokens import TokenData
 from trainer.errors import UserError
+from trainer.metrics import require_metric_packages
 from trainer.model.attention import packed_kernel
 from trainer.model.builder import base_model, build_module
 from trainer.model.gpt2 import count_parameters
@@ -137,6 +138,12 @@ def final_config(cfg, out_dir, world):
         start = continuation.starting_point(cfg)
         cfg = start.cfg if start else cfg
     data = open_data(cfg)  # one dataset, or a MixedData for a list of them
+    if cfg["eval_generate"]:  # answers are scored at every evaluation: instructions and the scorers needed
+        if not data.packed:
+            raise UserError(f"eval_generate={cfg['eval_generate']} answers the instructions of the val split, but "
+                            f"dataset={cfg['dataset']!r} is text; train on instruction data (data/prepare.py "
+                            f"--format=instructions) or leave eval_generate=0")
+        require_metric_packages(f"eval_generate={cfg['eval_generate']}")
     notes = []
     if start:
         continuation.check_vocabulary(start, data)

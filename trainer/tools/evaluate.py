@@ -68,3 +68,15 @@ def evaluate_dataset(lm, data, batch_size=8, device="cpu", split="val"):
     n = data.n_windows(split)
     batches = (data.windows(split, np.arange(i, min(i + batch_size, n))) for i in range(0, n, batch_size))
     return _run(lm, batches, device)
+
+
+@torch.no_grad()
+def continuation_logprob(lm, context, continuation, device="cpu"):
+    """log P(continuation | context), summed over the continuation's tokens (lists of ids), through the
+    training loss (LMWithLoss with the context's targets masked): the score by which multiple-choice
+    benchmarks rank their choices (lm-evaluation-harness's loglikelihood requests); docs/instructions.md."""
+    ids = torch.tensor([list(context) + list(continuation)], device=device)
+    targets = ids[:, 1:].clone()
+    targets[:, :len(context) - 1] = IGNORE_INDEX
+    mean = LMWithLoss(lm).to(device).eval()(ids[:, :-1], targets)
+    return -float(mean) * len(continuation)

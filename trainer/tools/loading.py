@@ -29,6 +29,7 @@ class LoadedModel:
     block_size: int
     vocab_limit: int  # rows past this are vocabulary padding, never sampled
     run_config: dict | None  # the resolved config of a training run, None for HF models
+    template: str | None = None  # the prompt template of a run trained on instruction data (its meta.pkl)
 
 
 def load_run(out_dir):
@@ -36,7 +37,8 @@ def load_run(out_dir):
     cfg, meta = run_dir.config(), run_dir.meta()
     if run_dir.mode() in ADAPTER_MODES:  # base rebuilt from the run's init_from, adapters from the checkpoint
         lm = load_adapter_run(out_dir)
-        return LoadedModel(lm, load_tokenizer(meta), lm.config.n_positions, meta["vocab_size"], cfg)
+        return LoadedModel(lm, load_tokenizer(meta), lm.config.n_positions, meta["vocab_size"], cfg,
+                           meta.get("template"))
     lm = model_from_config_file(run_dir.model_config_path)
     missing, unexpected = lm.load_state_dict(consolidated_state_dict(out_dir), strict=False)
     missing = [k for k in missing if k != "lm_head.weight"]  # tied to wte, saved once
@@ -44,7 +46,8 @@ def load_run(out_dir):
         raise UserError(f"checkpoint in {out_dir} does not match its model_config.json "
                         f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
     lm.tie_weights()
-    return LoadedModel(lm.eval(), load_tokenizer(meta), lm.config.n_positions, meta["vocab_size"], cfg)
+    return LoadedModel(lm.eval(), load_tokenizer(meta), lm.config.n_positions, meta["vocab_size"], cfg,
+                       meta.get("template"))
 
 
 def load_hf(source):
