@@ -17,7 +17,7 @@ from trainer.model.loss import LMWithLoss
 from trainer.prepare import instructions
 from trainer.prepare.instructions import prepare_instructions
 from trainer.prepare.packing import layout, pack
-from trainer.prepare.records import render, tokenize
+from trainer.prepare.records import parse_columns, render, tokenize
 from trainer.prepare.split import split_items
 from trainer.prepare.templates import TEMPLATES
 
@@ -125,6 +125,111 @@ def test_malformed_records_name_file_place_and_field(tmp_path, records, message)
     with pytest.raises(UserError, match=re.escape(f"{path} {message}")):
         prepare_instructions(str(path), tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+SHAREGPT = {"conversations": [{"from": "system", "value": "You are terse."},
+                               {"from": "human", "value": "Capital of France?"},
+                               {"from": "gpt", "value": "Paris."},
+                               {"from": "human", "value": "And of Italy?"},
+                               {"from": "gpt", "value": "Rome."}]}
+DOLLY = {"instruction": "Translate to French.", "context": "Good morning", "response": "Bonjour",
+         "category": "open_qa"}
+
+
+@pytest.mark.parametrize("template", ["alpaca", "plain"])
+def test_sharegpt_dolly_and_mapped_records_render_as_their_chat_and_alpaca_twins(template):
+    """ShareGPT is chat with other names (from/value, human/gpt), Dolly is Alpaca with context as the input, and
+    a column map reads any field names: each renders exactly as the record it stands for."""
+    t = TEMPLATES[template]
+    assert render(SHAREGPT, t) == render(CHAT, t)
+    assert render(DOLLY, t) == render(ALPACA[1], t)
+    assert render({"instruction": "Name a primary colour.", "response": "Red."}, t) == render(ALPACA[2], t)
+    columns = parse_columns('{"instruction": "question", "input": "extra", "output": "answer"}')
+    mapped = {"question": "Translate to French.", "extra": "Good morning", "answer": "Bonjour", "output": "ignored"}
+    assert render(mapped, t, columns) == render(ALPACA[1], t)
+    assert render({**mapped, "extra": None}, t, columns) == render({**ALPACA[1], "input": ""}, t)
+    dialog = {"dialog": CHAT["messages"]}
+    assert render(dialog, t, parse_columns('{"messages": "dialog"}')) == render(CHAT, t)
+
+
+@pytest.mark.parametrize("records, message", [
+    ('[{"conversations": [{"from": "human", "value": "hi"}, {"from": "bot", "value": "yo"}]}]',
+     "index 0: field 'conversations[1].from' is 'bot', not system, human or gpt"),
+    ('[{"conversations": [{"from": "human", "value": "hi"}, {"from": "human", "value": "yo"}]}]',
+     "index 0: conversations[1] is a human message where a gpt message belongs (an optional system message "
+     "first, then human and gpt alternating)"),
+    ('[{"conversations": [{"from": "human", "value": "hi"}]}]', "index 0: the last message must be the gpt's"),
+    ('[{"conversations": []}]', "index 0: field 'conversations' must be a non-empty list"),
+    ('{"instruction": "a", "context": "b"}\n', "line 1: missing field 'response'"),
+    ('{"instruction": "a", "context": "b", "response": ["c"]}\n', "line 1: field 'response' is list, not a string"),
+])
+def test_malformed_sharegpt_and_dolly_records_name_file_place_and_field(tmp_path, records, message):
+    path = tmp_path / "bad.json"
+    path.write_text(records)
+    with pytest.raises(UserError, match=re.escape(f"{path} {message}")):
+        prepare_instructions(str(path), tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("records, columns, message", [
+    # a map naming a field the file does not have: a mistake in the map, whatever --skip_invalid says
+    ('{"question": "a", "answer": "b"}\n', '{"instruction": "quest", "output": "answer"}',
+     "--columns maps 'instruction' to 'quest', but {path} line 1 has no field 'quest' (its fields: answer, "
+     "question); fix --columns"),
+    # the first record has it, a later one not: that record is invalid
+    ('{"q": "a", "a": "b"}\n{"q": "c"}\n', '{"instruction": "q", "output": "a"}', "{path} line 2: missing field 'a'"),
+    ('[{"q": "a", "a": "b", "x": "c"}, {"q": "a", "a": "b"}]', '{"instruction": "q", "output": "a", "input": "x"}',
+     "{path} index 1: missing field 'x' (mapped from 'input' by --columns)"),
+    ('[{"d": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}, {"e": 1}]',
+     '{"messages": "d"}', "{path} index 1: missing field 'd' (mapped from 'messages' by --columns)"),
+])
+def test_column_map_naming_missing_fields(tmp_path, records, columns, message):
+    path = tmp_path / "mapped.json"
+    path.write_text(records)
+    with pytest.raises(UserError, match=re.escape(message.format(path=path))):
+        prepare_instructions(str(path), tmp_path / "out", columns=parse_columns(columns), skip_invalid=False)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("text, message", [
+    ("{instr", "--columns={instr is not valid JSON (Expecting property name enclosed in double quotes at column 2)"),
+    ('["a"]', "--columns=[\"a\"] must be a non-empty JSON object"),
+    ("{}", "--columns={} must be a non-empty JSON object"),
+    ('{"prompt": "q"}', "--columns names 'prompt', which is not one of our fields; map instruction, input, output, "
+                        "messages, conversations to your field names"),
+    ('{"output": ""}', "--columns maps 'output' to ''; the value must be the name of a field"),
+    ('{"messages": "d", "output": "a"}', "--columns maps 'messages' together with 'output'"),
+])
+def test_bad_column_map_is_one_line(text, message):
+    with pytest.raises(UserError, match=re.escape(message)) as info:
+        parse_columns(text)
+    assert "\n" not in str(info.value) and "e.g. --columns='{\"instruction\": \"question\"" in str(info.value)
+
+
+def test_formats_and_bad_input_through_the_command(tmp_path):
+    """data/prepare.py reads all four kinds in one file and counts them; an empty file, a file of no
+    instruction records (all invalid, --skip_invalid) and a column map naming a missing field are one line,
+    exit 2, nothing written."""
+    path = tmp_path / "mixed.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in [ALPACA[0], DOLLY, CHAT, SHAREGPT, SHAREGPT]) + "\n")
+    base = [f"--data_dir={tmp_path}", "--format=instructions", "--block_size=128", "--val_fraction=0.2"]
+    proc = run_cmd(python(REPO / "data/prepare.py", f"--input={path}", "--name=mixed", *base), cwd=tmp_path)
+    assert "read 5 examples from 1 file(s) (1 alpaca, 1 dolly, 1 chat, 2 sharegpt), template alpaca" in proc.stdout
+    (tmp_path / "empty.json").write_text("[]")
+    (tmp_path / "text.jsonl").write_text('{"text": "a"}\n{"text": "b"}\n')
+    (tmp_path / "qa.jsonl").write_text('{"question": "a", "answer": "b"}\n')
+    cases = [([f"--input={tmp_path / 'empty.json'}"], f"error: {tmp_path / 'empty.json'} holds no instruction records"),
+             ([f"--input={tmp_path / 'text.jsonl'}", "--skip_invalid"],
+              f"error: no instruction record in {tmp_path / 'text.jsonl'}: all 2 record(s) are invalid (the first: "),
+             ([f"--input={tmp_path / 'qa.jsonl'}", '--columns={"instruction": "q", "output": "answer"}'],
+              "error: --columns maps 'instruction' to 'q', but"),
+             ([f"--input={tmp_path / 'qa.jsonl'}", '--columns={"instruction": "question"', "--skip_invalid"],
+              "error: --columns={\"instruction\": \"question\" is not valid JSON")]
+    for args, start in cases:
+        proc = run_cmd(python(REPO / "data/prepare.py", "--name=bad", *base, *args), cwd=tmp_path, check=False)
+        assert proc.returncode == 2 and proc.stderr.strip().startswith(start) and len(proc.stderr.strip().splitlines()) == 1, \
+            proc.stderr
+        assert not (tmp_path / "bad").exists()
 
 
 def test_broken_json_list_is_a_file_error(tmp_path):
