@@ -1,5 +1,6 @@
 """Instruction data: prepare, masks, packing, sealed attention, and a tiny GPT-2 that learns a task."""
 import json
+import math
 import pickle
 import random
 import re
@@ -523,3 +524,69 @@ def test_bad_record_in_a_worker_keeps_the_previous_dataset(tmp_path):
     with pytest.raises(UserError, match=re.escape(f"{path} line 2401: missing field 'output'")):
         prepare_instructions(str(path), tmp_path / "k", block_size=64, num_proc=2)
     assert {p.name: p.read_bytes() for p in (tmp_path / "k").iterdir()} == before
+
+
+# ---------------------------------------------------------------- NEFTune
+
+def neftune_noise(module, x, y, pos=None):
+    """The noise NEFTune added to the input embeddings in one forward of `module` (in its current mode):
+    the embedding's output as the model received it minus the embedding of the same tokens."""
+    embedding = module.lm.get_input_embeddings()
+    seen = []
+    hook = embedding.register_forward_hook(lambda mod, args, out: seen.append(out.detach()))  # after NEFTune's
+    with torch.no_grad():
+        module(x, y, pos) if pos is not None else module(x, y)
+        clean = embedding.weight[x]
+    hook.remove()
+    return (seen[0] - clean)[0]
+
+
+def test_neftune_noise_is_scaled_per_packed_example(tiny_lm):
+    """Uniform noise in [-scale, scale], scale = alpha / sqrt(L * d) with L each example's own length inside
+    the packed block (not the block's), measured on each example's noise: its largest value reaches the
+    scale and its standard deviation is scale / sqrt(3), as a uniform distribution's."""
+    import copy
+
+    from trainer.model.neftune import add_neftune
+    alpha, d = 5.0, tiny_lm.config.n_embd
+    rng = np.random.default_rng(0)
+    lengths = [9, 30, 80]  # + 9 tokens of padding, its own example, in the 128 tokens of x
+    examples = [(rng.integers(0, 50000, n).tolist(), [0] * (n - 1) + [1]) for n in lengths]
+    x, y, pos = packed_block(examples)
+    module = add_neftune(LMWithLoss(copy.deepcopy(tiny_lm)), alpha).train()
+    noise = neftune_noise(module, x, y, pos)
+    starts = [0, *np.cumsum(lengths)]
+    for (a, b), n in zip(zip(starts, starts[1:]), lengths):
+        part, scale = noise[a:b], alpha / math.sqrt(n * d)
+        assert 0.95 * scale < part.abs().max() <= scale * (1 + 1e-6), (n, float(part.abs().max()), scale)
+        assert abs(float(part.std()) / (scale / math.sqrt(3)) - 1) < 0.12, n
+        assert abs(float(part.mean())) < 0.1 * scale
+    padding = noise[starts[-1]:]
+    assert padding.abs().max() <= alpha / math.sqrt(len(padding) * d) * (1 + 1e-6)
+    # a row without positions (text) is one example of the row's length
+    row = neftune_noise(module, x, y)
+    assert 0.95 < float(row.abs().max()) / (alpha / math.sqrt(x.size(1) * d)) <= 1 + 1e-6
+    # training draws new noise every forward; evaluation sees none, and its loss is the plain model's
+    assert not torch.equal(noise, neftune_noise(module, x, y, pos))
+    module.eval()
+    assert torch.equal(neftune_noise(module, x, y, pos), torch.zeros_like(noise))
+    with torch.no_grad():
+        assert torch.equal(module(x, y, pos), LMWithLoss(tiny_lm)(x, y, pos))
+
+
+def test_neftune_off_leaves_no_trace(tiny_lm):
+    """neftune_alpha=0 (the default): the builder registers no hook; > 0: one on the loss wrapper, one on the
+    input embedding (with LoRA adapters: the embedding inside peft's model)."""
+    import copy
+    from types import SimpleNamespace
+
+    from trainer.config import DEFAULTS
+    from trainer.model.builder import build_module
+    plan = SimpleNamespace(mode="full", gradient_checkpointing=False)
+    off = build_module(DEFAULTS, plan, copy.deepcopy(tiny_lm), "dense_mask")
+    assert not off._forward_pre_hooks and not off.lm.get_input_embeddings()._forward_hooks
+    lora = SimpleNamespace(mode="lora", gradient_checkpointing=False)
+    on = build_module({**DEFAULTS, "neftune_alpha": 5.0}, lora, copy.deepcopy(tiny_lm), "dense_mask").train()
+    assert len(on._forward_pre_hooks) == 1 and len(on.lm.get_input_embeddings()._forward_hooks) == 1
+    x, y, pos = packed_block([(list(range(100, 160)), [0] * 30 + [1] * 30)])
+    assert 0 < float(neftune_noise(on, x, y, pos)[:60].abs().max()) <= 5.0 / math.sqrt(60 * 32) * (1 + 1e-6)

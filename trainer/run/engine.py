@@ -10,7 +10,7 @@ import torch
 
 from trainer.config import REPO_ROOT
 from trainer.errors import UserError
-from trainer.optim.optimizer import adamw_hyperparameters, param_groups
+from trainer.optim.optimizer import adamw_hyperparameters, group_lr, param_groups
 from trainer.plan.memory import fast_bf16_path
 
 DS_CONFIGS = REPO_ROOT / "ds_configs"
@@ -121,8 +121,8 @@ def create_engine(module, cfg, plan, world_size, on_gpu, load_universal=False):
     ds_config = build_ds_config(cfg, plan, world_size, on_gpu)
     if load_universal:  # resuming a checkpoint saved with another number of ranks
         ds_config["checkpoint"] = {"load_universal": True}
-    engine, _, _, _ = deepspeed.initialize(model=module, model_parameters=param_groups(module, cfg["weight_decay"]),
-                                           config=ds_config)
+    groups = param_groups(module, cfg["weight_decay"], cfg["loraplus_lr_ratio"])
+    engine, _, _, _ = deepspeed.initialize(model=module, model_parameters=groups, config=ds_config)
     if compiles(cfg, on_gpu):
         # module.compile() in place: parameter names and checkpoints stay those of the uncompiled module
         engine.compile()
@@ -130,8 +130,9 @@ def create_engine(module, cfg, plan, world_size, on_gpu, load_universal=False):
 
 
 def set_lr(engine, lr):
+    """The schedule's learning rate on every optimizer group (LoRA+'s B group keeps its ratio to it)."""
     for group in engine.optimizer.param_groups:
-        group["lr"] = lr
+        group["lr"] = group_lr(group, lr)
 
 
 def clips_by_hand(plan):
