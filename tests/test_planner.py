@@ -23,7 +23,8 @@ def cfg_for(model, **overrides):
     bs, ga = RECIPE_BATCH[model]
     cfg = {"batch_size": bs, "gradient_accumulation_steps": ga, "block_size": 1024, "mode": "auto",
            "zero_stage": "auto", "offload": "auto", "gradient_checkpointing": "auto", "micro_batch_size": "auto",
-           "lora_r": 8, "lora_targets": ALL, "lora_dropout": 0.0, "dtype": "auto", "dropout": 0.0}
+           "lora_r": 8, "lora_targets": ALL, "lora_dropout": 0.0, "dtype": "auto", "dropout": 0.0, "use_dora": False,
+           "loraplus_lr_ratio": 1.0}
     cfg.update(overrides)
     return PlanInput.of(cfg, shape_of(model))
 

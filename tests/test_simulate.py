@@ -34,6 +34,27 @@ def test_estimate_within_5_percent_of_the_simulated_step(mode, ckpt, micro, dtyp
         assert abs(rows[item]["difference"]) <= 0.001, rows[item]
 
 
+@pytest.mark.parametrize("variant", [{"use_dora": True}, {"lora_init": "pissa", "loraplus_lr_ratio": 16.0}])
+def test_lora_variants_counted_as_simulated(variant):
+    """DoRA's magnitudes and its kept outputs (memory.DORA_KEPT_OUTPUTS), LoRA+'s optimizer group of B matrices
+    (a second flat fp32 buffer on the fast bf16 path) and PiSSA's start (nothing more): the adapters come from
+    the same lora_config in the simulation as in training."""
+    cfg, shape, plan = plan_for(mode="lora", gradient_checkpointing=False, micro_batch_size=2, dtype="bf16",
+                                lora_dropout=0.0, **variant)
+    sim = simulate(cfg, shape, plan)
+    rows = {r["item"]: r for r in comparison(plan, sim)}
+    for item in ("activations_and_logits", "optimizer_step_transient"):
+        assert abs(rows[item]["difference"]) <= 0.02, rows[item]
+    for item in ("weights", "gradients", "optimizer_states"):
+        assert abs(rows[item]["difference"]) <= 0.001, rows[item]
+    plain_cfg, _, plain = plan_for(mode="lora", gradient_checkpointing=False, micro_batch_size=2, dtype="bf16",
+                                   lora_dropout=0.0)
+    extra = plan.estimate.items["activations"] - plain.estimate.items["activations"]
+    # DoRA: 2 bf16 outputs per token of each adapted projection (3c + c + 4c + c outputs per layer)
+    assert extra == (12 * 2 * 1024 * 2 * 2 * 9 * 768 if cfg["use_dora"] else 0)
+    assert plan.estimate.params_trainable - plain.estimate.params_trainable == (12 * 9 * 768 if cfg["use_dora"] else 0)
+
+
 def test_packed_instruction_batches_keep_a_mask_per_layer():
     cfg, shape, plan = plan_for(mode="full", gradient_checkpointing=False, micro_batch_size=2, dtype="bf16")
     packed = simulate(cfg, shape, plan, packed=True).items["activations_and_logits"]

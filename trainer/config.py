@@ -248,6 +248,11 @@ def check_config(cfg, source="the config"):
     if cfg["early_stop"] and cfg["always_save_checkpoint"]:
         raise ConfigError(f"early_stop={cfg['early_stop']} in {source} keeps the best checkpoint, but "
                           f"always_save_checkpoint=True saves every evaluation; add --always_save_checkpoint=False")
+    if cfg["use_dora"] and cfg["mode"] != "lora":
+        why = {"auto": "the planner could choose full or qlora", "full": "full mode has no adapters",
+               "qlora": "on a 4-bit base peft's DoRA dequantizes every adapted weight in each pass, which the "
+                        "plan does not count"}[cfg["mode"]]
+        raise ConfigError(f"use_dora=True in {source} needs mode=lora ({why}); add --mode=lora")
     if cfg["lora_init"] != "default":
         if cfg["mode"] != "lora":
             why = {"auto": "the planner could choose full or qlora", "full": "full mode has no adapters",

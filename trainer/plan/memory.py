@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 from trainer.config import LORA_TARGETS
 from trainer.model.shapes import (LOSS_CHUNK_BYTES, Shape, gpt2_param_count, gpt2_tensor_numels, linear_weight_count,
-                                  lora_tensor_numels, lora_trainable_count)
+                                  lora_group_numels, lora_projections, lora_tensor_numels, lora_trainable_count)
 from trainer.units import GiB, MiB
 
 # ---------------------------------------------------------------------------------------
@@ -43,6 +43,15 @@ LOGITS_BYTES_PER_ELEMENT = 12     # per chunk element: fp32 log-probs kept + the
 # net 1 byte per input element, plus the compute dtype for attn.c_proj. Measured (simulation): 9.08
 # bytes per s*b*h per layer for c_attn, c_proj, c_fc at r=8, where the old count said 21.
 LORA_DROPOUT_MASK_BYTES = 1
+# DoRA (use_dora): peft's DoRA layer returns (m / |W + s BA| - 1) * base output + m / |W + s BA| * s * LoRA
+# output and keeps both out-sized outputs for the magnitude m's gradient: 2 tensors of the compute dtype per
+# output element of each adapted projection and token. Measured (simulation, `python launch/train.py --recipe
+# gpt2_small --plan --vram_gb=80 --simulate --mode=lora --use_dora=True` against --use_dora=False): 4.00
+# bytes per token per output element in bf16 (8 in fp32) for c_attn, c_proj and c_fc alike, at micro-batch
+# 4 to 16, lora_r 8 and 64, lora_dropout 0 and 0.1 (+1.38 GB at micro-batch 4, +5.46 GB at 16), plus at
+# most 40 MB that does not grow with the batch (a layer's weight-sized norm temporaries: not counted).
+# With gradient checkpointing the term is inside the recomputed layer and adds nothing (measured too).
+DORA_KEPT_OUTPUTS = 2
 NF4_BYTES_PER_PARAM = 0.5 + 1 / 64 + 4 / (64 * 256)  # 4-bit + 8-bit absmax per 64 + fp32 per 256 blocks
 ZERO0_ALLREDUCE_ELEMENTS = 500_000_000  # engine.allreduce_gradients' fixed bucket (ZeRO-0 path)
 BUCKET_ELEMENTS_LARGE = 200_000_000     # ds_configs/zero1,zero2 templates
@@ -111,12 +120,12 @@ def bucket_sizes(zero_stage, trainable, usable_bytes):
     return {"reduce_bucket_size": size, "allgather_bucket_size": size}
 
 
-def parameter_counts(shape, mode, lora_r, lora_targets):
+def parameter_counts(shape, mode, lora_r, lora_targets, dora=False):
     """(base parameters, trainable parameters, total held by the model)."""
     base = gpt2_param_count(shape.n_layer, shape.n_head, shape.n_embd, shape.vocab_size, shape.block_size)
     if mode == "full":
         return base, base, base
-    adapters = lora_trainable_count(shape.n_layer, shape.n_embd, lora_r, lora_targets)
+    adapters = lora_trainable_count(shape.n_layer, shape.n_embd, lora_r, lora_targets, dora)
     return base, adapters, base + adapters
 
 
@@ -179,20 +188,24 @@ def bf16_optimizer_transient(group_numels, largest):
 
 
 def estimate(shape: Shape, cand: Candidate, dtype, n_devices, device_type, usable_bytes, lora_r=8,
-             lora_targets=LORA_TARGETS, lora_dropout=0.0, dropout=0.0, packed=False):
-    """Per-device bytes of one candidate plan (see the module docstring for the peak)."""
+             lora_targets=LORA_TARGETS, lora_dropout=0.0, dropout=0.0, packed=False, dora=False, loraplus=False):
+    """Per-device bytes of one candidate plan (see the module docstring for the peak). dora: DoRA adapters
+    (use_dora); loraplus: LoRA+'s own optimizer group for the B matrices (loraplus_lr_ratio != 1)."""
     w = DTYPE_BYTES[dtype]
-    base, trainable, _ = parameter_counts(shape, cand.mode, lora_r, lora_targets)
+    base, trainable, _ = parameter_counts(shape, cand.mode, lora_r, lora_targets, dora)
     # every tensor of the model (GPT-2's, then LoRA's) and the trainable ones, by element count
     numels = gpt2_tensor_numels(shape.n_layer, shape.n_embd, shape.vocab_size, shape.block_size)
-    adapters = lora_tensor_numels(shape.n_layer, shape.n_embd, lora_r, lora_targets) if cand.mode != "full" else []
+    adapters = (lora_tensor_numels(shape.n_layer, shape.n_embd, lora_r, lora_targets, dora)
+                if cand.mode != "full" else [])
     trained = adapters or numels
     model_bytes = held_weight_bytes(shape, cand.mode, base, trainable, w)
     resident, weights = weight_bytes(cand, model_bytes, numels + adapters, w, n_devices)
     states, host = optimizer_state_bytes(cand, dtype, device_type, trainable, model_bytes, w, n_devices)
     buckets = bucket_sizes(cand.zero_stage, trainable, usable_bytes)
+    adapter_groups = (lora_group_numels(shape.n_layer, shape.n_embd, lora_r, lora_targets, dora, loraplus)
+                      if cand.mode != "full" else None)
     activations, logits = activation_bytes(shape, cand, w, device_type, dropout, packed, lora_r, lora_targets,
-                                           lora_dropout)
+                                           lora_dropout, dora)
     items = {
         "weights": int(weights),
         "gradients": int(gradient_bytes(cand, dtype, device_type, trainable, w, n_devices)),
@@ -205,7 +218,7 @@ def estimate(shape: Shape, cand: Candidate, dtype, n_devices, device_type, usabl
         "activations": int(activations),
         "logits_and_loss": int(logits),
         "optimizer_step_transient": int(step_transient_bytes(shape, cand, dtype, device_type, trainable, trained,
-                                                             buckets, w, n_devices)),
+                                                             buckets, w, n_devices, adapter_groups)),
     }
     allocated = (items["weights"] + items["gradients"] + items["optimizer_states"] + items["ds_buckets"]
                  + max(items["activations"] + items["logits_and_loss"], items["optimizer_step_transient"]))
@@ -283,7 +296,7 @@ def optimizer_state_bytes(cand, dtype, device_type, trainable, model_bytes, w, n
     return 0, host
 
 
-def activation_bytes(shape, cand, w, device_type, dropout, packed, lora_r, lora_targets, lora_dropout):
+def activation_bytes(shape, cand, w, device_type, dropout, packed, lora_r, lora_targets, lora_dropout, dora=False):
     """(activations, logits and loss) of one micro-batch, calibrated against trainer/simulate.py
     (bench/SIMULATE.md)."""
     s, b, c, L, V = shape.block_size, cand.micro_batch_size, shape.n_embd, shape.n_layer, shape.vocab_size
@@ -306,6 +319,8 @@ def activation_bytes(shape, cand, w, device_type, dropout, packed, lora_r, lora_
             per_layer += s * b * sum(inputs[t] for t in targets) * LORA_DROPOUT_MASK_BYTES
             if "c_proj" in targets:
                 per_layer += s * b * c * w  # attention's output, kept by flash, and its dropped copy
+        if dora:  # the base and LoRA outputs of every adapted projection (DORA_KEPT_OUTPUTS)
+            per_layer += s * b * w * DORA_KEPT_OUTPUTS * sum(o for t in targets for _, o in lora_projections(c)[t])
     tokens = s * b
     chunk = min(tokens, max(1, LOSS_CHUNK_BYTES // (4 * V)))
     # logits and loss: one chunk of logits, plus the hidden states feeding the head and their grad;
@@ -325,9 +340,10 @@ def activation_bytes(shape, cand, w, device_type, dropout, packed, lora_r, lora_
     return activations, logits
 
 
-def step_transient_bytes(shape, cand, dtype, device_type, trainable, trained, buckets, w, n):
+def step_transient_bytes(shape, cand, dtype, device_type, trainable, trained, buckets, w, n, adapter_groups=None):
     """The optimizer step's temporaries (fp32 gradient copies, Adam's), after the activations are freed;
-    `trained`: the element counts of the trainable tensors."""
+    `trained`: the element counts of the trainable tensors; `adapter_groups`: an adapter run's elements per
+    optimizer group (shapes.lora_group_numels)."""
     temps = ADAM_TEMPS_GPU if device_type == "cuda" else ADAM_TEMPS_CPU
     if cand.offload != "none":
         return 0  # DeepSpeedCPUAdam updates in place on the CPU
@@ -336,13 +352,15 @@ def step_transient_bytes(shape, cand, dtype, device_type, trainable, trained, bu
             c, L = shape.n_embd, shape.n_layer
             decay = shape.vocab_size * c + shape.block_size * c + L * 12 * c * c  # engine.param_groups: 2-D first
             return bf16_optimizer_transient([decay, trainable - decay], max(trained))
-        return bf16_optimizer_transient([trainable], max(trained))  # LoRA's tensors are all 2-D: one group
+        # LoRA's matrices are one group; LoRA+'s B matrices and DoRA's magnitudes add one each
+        return bf16_optimizer_transient(adapter_groups or [trainable], max(trained))
     if cand.zero_stage == 0:
         allreduce = min(trainable, ZERO0_ALLREDUCE_ELEMENTS) * w
         # torch's AdamW: foreach on CUDA (one fp32 temporary the size of everything it updates,
         # torch/optim/adam.py _multi_tensor_adam: _foreach_sqrt(exp_avg_sqs)), per tensor on the CPU
         # (sqrt and its scaled copy of one tensor at a time)
-        largest = trainable if device_type == "cuda" else min(trainable, max(trained))
+        # (foreach works one param group at a time: an adapter run's largest group)
+        largest = max(adapter_groups or [trainable]) if device_type == "cuda" else min(trainable, max(trained))
         adam = temps * 4 * largest
         if w != 4:
             # DeepSpeed's FP16_UnfusedOptimizer (runtime/fp16/unfused_optimizer.py, step): an fp32 copy

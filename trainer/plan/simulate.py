@@ -200,7 +200,8 @@ class _Bf16Step:
 
     def __init__(self, params, cfg, n_ranks):
         self.bucket_elements = ZERO0_ALLREDUCE_ELEMENTS  # engine.allreduce_gradients' MEMORY_OPT_ALLREDUCE_SIZE
-        param_group = [g for g in param_groups(params, cfg["weight_decay"]) if g["params"]]
+        # the module's groups (params: the module), LoRA+'s group of B matrices included
+        param_group = [g for g in param_groups(params, cfg["weight_decay"], cfg["loraplus_lr_ratio"]) if g["params"]]
         groups = [g["params"] for g in param_group]
         self.groups, self.hp_flat, self.hp_grads, self.masters, self.partitions = groups, [], [], [], []
         align = 2 * n_ranks  # nccl_start_alignment_factor * dp world size
@@ -370,7 +371,7 @@ def simulate(cfg, shape, plan, packed=False, foreach=True):
             extra = []
             # the optimizer DeepSpeed is configured with for this plan
             if fast_bf16_path(plan.zero_stage, plan.offload, plan.dtype, plan.device_type == "cuda"):
-                opt = _Bf16Step(params, cfg, plan.n_devices)
+                opt = _Bf16Step(module, cfg, plan.n_devices)
                 extra = opt.hp_flat
                 gradients += _nbytes(extra)
             elif plan.zero_stage == 0:
