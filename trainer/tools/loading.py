@@ -42,31 +42,59 @@ def adapter_state_dict(out_dir):
     return state
 
 
-def load_adapter_run(out_dir, quantized=None, weights=None):
-    """A trained adapter run as a PeftModel (eval mode, fp32 on the CPU): base rebuilt, adapters loaded.
+def adapter_model(out_dir, quantized=None, base=None):
+    """A trained adapter run's base wrapped with its adapters as they start (before training), fp32 on the CPU.
 
-    quantized=None: as trained (4-bit base for qlora); False: the adapters on the original, unquantized
-    weights (Conv1D layers), which is what export merges into. weights: adapter_state_dict(out_dir), if
-    the caller already has it.
+    quantized=None: as trained (4-bit base for qlora); False: the original, unquantized weights (Conv1D
+    layers). base: a base to wrap instead of rebuilding one (dequantized_base). PiSSA/OLoRA runs start here
+    exactly as in training: the same decomposition of the same weights.
     """
     run_dir = RunDir(out_dir)
     cfg, mode = run_dir.config(), run_dir.mode()
     if mode not in ADAPTER_MODES:
         raise UserError(f"{out_dir} trained in mode {mode!r}, not lora or qlora")
     quantized = (mode == "qlora") if quantized is None else quantized
-    weights = adapter_state_dict(out_dir) if weights is None else weights
     torch.manual_seed(cfg["seed"])  # a scratch base is rebuilt from the run's seed, as the loop built it
-    base = build_base({**cfg, "dropout": 0.0}, run_dir.meta()["vocab_size"], "qlora" if quantized else "lora",
-                      "fp32", "cpu", run_dir=out_dir)
+    if base is None:
+        base = build_base({**cfg, "dropout": 0.0}, run_dir.meta()["vocab_size"], "qlora" if quantized else "lora",
+                          "fp32", "cpu", run_dir=out_dir)
     model = wrap_lora(base, lora_config(cfg, quantized=quantized))
     if quantized:
         use_dequantizing_matmul(model)
+    return model
+
+
+def load_adapter_run(out_dir, quantized=None, weights=None, base=None):
+    """A trained adapter run as a PeftModel (eval mode, fp32 on the CPU): base rebuilt, adapters loaded.
+
+    quantized=None: as trained (4-bit base for qlora); False: the adapters on the original, unquantized
+    weights (Conv1D layers), which is what export merges into; base: another base (dequantized_base).
+    weights: adapter_state_dict(out_dir), if the caller already has it.
+    """
+    weights = adapter_state_dict(out_dir) if weights is None else weights
+    model = adapter_model(out_dir, quantized, base)
     missing, unexpected = model.load_state_dict(weights, strict=False)
     missing = [k for k in missing if ".lora_" in k]
     if missing or unexpected:
-        raise UserError(f"the adapters in {out_dir} do not match its config.json (lora_r, lora_targets): "
-                        f"missing {missing[:2]}, unexpected {unexpected[:2]}")
+        raise UserError(f"the adapters in {out_dir} do not match its config.json (lora_r, lora_targets, "
+                        f"use_dora): missing {missing[:2]}, unexpected {unexpected[:2]}")
     return model.eval()
+
+
+def dequantized_base(out_dir):
+    """A QLoRA run's base exactly as it trained, unquantized: GPT-2 (Conv1D layers) with each 4-bit weight
+    replaced by bitsandbytes' dequantize_4bit of it (the nf4 values times their scales, in fp32), everything
+    else (embeddings, LayerNorms, biases) as loaded."""
+    import bitsandbytes as bnb
+    run_dir = RunDir(out_dir)
+    cfg, vocab = {**run_dir.config(), "dropout": 0.0}, run_dir.meta()["vocab_size"]
+    quantized = build_base(cfg, vocab, "qlora", "fp32", "cpu", run_dir=out_dir)
+    base = build_base(cfg, vocab, "lora", "fp32", "cpu", run_dir=out_dir)
+    for name, module in quantized.named_modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            weight = bnb.functional.dequantize_4bit(module.weight.data, module.weight.quant_state)  # (out, in)
+            base.get_submodule(name).weight.data.copy_(weight.t().float())  # Conv1D keeps (in, out)
+    return base
 
 
 def load_run(out_dir):
