@@ -91,8 +91,9 @@ def train_args(data_dir, out_dir, *extra, recipe="shakespeare_char_cpu"):
 # launch/test.sh gives each worker whole files (`--dist loadfile`) in the order collected. The longest files
 # go first, so that the run does not end on one long file while the other worker idles (seconds per file
 # in a 2-worker run on 2 cores, 2026-11-30; the rest take under a minute each and keep their order).
-LONGEST_FILES_FIRST = ("test_gpu_check.py", "test_resume.py", "test_lora.py", "test_lora_variants.py", "test_multinode.py",
-                       "test_faults.py", "test_errors.py", "test_multirank.py", "test_engine_states.py")
+LONGEST_FILES_FIRST = ("test_gpu_check.py", "test_resume.py", "test_lora.py", "test_lora_variants.py",
+                       "test_multinode.py", "test_faults.py", "test_errors.py", "test_multirank.py",
+                       "test_engine_states.py")
 
 
 def pytest_collection_modifyitems(items):

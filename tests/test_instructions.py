@@ -228,8 +228,8 @@ def test_formats_and_bad_input_through_the_command(tmp_path):
               "error: --columns={\"instruction\": \"question\" is not valid JSON")]
     for args, start in cases:
         proc = run_cmd(python(REPO / "data/prepare.py", "--name=bad", *base, *args), cwd=tmp_path, check=False)
-        assert proc.returncode == 2 and proc.stderr.strip().startswith(start) and len(proc.stderr.strip().splitlines()) == 1, \
-            proc.stderr
+        lines = proc.stderr.strip().splitlines()
+        assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith(start), proc.stderr
         assert not (tmp_path / "bad").exists()
 
 

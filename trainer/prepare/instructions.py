@@ -42,9 +42,14 @@ def init_render(template_name, columns=None):
 
 
 def render_batch(batch):
-    """[(path, where, record or JSONL line, is_line)] -> [('ok', kind, ids, mask) or ('bad', problem)]."""
+    """[(path, where, record or JSONL line, is_line)] -> [('ok', kind, ids, mask) or ('bad', problem)], or
+    ('empty', problem) for a file with no record (where is None)."""
     out = []
     for path, where, item, is_line in batch:
+        if where is None:
+            out.append(("empty", f"{path} holds no instruction records (an empty JSON list, or no line of JSONL); "
+                                 f"give it records, or leave it out of --input (docs/instructions.md: the formats)"))
+            continue
         try:
             if is_line:
                 try:
@@ -90,9 +95,8 @@ def _batches(files, columns=None):
             if len(batch) >= RECORDS_PER_TASK:
                 yield None, batch
                 batch = []
-        if n == 0:
-            raise UserError(f"{path} holds no instruction records (an empty JSON list, or no line of JSONL); give "
-                            f"it records, or leave it out of --input (docs/instructions.md: the formats)")
+        if n == 0:  # reported in input order, after the records of the files before it
+            batch.append((str(path), None, None, False))
     if batch:
         yield None, batch
 
@@ -151,6 +155,8 @@ def prepare_instructions(input_spec, out_dir, template_name="alpaca", block_size
         for _, results in run_tasks(_batches(files, columns), num_proc or default_num_proc(),
                                     init_render, (template.name, columns), render_batch):
             for result in results:
+                if result[0] == "empty":
+                    raise UserError(result[1])
                 if result[0] == "bad":
                     if not skip_invalid:
                         raise UserError(f"{result[1]}; fix the record or pass --skip_invalid to drop such records")

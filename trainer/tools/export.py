@@ -265,7 +265,8 @@ def _export(out_dir, folder, cfg, mode, meta, dtype, adapter_only, tolerance, ta
                     "dequantized": "dequantized 4-bit weights the run trained on (bitsandbytes' dequantize_4bit)"}
             into = into[qlora_base] if mode == "qlora" else "base weights"
             if cfg["lora_init"] != "default":
-                into += f" (the rest of each weight after the {cfg['lora_init']} decomposition the adapters started from)"
+                into += (f" (the rest of each weight after the {cfg['lora_init']} decomposition the adapters "
+                         f"started from)")
             log(f"merged the adapters of {n_adapted} layers into the {into}")
         _save_merged(model, folder, dtype)
         del model
