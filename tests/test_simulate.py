@@ -55,6 +55,16 @@ def test_lora_variants_counted_as_simulated(variant):
     assert plan.estimate.params_trainable - plain.estimate.params_trainable == (12 * 9 * 768 if cfg["use_dora"] else 0)
 
 
+def test_neftune_keeps_nothing_for_the_backward():
+    """NEFTune's noise is added to the embedding output and not kept: the simulated step of a packed batch (its
+    per-example lengths computed with static shapes, as fake tensors need) holds what it holds without it."""
+    cfg, shape, plan = plan_for(mode="lora", gradient_checkpointing=False, micro_batch_size=1, dtype="bf16",
+                                block_size=256, neftune_alpha=5.0)
+    shape = Shape(2, shape.n_head, shape.n_embd, shape.vocab_size, 256)
+    with_noise = simulate(cfg, shape, plan, packed=True).items
+    assert with_noise == simulate({**cfg, "neftune_alpha": 0.0}, shape, plan, packed=True).items
+
+
 def test_packed_instruction_batches_keep_a_mask_per_layer():
     cfg, shape, plan = plan_for(mode="full", gradient_checkpointing=False, micro_batch_size=2, dtype="bf16")
     packed = simulate(cfg, shape, plan, packed=True).items["activations_and_logits"]

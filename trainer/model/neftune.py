@@ -22,11 +22,17 @@ def example_lengths(position_ids, shape, device=None):
     b, s = shape
     if position_ids is None:
         return torch.full((b, s), s, dtype=torch.float32, device=device)
+    # an example runs from its start (position 0) to the next start: each token's length is the distance
+    # between the last start at or before it and the first start after it (static shapes: no bincount, so the
+    # simulation's fake tensors go through it too)
+    index = torch.arange(s, device=position_ids.device).expand(b, s)
     starts = position_ids == 0
     starts[:, 0] = True  # a row always starts an example
-    example = starts.reshape(-1).cumsum(0) - 1  # one id per example, over all rows
-    counts = torch.bincount(example)
-    return counts[example].reshape(b, s).float()
+    last_start = torch.where(starts, index, 0).cummax(dim=1).values
+    later = torch.where(starts, index, s)[:, 1:]
+    after = torch.cat([later, torch.full((b, 1), s, device=later.device, dtype=later.dtype)], dim=1)
+    next_start = after.flip(1).cummin(dim=1).values.flip(1)
+    return (next_start - last_start).float()
 
 
 def noise_scale(alpha, position_ids, shape, width, device=None):
