@@ -3,7 +3,9 @@
 python data/prepare.py --input=FILE|FOLDER|GLOB|hf:NAME --name=NAME [--tokenizer=gpt2|char]
     [--val_fraction=0.1] [--seed=1337] [--text_field=text] [--num_proc=N]
 python data/prepare.py --input=alpaca.json --name=NAME --format=instructions [--template=alpaca|plain]
-    [--block_size=1024] [--overlong=truncate|drop] [--skip_invalid]   (JSON list or JSONL; see trainer/prepare/instructions.py)
+    [--block_size=1024] [--overlong=truncate|drop] [--skip_invalid] [--columns=JSON]
+    (JSON list or JSONL of Alpaca, Dolly, chat or ShareGPT records; other field names through --columns,
+    e.g. --columns='{"instruction": "question", "output": "answer"}'; see docs/instructions.md)
 Text files (.gz too) are one document each; .jsonl/.json/.parquet/.csv files, a folder saved by
 datasets' save_to_disk and hf:NAME (a hub dataset) give one document per row (its --text_field).
 A folder is read recursively in sorted order (hidden and binary files skipped);
@@ -37,11 +39,16 @@ def parse_args(argv):
     parser.add_argument("--val_fraction", type=float, default=0.1,
                         help="one document: share of its characters, at the end, for validation; "
                              "many: share of the documents (nanoGPT's openwebtext: 0.0005)")
-    parser.add_argument("--format", default="text", help="text, or instructions (Alpaca or chat records, JSON or JSONL)")
+    parser.add_argument("--format", default="text",
+                        help="text, or instructions (Alpaca, Dolly, chat or ShareGPT records, JSON or JSONL)")
     parser.add_argument("--template", default="alpaca", help="instructions: prompt template, alpaca or plain")
     parser.add_argument("--block_size", type=int, default=1024, help="instructions: pack examples into blocks for this block_size")
     parser.add_argument("--overlong", default="truncate", help="instructions: an example longer than a block is truncated or dropped")
     parser.add_argument("--skip_invalid", action="store_true", help="instructions: drop malformed records (and count them) instead of stopping")
+    parser.add_argument("--columns", default="",
+                        help="instructions: a JSON object naming your fields, our field -> yours, e.g. "
+                             "'{\"instruction\": \"question\", \"output\": \"answer\"}' (our fields: instruction, "
+                             "input, output, messages, conversations)")
     parser.add_argument("--seed", type=int, default=1337, help="seed of the train/val draw of documents (or examples)")
     parser.add_argument("--text_field", default="text", help="rows (jsonl, json, parquet, csv, datasets): the text column")
     parser.add_argument("--split", default="train", help="saved DatasetDict or hub dataset: the split to read")
@@ -63,6 +70,9 @@ def check_args(args):
     if not args.name or args.name in (".", "..") or "/" in args.name or "\\" in args.name:
         raise UserError(f"--name must be a plain folder name, got {args.name!r}")
     check_val_fraction(args.val_fraction)
+    if args.columns and args.format != "instructions":
+        raise UserError("--columns names the fields of instruction records; add --format=instructions (a text "
+                        "corpus names its column with --text_field)")
 
 
 def main(argv):
@@ -70,9 +80,11 @@ def main(argv):
     check_args(args)
     if args.format == "instructions":
         from trainer.prepare.instructions import prepare_instructions
+        from trainer.prepare.records import parse_columns
+        columns = parse_columns(args.columns)  # a mistake in the map stops here, before the input is read
         prepare_instructions(args.input, Path(args.data_dir) / args.name, args.template, args.block_size,
                              args.val_fraction, args.skip_invalid, args.overlong, args.seed, args.tokenizer,
-                             args.num_proc)
+                             args.num_proc, columns)
         return 0
     from trainer.prepare.corpus import prepare_corpus
     prepare_corpus(args.input, Path(args.data_dir) / args.name, args.tokenizer, args.val_fraction,

@@ -1,7 +1,8 @@
 """Export a training run as a Hugging Face model: `python launch/merge_adapter.py --out_dir=out-lora --export_dir=DIR`.
 
 LoRA/QLoRA runs: the adapters are merged into the base weights (QLoRA: into the unquantized original
-weights); full runs: the checkpoint's weights (ZeRO shards consolidated); a nanoGPT out_dir (its ckpt.pt):
+weights, or with --qlora_base=dequantized into the 4-bit weights it trained on, dequantized: the model as
+trained); full runs: the checkpoint's weights (ZeRO shards consolidated); a nanoGPT out_dir (its ckpt.pt):
 its model as GPT-2 with nanoGPT's exact GELU. The result is a directory
 that `AutoModelForCausalLM.from_pretrained(DIR)` loads (model.safetensors, config.json,
 generation_config.json, and the tokenizer for GPT-2 BPE runs). `--adapter_only` writes a peft adapter
@@ -24,6 +25,9 @@ def parse_args(argv):
     p.add_argument("--export_dir", required=True, help="where to write the model (must not exist or be empty)")
     p.add_argument("--dtype", default="fp32", choices=("fp32", "bf16", "fp16"), help="dtype of the saved weights")
     p.add_argument("--adapter_only", action="store_true", help="write a peft adapter directory, not a merged model")
+    p.add_argument("--qlora_base", default="original", choices=("original", "dequantized"),
+                   help="QLoRA runs: merge into the original weights, unquantized (default), or into the "
+                        "dequantized 4-bit weights the run trained on (the model as trained); docs/lora.md")
     p.add_flag("--tolerance", type=float, default=None, rule=more_than(0.0),
                    help="maximum absolute logit difference allowed (default: 1e-4 fp32, 1e-2 fp16, 5e-2 bf16, "
                         "times the largest logit when that is above 1)")
@@ -33,7 +37,8 @@ def parse_args(argv):
 def main(argv):
     args = parse_args(argv)
     from trainer.tools.export import export
-    export(args.out_dir, args.export_dir, dtype=args.dtype, adapter_only=args.adapter_only, tolerance=args.tolerance)
+    export(args.out_dir, args.export_dir, dtype=args.dtype, adapter_only=args.adapter_only, tolerance=args.tolerance,
+           qlora_base=args.qlora_base)
     return 0
 
 

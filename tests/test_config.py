@@ -130,6 +130,21 @@ def test_unknown_key_in_recipe_file(tmp_path):
     (["--seed=-1"], "seed=-1 in override --seed=-1 must be 0 or more"),
     (["--out_dir="], "out_dir='' in override --out_dir= must be a folder path"),
     (["--n_embd=100", "--n_head=3"], "n_embd=100 in the overrides must be a multiple of n_head=3"),
+    (["--neftune_alpha=-5"], "neftune_alpha=-5.0 in override --neftune_alpha=-5 must be 0.0 or more"),
+    (["--loraplus_lr_ratio=0"], "loraplus_lr_ratio=0.0 in override --loraplus_lr_ratio=0 must be more than 0.0"),
+    (["--lora_init=loftq"], "lora_init='loftq' in override --lora_init=loftq must be one of default, pissa, olora"),
+    # invalid combinations of the LoRA variants, each one line with the fix
+    (["--use_dora=True"], "use_dora=True in the overrides needs mode=lora (the planner could choose full or qlora); "
+                          "add --mode=lora"),
+    (["--use_dora=True", "--mode=qlora"], "use_dora=True in the overrides needs mode=lora (on a 4-bit base peft's "
+                                          "DoRA dequantizes every adapted weight in each pass"),
+    (["--lora_init=pissa", "--init_from=gpt2"], "lora_init=pissa in the overrides rewrites the base weights as it "
+                                                "starts the adapters, which needs mode=lora (the planner could choose "
+                                                "full or qlora); add --mode=lora, or use --lora_init=default"),
+    (["--lora_init=olora", "--mode=qlora", "--init_from=gpt2"], "which needs mode=lora (a 4-bit base cannot keep "
+                                                                "the rest of the weight exactly)"),
+    (["--lora_init=pissa", "--mode=lora"], "lora_init=pissa in the overrides starts the adapters from pretrained "
+                                           "weights, but init_from='scratch' has none; use --init_from=gpt2"),
 ])
 def test_values_out_of_range_name_key_value_and_range(args, message):
     with pytest.raises(ConfigError, match=re.escape(message)):

@@ -1,5 +1,6 @@
 """Instruction data: prepare, masks, packing, sealed attention, and a tiny GPT-2 that learns a task."""
 import json
+import math
 import pickle
 import random
 import re
@@ -17,7 +18,7 @@ from trainer.model.loss import LMWithLoss
 from trainer.prepare import instructions
 from trainer.prepare.instructions import prepare_instructions
 from trainer.prepare.packing import layout, pack
-from trainer.prepare.records import render, tokenize
+from trainer.prepare.records import parse_columns, render, tokenize
 from trainer.prepare.split import split_items
 from trainer.prepare.templates import TEMPLATES
 
@@ -125,6 +126,111 @@ def test_malformed_records_name_file_place_and_field(tmp_path, records, message)
     with pytest.raises(UserError, match=re.escape(f"{path} {message}")):
         prepare_instructions(str(path), tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+SHAREGPT = {"conversations": [{"from": "system", "value": "You are terse."},
+                               {"from": "human", "value": "Capital of France?"},
+                               {"from": "gpt", "value": "Paris."},
+                               {"from": "human", "value": "And of Italy?"},
+                               {"from": "gpt", "value": "Rome."}]}
+DOLLY = {"instruction": "Translate to French.", "context": "Good morning", "response": "Bonjour",
+         "category": "open_qa"}
+
+
+@pytest.mark.parametrize("template", ["alpaca", "plain"])
+def test_sharegpt_dolly_and_mapped_records_render_as_their_chat_and_alpaca_twins(template):
+    """ShareGPT is chat with other names (from/value, human/gpt), Dolly is Alpaca with context as the input, and
+    a column map reads any field names: each renders exactly as the record it stands for."""
+    t = TEMPLATES[template]
+    assert render(SHAREGPT, t) == render(CHAT, t)
+    assert render(DOLLY, t) == render(ALPACA[1], t)
+    assert render({"instruction": "Name a primary colour.", "response": "Red."}, t) == render(ALPACA[2], t)
+    columns = parse_columns('{"instruction": "question", "input": "extra", "output": "answer"}')
+    mapped = {"question": "Translate to French.", "extra": "Good morning", "answer": "Bonjour", "output": "ignored"}
+    assert render(mapped, t, columns) == render(ALPACA[1], t)
+    assert render({**mapped, "extra": None}, t, columns) == render({**ALPACA[1], "input": ""}, t)
+    dialog = {"dialog": CHAT["messages"]}
+    assert render(dialog, t, parse_columns('{"messages": "dialog"}')) == render(CHAT, t)
+
+
+@pytest.mark.parametrize("records, message", [
+    ('[{"conversations": [{"from": "human", "value": "hi"}, {"from": "bot", "value": "yo"}]}]',
+     "index 0: field 'conversations[1].from' is 'bot', not system, human or gpt"),
+    ('[{"conversations": [{"from": "human", "value": "hi"}, {"from": "human", "value": "yo"}]}]',
+     "index 0: conversations[1] is a human message where a gpt message belongs (an optional system message "
+     "first, then human and gpt alternating)"),
+    ('[{"conversations": [{"from": "human", "value": "hi"}]}]', "index 0: the last message must be the gpt's"),
+    ('[{"conversations": []}]', "index 0: field 'conversations' must be a non-empty list"),
+    ('{"instruction": "a", "context": "b"}\n', "line 1: missing field 'response'"),
+    ('{"instruction": "a", "context": "b", "response": ["c"]}\n', "line 1: field 'response' is list, not a string"),
+])
+def test_malformed_sharegpt_and_dolly_records_name_file_place_and_field(tmp_path, records, message):
+    path = tmp_path / "bad.json"
+    path.write_text(records)
+    with pytest.raises(UserError, match=re.escape(f"{path} {message}")):
+        prepare_instructions(str(path), tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("records, columns, message", [
+    # a map naming a field the file does not have: a mistake in the map, whatever --skip_invalid says
+    ('{"question": "a", "answer": "b"}\n', '{"instruction": "quest", "output": "answer"}',
+     "--columns maps 'instruction' to 'quest', but {path} line 1 has no field 'quest' (its fields: answer, "
+     "question); fix --columns"),
+    # the first record has it, a later one not: that record is invalid
+    ('{"q": "a", "a": "b"}\n{"q": "c"}\n', '{"instruction": "q", "output": "a"}', "{path} line 2: missing field 'a'"),
+    ('[{"q": "a", "a": "b", "x": "c"}, {"q": "a", "a": "b"}]', '{"instruction": "q", "output": "a", "input": "x"}',
+     "{path} index 1: missing field 'x' (mapped from 'input' by --columns)"),
+    ('[{"d": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}, {"e": 1}]',
+     '{"messages": "d"}', "{path} index 1: missing field 'd' (mapped from 'messages' by --columns)"),
+])
+def test_column_map_naming_missing_fields(tmp_path, records, columns, message):
+    path = tmp_path / "mapped.json"
+    path.write_text(records)
+    with pytest.raises(UserError, match=re.escape(message.format(path=path))):
+        prepare_instructions(str(path), tmp_path / "out", columns=parse_columns(columns), skip_invalid=False)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("text, message", [
+    ("{instr", "--columns={instr is not valid JSON (Expecting property name enclosed in double quotes at column 2)"),
+    ('["a"]', "--columns=[\"a\"] must be a non-empty JSON object"),
+    ("{}", "--columns={} must be a non-empty JSON object"),
+    ('{"prompt": "q"}', "--columns names 'prompt', which is not one of our fields; map instruction, input, output, "
+                        "messages, conversations to your field names"),
+    ('{"output": ""}', "--columns maps 'output' to ''; the value must be the name of a field"),
+    ('{"messages": "d", "output": "a"}', "--columns maps 'messages' together with 'output'"),
+])
+def test_bad_column_map_is_one_line(text, message):
+    with pytest.raises(UserError, match=re.escape(message)) as info:
+        parse_columns(text)
+    assert "\n" not in str(info.value) and "e.g. --columns='{\"instruction\": \"question\"" in str(info.value)
+
+
+def test_formats_and_bad_input_through_the_command(tmp_path):
+    """data/prepare.py reads all four kinds in one file and counts them; an empty file, a file of no
+    instruction records (all invalid, --skip_invalid) and a column map naming a missing field are one line,
+    exit 2, nothing written."""
+    path = tmp_path / "mixed.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in [ALPACA[0], DOLLY, CHAT, SHAREGPT, SHAREGPT]) + "\n")
+    base = [f"--data_dir={tmp_path}", "--format=instructions", "--block_size=128", "--val_fraction=0.2"]
+    proc = run_cmd(python(REPO / "data/prepare.py", f"--input={path}", "--name=mixed", *base), cwd=tmp_path)
+    assert "read 5 examples from 1 file(s) (1 alpaca, 1 dolly, 1 chat, 2 sharegpt), template alpaca" in proc.stdout
+    (tmp_path / "empty.json").write_text("[]")
+    (tmp_path / "text.jsonl").write_text('{"text": "a"}\n{"text": "b"}\n')
+    (tmp_path / "qa.jsonl").write_text('{"question": "a", "answer": "b"}\n')
+    cases = [([f"--input={tmp_path / 'empty.json'}"], f"error: {tmp_path / 'empty.json'} holds no instruction records"),
+             ([f"--input={tmp_path / 'text.jsonl'}", "--skip_invalid"],
+              f"error: no instruction record in {tmp_path / 'text.jsonl'}: all 2 record(s) are invalid (the first: "),
+             ([f"--input={tmp_path / 'qa.jsonl'}", '--columns={"instruction": "q", "output": "answer"}'],
+              "error: --columns maps 'instruction' to 'q', but"),
+             ([f"--input={tmp_path / 'qa.jsonl'}", '--columns={"instruction": "question"', "--skip_invalid"],
+              "error: --columns={\"instruction\": \"question\" is not valid JSON")]
+    for args, start in cases:
+        proc = run_cmd(python(REPO / "data/prepare.py", "--name=bad", *base, *args), cwd=tmp_path, check=False)
+        lines = proc.stderr.strip().splitlines()
+        assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith(start), proc.stderr
+        assert not (tmp_path / "bad").exists()
 
 
 def test_broken_json_list_is_a_file_error(tmp_path):
@@ -437,3 +543,69 @@ def test_bad_record_in_a_worker_keeps_the_previous_dataset(tmp_path):
     with pytest.raises(UserError, match=re.escape(f"{path} line 2401: missing field 'output'")):
         prepare_instructions(str(path), tmp_path / "k", block_size=64, num_proc=2)
     assert {p.name: p.read_bytes() for p in (tmp_path / "k").iterdir()} == before
+
+
+# ---------------------------------------------------------------- NEFTune
+
+def neftune_noise(module, x, y, pos=None):
+    """The noise NEFTune added to the input embeddings in one forward of `module` (in its current mode):
+    the embedding's output as the model received it minus the embedding of the same tokens."""
+    embedding = module.lm.get_input_embeddings()
+    seen = []
+    hook = embedding.register_forward_hook(lambda mod, args, out: seen.append(out.detach()))  # after NEFTune's
+    with torch.no_grad():
+        module(x, y, pos) if pos is not None else module(x, y)
+        clean = embedding.weight[x]
+    hook.remove()
+    return (seen[0] - clean)[0]
+
+
+def test_neftune_noise_is_scaled_per_packed_example(tiny_lm):
+    """Uniform noise in [-scale, scale], scale = alpha / sqrt(L * d) with L each example's own length inside
+    the packed block (not the block's), measured on each example's noise: its largest value reaches the
+    scale and its standard deviation is scale / sqrt(3), as a uniform distribution's."""
+    import copy
+
+    from trainer.model.neftune import add_neftune
+    alpha, d = 5.0, tiny_lm.config.n_embd
+    rng = np.random.default_rng(0)
+    lengths = [9, 30, 80]  # + 9 tokens of padding, its own example, in the 128 tokens of x
+    examples = [(rng.integers(0, 50000, n).tolist(), [0] * (n - 1) + [1]) for n in lengths]
+    x, y, pos = packed_block(examples)
+    module = add_neftune(LMWithLoss(copy.deepcopy(tiny_lm)), alpha).train()
+    noise = neftune_noise(module, x, y, pos)
+    starts = [0, *np.cumsum(lengths)]
+    for (a, b), n in zip(zip(starts, starts[1:]), lengths):
+        part, scale = noise[a:b], alpha / math.sqrt(n * d)
+        assert 0.95 * scale < part.abs().max() <= scale * (1 + 1e-6), (n, float(part.abs().max()), scale)
+        assert abs(float(part.std()) / (scale / math.sqrt(3)) - 1) < 0.12, n
+        assert abs(float(part.mean())) < 0.1 * scale
+    padding = noise[starts[-1]:]
+    assert padding.abs().max() <= alpha / math.sqrt(len(padding) * d) * (1 + 1e-6)
+    # a row without positions (text) is one example of the row's length
+    row = neftune_noise(module, x, y)
+    assert 0.95 < float(row.abs().max()) / (alpha / math.sqrt(x.size(1) * d)) <= 1 + 1e-6
+    # training draws new noise every forward; evaluation sees none, and its loss is the plain model's
+    assert not torch.equal(noise, neftune_noise(module, x, y, pos))
+    module.eval()
+    assert torch.equal(neftune_noise(module, x, y, pos), torch.zeros_like(noise))
+    with torch.no_grad():
+        assert torch.equal(module(x, y, pos), LMWithLoss(tiny_lm)(x, y, pos))
+
+
+def test_neftune_off_leaves_no_trace(tiny_lm):
+    """neftune_alpha=0 (the default): the builder registers no hook; > 0: one on the loss wrapper, one on the
+    input embedding (with LoRA adapters: the embedding inside peft's model)."""
+    import copy
+    from types import SimpleNamespace
+
+    from trainer.config import DEFAULTS
+    from trainer.model.builder import build_module
+    plan = SimpleNamespace(mode="full", gradient_checkpointing=False)
+    off = build_module(DEFAULTS, plan, copy.deepcopy(tiny_lm), "dense_mask")
+    assert not off._forward_pre_hooks and not off.lm.get_input_embeddings()._forward_hooks
+    lora = SimpleNamespace(mode="lora", gradient_checkpointing=False)
+    on = build_module({**DEFAULTS, "neftune_alpha": 5.0}, lora, copy.deepcopy(tiny_lm), "dense_mask").train()
+    assert len(on._forward_pre_hooks) == 1 and len(on.lm.get_input_embeddings()._forward_hooks) == 1
+    x, y, pos = packed_block([(list(range(100, 160)), [0] * 30 + [1] * 30)])
+    assert 0 < float(neftune_noise(on, x, y, pos)[:60].abs().max()) <= 5.0 / math.sqrt(60 * 32) * (1 + 1e-6)

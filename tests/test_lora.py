@@ -202,6 +202,40 @@ def test_qlora_export_merges_into_unquantized_base(qlora_run, runs):
     assert "quantization_config" not in (runs / "qlora-merged" / "config.json").read_text()
 
 
+def test_qlora_export_as_trained_merges_into_the_dequantized_base(qlora_run, runs):
+    """--qlora_base=dequantized: the adapters merged into bitsandbytes' dequantize_4bit of the nf4 weights the run
+    trained on, checked against the 4-bit model with its adapters (the model as trained), which it equals in
+    fp32 while the default export differs from it by the quantization gap."""
+    out, _ = qlora_run
+    proc = export(out, runs / "qlora-as-trained", "--qlora_base=dequantized")
+    assert "into the dequantized 4-bit weights the run trained on (bitsandbytes' dequantize_4bit)" in proc.stdout
+    assert "logits(the 4-bit model as trained)|" in proc.stdout and parity(proc.stdout) <= 1e-4
+    gap = float(re.search(r"vs base \+ adapter unquantized \(--qlora_base=original\): max \|logits\| difference = "
+                          r"([\d.e+-]+)", proc.stdout)[1])
+    import bitsandbytes as bnb
+    from transformers import AutoModelForCausalLM
+
+    from trainer.run.weights import load_adapter_run
+    as_trained = AutoModelForCausalLM.from_pretrained(runs / "qlora-as-trained").eval()
+    original = load_adapter_run(out, quantized=False).merge_and_unload()  # what the default export merges
+    four_bit = load_adapter_run(out)  # the 4-bit base with the trained adapters, as sample.py loads the run
+    idx = torch.randint(0, VOCAB, (2, 64), generator=torch.Generator().manual_seed(2))
+    reference = logits(four_bit, idx)
+    assert (logits(as_trained, idx) - reference).abs().max() <= 1e-4
+    assert (logits(original, idx) - reference).abs().max() > 100 * (logits(as_trained, idx) - reference).abs().max()
+    assert gap > 1e-3
+    # each adapted weight is dequantize_4bit's nf4 values plus scale * B A (Conv1D keeps it (in, out))
+    lora = four_bit.base_model.model.transformer.h[0].mlp.c_fc
+    assert isinstance(lora.base_layer, bnb.nn.Linear4bit)
+    nf4 = bnb.functional.dequantize_4bit(lora.base_layer.weight.data, lora.base_layer.weight.quant_state)
+    delta = lora.scaling["default"] * lora.lora_B["default"].weight @ lora.lora_A["default"].weight
+    assert (as_trained.transformer.h[0].mlp.c_fc.weight - (nf4 + delta).t()).abs().max() <= 1e-6
+    assert delta.abs().max() > 1e-3
+    with pytest.raises(UserError, match="--adapter_only writes the adapters without a base, so --qlora_base"):
+        from trainer.tools.export import export as export_run
+        export_run(out, runs / "no-such", adapter_only=True, qlora_base="dequantized")
+
+
 def test_sample_runs_on_a_qlora_run_dir(qlora_run):
     proc = run(python(REPO / "launch/sample.py", f"--out_dir={qlora_run[0]}", "--start=To be", "--num_samples=1",
                           "--max_new_tokens=30"))

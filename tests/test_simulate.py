@@ -39,6 +39,37 @@ def test_estimate_within_5_percent_of_the_simulated_step(mode, ckpt, micro, dtyp
         assert abs(rows[item]["difference"]) <= 0.001, rows[item]
 
 
+@pytest.mark.parametrize("variant", [{"use_dora": True}, {"lora_init": "pissa", "loraplus_lr_ratio": 16.0}])
+def test_lora_variants_counted_as_simulated(variant):
+    """DoRA's magnitudes and its kept outputs (memory.DORA_KEPT_OUTPUTS), LoRA+'s optimizer group of B matrices
+    (a second flat fp32 buffer on the fast bf16 path) and PiSSA's start (nothing more): the adapters come from
+    the same lora_config in the simulation as in training."""
+    cfg, shape, plan = plan_for(mode="lora", gradient_checkpointing=False, micro_batch_size=2, dtype="bf16",
+                                lora_dropout=0.0, **variant)
+    sim = simulate(cfg, shape, plan)
+    rows = {r["item"]: r for r in comparison(plan, sim)}
+    for item in ("activations_and_logits", "optimizer_step_transient"):
+        assert abs(rows[item]["difference"]) <= 0.02, rows[item]
+    for item in ("weights", "gradients", "optimizer_states"):
+        assert abs(rows[item]["difference"]) <= 0.001, rows[item]
+    plain_cfg, _, plain = plan_for(mode="lora", gradient_checkpointing=False, micro_batch_size=2, dtype="bf16",
+                                   lora_dropout=0.0)
+    extra = plan.estimate.items["activations"] - plain.estimate.items["activations"]
+    # DoRA: 2 bf16 outputs per token of each adapted projection (3c + c + 4c + c outputs per layer)
+    assert extra == (12 * 2 * 1024 * 2 * 2 * 9 * 768 if cfg["use_dora"] else 0)
+    assert plan.estimate.params_trainable - plain.estimate.params_trainable == (12 * 9 * 768 if cfg["use_dora"] else 0)
+
+
+def test_neftune_keeps_nothing_for_the_backward():
+    """NEFTune's noise is added to the embedding output and not kept: the simulated step of a packed batch (its
+    per-example lengths computed with static shapes, as fake tensors need) holds what it holds without it."""
+    cfg, shape, plan = plan_for(mode="lora", gradient_checkpointing=False, micro_batch_size=1, dtype="bf16",
+                                block_size=256, neftune_alpha=5.0)
+    shape = Shape(2, shape.n_head, shape.n_embd, shape.vocab_size, 256)
+    with_noise = simulate(cfg, shape, plan, packed=True).items
+    assert with_noise == simulate({**cfg, "neftune_alpha": 0.0}, shape, plan, packed=True).items
+
+
 def test_packed_instruction_batches_keep_a_mask_per_layer():
     cfg, shape, plan = plan_for(mode="full", gradient_checkpointing=False, micro_batch_size=2, dtype="bf16")
     packed = simulate(cfg, shape, plan, packed=True).items["activations_and_logits"]

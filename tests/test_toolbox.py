@@ -14,7 +14,6 @@ from trainer.optim.optimizer import state_bytes
 from trainer.plan.hardware import Hardware, detect_hardware
 from trainer.plan.memory import Candidate, estimate
 from trainer.plan.planner import PlanError, PlanInput, make_plan
-from trainer.plan.report import plan_to_dict
 from trainer.units import GiB
 
 RECIPES = {"gpt2": (8, 8), "gpt2-medium": (4, 8), "gpt2-large": (2, 8), "gpt2-xl": (1, 8)}

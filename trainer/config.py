@@ -35,6 +35,9 @@ LORA_TARGETS = ("c_attn", "c_proj", "c_fc")
 NANOGPT_DTYPES = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
 # nanoGPT's keys that DeepSpeed decides here: accepted, not used (launch/train.py says what the run uses)
 DEEPSPEED_DECIDES = ("device", "backend")
+# How the adapters start: peft's default (A random, B zero), or from each weight's decomposition (the base
+# then keeps the rest of the weight, so the model still starts as the base).
+LORA_INITS = ("default", "pissa", "olora")
 
 
 class ConfigError(UserError):
@@ -120,6 +123,8 @@ _GROUPS = {
         "n_head": _key(12, "attention heads (must divide n_embd)", _POSITIVE),
         "n_embd": _key(768, "embedding width", _POSITIVE),
         "dropout": _key(0.0, "dropout probability (also overrides a pretrained model's)", _PROBABILITY),
+        "neftune_alpha": _key(0.0, "NEFTune: uniform noise on the input embeddings while training, scaled by "
+                              "alpha / sqrt(example length x n_embd) (0: off; the paper uses 5)", at_least(0.0)),
         "bias": _key(True, "biases in linear layers and LayerNorms (False: zeroed and frozen)"),
     },
     "optimizer (AdamW)": {
@@ -165,6 +170,15 @@ _GROUPS = {
         "lora_targets": _key(list(LORA_TARGETS), "GPT-2 layers that get adapters",
                              Rule(lambda v: bool(v) and all(t in LORA_TARGETS for t in v),
                                   f"a non-empty list; choose from {', '.join(repr(t) for t in LORA_TARGETS)}")),
+        "use_dora": _key(False, "DoRA: each adapted weight as a learned magnitude per output times a direction "
+                         "(LoRA on the direction); keeps more activations, which the plan counts"),
+        "use_rslora": _key(False, "rank-stabilized LoRA: scale = lora_alpha / sqrt(lora_r) instead of / lora_r"),
+        "lora_init": _choice("default", LORA_INITS, "how the adapters start: default (A random, B zero), pissa "
+                             "(each weight's top-r singular directions) or olora (its QR decomposition); pissa and "
+                             "olora move that part out of the base weight, so they need mode=lora and a "
+                             "pretrained init_from"),
+        "loraplus_lr_ratio": _key(1.0, "LoRA+: the B matrices learn at learning_rate x this, through the whole "
+                                  "schedule (1: off; the LoRA+ paper suggests 16)", more_than(0.0)),
     },
     "logging and sampling": {
         "tensorboard": _key(True, "write TensorBoard events to out_dir"),
@@ -267,6 +281,21 @@ def check_config(cfg, source="the config"):
     if cfg["early_stop"] and cfg["always_save_checkpoint"]:
         raise ConfigError(f"early_stop={cfg['early_stop']} in {source} keeps the best checkpoint, but "
                           f"always_save_checkpoint=True saves every evaluation; add --always_save_checkpoint=False")
+    if cfg["use_dora"] and cfg["mode"] != "lora":
+        why = {"auto": "the planner could choose full or qlora", "full": "full mode has no adapters",
+               "qlora": "on a 4-bit base peft's DoRA dequantizes every adapted weight in each pass, which the "
+                        "plan does not count"}[cfg["mode"]]
+        raise ConfigError(f"use_dora=True in {source} needs mode=lora ({why}); add --mode=lora")
+    if cfg["lora_init"] != "default":
+        if cfg["mode"] != "lora":
+            why = {"auto": "the planner could choose full or qlora", "full": "full mode has no adapters",
+                   "qlora": "a 4-bit base cannot keep the rest of the weight exactly"}[cfg["mode"]]
+            raise ConfigError(f"lora_init={cfg['lora_init']} in {source} rewrites the base weights as it starts the "
+                              f"adapters, which needs mode=lora ({why}); add --mode=lora, or use --lora_init=default")
+        if cfg["init_from"] == "scratch":
+            raise ConfigError(f"lora_init={cfg['lora_init']} in {source} starts the adapters from pretrained weights, "
+                              f"but init_from='scratch' has none; use --init_from=gpt2 (any GPT-2 hub name or HF "
+                              f"directory), or --lora_init=default")
     out_dir = Path(cfg["out_dir"])
     if out_dir.exists() and not out_dir.is_dir():
         raise ConfigError(f"out_dir={cfg['out_dir']!r} is a file, not a folder; choose another --out_dir")

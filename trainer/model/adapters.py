@@ -2,6 +2,9 @@
 
 - lora: peft LoRA on GPT-2's `c_attn`, `c_proj`, `c_fc` (Conv1D layers, weights stored (in, out), hence
   `fan_in_fan_out=True`); everything else is frozen.
+- variants (config keys, docs/lora.md): DoRA (use_dora), rsLoRA (use_rslora), PiSSA/OLoRA initialisation
+  (lora_init: the adapters start as a decomposition of each weight, which the base keeps the rest of), all
+  peft's; LoRA+ is an optimizer setting (trainer/optim/optimizer.param_groups).
 - qlora: the base loaded through transformers' BitsAndBytesConfig in 4-bit nf4 with double quantization;
   transformers turns the targeted Conv1D layers into bitsandbytes `Linear4bit` (weights (out, in), so no
   fan_in_fan_out). Embeddings, LayerNorms and biases stay in the compute dtype (bf16/fp16 on GPUs, fp32 on
@@ -38,9 +41,11 @@ def uses_adapters(plan_or_mode):
 def lora_config(cfg, quantized=False):
     """The LoRA config of a run. `quantized`: the targets are bitsandbytes Linear4bit layers, stored (out, in)."""
     from peft import LoraConfig  # imported here: peft pulls in bitsandbytes, which full runs do not need
+    init = True if cfg["lora_init"] == "default" else cfg["lora_init"]
     return LoraConfig(r=cfg["lora_r"], lora_alpha=cfg["lora_alpha"], lora_dropout=cfg["lora_dropout"],
                       target_modules=list(cfg["lora_targets"]), fan_in_fan_out=not quantized, bias="none",
-                      task_type="CAUSAL_LM")
+                      task_type="CAUSAL_LM", use_dora=cfg["use_dora"], use_rslora=cfg["use_rslora"],
+                      init_lora_weights=init)
 
 
 def quantization_config(compute_dtype):
@@ -104,11 +109,37 @@ def build_base(cfg, vocab_size, mode, dtype="fp32", device_type="cpu", run_dir=N
 
 
 def wrap_lora(model, config):
-    """get_peft_model, without transformers' deprecation warning that peft 0.21 triggers on every call."""
+    """get_peft_model, without transformers' deprecation warning that peft 0.21 triggers on every call.
+
+    OLoRA on GPT-2's Conv1D layers: peft 0.21's olora_init takes the weight as (out, in) whatever
+    fan_in_fan_out says, and on a Conv1D (in, out) it makes A and B of the wrong shapes (the first forward
+    fails). The layers are wrapped with the default start, then each gets peft's own olora_init with its
+    weight presented (out, in) for the call (olora_conv1d).
+    """
+    import dataclasses
+
     from peft import get_peft_model
+    olora_conv1d = config.init_lora_weights == "olora" and config.fan_in_fan_out
+    if olora_conv1d:
+        config = dataclasses.replace(config, init_lora_weights=True)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
-        return get_peft_model(model, config)
+        model = get_peft_model(model, config)
+    if olora_conv1d:
+        olora_init_conv1d(model)
+        model.peft_config["default"].init_lora_weights = "olora"
+    return model
+
+
+def olora_init_conv1d(model, adapter="default"):
+    """peft's olora_init on every LoRA layer of `model`, each Conv1D weight transposed to (out, in) around it."""
+    from peft.tuners.lora import LoraLayer
+    for layer in model.modules():
+        if isinstance(layer, LoraLayer) and adapter in layer.lora_A:
+            weight = layer.get_base_layer().weight
+            weight.data = weight.data.t().contiguous()
+            layer.olora_init(adapter)  # A = R[:r], B = Q[:, :r]; the base keeps W - scale * B @ A
+            weight.data = weight.data.t().contiguous()
 
 
 def _keep_only_trainable(module, state_dict, prefix, local_metadata):

@@ -11,6 +11,7 @@ from trainer.config import ADAPTER_MODES
 from trainer.model.adapters import apply_mode, build_base
 from trainer.model.gpt2 import build_model, enable_checkpointing, fit_to_config, model_from_config_file
 from trainer.model.loss import LMWithLoss
+from trainer.model.neftune import add_neftune
 
 
 def base_model(cfg, plan, vocab_size, device_type, model_config=None, run_dir=None):
@@ -31,7 +32,11 @@ def base_model(cfg, plan, vocab_size, device_type, model_config=None, run_dir=No
 
 def build_module(cfg, plan, base, packed_kernel, wrapper=LMWithLoss):
     """LMWithLoss (or the simulation's `wrapper`) around `base` with the plan applied: checkpointing first
-    (before the adapters wrap the model), then LoRA/QLoRA for adapter modes, and activation offload."""
+    (before the adapters wrap the model), then LoRA/QLoRA for adapter modes, activation offload, and NEFTune's
+    hooks if asked for."""
     if plan.gradient_checkpointing:
         enable_checkpointing(base)
-    return wrapper(apply_mode(base, plan, cfg), packed=packed_kernel, activation_offload=plan.activation_offload)
+    module = wrapper(apply_mode(base, plan, cfg), packed=packed_kernel, activation_offload=plan.activation_offload)
+    if cfg["neftune_alpha"] > 0:
+        add_neftune(module, cfg["neftune_alpha"])
+    return module

@@ -73,14 +73,29 @@ def lora_projections(n_embd):
     return {"c_attn": [(c, 3 * c)], "c_proj": [(c, c), (4 * c, c)], "c_fc": [(c, 4 * c)]}
 
 
-def lora_tensor_numels(n_layer, n_embd, r, targets):
-    """Element counts of the LoRA A and B matrices (in x r and r x out per targeted projection)."""
+def lora_tensor_numels(n_layer, n_embd, r, targets, dora=False):
+    """Element counts of the LoRA A and B matrices (in x r and r x out per targeted projection); with DoRA
+    also each projection's magnitude vector (out)."""
     projections = lora_projections(n_embd)
     unknown = set(targets) - set(projections)
     if unknown:
         raise ValueError(f"unknown LoRA targets {sorted(unknown)}; choose from {', '.join(projections)}")
     per_layer = [n for t in set(targets) for i, o in projections[t] for n in (i * r, r * o)]
+    if dora:
+        per_layer += [o for t in set(targets) for _, o in projections[t]]
     return per_layer * n_layer
+
+
+def lora_group_numels(n_layer, n_embd, r, targets, dora=False, loraplus=False):
+    """Elements per optimizer group of an adapter run, in trainer/optim/optimizer.param_groups' order: the
+    2-D matrices (A only under LoRA+), LoRA+'s B matrices, DoRA's magnitudes (1-D: not decayed)."""
+    projections = lora_projections(n_embd)
+    a = sum(i * r for t in set(targets) for i, _ in projections[t]) * n_layer
+    b = sum(r * o for t in set(targets) for _, o in projections[t]) * n_layer
+    groups = [a, b] if loraplus else [a + b]
+    if dora:
+        groups.append(sum(o for t in set(targets) for _, o in projections[t]) * n_layer)
+    return groups
 
 
 def linear_weight_count(n_layer, n_embd):
@@ -88,9 +103,9 @@ def linear_weight_count(n_layer, n_embd):
     return n_layer * 12 * n_embd * n_embd
 
 
-def lora_trainable_count(n_layer, n_embd, r, targets):
-    """LoRA adds A (in x r) and B (r x out) to each targeted projection: r * (in + out)."""
-    return sum(lora_tensor_numels(n_layer, n_embd, r, targets))
+def lora_trainable_count(n_layer, n_embd, r, targets, dora=False):
+    """LoRA adds A (in x r) and B (r x out) to each targeted projection: r * (in + out) (DoRA: + out)."""
+    return sum(lora_tensor_numels(n_layer, n_embd, r, targets, dora))
 
 
 def flops_per_token(n_params, n_layer, n_head, n_embd, block_size, mode="full", n_trainable=None):

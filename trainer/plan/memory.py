@@ -16,7 +16,8 @@ from dataclasses import dataclass
 
 from trainer.config import LORA_TARGETS
 from trainer.model.shapes import (LOSS_CHUNK_BYTES, Shape, gpt2_param_count, gpt2_tensor_numels, gpt2_tensors,
-                                  linear_weight_count, lora_tensor_numels, lora_trainable_count)
+                                  linear_weight_count, lora_group_numels, lora_projections, lora_tensor_numels,
+                                  lora_trainable_count)
 from trainer.optim.optimizer import state_bytes, unpaged
 from trainer.units import GiB, MiB
 
@@ -44,6 +45,15 @@ LOGITS_BYTES_PER_ELEMENT = 12     # per chunk element: fp32 log-probs kept + the
 # net 1 byte per input element, plus the compute dtype for attn.c_proj. Measured (simulation): 9.08
 # bytes per s*b*h per layer for c_attn, c_proj, c_fc at r=8, where the old count said 21.
 LORA_DROPOUT_MASK_BYTES = 1
+# DoRA (use_dora): peft's DoRA layer returns (m / |W + s BA| - 1) * base output + m / |W + s BA| * s * LoRA
+# output and keeps both out-sized outputs for the magnitude m's gradient: 2 tensors of the compute dtype per
+# output element of each adapted projection and token. Measured (simulation, `python launch/train.py --recipe
+# gpt2_small --plan --vram_gb=80 --simulate --mode=lora --use_dora=True` against --use_dora=False): 4.00
+# bytes per token per output element in bf16 (8 in fp32) for c_attn, c_proj and c_fc alike, at micro-batch
+# 4 to 16, lora_r 8 and 64, lora_dropout 0 and 0.1 (+1.38 GB at micro-batch 4, +5.46 GB at 16), plus at
+# most 40 MB that does not grow with the batch (a layer's weight-sized norm temporaries: not counted).
+# With gradient checkpointing the term is inside the recomputed layer and adds nothing (measured too).
+DORA_KEPT_OUTPUTS = 2
 NF4_BYTES_PER_PARAM = 0.5 + 1 / 64 + 4 / (64 * 256)  # 4-bit + 8-bit absmax per 64 + fp32 per 256 blocks
 ZERO0_ALLREDUCE_ELEMENTS = 500_000_000  # engine.allreduce_gradients' fixed bucket (ZeRO-0 path)
 BUCKET_ELEMENTS_LARGE = 200_000_000     # ds_configs/zero1,zero2 templates
@@ -120,21 +130,23 @@ def bucket_sizes(zero_stage, trainable, usable_bytes):
     return {"reduce_bucket_size": size, "allgather_bucket_size": size}
 
 
-def parameter_counts(shape, mode, lora_r, lora_targets):
+def parameter_counts(shape, mode, lora_r, lora_targets, dora=False):
     """(base parameters, trainable parameters, total held by the model)."""
     base = gpt2_param_count(shape.n_layer, shape.n_head, shape.n_embd, shape.vocab_size, shape.block_size)
     if mode == "full":
         return base, base, base
-    adapters = lora_trainable_count(shape.n_layer, shape.n_embd, lora_r, lora_targets)
+    adapters = lora_trainable_count(shape.n_layer, shape.n_embd, lora_r, lora_targets, dora)
     return base, adapters, base + adapters
 
 
-def trained_tensors(shape, mode, lora_r, lora_targets):
+def trained_tensors(shape, mode, lora_r, lora_targets, dora=False):
     """(element count, is a matrix) of every trainable tensor: GPT-2's for full mode, LoRA's A and B (matrices)
-    for the adapter modes."""
+    and DoRA's magnitudes (vectors) for the adapter modes."""
     if mode == "full":
         return gpt2_tensors(shape.n_layer, shape.n_embd, shape.vocab_size, shape.block_size)
-    return [(n, True) for n in lora_tensor_numels(shape.n_layer, shape.n_embd, lora_r, lora_targets)]
+    matrices = lora_tensor_numels(shape.n_layer, shape.n_embd, lora_r, lora_targets)
+    magnitudes = lora_tensor_numels(shape.n_layer, shape.n_embd, lora_r, lora_targets, dora)[len(matrices):]
+    return [(n, True) for n in matrices] + [(n, False) for n in magnitudes]
 
 
 # ----------------------------------------------------------------------------- DeepSpeed's optimizer paths
@@ -183,13 +195,15 @@ def fast_bf16_path(zero_stage, offload, dtype, grad_accum_dtype="fp32"):
     return optimizer_path(zero_stage, offload, dtype, grad_accum_dtype) == "bf16_optimizer"
 
 
-def stepped_tensors(path, trained, n):
+def stepped_tensors(path, trained, n, groups=None):
     """Element counts of the tensors the optimizer steps: every trainable tensor (plain, unfused), or each
-    parameter group flattened and partitioned over the n ranks (bf16_optimizer, zero, cpu_adam): the
-    decayed matrices, then the rest (trainer/optim/optimizer.param_groups)."""
+    parameter group flattened and partitioned over the n ranks (bf16_optimizer, zero, cpu_adam): `groups` (an
+    adapter run's, shapes.lora_group_numels: LoRA+'s B matrices and DoRA's magnitudes are groups of their
+    own), else the decayed matrices, then the rest (trainer/optim/optimizer.param_groups)."""
     if path in ("plain", "unfused"):
         return [k for k, _ in trained]
-    groups = [sum(k for k, matrix in trained if matrix), sum(k for k, matrix in trained if not matrix)]
+    if groups is None:
+        groups = [sum(k for k, matrix in trained if matrix), sum(k for k, matrix in trained if not matrix)]
     return [-(-g // n) for g in groups if g]
 
 
@@ -226,22 +240,26 @@ def bf16_optimizer_transient(group_numels, n):
 
 
 def estimate(shape: Shape, cand: Candidate, dtype, n_devices, device_type, usable_bytes, lora_r=8,
-             lora_targets=LORA_TARGETS, lora_dropout=0.0, dropout=0.0, packed=False):
-    """Per-device bytes of one candidate plan (see the module docstring for the peak)."""
+             lora_targets=LORA_TARGETS, lora_dropout=0.0, dropout=0.0, packed=False, dora=False, loraplus=False):
+    """Per-device bytes of one candidate plan (see the module docstring for the peak). dora: DoRA adapters
+    (use_dora); loraplus: LoRA+'s own optimizer group for the B matrices (loraplus_lr_ratio != 1)."""
     w = DTYPE_BYTES[dtype]
     path = path_of(cand, dtype)
-    base, trainable, _ = parameter_counts(shape, cand.mode, lora_r, lora_targets)
+    base, trainable, _ = parameter_counts(shape, cand.mode, lora_r, lora_targets, dora)
     # every tensor of the model (GPT-2's, then LoRA's) and the trainable ones, by element count
     numels = gpt2_tensor_numels(shape.n_layer, shape.n_embd, shape.vocab_size, shape.block_size)
-    adapters = lora_tensor_numels(shape.n_layer, shape.n_embd, lora_r, lora_targets) if cand.mode != "full" else []
-    trained = trained_tensors(shape, cand.mode, lora_r, lora_targets)
-    stepped = stepped_tensors(path, trained, n_devices)
+    adapters = (lora_tensor_numels(shape.n_layer, shape.n_embd, lora_r, lora_targets, dora)
+                if cand.mode != "full" else [])
+    trained = trained_tensors(shape, cand.mode, lora_r, lora_targets, dora)
+    groups = (lora_group_numels(shape.n_layer, shape.n_embd, lora_r, lora_targets, dora, loraplus)
+              if cand.mode != "full" else None)
+    stepped = stepped_tensors(path, trained, n_devices, groups)
     model_bytes = held_weight_bytes(shape, cand.mode, base, trainable, w)
     resident, weights = weight_bytes(cand, model_bytes, numels + adapters, w, n_devices)
     states, host = optimizer_state_bytes(cand, path, trainable, stepped, model_bytes, w, n_devices)
     buckets = bucket_sizes(cand.zero_stage, trainable, usable_bytes)
     activations, logits, offloaded = activation_bytes(shape, cand, w, device_type, dropout, packed, lora_r,
-                                                      lora_targets, lora_dropout)
+                                                      lora_targets, lora_dropout, dora)
     host += offloaded
     items = {
         "weights": int(weights),
@@ -335,7 +353,7 @@ def optimizer_state_bytes(cand, path, trainable, stepped, model_bytes, w, n):
     return 0, host
 
 
-def activation_bytes(shape, cand, w, device_type, dropout, packed, lora_r, lora_targets, lora_dropout):
+def activation_bytes(shape, cand, w, device_type, dropout, packed, lora_r, lora_targets, lora_dropout, dora=False):
     """(activations, logits and loss, activations offloaded to host memory) of one micro-batch, calibrated
     against trainer/plan/simulate.py (bench/SIMULATE.md)."""
     s, b, c, L, V = shape.block_size, cand.micro_batch_size, shape.n_embd, shape.n_layer, shape.vocab_size
@@ -358,6 +376,8 @@ def activation_bytes(shape, cand, w, device_type, dropout, packed, lora_r, lora_
             per_layer += s * b * sum(inputs[t] for t in targets) * LORA_DROPOUT_MASK_BYTES
             if "c_proj" in targets:
                 per_layer += s * b * c * w  # attention's output, kept by flash, and its dropped copy
+        if dora:  # the base and LoRA outputs of every adapted projection (DORA_KEPT_OUTPUTS)
+            per_layer += s * b * w * DORA_KEPT_OUTPUTS * sum(o for t in targets for _, o in lora_projections(c)[t])
     tokens = s * b
     chunk = min(tokens, max(1, LOSS_CHUNK_BYTES // (4 * V)))
     # logits and loss: one chunk of logits, plus the hidden states feeding the head and their grad;

@@ -41,12 +41,15 @@ class PlanInput:
     lora_dropout: float
     dropout: float
     packed: bool = False           # instruction batches (trainer/data/tokens.py: meta format 'instructions')
+    dora: bool = False             # DoRA adapters (use_dora): magnitudes to train, more activations
+    loraplus: bool = False         # LoRA+ (loraplus_lr_ratio != 1): B matrices in an optimizer group of their own
 
     @classmethod
     def of(cls, cfg, shape, packed=False):
         fixed = {key: cfg[key] for key in PLAN_KEYS if cfg[key] != "auto"}
         return cls(shape, cfg["batch_size"], cfg["gradient_accumulation_steps"], fixed, cfg["lora_r"],
-                   tuple(cfg["lora_targets"]), cfg["lora_dropout"], cfg["dropout"], packed)
+                   tuple(cfg["lora_targets"]), cfg["lora_dropout"], cfg["dropout"], packed, cfg["use_dora"],
+                   cfg["loraplus_lr_ratio"] != 1)
 
     @property
     def sequences(self):
@@ -113,7 +116,7 @@ class Search:
     def estimate(self, cand) -> Estimate:
         inp, hw = self.inp, self.hw
         return estimate(inp.shape, cand, self.dtype, hw.n_devices, hw.device_type, self.usable, inp.lora_r,
-                        inp.lora_targets, inp.lora_dropout, inp.dropout, inp.packed)
+                        inp.lora_targets, inp.lora_dropout, inp.dropout, inp.packed, inp.dora, inp.loraplus)
 
     def score(self, cand) -> Scored:
         return Scored(cand, self.estimate(cand), step_time(self, cand))

@@ -181,7 +181,7 @@ class _ZeroStep:
     group, with its fp32 gradient partition made at the step."""
 
     def __init__(self, params, cfg, plan, cpu_step=False):
-        groups = [g for g in param_groups(params, cfg["weight_decay"]) if g["params"]]
+        groups = [g for g in param_groups(params, cfg["weight_decay"], cfg["loraplus_lr_ratio"]) if g["params"]]
         self.masters = [nn.Parameter(torch.empty(-(-sum(p.numel() for p in g["params"]) // plan.n_devices),
                                                  dtype=torch.float32)) for g in groups]
         self.opt = _optimizer(plan.optimizer, [{"params": [m], "weight_decay": g["weight_decay"]}
@@ -211,7 +211,8 @@ class _Bf16Step:
     def __init__(self, params, cfg, plan):
         self.bucket_elements = ZERO0_ALLREDUCE_ELEMENTS  # engine.allreduce_gradients' MEMORY_OPT_ALLREDUCE_SIZE
         self.n_ranks = plan.n_devices
-        param_group = [g for g in param_groups(params, cfg["weight_decay"]) if g["params"]]
+        # the module's groups (params: the module), LoRA+'s group of B matrices included
+        param_group = [g for g in param_groups(params, cfg["weight_decay"], cfg["loraplus_lr_ratio"]) if g["params"]]
         groups = [g["params"] for g in param_group]
         self.groups, self.hp_flat, self.hp_grads, self.masters, self.partitions = groups, [], [], [], []
         align = 2 * self.n_ranks  # nccl_start_alignment_factor * dp world size
@@ -395,7 +396,7 @@ def simulate(cfg, shape, plan, packed=False, cpu_step=False):
         extra = []
         if path == "bf16_optimizer":
             # the fp32 buffer holds the earlier micro-steps' gradients; no bf16 gradient stays between them
-            opt = _Bf16Step(params, cfg, plan)
+            opt = _Bf16Step(module, cfg, plan)  # the module: LoRA+ finds its B matrices by name
             opt.install_hooks()
             extra = opt.hp_flat
         else:
@@ -425,7 +426,7 @@ def simulate(cfg, shape, plan, packed=False, cpu_step=False):
             elif plan.zero_stage == 0:
                 opt = _Zero0Step(params, cfg, plan, cpu_step)
             else:
-                opt = _ZeroStep(params, cfg, plan, cpu_step)
+                opt = _ZeroStep(module, cfg, plan, cpu_step)
             opt.step()  # the first step creates the states; the second is every later step
             own_masters = dtype != torch.float32 or plan.zero_stage > 0 or path == "bf16_optimizer"
             states = _nbytes([t for m in opt.masters for t in opt.opt.state[m].values() if isinstance(t, torch.Tensor)]

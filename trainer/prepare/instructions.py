@@ -26,7 +26,8 @@ from trainer.data.tokenizer import Gpt2Tokenizer
 from trainer.errors import UserError
 from trainer.prepare.output import DatasetWriter, make_meta
 from trainer.prepare.packing import fill_blocks, pack
-from trainer.prepare.records import InvalidRecord, iter_records, render, tokenize
+from trainer.prepare.records import (KINDS, InvalidRecord, iter_records, missing_mapped_field, record_kind, render,
+                                     tokenize)
 from trainer.prepare.sources import collect_files
 from trainer.prepare.split import check_val_fraction, split_indices
 from trainer.prepare.templates import get_template
@@ -36,38 +37,66 @@ RECORDS_PER_TASK = 2000
 _WORKER = {}
 
 
-def init_render(template_name):
-    _WORKER.update(template=get_template(template_name), tok=Gpt2Tokenizer())
+def init_render(template_name, columns=None):
+    _WORKER.update(template=get_template(template_name), tok=Gpt2Tokenizer(), columns=columns or {})
 
 
 def render_batch(batch):
-    """[(path, where, record or JSONL line, is_line)] -> [('ok', kind, ids, mask) or ('bad', problem)]."""
+    """[(path, where, record or JSONL line, is_line)] -> [('ok', kind, ids, mask) or ('bad', problem)], or
+    ('empty', problem) for a file with no record (where is None)."""
     out = []
     for path, where, item, is_line in batch:
+        if where is None:
+            out.append(("empty", f"{path} holds no instruction records (an empty JSON list, or no line of JSONL); "
+                                 f"give it records, or leave it out of --input (docs/instructions.md: the formats)"))
+            continue
         try:
             if is_line:
                 try:
                     item = json.loads(item)
                 except json.JSONDecodeError as e:
                     raise InvalidRecord(f"not valid JSON ({e.msg} at column {e.colno})") from None
-            pieces = render(item, _WORKER["template"])
+            pieces = render(item, _WORKER["template"], _WORKER["columns"])
         except InvalidRecord as e:
             out.append(("bad", f"{path} {where}: {e}"))
             continue
         ids, mask = tokenize(pieces, _WORKER["tok"])
-        out.append(("ok", "chat" if "messages" in item else "alpaca",
+        out.append(("ok", record_kind(item, _WORKER["columns"]),
                     np.asarray(ids, dtype=np.uint16), np.asarray(mask, dtype=np.uint8)))
     return out
 
 
-def _batches(files):
+def check_columns(path, where, item, columns):
+    """A column map naming a field that the file's first record lacks is a mistake in the map (one line)."""
+    if isinstance(item, str):
+        try:
+            item = json.loads(item)
+        except json.JSONDecodeError:
+            return  # a broken line is the record's problem, reported as such
+    if not isinstance(item, dict):
+        return
+    missing = missing_mapped_field(item, columns)
+    if missing:
+        ours, theirs = missing
+        fields = ", ".join(sorted(item)) or "none"
+        raise UserError(f"--columns maps {ours!r} to {theirs!r}, but {path} {where} has no field {theirs!r} (its "
+                        f"fields: {fields}); fix --columns")
+
+
+def _batches(files, columns=None):
     batch = []
     for path in files:
+        n = 0
         for where, item in iter_records(path):
+            if n == 0 and columns:
+                check_columns(path, where, item, columns)
+            n += 1
             batch.append((str(path), where, item, isinstance(item, str) and where.startswith("line")))
             if len(batch) >= RECORDS_PER_TASK:
                 yield None, batch
                 batch = []
+        if n == 0:  # reported in input order, after the records of the files before it
+            batch.append((str(path), None, None, False))
     if batch:
         yield None, batch
 
@@ -96,8 +125,11 @@ def _write_blocks(store, order, lengths, mask_sums, capacity, pad_id, dtype, fil
 
 
 def prepare_instructions(input_spec, out_dir, template_name="alpaca", block_size=1024, val_fraction=0.1,
-                         skip_invalid=False, overlong="truncate", seed=1337, tokenizer="gpt2", num_proc=None):
-    """Read, render, tokenize, split, pack and write an instruction dataset, streamed; prints what it did."""
+                         skip_invalid=False, overlong="truncate", seed=1337, tokenizer="gpt2", num_proc=None,
+                         columns=None):
+    """Read, render, tokenize, split, pack and write an instruction dataset, streamed; prints what it did.
+
+    columns: records.parse_columns' map of our field names to the files' (None: the formats' own names)."""
     if tokenizer != "gpt2":
         raise UserError("--format=instructions needs --tokenizer=gpt2 (every example ends with <|endoftext|>)")
     if overlong not in ("truncate", "drop"):
@@ -116,13 +148,15 @@ def prepare_instructions(input_spec, out_dir, template_name="alpaca", block_size
     out = DatasetWriter(out_dir)
     try:
         # 1. every record, rendered and tokenized in order, appended to two temp files
-        kinds, skipped, first_problem, too_long, lost = {"alpaca": 0, "chat": 0}, 0, None, 0, 0
+        kinds, skipped, first_problem, too_long, lost = dict.fromkeys(KINDS, 0), 0, None, 0, 0
         lengths, mask_sums = array("l"), array("l")
         out.open("examples.ids")
         out.open("examples.mask")
-        for _, results in run_tasks(_batches(files), num_proc or default_num_proc(),
-                                              init_render, (template.name,), render_batch):
+        for _, results in run_tasks(_batches(files, columns), num_proc or default_num_proc(),
+                                    init_render, (template.name, columns), render_batch):
             for result in results:
+                if result[0] == "empty":
+                    raise UserError(result[1])
                 if result[0] == "bad":
                     if not skip_invalid:
                         raise UserError(f"{result[1]}; fix the record or pass --skip_invalid to drop such records")
@@ -143,8 +177,12 @@ def prepare_instructions(input_spec, out_dir, template_name="alpaca", block_size
                 out.append("examples.mask", mask)
                 lengths.append(len(ids))
                 mask_sums.append(int(mask.sum()))
-        print(f"read {sum(kinds.values()):,} examples from {len(files)} file(s) "
-              f"({kinds['alpaca']:,} alpaca, {kinds['chat']:,} chat), template {template.name}")
+        if not sum(kinds.values()):
+            raise UserError(f"no instruction record in {input_spec}: all {skipped:,} record(s) are invalid (the "
+                            f"first: {first_problem}); fix them, or name your fields with --columns")
+        counts = ", ".join(f"{n:,} {kind}" for kind, n in kinds.items() if n)
+        print(f"read {sum(kinds.values()):,} examples from {len(files)} file(s) ({counts}), "
+              f"template {template.name}")
         if skipped:
             print(f"skipped {skipped:,} invalid record(s) (--skip_invalid); the first: {first_problem}")
         action = "dropped" if overlong == "drop" else "truncated to the block"

@@ -1,11 +1,17 @@
 """Instruction records: reading JSON/JSONL files of them, checking each, rendering it with a template into
 prompt and response pieces, and tokenizing those into ids and a loss mask.
 
-Alpaca records {'instruction', 'input' (optional), 'output'} and chat records {'messages': [{'role',
-'content'}]}; a record that cannot be used raises InvalidRecord with what is wrong with it, which the
-preparation reports with its file and line (or skips, with --skip_invalid).
+Four kinds of record, told apart by their fields (docs/instructions.md):
+- Alpaca {'instruction', 'input' (optional), 'output'};
+- Dolly {'instruction', 'context' (optional), 'response'}: context is Alpaca's input;
+- chat {'messages': [{'role', 'content'}]}: system (optional, first), then user and assistant alternating;
+- ShareGPT {'conversations': [{'from', 'value'}]}: the same with the roles system, human and gpt.
+Other field names are read through a column map (--columns, parse_columns): our field -> the file's. A record
+that cannot be used raises InvalidRecord with what is wrong with it, which the preparation reports with its
+file and line (or skips, with --skip_invalid).
 """
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 from trainer.errors import UserError
@@ -41,6 +47,74 @@ def read_records(path):
     return out
 
 
+KINDS = ("alpaca", "dolly", "chat", "sharegpt")
+# The fields a column map may rename (our name -> the file's): Alpaca's three, and the message lists.
+COLUMN_FIELDS = ("instruction", "input", "output", "messages", "conversations")
+COLUMNS_EXAMPLE = '{"instruction": "question", "output": "answer"}'
+
+
+@dataclass(frozen=True)
+class ChatFormat:
+    """Where a conversation keeps its turns: the list field, each turn's role and text keys, the role names."""
+    field: str
+    role: str
+    content: str
+    system: str
+    user: str
+    assistant: str
+
+
+CHAT = ChatFormat("messages", "role", "content", "system", "user", "assistant")
+SHAREGPT = ChatFormat("conversations", "from", "value", "system", "human", "gpt")
+
+
+def parse_columns(text):
+    """--columns: a JSON object {our field: the file's field} -> dict ({} for ''); one UserError line if not."""
+    if not text:
+        return {}
+    fix = f"e.g. --columns='{COLUMNS_EXAMPLE}'"
+    try:
+        columns = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise UserError(f"--columns={text} is not valid JSON ({e.msg} at column {e.colno}); write a JSON object "
+                        f"of our field -> your field, {fix}") from None
+    if not isinstance(columns, dict) or not columns:
+        raise UserError(f"--columns={text} must be a non-empty JSON object of our field -> your field, {fix}")
+    unknown = [k for k in columns if k not in COLUMN_FIELDS]
+    if unknown:
+        raise UserError(f"--columns names {unknown[0]!r}, which is not one of our fields; map "
+                        f"{', '.join(COLUMN_FIELDS)} to your field names, {fix}")
+    bad = [k for k, v in columns.items() if not isinstance(v, str) or not v]
+    if bad:
+        raise UserError(f"--columns maps {bad[0]!r} to {columns[bad[0]]!r}; the value must be the name of a field "
+                        f"of your records (a non-empty string), {fix}")
+    lists = [k for k in ("messages", "conversations") if k in columns]
+    if lists and len(columns) > 1:
+        raise UserError(f"--columns maps {lists[0]!r} together with {[k for k in columns if k != lists[0]][0]!r}; "
+                        f"a record is either a conversation or an instruction: map one kind, {fix}")
+    return columns
+
+
+def record_kind(record, columns=None):
+    """Which of KINDS a record (a dict) is read as: a column map fixes it, else its fields say."""
+    columns = columns or {}
+    if "messages" in columns or (not columns and "messages" in record):
+        return "chat"
+    if "conversations" in columns or (not columns and "conversations" in record):
+        return "sharegpt"
+    if not columns and ("response" in record or "context" in record) and "output" not in record:
+        return "dolly"
+    return "alpaca"
+
+
+def missing_mapped_field(record, columns):
+    """(our field, the file's field) of the first field the column map names that `record` lacks, else None."""
+    for ours, theirs in columns.items():
+        if theirs not in record:
+            return ours, theirs
+    return None
+
+
 def _string_field(record, field, where="", required=True, allow_empty=False):
     if field not in record:
         if required:
@@ -56,43 +130,62 @@ def _string_field(record, field, where="", required=True, allow_empty=False):
     return value
 
 
-def render(record, template):
+def render(record, template, columns=None):
     """One record -> [(text, carries_loss)]; a piece with carries_loss is followed by <|endoftext|>.
 
-    Alpaca: {'instruction', 'input' (optional), 'output'}. Chat: {'messages': [{'role', 'content'}]},
-    an optional first system message, then user and assistant turns alternating, ending with the assistant.
+    `columns`: parse_columns' map of our field names to the record's (None: the fields as named above).
     """
     if isinstance(record, InvalidRecord):
         raise record
     if not isinstance(record, dict):
         raise InvalidRecord(f"the record is a {type(record).__name__}, not a JSON object")
-    if "messages" in record:
-        return _render_chat(record["messages"], template)
-    if "instruction" not in record and "output" not in record:
-        raise InvalidRecord("missing field 'instruction' (or 'messages' for a chat record)")
-    instruction = _string_field(record, "instruction")
-    input_text = _string_field(record, "input", required=False, allow_empty=True)
-    output = _string_field(record, "output")
+    columns = columns or {}
+    kind = record_kind(record, columns)
+    if kind in ("chat", "sharegpt"):
+        form = CHAT if kind == "chat" else SHAREGPT
+        field = columns.get(form.field, form.field)
+        if field not in record:
+            raise InvalidRecord(f"missing field '{field}' (mapped from '{form.field}' by --columns)")
+        return _render_chat(record[field], template, field, form)
+    if kind == "dolly":
+        instruction, input_name, output_name = "instruction", "context", "response"
+    else:
+        instruction, input_name, output_name = (columns.get(k, k) for k in ("instruction", "input", "output"))
+        if not columns and "instruction" not in record and "output" not in record:
+            raise InvalidRecord("missing field 'instruction' (Alpaca and Dolly records; chat records have "
+                                "'messages', ShareGPT ones 'conversations'; other field names: --columns)")
+    # a mapped input must be there (it may be empty or null): a map naming no field is a typo, not "no input"
+    input_required = "input" in columns
+    if input_required and input_name not in record:
+        raise InvalidRecord(f"missing field '{input_name}' (mapped from 'input' by --columns)")
+    instruction = _string_field(record, instruction)
+    input_text = _string_field(record, input_name, required=False, allow_empty=True)
+    output = _string_field(record, output_name)
     return [(instruction_prompt(template, instruction, input_text), False), (output, True)]
 
 
-def _render_chat(messages, template):
+def _render_chat(messages, template, field, form):
     if not isinstance(messages, list) or not messages:
-        raise InvalidRecord("field 'messages' must be a non-empty list")
+        raise InvalidRecord(f"field '{field}' must be a non-empty list")
+    roles = {form.system: "system", form.user: "user", form.assistant: "assistant"}
+    names = {v: k for k, v in roles.items()}  # our role -> the file's name for it, for the errors
     system, pieces, expect = None, [], "user"
     for i, message in enumerate(messages):
-        where = f"messages[{i}]."
+        where = f"{field}[{i}]."
         if not isinstance(message, dict):
-            raise InvalidRecord(f"messages[{i}] is a {type(message).__name__}, not an object")
-        role = _string_field(message, "role", where)
-        content = _string_field(message, "content", where, allow_empty=(role == "system"))
+            raise InvalidRecord(f"{field}[{i}] is a {type(message).__name__}, not an object")
+        name = _string_field(message, form.role, where)
+        role = roles.get(name)
+        content = _string_field(message, form.content, where, allow_empty=(role == "system"))
         if role == "system" and i == 0:
             system = content
-        elif role not in ("user", "assistant", "system"):
-            raise InvalidRecord(f"field '{where}role' is {role!r}, not system, user or assistant")
+        elif role is None:
+            raise InvalidRecord(f"field '{where}{form.role}' is {name!r}, not {form.system}, {form.user} or "
+                                f"{form.assistant}")
         elif role != expect:
-            raise InvalidRecord(f"messages[{i}] is a {role} message where a {expect} message belongs "
-                                f"(an optional system message first, then user and assistant alternating)")
+            raise InvalidRecord(f"{field}[{i}] is a {name} message where a {names[expect]} message belongs "
+                                f"(an optional {form.system} message first, then {form.user} and {form.assistant} "
+                                f"alternating)")
         elif role == "user":
             pieces.append((template.prompt(content, system=system, first=not pieces), False))
             expect = "assistant"
@@ -100,7 +193,7 @@ def _render_chat(messages, template):
             pieces.append((content, True))
             expect = "user"
     if expect != "user":
-        raise InvalidRecord("the last message must be the assistant's (a response to learn)")
+        raise InvalidRecord(f"the last message must be the {form.assistant}'s (a response to learn)")
     return pieces
 
 

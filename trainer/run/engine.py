@@ -10,7 +10,7 @@ import torch
 
 from trainer.config import REPO_ROOT
 from trainer.errors import UserError
-from trainer.optim.optimizer import adamw_hyperparameters, client_optimizer, is_client, param_groups
+from trainer.optim.optimizer import adamw_hyperparameters, client_optimizer, group_lr, is_client, param_groups
 from trainer.plan.memory import fast_bf16_path, optimizer_path
 
 DS_CONFIGS = REPO_ROOT / "ds_configs"
@@ -133,7 +133,7 @@ def create_engine(module, cfg, plan, world_size, on_gpu, load_universal=False):
     ds_config = build_ds_config(cfg, plan, world_size, on_gpu)
     if load_universal:  # resuming a checkpoint saved with another number of ranks
         ds_config["checkpoint"] = {"load_universal": True}
-    groups = param_groups(module, cfg["weight_decay"])
+    groups = param_groups(module, cfg["weight_decay"], cfg["loraplus_lr_ratio"])
     optimizer = client_optimizer(plan.optimizer, groups, cfg)  # None: torch's AdamW from the config
     engine, _, _, _ = deepspeed.initialize(model=module, model_parameters=groups if optimizer is None else None,
                                            optimizer=optimizer, config=ds_config)
@@ -150,8 +150,9 @@ def create_engine(module, cfg, plan, world_size, on_gpu, load_universal=False):
 
 
 def set_lr(engine, lr):
+    """The schedule's learning rate on every optimizer group (LoRA+'s B group keeps its ratio to it)."""
     for group in engine.optimizer.param_groups:
-        group["lr"] = lr
+        group["lr"] = group_lr(group, lr)
 
 
 def clips_by_hand(plan):

@@ -9,7 +9,7 @@ from trainer.run.run_dir import CONFIG, RunDir
 
 # Keys that fix the model a checkpoint holds: a resume takes them from the run.
 RUN_MODEL_KEYS = ("n_layer", "n_head", "n_embd", "block_size", "bias", "dataset", "mode", "lora_r", "lora_alpha",
-                  "lora_targets")
+                  "lora_targets", "use_dora", "use_rslora", "lora_init", "loraplus_lr_ratio")
 
 
 @dataclass

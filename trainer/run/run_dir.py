@@ -11,6 +11,7 @@ import json
 import pickle
 from pathlib import Path
 
+from trainer.config import DEFAULTS
 from trainer.files import atomic_write
 
 CONFIG, MODEL_CONFIG, PLAN, META = "config.json", "model_config.json", "plan.json", "meta.pkl"
@@ -32,7 +33,8 @@ class RunDir:
         return (self.path / CONFIG).is_file() and self.model_config_path.is_file()
 
     def config(self):
-        return json.loads((self.path / CONFIG).read_text())
+        """config.json; a key the run's version of the trainer did not have yet reads as its default."""
+        return {**DEFAULTS, **json.loads((self.path / CONFIG).read_text())}
 
     def plan(self):
         """plan.json, or None for a run that has none."""

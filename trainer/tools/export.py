@@ -3,10 +3,15 @@
 `export(out_dir, export_dir, dtype, adapter_only)`:
 - full runs: the latest checkpoint's weights (ZeRO shards consolidated by DeepSpeed's zero_to_fp32);
 - lora runs: the adapters folded into the base weights (peft's merge_and_unload);
-- qlora runs: the adapters folded into the base reloaded unquantized from the original weights (never
-  into dequantized 4-bit weights);
+- qlora runs: qlora_base='original' (the default) folds the adapters into the base reloaded unquantized from
+  the original weights; 'dequantized' into the 4-bit weights the run trained on, dequantized (bitsandbytes'
+  dequantize_4bit): the model as trained, checked against the 4-bit model with its adapters;
+- PiSSA/OLoRA runs (lora_init): the base is the rest of each weight after the decomposition the adapters
+  started from, rebuilt exactly as training built it, so the merged model is the trained one;
 - adapter_only: a peft adapter directory (adapter_config.json, adapter_model.safetensors) for
-  `PeftModel.from_pretrained(base, dir)`;
+  `PeftModel.from_pretrained(base, dir)` on the original base; PiSSA/OLoRA adapters are converted for it by
+  peft (save_pretrained's path_initial_model_for_weight_conversion: rank 2r, the trained adapters beside the
+  negated initial ones);
 - a nanoGPT out_dir (or ckpt.pt): its model as transformers' GPT-2 (trainer/model/nanogpt.py).
 The export is written to a temporary folder next to export_dir, reloaded from disk the way a user loads
 it, and compared with the trained model rebuilt from the checkpoint on a fixed batch (the maximum
@@ -28,8 +33,8 @@ from trainer.model import nanogpt
 from trainer.model.gpt2 import TORCH_DTYPES, load_pretrained
 from trainer.run import checkpoint
 from trainer.run.run_dir import RunDir
-from trainer.run.weights import adapter_state_dict, load_adapter_run
-from trainer.tools.loading import load_nanogpt, load_run
+from trainer.run.weights import adapter_model, adapter_state_dict, load_adapter_run
+from trainer.tools.loading import dequantized_base, load_nanogpt, load_run
 from trainer.units import format_bytes
 
 # Parity tolerance, relative to the largest reference logit (at least 1): the float rounding a merge
@@ -38,6 +43,7 @@ from trainer.units import format_bytes
 RELATIVE_TOLERANCE = {"fp32": 1e-4, "fp16": 1e-2, "bf16": 5e-2}
 PARITY_BATCH = (2, 64)  # sequences x tokens (cropped to the model's block size)
 PARITY_SEED = 0
+QLORA_BASES = ("original", "dequantized")  # what a QLoRA run's adapters are merged into (docs/lora.md)
 
 
 class ParityError(UserError):
@@ -121,6 +127,24 @@ def _save_merged(model, folder, dtype):
         GenerationConfig.from_model_config(config).save_pretrained(folder)
 
 
+def _save_converted(model, out_dir, folder, dtype):
+    """Save PiSSA/OLoRA adapters as plain LoRA for the original base, through peft's conversion: the run's
+    adapters as they started (rebuilt: the same decomposition of the same weights) are saved first, then
+    save_pretrained(path_initial_model_for_weight_conversion=...) writes [A | A0] and [B | -B0] at rank 2r,
+    whose product is the trained change of each weight, B A - B0 A0."""
+    import tempfile
+    import warnings
+    with tempfile.TemporaryDirectory(dir=Path(folder).parent, prefix=".initial-adapters-") as scratch:
+        initial = adapter_model(out_dir, quantized=False).to(TORCH_DTYPES[dtype])
+        initial.save_pretrained(Path(scratch) / "initial", safe_serialization=True, save_embedding_layers=False)
+        del initial
+        gc.collect()
+        with warnings.catch_warnings():  # peft warns that PiSSA/OLoRA adapters should not be combined: it is
+            warnings.simplefilter("ignore")  # loading the initial adapter beside the trained one to convert it
+            model.save_pretrained(folder, safe_serialization=True, save_embedding_layers=False,
+                                  path_initial_model_for_weight_conversion=str(Path(scratch) / "initial"))
+
+
 def _check_run(out_dir):
     out_dir = Path(out_dir)
     if not RunDir(out_dir).is_run():
@@ -129,10 +153,23 @@ def _check_run(out_dir):
     return checkpoint.latest_tag_or_error(out_dir)
 
 
-def export(out_dir, export_dir, dtype="fp32", adapter_only=False, tolerance=None, log=print):
+def describe_adapters(cfg):
+    """' (r=8, alpha=16, targets c_attn, c_proj, c_fc, DoRA, init pissa)'."""
+    variants = [name for key, name in (("use_dora", "DoRA"), ("use_rslora", "rsLoRA")) if cfg[key]]
+    if cfg["lora_init"] != "default":
+        variants.append(f"init {cfg['lora_init']}")
+    if cfg["loraplus_lr_ratio"] != 1:
+        variants.append(f"LoRA+ ratio {cfg['loraplus_lr_ratio']:g}")
+    return (f" (r={cfg['lora_r']}, alpha={cfg['lora_alpha']}, targets {', '.join(cfg['lora_targets'])}"
+            + "".join(f", {v}" for v in variants) + ")")
+
+
+def export(out_dir, export_dir, dtype="fp32", adapter_only=False, tolerance=None, log=print, qlora_base="original"):
     """Write the export, check its parity; returns {'max_abs_diff', 'tolerance', ...} (raises ParityError)."""
     if dtype not in TORCH_DTYPES:
         raise UserError(f"--dtype={dtype}: choose fp32, bf16 or fp16")
+    if qlora_base not in QLORA_BASES:
+        raise UserError(f"--qlora_base={qlora_base}: choose original or dequantized")
     out_dir = Path(out_dir)
     ckpt = nanogpt.checkpoint_path(out_dir)
     if ckpt is not None and not RunDir(out_dir).is_run():
@@ -149,12 +186,23 @@ def export(out_dir, export_dir, dtype="fp32", adapter_only=False, tolerance=None
     if adapter_only and not cfg["bias"]:
         raise UserError(f"{out_dir} trained with bias=False (biases zeroed), which an adapter directory cannot "
                         f"carry; export the merged model without --adapter_only")
+    if qlora_base == "dequantized" and mode != "qlora":
+        raise UserError(f"--qlora_base=dequantized merges into a QLoRA run's 4-bit base, but {out_dir} trained in "
+                        f"{mode} mode; leave --qlora_base out")
+    if qlora_base == "dequantized" and adapter_only:
+        raise UserError("--adapter_only writes the adapters without a base, so --qlora_base has nothing to choose; "
+                        "load them on a 4-bit base (BitsAndBytesConfig nf4) for the model as trained, or export "
+                        "the merged model with --qlora_base=dequantized")
+    if adapter_only and cfg["use_dora"] and cfg["lora_init"] != "default":
+        raise UserError(f"{out_dir} trained DoRA adapters started by lora_init={cfg['lora_init']}, which peft cannot "
+                        f"convert for the original base (the conversion drops DoRA's magnitudes); export the merged "
+                        f"model without --adapter_only")
     if adapter_only and cfg["init_from"] == "scratch":
         raise UserError(f"{out_dir} trained adapters on a from-scratch base, which exists nowhere on disk for "
                         f"PeftModel.from_pretrained(base, ...); export the merged model without --adapter_only")
     tmp = _prepare_tmp(export_dir)
     try:
-        result = _export(out_dir, tmp, cfg, mode, meta, dtype, adapter_only, tolerance, tag, log)
+        result = _export(out_dir, tmp, cfg, mode, meta, dtype, adapter_only, tolerance, tag, log, qlora_base)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -163,14 +211,14 @@ def export(out_dir, export_dir, dtype="fp32", adapter_only=False, tolerance=None
     return result
 
 
-def _export(out_dir, folder, cfg, mode, meta, dtype, adapter_only, tolerance, tag, log):
+def _export(out_dir, folder, cfg, mode, meta, dtype, adapter_only, tolerance, tag, log, qlora_base):
     from transformers import AutoModelForCausalLM
 
-    adapters = f" (r={cfg['lora_r']}, alpha={cfg['lora_alpha']}, targets {', '.join(cfg['lora_targets'])})"
-    log(f"run {out_dir}: {mode} mode{adapters if mode in ADAPTER_MODES else ''}, checkpoint {tag}, "
+    log(f"run {out_dir}: {mode} mode{describe_adapters(cfg) if mode in ADAPTER_MODES else ''}, checkpoint {tag}, "
         f"base {base_source(cfg) if mode in ADAPTER_MODES else 'in the checkpoint'}")
     result = {"mode": mode, "dtype": dtype}
     gap = None
+    as_trained = mode != "qlora" or qlora_base == "dequantized"  # what the parity reference is
 
     # 1. the trained model, rebuilt from the checkpoint, and its logits on the fixed batch
     if mode == "full":
@@ -189,6 +237,11 @@ def _export(out_dir, folder, cfg, mode, meta, dtype, adapter_only, tolerance, ta
     reference = logits_of(model, idx)
     if mode == "qlora":
         gap = max_abs_diff(reference, trained_4bit)
+        if qlora_base == "dequantized":  # the same adapters on the 4-bit weights as trained, dequantized
+            del model
+            gc.collect()
+            model = load_adapter_run(out_dir, quantized=False, weights=weights, base=dequantized_base(out_dir))
+            reference = trained_4bit
         del trained_4bit
 
     # 2. write the export
@@ -197,12 +250,18 @@ def _export(out_dir, folder, cfg, mode, meta, dtype, adapter_only, tolerance, ta
         peft_cfg.base_model_name_or_path = base_source(cfg)
         peft_cfg.inference_mode = True
         model = model.to(TORCH_DTYPES[dtype])
-        model.save_pretrained(folder, safe_serialization=True, save_embedding_layers=False)
         n_adapted = sum(1 for name, _ in model.named_modules() if name.endswith(".lora_A"))
+        if cfg["lora_init"] == "default":
+            model.save_pretrained(folder, safe_serialization=True, save_embedding_layers=False)
+            converted = ""
+        else:
+            _save_converted(model, out_dir, folder, dtype)
+            converted = (f"; {cfg['lora_init']} adapters converted for the original base by peft: rank "
+                         f"{2 * cfg['lora_r']}, the trained adapters beside the negated initial ones")
         del model
         gc.collect()
         log(f"saved the adapters of {n_adapted} layers ({dtype}) as a peft adapter directory "
-            f"(base_model_name_or_path {base_source(cfg)})")
+            f"(base_model_name_or_path {base_source(cfg)}){converted}")
         from peft import PeftModel
         base = load_pretrained(base_source(cfg), 0.0)
         exported = PeftModel.from_pretrained(base, str(folder)).eval()
@@ -211,8 +270,13 @@ def _export(out_dir, folder, cfg, mode, meta, dtype, adapter_only, tolerance, ta
         if mode in ADAPTER_MODES:
             n_adapted = sum(1 for name, _ in model.named_modules() if name.endswith(".lora_A"))
             model = model.merge_and_unload()
-            log(f"merged the adapters of {n_adapted} layers into the "
-                f"{'unquantized original' if mode == 'qlora' else 'base'} weights")
+            into = {"original": "unquantized original weights",
+                    "dequantized": "dequantized 4-bit weights the run trained on (bitsandbytes' dequantize_4bit)"}
+            into = into[qlora_base] if mode == "qlora" else "base weights"
+            if cfg["lora_init"] != "default":
+                into += (f" (the rest of each weight after the {cfg['lora_init']} decomposition the adapters "
+                         f"started from)")
+            log(f"merged the adapters of {n_adapted} layers into the {into}")
         _save_merged(model, folder, dtype)
         del model
         gc.collect()
@@ -230,13 +294,18 @@ def _export(out_dir, folder, cfg, mode, meta, dtype, adapter_only, tolerance, ta
     del exported
     diff = max_abs_diff(out, reference)
     tol = tolerance_for(reference, dtype, tolerance)
-    trained = "the trained model" if mode != "qlora" else "base + adapter unquantized (fp32)"
+    trained = {"full": "the trained model", "lora": "the trained model",
+               "qlora": "the 4-bit model as trained" if as_trained else "base + adapter unquantized (fp32)"}[mode]
     log(f"parity on a fixed batch of {idx.size(0)}x{idx.size(1)} tokens: max |logits({how}) - logits({trained})| "
         f"= {diff:.3e} (tolerance {tol:.1e}): {'ok' if diff <= tol else 'FAILED'}")
-    if gap is not None:
+    if gap is not None and not as_trained:
         log(f"parity vs the 4-bit model as trained: max |logits| difference = {gap:.3e} (the nf4 quantization "
-            f"gap: expected, not checked)")
-    result.update(max_abs_diff=diff, tolerance=tol, quantization_gap=gap)
+            f"gap: expected, not checked; --qlora_base=dequantized exports the model as trained)")
+    elif gap is not None:
+        log(f"vs base + adapter unquantized (--qlora_base=original): max |logits| difference = {gap:.3e} (the nf4 "
+            f"quantization gap: what the other export would differ by, not checked)")
+    result.update(max_abs_diff=diff, tolerance=tol, quantization_gap=gap,
+                  qlora_base=qlora_base if mode == "qlora" else None)
     if diff > tol:
         raise ParityError(f"parity check failed: the export differs from the trained model by {diff:.3e} "
                           f"(tolerance {tol:.1e}); nothing was written to the export_dir")

@@ -15,6 +15,7 @@ from trainer.config import ADAPTER_MODES
 from trainer.data.tokenizer import CharTokenizer, Gpt2Tokenizer, load_tokenizer
 from trainer.errors import UserError
 from trainer.model import nanogpt
+from trainer.model.adapters import build_base
 from trainer.model.gpt2 import load_pretrained, model_from_config_file
 from trainer.model.shapes import HUB_NAMES
 from trainer.run.checkpoint import consolidated_state_dict
@@ -30,6 +31,22 @@ class LoadedModel:
     vocab_limit: int  # rows past this are vocabulary padding, never sampled
     run_config: dict | None  # the resolved config of a training run, None for HF models
     template: str | None = None  # the prompt template of a run trained on instruction data (its meta.pkl)
+
+
+def dequantized_base(out_dir):
+    """A QLoRA run's base exactly as it trained, unquantized: GPT-2 (Conv1D layers) with each 4-bit weight
+    replaced by bitsandbytes' dequantize_4bit of it (the nf4 values times their scales, in fp32), everything
+    else (embeddings, LayerNorms, biases) as loaded."""
+    import bitsandbytes as bnb
+    run_dir = RunDir(out_dir)
+    cfg, vocab = {**run_dir.config(), "dropout": 0.0}, run_dir.meta()["vocab_size"]
+    quantized = build_base(cfg, vocab, "qlora", "fp32", "cpu", run_dir=out_dir)
+    base = build_base(cfg, vocab, "lora", "fp32", "cpu", run_dir=out_dir)
+    for name, module in quantized.named_modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            weight = bnb.functional.dequantize_4bit(module.weight.data, module.weight.quant_state)  # (out, in)
+            base.get_submodule(name).weight.data.copy_(weight.t().float())  # Conv1D keeps (in, out)
+    return base
 
 
 def load_run(out_dir):
