@@ -37,11 +37,14 @@ def load_model(source):
     return load_for_inference(source)
 
 
-def text_tokens(path, tokenizer):
-    from trainer.prepare.sources import read_utf8
+def read_text(path):
+    from trainer.prepare.utf8 import read_utf8
     if not Path(path).is_file():
         raise UserError(f"--text={path}: no such file")
-    text = read_utf8(Path(path))
+    return read_utf8(Path(path))
+
+
+def text_tokens(path, text, tokenizer):
     tokens = tokenizer.encode_ordinary(text)
     if len(tokens) < 2:
         raise UserError(f"--text={path} has {len(tokens)} token(s); give at least two")
@@ -67,13 +70,13 @@ def open_dataset(directory, tokenizer, block_size):
     return TokenData(directory, block_size)
 
 
-def targets(args, loaded, block_size):
+def targets(args, loaded, block_size, text=None):
     """[(label, evaluate(lm, device) -> EvalResult)] for what this command asks for."""
     from trainer.tools.evaluate import evaluate_dataset, evaluate_stream
     if args.text and args.dataset:
         raise UserError("give --dataset or --text, not both")
     if args.text:
-        tokens = text_tokens(args.text, loaded.tokenizer)
+        tokens = text_tokens(args.text, text, loaded.tokenizer)
         return [(f"text {args.text}", lambda lm, dev: evaluate_stream(lm, tokens, block_size, args.batch_size, dev))]
     run = loaded.run_config or {}
     names = [args.dataset] if args.dataset else run.get("dataset")
@@ -108,6 +111,8 @@ def result_dict(r):
 
 def main(argv):
     args = parse_args(argv)
+    # the text file read before the 6-7 s of imports: an unreadable or non-UTF-8 file is one line at once
+    text = read_text(args.text) if args.text else None
     import torch
 
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
@@ -115,7 +120,7 @@ def main(argv):
     block_size = args.block_size or loaded.block_size
     if not 1 <= block_size <= loaded.block_size:
         raise UserError(f"--block_size={block_size} must be between 1 and the model's {loaded.block_size}")
-    jobs = targets(args, loaded, block_size)
+    jobs = targets(args, loaded, block_size, text)
     base = None
     if args.compare_base:
         source = base_source(args, loaded)

@@ -9,6 +9,7 @@ import json
 import os
 import socket
 import sys
+from contextlib import nullcontext
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this clone's trainer, even if another is installed
@@ -17,6 +18,8 @@ from trainer.cli import USER_ERROR_EXIT, FlagParser, at_least, more_than, number
 from trainer.config import (RECIPES_DIR, add_config_arguments, config_from_args, describe_keys,  # noqa: E402
                             recipe_names, recipe_summary)
 from trainer.launcher import launcher_rank, launcher_world, local_rank, started_alone  # noqa: E402
+from trainer.lock import FolderLock  # noqa: E402
+from trainer.model.shapes import check_model_folder  # noqa: E402
 
 USAGE = """usage: deepspeed [--num_gpus N] launch/train.py --recipe NAME [--key=value ...] [--plan [--json]]
        python launch/train.py [--recipe] NAME_OR_PATH [--key=value ...]      (one process, no launcher)
@@ -110,6 +113,14 @@ def main(argv):
         if launcher_rank() == 0:
             print_plan(cfg, args)
         return 0
+    # One writer per out_dir, before anything is read or written: global rank 0 holds the lock for the whole
+    # run (the other ranks write only inside the checkpoint saves rank 0 coordinates). trainer/lock.py
+    lock = FolderLock(cfg["out_dir"], "a training run", "choose another --out_dir") if launcher_rank() == 0 else None
+    with lock or nullcontext():
+        return train_locked(cfg, args)
+
+
+def train_locked(cfg, args):
     if launcher_world() == 1 and cfg["init_from"] != "resume":
         # One process opens its data before importing torch, transformers and DeepSpeed (6-7 s): a missing
         # or broken dataset is one line at once. Several ranks check together in build_run (a dataset
@@ -117,6 +128,7 @@ def main(argv):
         # the run, so build_run checks its data.
         from trainer.data.mixing import open_data
         open_data(cfg)
+    check_model_folder(cfg["init_from"])  # another architecture than GPT-2 is one line, before the imports
     from trainer.model.adapters import check_source
     check_source(cfg["mode"], cfg["init_from"])  # before any rank starts or writes
     init_distributed()

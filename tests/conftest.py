@@ -27,6 +27,47 @@ def python(*args):
     return [sys.executable, *map(str, args)]
 
 
+def start(args, env=None):
+    """A documented command running in the background, stderr merged so no pipe fills up unread."""
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1", **(env or {})}
+    full_env.pop("RANK", None)
+    return subprocess.Popen([str(a) for a in args], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, env=full_env)
+
+
+def wait_for(proc, marker):
+    """Read the background command's output until a line holds `marker`; returns what it printed so far."""
+    seen = []
+    for line in proc.stdout:
+        seen.append(line)
+        if marker in line:
+            return "".join(seen)
+    raise AssertionError(f"never printed {marker!r}: {''.join(seen)[-3000:]}")
+
+
+def snapshot(folder):
+    """Every file under folder with its size and modification time (to prove nothing changed)."""
+    if not folder.exists():
+        return None
+    return {str(p.relative_to(folder)): (p.stat().st_size, p.stat().st_mtime_ns) for p in folder.rglob("*")}
+
+
+def fails_cleanly(args, expected, watch=None, env=None, command=None):
+    """Run the command (python args, or `command` as given); it must fail with exactly one `error:` line containing
+    `expected`, exit code 2, no traceback, and leave `watch` as it was. Returns the error line."""
+    before = snapshot(watch) if watch else None
+    proc = run_cmd(command or python(*args), REPO, check=False, env=env)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2, (proc.returncode, proc.stderr[-3000:])
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    errors = [line for line in lines if line.startswith("error: ")]
+    assert len(errors) == 1 and errors[0] == lines[-1], proc.stderr[-3000:]
+    assert expected in errors[0], errors[0]
+    if watch is not None:
+        assert snapshot(watch) == before, "the failed command changed files"
+    return errors[0]
+
+
 def deepspeed_cmd(*args, num_gpus=None):
     """The `deepspeed` launcher of this interpreter's environment."""
     launcher = Path(sys.executable).with_name("deepspeed")

@@ -23,6 +23,7 @@ import torch
 from trainer.config import ADAPTER_MODES
 from trainer.data.tokenizer import gpt2_bpe_files
 from trainer.errors import UserError
+from trainer.lock import FolderLock
 from trainer.model.gpt2 import TORCH_DTYPES, load_pretrained
 from trainer.run import checkpoint
 from trainer.run.run_dir import RunDir
@@ -143,13 +144,17 @@ def export(out_dir, export_dir, dtype="fp32", adapter_only=False, tolerance=None
     if adapter_only and cfg["init_from"] == "scratch":
         raise UserError(f"{out_dir} trained adapters on a from-scratch base, which exists nowhere on disk for "
                         f"PeftModel.from_pretrained(base, ...); export the merged model without --adapter_only")
-    tmp = _prepare_tmp(export_dir)
-    try:
-        result = _export(out_dir, tmp, cfg, mode, meta, dtype, adapter_only, tolerance, tag, log)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    _finish(tmp, export_dir)
+    # One export into export_dir at a time: the lock file lies beside it (export_dir itself must be empty)
+    export_dir = Path(export_dir)
+    with FolderLock(export_dir, "an export", "choose another --export_dir",
+                    lock_file=export_dir.parent / f".{export_dir.name}.lock"):
+        tmp = _prepare_tmp(export_dir)
+        try:
+            result = _export(out_dir, tmp, cfg, mode, meta, dtype, adapter_only, tolerance, tag, log)
+            _finish(tmp, export_dir)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
     log(f"exported to {export_dir}")
     return result
 
@@ -165,10 +170,10 @@ def _export(out_dir, folder, cfg, mode, meta, dtype, adapter_only, tolerance, ta
 
     # 1. the trained model, rebuilt from the checkpoint, and its logits on the fixed batch
     if mode == "full":
-        loaded = load_run(out_dir)
+        loaded = load_run(out_dir, tag)
         model = loaded.lm
     else:
-        weights = adapter_state_dict(out_dir)
+        weights = adapter_state_dict(out_dir, tag)
         if mode == "qlora":
             quantized = load_adapter_run(out_dir, quantized=True, weights=weights)
             idx = parity_batch(meta["vocab_size"], quantized.config.n_positions)

@@ -27,13 +27,14 @@ class LoadedModel:
     run_config: dict | None  # the resolved config of a training run, None for HF models
 
 
-def adapter_state_dict(out_dir):
-    """The adapters of the latest checkpoint as fp32 tensors, keyed as in the PeftModel's state_dict.
+def adapter_state_dict(out_dir, tag=None):
+    """The adapters of a checkpoint (`tag`, else the newest that verifies) as fp32 tensors, keyed as in the
+    PeftModel's state_dict.
 
     ZeRO 1-3 checkpoints go through DeepSpeed's zero_to_fp32 (under ZeRO-3 the module file holds empty,
     shape-[0] tensors: the real values are only in the optimizer shards).
     """
-    state = {k: v for k, v in consolidated_state_dict(out_dir).items() if ".lora_" in k}
+    state = {k: v for k, v in consolidated_state_dict(out_dir, tag).items() if ".lora_" in k}
     if not state:
         raise UserError(f"the checkpoint in {out_dir} holds no LoRA adapters; was it trained with --mode=full?")
     empty = [k for k, v in state.items() if v.numel() == 0]
@@ -69,14 +70,15 @@ def load_adapter_run(out_dir, quantized=None, weights=None):
     return model.eval()
 
 
-def load_run(out_dir):
+def load_run(out_dir, tag=None):
+    """A training run's model from a checkpoint (`tag`, else the newest that verifies)."""
     run_dir = RunDir(out_dir)
     cfg, meta = run_dir.config(), run_dir.meta()
     if run_dir.mode() in ADAPTER_MODES:  # base rebuilt from the run's init_from, adapters from the checkpoint
-        lm = load_adapter_run(out_dir)
+        lm = load_adapter_run(out_dir, weights=adapter_state_dict(out_dir, tag))
         return LoadedModel(lm, load_tokenizer(meta), lm.config.n_positions, meta["vocab_size"], cfg)
     lm = model_from_config_file(run_dir.model_config_path)
-    missing, unexpected = lm.load_state_dict(consolidated_state_dict(out_dir), strict=False)
+    missing, unexpected = lm.load_state_dict(consolidated_state_dict(out_dir, tag), strict=False)
     missing = [k for k in missing if k != "lm_head.weight"]  # tied to wte, saved once
     if missing or unexpected:
         raise UserError(f"checkpoint in {out_dir} does not match its model_config.json "
