@@ -7,8 +7,12 @@ keeps the previous checkpoint) builds its own line with `reason` and `fix`. Libr
 OSError in their own exception (datasets, transformers) are unwrapped with `refusal_in`.
 """
 import errno
+import os
+import re
 
 from trainer.errors import UserError
+
+RUST_IO_ERROR = re.compile(r"\(os error (\d+)\)")  # how Rust libraries (safetensors, tokenizers) say errno
 
 FIXES = {
     errno.EACCES: "give this user access to it (ls -l shows who may read and write it) or choose another path",
@@ -43,11 +47,16 @@ def refusal_line(exc):
 
 
 def refusal_in(exc):
-    """The OS refusal somewhere in an exception's chain of causes (a library's wrapped OSError), or None."""
+    """The OS refusal somewhere in an exception's chain of causes (a library's wrapped OSError, or a Rust
+    library's error message holding `(os error 28)`), or None."""
     seen = set()
     while exc is not None and id(exc) not in seen:
         if is_refusal(exc):
             return exc
+        found = None if isinstance(exc, OSError) else RUST_IO_ERROR.search(str(exc))
+        if found and int(found.group(1)) in FIXES:
+            code = int(found.group(1))
+            return OSError(code, os.strerror(code))
         seen.add(id(exc))
         exc = exc.__cause__ or (None if exc.__suppress_context__ else exc.__context__)
     return None

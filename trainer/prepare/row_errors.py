@@ -39,19 +39,24 @@ def utf8_lines(path, f):
         yield n, text
 
 
-def first_problem(path, fmt):
+def first_problem(path, fmt, field):
     """'<path> line N: <what is wrong>; <fix>' for the first malformed record of a rows file, or None when this
-    reading finds none (the library's own words then stand)."""
+    reading finds none (the library's own words then stand). Text that is not UTF-8 raises, naming its offset."""
     with open_rows(path) as f:
         lines = utf8_lines(path, f)
         if fmt == "json":
-            return json_problem(path, lines)
+            return json_problem(path, lines, field)
         if fmt == "csv":
             return csv_problem(path, lines)
     return None
 
 
-def json_problem(path, lines):
+def kind(value):
+    return {str: "text", bool: "a boolean", int: "a number", float: "a number", list: "a list",
+            dict: "an object"}.get(type(value), type(value).__name__)
+
+
+def json_problem(path, lines, field):
     if not is_json_lines(path):
         text = "".join(line for _, line in lines)
         try:
@@ -59,7 +64,7 @@ def json_problem(path, lines):
         except json.JSONDecodeError as e:
             return f"{path} line {e.lineno} column {e.colno}: not valid JSON ({e.msg}); {FIX}"
         return None
-    row = 0
+    row, kinds = 0, {}
     for n, line in lines:
         if not line.strip():
             continue
@@ -69,6 +74,14 @@ def json_problem(path, lines):
             return f"{path} line {n} (row {row}): not valid JSON ({e.msg}, column {e.colno}); {FIX}"
         if not isinstance(record, dict):
             return f"{path} line {n} (row {row}): a JSON {type(record).__name__}, not an object; {FIX}"
+        value = record.get(field)
+        if value is not None and not isinstance(value, str):
+            return (f"{path} line {n} (row {row}): field '{field}' is a {type(value).__name__}, not text; fix the row "
+                    f"or pass --text_field=FIELD")
+        for key, value in record.items():  # a column must keep one type (nulls aside) for the reader
+            if value is not None and kinds.setdefault(key, kind(value)) != kind(value):
+                return (f"{path} line {n} (row {row}): field '{key}' is {kind(value)} where the records before it "
+                        f"have {kinds[key]}; {FIX}")
         row += 1
     return None
 

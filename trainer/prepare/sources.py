@@ -152,7 +152,7 @@ def _load_rows_file(path: Path, field: str) -> RowSource:
         if refusal_in(e) is not None:  # permission, no space for the Arrow cache: the OS's own line
             raise refusal_in(e) from None
         # where the file is malformed (its line or row), else the reader's own words, on one line
-        raise UserError(first_problem(path, row_format(path)) or
+        raise UserError(first_problem(path, row_format(path), field) or
                         f"{path} could not be read as {row_format(path)} ({_reason(e)}); fix the file") from None
     return _row_source(str(path), dataset, field)
 
@@ -173,6 +173,8 @@ def collect_sources(spec: str, text_field: str = "text", split: str = "train") -
             raise UserError(f"could not load hub dataset {name} ({_reason(e)}); check the name and --split, "
                                f"or download it and pass its folder") from None
         return [_row_source(name, loaded, text_field)]
+    if Path(spec).is_dir():
+        os.scandir(spec).close()  # a folder this user may not read: the OS's line, naming it
     if Path(spec).is_dir() and is_saved_dataset(Path(spec)):
         datasets = _quiet_datasets()
         loaded = _pick_split(spec, datasets.load_from_disk(spec), split)
@@ -200,7 +202,13 @@ def row_place(source: "RowSource", row: int) -> str:
 
 def row_texts(source: "RowSource", start: int, stop: int):
     """(row number, text) of rows start..stop-1; a row whose field is not text is an error."""
-    values = source.dataset[start:stop][source.field]
+    try:
+        values = source.dataset[start:stop][source.field]
+    except UnicodeDecodeError:  # a CSV reader may keep bytes that are not UTF-8 until a row is read
+        path = Path(source.name)
+        raise UserError((path.is_file() and first_problem(path, row_format(path), source.field))
+                        or f"{source.name} rows {start} to {stop - 1} are not UTF-8; convert it with iconv -t UTF-8"
+                        ) from None
     for row, value in enumerate(values, start=start):
         if not isinstance(value, str):
             what = "missing or null" if value is None else f"a {type(value).__name__}, not text"

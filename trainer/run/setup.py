@@ -227,12 +227,12 @@ def build_run(cfg, hardware=None):
     log.json_text("config", cfg)
     log.json_text("plan", run.plan_dict)
     log.json_text("deepspeed_config", run.ds_config)
+    stop_point("writing the run's files")
     if log.bar is not None:
         log.bar.reset(total=cfg["max_iters"])
         log.bar.update(run.iter_num)
     log.print(f"tokens per iteration: {run.tokens_per_iter:,} ({run.sequences} sequences of {cfg['block_size']}; "
               f"micro-batch {plan.micro_batch_size} x {plan.grad_accum_per_rank} accumulation x {world} ranks)")
-    stop_point("writing the run's files")
     return run
 
 

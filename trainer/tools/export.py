@@ -25,6 +25,7 @@ from trainer.data.tokenizer import gpt2_bpe_files
 from trainer.errors import UserError
 from trainer.lock import FolderLock
 from trainer.model.gpt2 import TORCH_DTYPES, load_pretrained
+from trainer.os_errors import refusal_in, with_path
 from trainer.run import checkpoint
 from trainer.run.run_dir import RunDir
 from trainer.tools.loading import adapter_state_dict, load_adapter_run, load_run
@@ -106,6 +107,17 @@ def write_tokenizer(meta, folder):
     return True
 
 
+def saving_into(folder, save):
+    """save(); an OS refusal on the way (safetensors says only "os error 28") is raised naming the folder."""
+    try:
+        return save()
+    except Exception as exc:
+        refused = refusal_in(exc)
+        if refused is None:
+            raise
+        raise with_path(refused, folder) from None
+
+
 def _save_merged(model, folder, dtype):
     """A plain GPT2LMHeadModel in safetensors with config.json and generation_config.json."""
     model = model.to(TORCH_DTYPES[dtype])
@@ -113,7 +125,7 @@ def _save_merged(model, folder, dtype):
     if hasattr(config, "quantization_config"):
         del config.quantization_config
     config.use_cache = True  # the trainer turns the KV cache off; generation wants it
-    model.save_pretrained(folder, safe_serialization=True)
+    saving_into(folder, lambda: model.save_pretrained(folder, safe_serialization=True))
     if not (Path(folder) / "generation_config.json").is_file():
         from transformers import GenerationConfig
         GenerationConfig.from_model_config(config).save_pretrained(folder)
@@ -193,7 +205,7 @@ def _export(out_dir, folder, cfg, mode, meta, dtype, adapter_only, tolerance, ta
         peft_cfg.base_model_name_or_path = base_source(cfg)
         peft_cfg.inference_mode = True
         model = model.to(TORCH_DTYPES[dtype])
-        model.save_pretrained(folder, safe_serialization=True, save_embedding_layers=False)
+        saving_into(folder, lambda: model.save_pretrained(folder, safe_serialization=True, save_embedding_layers=False))
         n_adapted = sum(1 for name, _ in model.named_modules() if name.endswith(".lora_A"))
         del model
         gc.collect()
@@ -212,7 +224,7 @@ def _export(out_dir, folder, cfg, mode, meta, dtype, adapter_only, tolerance, ta
         _save_merged(model, folder, dtype)
         del model
         gc.collect()
-        tokenizer = write_tokenizer(meta, folder)
+        tokenizer = saving_into(folder, lambda: write_tokenizer(meta, folder))
         files = sorted(p.name for p in folder.iterdir())
         size = format_bytes(sum(p.stat().st_size for p in folder.iterdir() if p.name.endswith(".safetensors")))
         vocab = "the GPT-2 tokenizer" if tokenizer else "the characters' meta.pkl"
