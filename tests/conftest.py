@@ -133,7 +133,8 @@ def train_args(data_dir, out_dir, *extra, recipe="shakespeare_char_cpu"):
 # go first, so that the run does not end on one long file while the other worker idles (seconds per file
 # in a 2-worker run on 2 cores, 2026-11-30; the rest take under a minute each and keep their order).
 LONGEST_FILES_FIRST = ("test_gpu_check.py", "test_resume.py", "test_lora.py", "test_multinode.py",
-                       "test_faults.py", "test_errors.py", "test_multirank.py", "test_engine_states.py")
+                       "test_faults.py", "test_errors.py", "test_multirank.py", "test_engine_states.py",
+                       "test_signals.py", "test_lock.py", "test_damaged_checkpoints.py", "test_os_errors.py")
 
 
 def pytest_collection_modifyitems(items):
