@@ -1,5 +1,6 @@
 """What the checksums of a checkpoint cost: a save through trainer/run/checkpoint.write_hashed (sha256 while
-writing) against a plain torch.save, and verifying it (check_manifest) against reading it back.
+writing, then fsync) against torch.save to the path and an fsync (the save before checksums), and verifying it
+(check_manifest) against reading it back.
 
 python bench/checkpoint_checksums.py [--n_layer=12 --n_embd=768] [--workdir=DIR] [--repeats=3]
 
@@ -10,6 +11,7 @@ or when a resume reads what it verifies. Prints a Markdown table (for bench/RESU
 """
 import argparse
 import json
+import os
 import shutil
 import sys
 import tempfile
@@ -31,6 +33,13 @@ def best_of(repeats, step):
         step()
         times.append(time.perf_counter() - start)
     return min(times)
+
+
+def save_and_fsync(state, path):
+    """What a save did per file before checksums: torch.save to the path, then an fsync (write_manifest)."""
+    torch.save(state, path)
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
 
 
 def read_back(path):
@@ -56,7 +65,7 @@ def main(argv):
         folder = work / "iter0000001"
         folder.mkdir()
         path = folder / "mp_rank_00_model_states.pt"
-        plain = best_of(args.repeats, lambda: torch.save(state, path))
+        plain = best_of(args.repeats, lambda: save_and_fsync(state, path))
         hashed = best_of(args.repeats, lambda: write_hashed(path, lambda f: torch.save(state, f)))
         size, sha = write_hashed(path, lambda f: torch.save(state, f))
         write_manifest(folder, {path.name: (size, sha)})
@@ -70,8 +79,8 @@ def main(argv):
     print(f"GPT-2 (n_layer={args.n_layer}, n_embd={args.n_embd}), {sum(numels) / 1e6:.0f}M parameters: one "
           f"checkpoint file of {gb:.2f} GB (weights + AdamW moments, fp32), best of {args.repeats}\n")
     print("| step | seconds | GB/s |\n|---|---|---|")
-    for name, seconds in (("torch.save to the path (before)", plain), ("write_hashed: torch.save + sha256 while "
-                          "writing (now)", hashed), ("reading the file back (no check)", read),
+    for name, seconds in (("torch.save to the path, fsync (before)", plain), ("write_hashed: torch.save through sha256, "
+                          "fsync (now)", hashed), ("reading the file back (no check)", read),
                           ("check_manifest: sha256 of the file (resume, export, sample, eval)", verify)):
         print(f"| {name} | {seconds:.2f} | {gb / seconds:.2f} |")
     print(f"\nsave overhead: {hashed - plain:+.2f} s ({100 * (hashed / plain - 1):+.0f}%); verification: "
