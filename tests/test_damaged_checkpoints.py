@@ -126,20 +126,24 @@ def test_a_format_1_manifest_checks_sizes(finished_run, tmp_path):
 
 @pytest.mark.slow
 def test_resume_falls_back_to_the_newest_good_checkpoint(data_dir, finished_run, tmp_path):
-    """End to end: one warning line, the resume from iteration 2, the damaged checkpoint kept, later saves beside it."""
+    """End to end: one warning line, the resume from iteration 2, the damaged checkpoint kept beside the new
+    saves, and moved aside (not deleted) when a save reaches its iteration again."""
     out = copy_run(finished_run, tmp_path)
     root = checkpoint.checkpoint_dir(out)
     flip_one_bit(root / NEWEST / MODEL_FILE)
     damaged = snapshot(root / NEWEST)
-    proc = run_cmd(python(*train_args(data_dir, out, "--init_from=resume", "--max_iters=3", "--eval_interval=3",
+    proc = run_cmd(python(*train_args(data_dir, out, "--init_from=resume", "--max_iters=4", "--eval_interval=3",
                                       "--eval_iters=1", "--always_save_checkpoint=True")), REPO)
-    (warning,) = [line for line in proc.stderr.splitlines() if line.startswith("warning: ")]
-    assert warning == (f"warning: checkpoint {root / NEWEST} is damaged ({MODEL_FILE} does not match its sha256 in "
+    skipped, moved = [line for line in proc.stderr.splitlines() if line.startswith("warning: ")]
+    assert skipped == (f"warning: checkpoint {root / NEWEST} is damaged ({MODEL_FILE} does not match its sha256 in "
                        f"manifest.json): resuming from {OLDER} instead (nothing was deleted)")
     assert "resumed from iteration 2" in proc.stdout
-    assert snapshot(root / NEWEST) == damaged  # never deleted, nor changed
-    assert checkpoint.complete_tags(out) == [OLDER, "iter0000003", NEWEST]
-    assert checkpoint.latest_tag(out) == "iter0000003"
+    (aside,) = root.glob(f"{NEWEST}.damaged-*")
+    assert moved == (f"warning: the damaged checkpoint {root / NEWEST} ({MODEL_FILE} does not match its sha256 in "
+                     f"manifest.json) was moved aside to {aside}")
+    assert snapshot(aside) == damaged  # never deleted, nor changed
+    assert checkpoint.complete_tags(out) == ["iter0000003", NEWEST] and checkpoint.latest_tag(out) == NEWEST
+    assert checkpoint.check_manifest(root / NEWEST) is None  # the new save of iteration 4
 
 
 @pytest.mark.slow
