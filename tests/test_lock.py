@@ -98,6 +98,25 @@ def test_a_held_lock_is_refused_then_taken_over_once_its_holder_is_killed(tmp_pa
     assert not (tmp_path / "new").exists()  # the lock made them; nothing else was written, so they are gone again
 
 
+def test_two_writers_starting_together_one_holds(tmp_path):
+    """Four processes try to take one lock at once: exactly one holds it, the others are refused naming it."""
+    folder = tmp_path / "out"
+    code = (f"import sys, time; sys.path.insert(0, {str(REPO)!r}); from trainer.lock import FolderLock\n"
+            f"from trainer.errors import UserError\ntime.sleep(max(0, float(sys.argv[1]) - time.time()))\n"
+            f"try:\n    FolderLock({str(folder)!r}, 'a test', 'wait').acquire(); print('held', flush=True)\n"
+            f"    time.sleep(60)\nexcept UserError as e:\n    print('refused', e, flush=True)\n")
+    at = str(time.time() + 1.0)  # the same instant for all: after their imports
+    children = [subprocess.Popen([sys.executable, "-c", code, at], stdout=subprocess.PIPE, text=True)
+                for _ in range(4)]
+    results = [child.stdout.readline().strip() for child in children]  # the holder holds until it is killed
+    for child in children:
+        child.kill()
+        child.communicate(timeout=60)
+    held = [child.pid for child, result in zip(children, results) if result == "held"]
+    assert len(held) == 1, results
+    assert all(r.startswith(f"refused {holder_line(folder, 'a test', held[0])}") for r in results if r != "held")
+
+
 def write_foreign_lock(folder, age_s):
     """A lock file as a process on another node writes it, its last heartbeat `age_s` seconds ago."""
     folder.mkdir(parents=True, exist_ok=True)

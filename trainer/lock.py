@@ -125,6 +125,11 @@ class FolderLock:
                 flocked = True
             except BlockingIOError:
                 holder = read_holder(fd)
+                for _ in range(20):  # a holder that has just taken the flock writes its name within moments
+                    if holder is not None:
+                        break
+                    time.sleep(0.05)
+                    holder = read_holder(fd)
                 os.close(fd)
                 self.refuse(holder, None)
             except OSError as exc:
