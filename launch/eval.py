@@ -69,11 +69,14 @@ def load_model(source):
     return load_for_inference(source)
 
 
-def text_tokens(path, tokenizer):
-    from trainer.prepare.sources import read_utf8
+def read_text(path):
+    from trainer.prepare.utf8 import read_utf8
     if not Path(path).is_file():
         raise UserError(f"--text={path}: no such file")
-    text = read_utf8(Path(path))
+    return read_utf8(Path(path))
+
+
+def text_tokens(path, text, tokenizer):
     tokens = tokenizer.encode_ordinary(text)
     if len(tokens) < 2:
         raise UserError(f"--text={path} has {len(tokens)} token(s); give at least two")
@@ -99,13 +102,13 @@ def open_dataset(directory, tokenizer, block_size):
     return TokenData(directory, block_size)
 
 
-def targets(args, loaded, block_size):
+def targets(args, loaded, block_size, text=None):
     """[(label, evaluate(lm, device) -> EvalResult)] for what this command asks for."""
     from trainer.tools.evaluate import evaluate_dataset, evaluate_stream
     if args.text and args.dataset:
         raise UserError("give --dataset or --text, not both")
     if args.text:
-        tokens = text_tokens(args.text, loaded.tokenizer)
+        tokens = text_tokens(args.text, text, loaded.tokenizer)
         return [(f"text {args.text}", lambda lm, dev: evaluate_stream(lm, tokens, block_size, args.batch_size, dev))]
     run = loaded.run_config or {}
     names = [args.dataset] if args.dataset else run.get("dataset")
@@ -237,6 +240,8 @@ def main_generate(args, loaded, device):
 
 def main(argv):
     args = parse_args(argv)
+    # the text file read before the 6-7 s of imports: an unreadable or non-UTF-8 file is one line at once
+    text = read_text(args.text) if args.text else None
     if args.generate:
         from trainer.metrics import require_metric_packages
         require_metric_packages()  # before the model is loaded: a missing package is one line in a second
@@ -249,7 +254,7 @@ def main(argv):
     block_size = args.block_size or loaded.block_size
     if not 1 <= block_size <= loaded.block_size:
         raise UserError(f"--block_size={block_size} must be between 1 and the model's {loaded.block_size}")
-    jobs = targets(args, loaded, block_size)
+    jobs = targets(args, loaded, block_size, text)
     base = None
     if args.compare_base:
         source = base_source(args, loaded)

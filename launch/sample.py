@@ -39,10 +39,11 @@ def parse_args(argv):
 def read_start(value, flag="--start"):
     """The text of --start or --input: as given, or FILE:path read from a file."""
     if value.startswith("FILE:"):
+        from trainer.prepare.utf8 import read_utf8
         path = Path(value[5:])
         if not path.is_file():
             raise UserError(f"{flag}=FILE:{path}: no such file")
-        return path.read_text(encoding="utf-8")
+        return read_utf8(path)  # not UTF-8: one line naming the byte offset
     return value
 
 
@@ -62,6 +63,8 @@ def instruction_ids(tokenizer, template, instruction, input_text=""):
 
 def main(argv):
     args = parse_args(argv)
+    # prompts read before the 6-7 s of imports: an unreadable or non-UTF-8 FILE: is one line at once
+    start_text, input_text = read_start(args.start), read_start(args.input, "--input")
     import torch
     from trainer.model.sampling import generate
     from trainer.tools.loading import load_for_inference
@@ -75,9 +78,9 @@ def main(argv):
     template = None
     if args.prompt_template:  # an instruction: wrap it as in training, stop at end-of-text, print the response
         template = template_for(args.prompt_template, loaded.tokenizer)
-        start = instruction_ids(loaded.tokenizer, template, read_start(args.start), read_start(args.input, "--input"))
+        start = instruction_ids(loaded.tokenizer, template, start_text, input_text)
     else:
-        start = loaded.tokenizer.encode(read_start(args.start))
+        start = loaded.tokenizer.encode(start_text)
     if not start:
         raise UserError("--start is empty after tokenization; give some text, e.g. --start='\\n'")
     torch.manual_seed(args.seed)

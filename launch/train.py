@@ -9,6 +9,7 @@ import argparse
 import json
 import os
 import sys
+from contextlib import nullcontext
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this clone's trainer, even if another is installed
@@ -19,6 +20,8 @@ from trainer.config import (DEEPSPEED_DECIDES, RECIPES_DIR, add_config_arguments
 from trainer.errors import UserError  # noqa: E402
 from trainer.launcher import (free_port, is_port_in_use, launcher_rank, launcher_world, local_rank,  # noqa: E402
                               started_alone)
+from trainer.lock import FolderLock  # noqa: E402
+from trainer.model.shapes import check_model_folder  # noqa: E402
 
 USAGE = """usage: deepspeed [--num_gpus N] launch/train.py --recipe NAME [--key=value ...] [--plan [--json]]
        python launch/train.py [--recipe] NAME_OR_PATH [--key=value ...]      (one process, no launcher)
@@ -139,6 +142,14 @@ def main(argv):
         if launcher_rank() == 0:
             print_plan(cfg, args)
         return 0
+    # One writer per out_dir, before anything is read or written: global rank 0 holds the lock for the whole
+    # run (the other ranks write only inside the checkpoint saves rank 0 coordinates). trainer/lock.py
+    lock = FolderLock(cfg["out_dir"], "a training run", "choose another --out_dir") if launcher_rank() == 0 else None
+    with lock or nullcontext():
+        return train_locked(cfg, args)
+
+
+def train_locked(cfg, args):
     if launcher_world() == 1 and cfg["init_from"] != "resume":
         # One process opens its data before importing torch, transformers and DeepSpeed (6-7 s): a missing
         # or broken dataset is one line at once. Several ranks check together in build_run (a dataset
@@ -146,6 +157,7 @@ def main(argv):
         # the run, so build_run checks its data.
         from trainer.data.mixing import open_data
         open_data(cfg)
+    check_model_folder(cfg["init_from"])  # another architecture than GPT-2 is one line, before the imports
     from trainer.model.adapters import check_source
     check_source(cfg["mode"], cfg["init_from"])  # before any rank starts or writes
     init_distributed()

@@ -27,6 +27,47 @@ def python(*args):
     return [sys.executable, *map(str, args)]
 
 
+def start(args, env=None):
+    """A documented command running in the background, stderr merged so no pipe fills up unread."""
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1", **(env or {})}
+    full_env.pop("RANK", None)
+    return subprocess.Popen([str(a) for a in args], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, env=full_env)
+
+
+def wait_for(proc, marker):
+    """Read the background command's output until a line holds `marker`; returns what it printed so far."""
+    seen = []
+    for line in proc.stdout:
+        seen.append(line)
+        if marker in line:
+            return "".join(seen)
+    raise AssertionError(f"never printed {marker!r}: {''.join(seen)[-3000:]}")
+
+
+def snapshot(folder):
+    """Every file under folder with its size and modification time (to prove nothing changed)."""
+    if not folder.exists():
+        return None
+    return {str(p.relative_to(folder)): (p.stat().st_size, p.stat().st_mtime_ns) for p in folder.rglob("*")}
+
+
+def fails_cleanly(args, expected, watch=None, env=None, command=None):
+    """Run the command (python args, or `command` as given); it must fail with exactly one `error:` line containing
+    `expected`, exit code 2, no traceback, and leave `watch` as it was. Returns the error line."""
+    before = snapshot(watch) if watch else None
+    proc = run_cmd(command or python(*args), REPO, check=False, env=env)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2, (proc.returncode, proc.stderr[-3000:])
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    errors = [line for line in lines if line.startswith("error: ")]
+    assert len(errors) == 1 and errors[0] == lines[-1], proc.stderr[-3000:]
+    assert expected in errors[0], errors[0]
+    if watch is not None:
+        assert snapshot(watch) == before, "the failed command changed files"
+    return errors[0]
+
+
 def deepspeed_cmd(*args, num_gpus=None):
     """The `deepspeed` launcher of this interpreter's environment."""
     launcher = Path(sys.executable).with_name("deepspeed")
@@ -89,13 +130,14 @@ def train_args(data_dir, out_dir, *extra, recipe="shakespeare_char_cpu"):
 
 # launch/test.sh gives each worker whole files (`--dist loadfile`) in the order collected. The longest files
 # go first, so that the run does not end on one long file while the other worker idles (seconds per file
-# in a 2-worker run on 2 cores, 2026-11-30; test_continue.py, test_launch_ports.py and test_lora_variants.py,
-# one to two minutes each alone on a loaded machine, 2026-12-02; the rest take under a minute each and keep their
-# order).
+# in a 2-worker run on 2 cores, 2026-11-30; test_continue.py, test_launch_ports.py, test_lora_variants.py and
+# issue 22's files, one to two minutes each alone on a loaded machine, 2026-12-02; the rest take under a minute
+# each and keep their order).
 LONGEST_FILES_FIRST = ("test_gpu_check.py", "test_resume.py", "test_lora.py", "test_lora_variants.py",
                        "test_multinode.py", "test_continue.py", "test_token_weighting.py", "test_faults.py",
-                       "test_errors.py", "test_multirank.py", "test_launch_ports.py", "test_engine_states.py",
-                       "test_lm_eval.py")
+                       "test_errors.py", "test_multirank.py", "test_signals.py", "test_lock.py",
+                       "test_damaged_checkpoints.py", "test_os_errors.py", "test_launch_ports.py",
+                       "test_engine_states.py", "test_lm_eval.py")
 
 
 def pytest_collection_modifyitems(items):

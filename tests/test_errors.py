@@ -5,29 +5,7 @@ import shutil
 import numpy as np
 import pytest
 
-from conftest import REPO, make_tiny_gpt2, python, run_cmd, train_args
-
-
-def snapshot(folder):
-    """Every file under folder with its size and modification time (to prove nothing changed)."""
-    if not folder.exists():
-        return None
-    return {str(p.relative_to(folder)): (p.stat().st_size, p.stat().st_mtime_ns) for p in folder.rglob("*")}
-
-
-def fails_cleanly(args, expected, watch=None):
-    """Run the command; it must fail with exactly one `error:` line containing `expected`."""
-    before = snapshot(watch) if watch else None
-    proc = run_cmd(python(*args), REPO, check=False)
-    lines = proc.stderr.strip().splitlines()
-    assert proc.returncode == 2, (proc.returncode, proc.stderr[-3000:])
-    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
-    errors = [line for line in lines if line.startswith("error: ")]
-    assert len(errors) == 1 and errors[0] == lines[-1], proc.stderr[-3000:]
-    assert expected in errors[0], errors[0]
-    if watch is not None:
-        assert snapshot(watch) == before, "the failed command changed files"
-    return errors[0]
+from conftest import REPO, fails_cleanly, make_tiny_gpt2, python, run_cmd, train_args
 
 
 @pytest.fixture()
@@ -135,20 +113,6 @@ def test_resume_without_a_run(data_dir, tmp_path):
     (tmp_path / "out").mkdir()
     fails_cleanly(char_run(data_dir, tmp_path / "out", "--init_from=resume"),
                   "does not exist; start a new run without --init_from=resume", watch=tmp_path / "out")
-
-
-@pytest.mark.slow
-def test_resume_with_a_corrupt_checkpoint_names_the_good_one(data_dir, finished_run, tmp_path):
-    out = copy_run(finished_run, tmp_path)
-    states = out / "checkpoints" / "iter0000004" / "mp_rank_00_model_states.pt"
-    states.write_bytes(states.read_bytes()[:1000])  # a torn write
-    fails_cleanly(char_run(data_dir, out, "--init_from=resume"),
-                  "iter0000004 is corrupt (mp_rank_00_model_states.pt has 1000 bytes, not", watch=out)
-    line = fails_cleanly(char_run(data_dir, out, "--init_from=resume"), "", watch=out)
-    assert line.endswith("the previous good checkpoint is iter0000002: resume from it with --resume_tag=iter0000002")
-    proc = run_cmd(python(*char_run(data_dir, out, "--init_from=resume", "--resume_tag=iter0000002",
-                                    "--max_iters=3", "--sample_max_new_tokens=0")), REPO)
-    assert "resumed from iteration 2" in proc.stdout
 
 
 @pytest.mark.slow

@@ -378,7 +378,8 @@ def test_step_down_with_everything_fixed_is_none():
 
 
 def test_model_shape_reads_config_json_without_transformers(tmp_path):
-    (tmp_path / "config.json").write_text(json.dumps({"n_layer": 3, "n_head": 2, "n_embd": 64, "vocab_size": 50257}))
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2", "n_layer": 3, "n_head": 2, "n_embd": 64,
+                                                      "vocab_size": 50257}))
     assert model_shape({"init_from": str(tmp_path), "block_size": 64}, 65) == Shape(
         n_layer=3, n_head=2, n_embd=64, vocab_size=50257, block_size=64)
     assert model_shape({"init_from": "resume", "block_size": 64}, 65, tmp_path / "config.json").n_layer == 3

@@ -4,6 +4,8 @@ Every command (`launch/*.py`, `data/**/prepare.py`) parses its flags with FlagPa
 mistakes (an unknown flag, a value of the wrong type, a missing flag) and values outside their range
 (each flag's Rule) become a UserError, and `run_main` prints any UserError as one line
 `error: <what>; <the fix>` on stderr and exits with USER_ERROR_EXIT, before anything is written.
+What the operating system refuses (trainer/os_errors.py) is one such line too, and SIGINT/SIGTERM one
+`interrupted: ...` line with exit code 128 + the signal (trainer/signals.py).
 launch/train.py's recipe keys are flags of the same parser (trainer/config.py adds them).
 """
 import argparse
@@ -14,6 +16,8 @@ from typing import Callable
 
 from trainer.errors import UserError
 from trainer.launcher import launcher_rank
+from trainer.os_errors import refusal_in, refusal_line
+from trainer.signals import Interrupted, raise_on_signals
 
 USER_ERROR_EXIT = 2  # every entry point, for every user mistake (argparse uses 2 as well)
 
@@ -92,7 +96,10 @@ class _PrintHelp(argparse.Action):
 
 
 def run_main(main):
-    """Run main(argv) -> exit code; a UserError is one line on stderr and USER_ERROR_EXIT."""
+    """Run main(argv) -> exit code. A UserError, or an OS refusal (permission, read-only filesystem, no space,
+    too many open files), is one line on stderr and USER_ERROR_EXIT; SIGINT/SIGTERM one line and 128 + the
+    signal."""
+    raise_on_signals()  # from the start: a signal during the imports is one line too
     try:
         code = main(sys.argv[1:])
     except UserError as exc:
@@ -100,6 +107,18 @@ def run_main(main):
         # sees); one line is enough: global rank 0's, or the only process's.
         if launcher_rank() == 0:
             print(f"error: {exc}", file=sys.stderr)
+        code = USER_ERROR_EXIT
+    except (Interrupted, KeyboardInterrupt) as exc:
+        if launcher_rank() == 0:
+            print(f"interrupted: {exc if isinstance(exc, Interrupted) else 'SIGINT'}", file=sys.stderr)
+        code = exc.exit_code if isinstance(exc, Interrupted) else 130
+    except Exception as exc:  # an OSError, or a library's exception around one
+        refused = refusal_in(exc)
+        if refused is None:
+            raise
+        # an OS refusal can be one node's own (its disk): every rank that meets it says so
+        where = f"rank {launcher_rank()}: " if launcher_rank() else ""
+        print(f"error: {where}{refusal_line(refused)}", file=sys.stderr)
         code = USER_ERROR_EXIT
     exit_quickly(code)
 

@@ -8,6 +8,8 @@ import os
 import uuid
 from pathlib import Path
 
+from trainer.os_errors import with_path
+
 
 def tmp_name(path):
     """A hidden temporary name beside `path`; the pid lets a later writer tell a killed writer's leftovers
@@ -31,9 +33,9 @@ def atomic_write(path, content):
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         tmp.unlink(missing_ok=True)
-        raise
+        raise with_path(exc, path)  # a failed write() names no file: name the one being written
 
 
 def remove_stale_tmp(folder):

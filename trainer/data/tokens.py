@@ -15,6 +15,7 @@ import numpy as np
 
 from trainer.errors import UserError
 from trainer.data.tokenizer import GPT2_EOT, IGNORE_INDEX
+from trainer.os_errors import is_refusal
 
 
 def dataset_dir(cfg):
@@ -41,7 +42,9 @@ def read_meta(directory):
         with open(path, "rb") as f:
             meta = pickle.load(f)
         int(meta["vocab_size"])
-    except Exception:  # truncated, not a pickle, or not our dict: all mean "prepare again"
+    except Exception as exc:  # truncated, not a pickle, or not our dict: all mean "prepare again"
+        if is_refusal(exc):  # but a file this user may not read is the OS's line (trainer/cli.run_main)
+            raise
         raise UserError(f"{path} is unreadable or has no vocab_size; prepare the dataset again") from None
     return meta
 

@@ -7,11 +7,13 @@ import warnings
 import torch
 from torch import nn
 from transformers import GPT2Config, GPT2LMHeadModel
+from transformers.utils import logging as hf_logging
 
 from trainer.data.tokenizer import GPT2_EOT
 from trainer.errors import UserError
 from trainer.model import nanogpt
 from trainer.model.shapes import HUB_NAMES, Shape, model_dir_config, nanogpt_shape, padded_vocab
+from trainer.os_errors import refusal_in
 
 # GPT-2's own activation, "gelu_new", is the tanh GELU written as five Python-level ops: autograd keeps
 # four extra 4h-wide tensors per layer for it. torch's fused tanh GELU computes the same function in one
@@ -49,20 +51,36 @@ def scratch_config(cfg, vocab_size):
 
 
 def load_pretrained(source, dropout, dtype=None, **kwargs):
-    """GPT-2 from the hub, a local HF directory or a nanoGPT checkpoint, with dropout overridden."""
+    """GPT-2 from the hub, a local HF directory or a nanoGPT checkpoint, with dropout overridden.
+
+    A folder of another architecture is refused before loading (model_dir_config), and a load that reports
+    missing, unexpected or mis-shaped weights is an error: transformers would leave those weights random."""
     checkpoint = nanogpt.checkpoint_path(source)
     if checkpoint is not None:
         return load_nanogpt(checkpoint, dropout, dtype, **kwargs)
     if source not in HUB_NAMES:
-        model_dir_config(source)  # a folder with config.json, or one line saying what init_from may be
+        model_dir_config(source)  # a GPT-2 folder with config.json, or one line saying what init_from may be
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # its table of missing weights would bury the one line below
     try:
         activation = trained_activation(GPT2Config.from_pretrained(source).activation_function)
-        return GPT2LMHeadModel.from_pretrained(
+        model, info = GPT2LMHeadModel.from_pretrained(
             source, attn_implementation="sdpa", resid_pdrop=dropout, embd_pdrop=dropout,
-            attn_pdrop=dropout, use_cache=False, dtype=dtype, activation_function=activation, **kwargs)
+            attn_pdrop=dropout, use_cache=False, dtype=dtype, activation_function=activation,
+            output_loading_info=True, **kwargs)
     except OSError as exc:
+        if refusal_in(exc) is not None:  # permission, no space...: the OS's own line (trainer/cli.run_main)
+            raise
         raise UserError(f"could not load {source!r} ({str(exc).splitlines()[0]}); "
                         f"check the name or download it first with network access") from None
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    wrong = {kind: sorted(map(str, info.get(f"{kind}_keys") or ())) for kind in ("missing", "unexpected", "mismatched")}
+    if any(wrong.values()):
+        found = ", ".join(f"{len(keys)} {kind} (e.g. {keys[0]})" for kind, keys in wrong.items() if keys)
+        raise UserError(f"the weights in {source} are not a GPT-2's of its config.json: {found}; loading them "
+                        f"would leave weights random: use a folder saved by GPT2LMHeadModel.save_pretrained")
+    return model
 
 
 def load_nanogpt(path, dropout, dtype=None, **kwargs):

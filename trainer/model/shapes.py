@@ -134,13 +134,36 @@ def recompute_flops_per_token(n_layer, n_embd, block_size):
 
 
 def model_dir_config(source):
-    """config.json of a local model folder named by init_from, or one line saying what init_from may be."""
+    """config.json of a local model folder named by init_from, checked to be a GPT-2's, or one line saying
+    what init_from may be. Another architecture (a BERT saved by save_pretrained) is refused here, before
+    any weights are read: transformers would load it into a GPT-2 with random weights."""
     path = Path(source) / "config.json"
     if not path.is_file():
         raise UserError(f"init_from={source!r} is neither scratch, resume, a GPT-2 hub name "
                         f"({', '.join(HUB_NAMES)}), a Hugging Face model directory with config.json, a training "
                         f"run's out_dir nor a nanoGPT out_dir or ckpt.pt")
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError):
+        raise UserError(f"{path} is not valid JSON; save the model again with save_pretrained") from None
+    model_type = config.get("model_type") if isinstance(config, dict) else None
+    if model_type != "gpt2":
+        raise UserError(f"{source} holds a {model_type or 'untyped'} model (config.json model_type "
+                        f"{model_type!r}), not a GPT-2; use a GPT-2 folder (model_type 'gpt2') or one of "
+                        f"{', '.join(HUB_NAMES)}")
+    for file in path.parent.iterdir():  # safetensors reports an unreadable file as a missing one: open each here
+        if file.is_file():
+            open(file, "rb").close()  # a refusal is the OS's own line (trainer/cli.run_main)
     return path
+
+
+def check_model_folder(init_from):
+    """A local model folder named by init_from is a GPT-2's (hub names, scratch and resume need no check, nor a
+    nanoGPT checkpoint or a training run's out_dir: its model_config.json, trainer/run/run_dir.py)."""
+    if init_from in ("scratch", "resume", *HUB_NAMES) or nanogpt.checkpoint_path(init_from) is not None:
+        return
+    if not (Path(init_from) / "model_config.json").is_file():
+        model_dir_config(init_from)
 
 
 def nanogpt_shape(path, block_size):

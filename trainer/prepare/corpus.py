@@ -18,7 +18,8 @@ from trainer.prepare.cutting import CHUNK_BYTES, char_offset, count_chars, text_
 from trainer.prepare.encode import TRAIN, VAL, encode_task, init_worker, separator
 from trainer.prepare.output import DatasetWriter, make_meta
 from trainer.prepare.progress import Progress
-from trainer.prepare.sources import BOM, RowSource, TextSource, collect_sources, decode_utf8, row_texts
+from trainer.prepare.sources import RowSource, TextSource, collect_sources, row_texts
+from trainer.prepare.utf8 import BOM, decode_utf8
 from trainer.prepare.split import check_val_fraction, val_indices
 from trainer.prepare.workers import default_num_proc, run_tasks
 
@@ -79,12 +80,12 @@ def prepare_corpus(spec: str, out_dir: Path, tokenizer: str = "gpt2", val_fracti
     meta = make_meta(tok)
     _check_some_text(sources)
     writer = DatasetWriter(out_dir)
-    for name in SPLIT_FILES.values():
-        writer.open(name)
     count, ends_with_newline = {TRAIN: 0, VAL: 0}, {}
     newline = tok.stoi.get("\n") if tokenizer == "char" else None
     progress = Progress(n_docs)
     try:
+        for name in SPLIT_FILES.values():
+            writer.open(name)
         for docs_done, result in run_tasks(corpus_tasks(sources, val_docs, chunk_bytes, single_cut), num_proc,
                                            init_worker, (tokenizer, chars, rows), encode_task):
             tokens = 0

@@ -2,7 +2,7 @@
 character offsets in a UTF-8 stream without decoding it whole (nanoGPT's character split)."""
 import numpy as np
 
-from trainer.prepare.sources import BOM
+from trainer.prepare.utf8 import BOM
 
 CHUNK_BYTES = 4 << 20  # text per piece of work; the memory bound scales with it (docs/data.md)
 

@@ -6,7 +6,8 @@ into {split: ids}, with <|endoftext|> (or, for characters, a newline) between do
 import numpy as np
 
 from trainer.data.tokenizer import Gpt2Tokenizer, gpt2_encoding
-from trainer.prepare.sources import decode_utf8, row_texts
+from trainer.prepare.sources import row_texts
+from trainer.prepare.utf8 import decode_utf8
 
 TRAIN, VAL = 0, 1  # the split of a piece of work
 _STATE = {}

@@ -18,6 +18,8 @@ import numpy as np
 
 from trainer.errors import UserError
 from trainer.files import atomic_write, remove_stale_tmp, tmp_name
+from trainer.lock import FolderLock
+from trainer.signals import held
 
 DATASET_FILES = tuple(f"{split}{kind}.bin" for split in ("train", "val") for kind in ("", "_mask", "_pos"))
 
@@ -39,8 +41,11 @@ class DatasetWriter:
 
     def __init__(self, out_dir):
         self.out_dir = Path(out_dir)
-        self.made = [p for p in (self.out_dir, *self.out_dir.parents) if not p.exists()]  # deepest first
-        self.out_dir.mkdir(parents=True, exist_ok=True)
+        # One preparation per dataset folder (trainer/lock.py): the lock makes the folder, and on release removes
+        # the folders it made if nothing was left in them. No heartbeat thread: workers are forked from this
+        # process only while it has one thread (trainer/prepare/workers.py); append() refreshes it instead.
+        self.lock = FolderLock(self.out_dir, "a preparation of this dataset", "prepare it under another --name",
+                               heartbeat_thread=False).acquire()
         remove_stale_tmp(self.out_dir)
         self.tmps, self.files = {}, {}
 
@@ -57,6 +62,7 @@ class DatasetWriter:
 
     def append(self, name, values, dtype=None):
         """Append an array to `name`; a full disk is one line that keeps the previous dataset."""
+        self.lock.beat()
         arr = np.asarray(values)
         if dtype is not None:
             arr = arr.astype(dtype, copy=False)
@@ -78,15 +84,17 @@ class DatasetWriter:
         an earlier format, then write meta.pkl."""
         for name in list(self.files):
             self.close(name)
-        for name in DATASET_FILES:
-            if name in self.tmps:
-                os.replace(self.tmps.pop(name), self.out_dir / name)
-            else:
-                (self.out_dir / name).unlink(missing_ok=True)
-        for tmp in self.tmps.values():
-            tmp.unlink(missing_ok=True)
-        self.tmps = {}
-        atomic_write(self.out_dir / "meta.pkl", lambda f: pickle.dump(meta, f))
+        with held():  # all of the files replaced, or none: a signal waits until they are
+            for name in DATASET_FILES:
+                if name in self.tmps:
+                    os.replace(self.tmps.pop(name), self.out_dir / name)
+                else:
+                    (self.out_dir / name).unlink(missing_ok=True)
+            for tmp in self.tmps.values():
+                tmp.unlink(missing_ok=True)
+            self.tmps = {}
+            atomic_write(self.out_dir / "meta.pkl", lambda f: pickle.dump(meta, f))
+        self.lock.release()
 
     def abort(self):
         for f in self.files.values():
@@ -96,8 +104,4 @@ class DatasetWriter:
                 pass
         for tmp in self.tmps.values():
             tmp.unlink(missing_ok=True)
-        for folder in self.made:
-            try:
-                folder.rmdir()
-            except OSError:
-                break
+        self.lock.release()  # and the folders it made, if empty

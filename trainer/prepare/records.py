@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from trainer.errors import UserError
-from trainer.prepare.sources import BOM, decode_utf8, read_utf8
+from trainer.prepare.utf8 import BOM, decode_utf8, read_utf8
 from trainer.prepare.templates import instruction_prompt
 
 

@@ -7,13 +7,15 @@ a folder saved by datasets' save_to_disk and hf:NAME give one document per row (
 import glob
 import gzip
 import io
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
 from trainer.errors import UserError
+from trainer.os_errors import refusal_in
+from trainer.prepare.row_errors import first_problem, is_json_lines, line_of_row
 
 _BINARY_SNIFF_BYTES = 8192
-BOM = b"\xef\xbb\xbf"
 # Read through Hugging Face `datasets`, one row per document (the --text_field column).
 ROW_FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
 
@@ -41,9 +43,14 @@ def row_format(path: Path) -> str | None:
     return ROW_FORMATS.get(suffixes[-1]) if suffixes else None
 
 
+def _raise(error: OSError):
+    raise error
+
+
 def _files_in_folder(folder: Path) -> list[Path]:
-    found = (p for p in folder.rglob("*") if p.is_file() and not _is_hidden(p, folder))
-    return sorted(found)
+    # os.walk, not rglob: a folder this user may not read is an error naming it, not silently no files
+    found = (Path(root) / name for root, _, names in os.walk(folder, onerror=_raise) for name in names)
+    return sorted(p for p in found if p.is_file() and not _is_hidden(p, folder))
 
 
 def _text_files_only(paths: list[Path]) -> list[Path]:
@@ -74,21 +81,6 @@ def collect_files(spec: str) -> list[Path]:
             raise UserError(f"no files match {spec}")
         return _text_files_only(files)
     raise UserError(f"input not found: {spec}")
-
-
-def decode_utf8(data: bytes, path, offset: int = 0) -> str:
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise UserError(
-            f"{path} is not UTF-8 (invalid byte at offset {offset + e.start}); convert it with iconv -t UTF-8"
-        ) from None
-
-
-def read_utf8(path: Path) -> str:
-    """The file's text; a file that is not UTF-8 is an error naming the offset."""
-    # Windows editors prepend a byte-order mark; it is not part of the text.
-    return decode_utf8(path.read_bytes(), path).removeprefix("\ufeff")
 
 
 @dataclass
@@ -156,8 +148,12 @@ def _load_rows_file(path: Path, field: str) -> RowSource:
     datasets = _quiet_datasets()
     try:
         dataset = datasets.load_dataset(row_format(path), data_files=str(path), split="train")
-    except Exception as e:  # the reader's own words, on one line
-        raise UserError(f"{path} could not be read as {row_format(path)} ({_reason(e)}); fix the file") from None
+    except Exception as e:
+        if refusal_in(e) is not None:  # permission, no space for the Arrow cache: the OS's own line
+            raise refusal_in(e) from None
+        # where the file is malformed (its line or row), else the reader's own words, on one line
+        raise UserError(first_problem(path, row_format(path), field) or
+                        f"{path} could not be read as {row_format(path)} ({_reason(e)}); fix the file") from None
     return _row_source(str(path), dataset, field)
 
 
@@ -177,6 +173,8 @@ def collect_sources(spec: str, text_field: str = "text", split: str = "train") -
             raise UserError(f"could not load hub dataset {name} ({_reason(e)}); check the name and --split, "
                                f"or download it and pass its folder") from None
         return [_row_source(name, loaded, text_field)]
+    if Path(spec).is_dir():
+        os.scandir(spec).close()  # a folder this user may not read: the OS's line, naming it
     if Path(spec).is_dir() and is_saved_dataset(Path(spec)):
         datasets = _quiet_datasets()
         loaded = _pick_split(spec, datasets.load_from_disk(spec), split)
@@ -192,12 +190,28 @@ def collect_sources(spec: str, text_field: str = "text", split: str = "train") -
     return sources
 
 
+def row_place(source: "RowSource", row: int) -> str:
+    """'row N', or 'line L (row N)' in a JSON lines file, where a user finds a record with an editor."""
+    path = Path(source.name)
+    if row_format(path) == "json" and path.is_file() and is_json_lines(path):
+        line = line_of_row(path, row)
+        if line is not None:
+            return f"line {line} (row {row})"
+    return f"row {row}"
+
+
 def row_texts(source: "RowSource", start: int, stop: int):
     """(row number, text) of rows start..stop-1; a row whose field is not text is an error."""
-    values = source.dataset[start:stop][source.field]
+    try:
+        values = source.dataset[start:stop][source.field]
+    except UnicodeDecodeError:  # a CSV reader may keep bytes that are not UTF-8 until a row is read
+        path = Path(source.name)
+        raise UserError((path.is_file() and first_problem(path, row_format(path), source.field))
+                        or f"{source.name} rows {start} to {stop - 1} are not UTF-8; convert it with iconv -t UTF-8"
+                        ) from None
     for row, value in enumerate(values, start=start):
         if not isinstance(value, str):
             what = "missing or null" if value is None else f"a {type(value).__name__}, not text"
-            raise UserError(f"{source.name} row {row}: field '{source.field}' is {what}; "
-                               f"fix the row or pass --text_field=FIELD")
+            raise UserError(f"{source.name} {row_place(source, row)}: field '{source.field}' is {what}; "
+                            f"fix the row or pass --text_field=FIELD")
         yield row, value

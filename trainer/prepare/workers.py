@@ -8,6 +8,7 @@ import collections
 import itertools
 import multiprocessing
 import os
+import signal
 import sys
 import threading
 
@@ -41,7 +42,7 @@ def run_tasks(tasks, num_proc: int, init, initargs, func):
         for meta, pieces in itertools.chain(head, tasks):
             yield meta, func(pieces)
         return
-    with multiprocessing.get_context(start_method()).Pool(num_proc, init, initargs) as pool:
+    with multiprocessing.get_context(start_method()).Pool(num_proc, start_worker, (init, initargs)) as pool:
         in_flight = collections.deque()
         for meta, pieces in itertools.chain(head, tasks):
             in_flight.append((meta, pool.apply_async(func, (pieces,))))
@@ -51,6 +52,14 @@ def run_tasks(tasks, num_proc: int, init, initargs, func):
         while in_flight:
             meta, result = in_flight.popleft()
             yield meta, result.get()
+
+
+def start_worker(init, initargs):
+    """A worker leaves signals to the main process (trainer/signals.py): Ctrl-C reaches the whole process group
+    and is the main process's to handle; the pool ends its workers with SIGTERM, which just ends them."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    init(*initargs)
 
 
 def default_num_proc() -> int:

@@ -6,15 +6,23 @@ GPT2DS_INJECT_OOM="3,5" raises a real torch.OutOfMemoryError in the last micro-b
 iterations, once each, before its forward pass (the earlier micro-batches' gradients are already
 accumulated and must be discarded), so the out-of-memory step-down can be tested on a CPU.
 
+GPT2DS_PAUSE_AT="building the engine" makes the setup wait at that stage boundary (trainer/run/interrupts.py
+stop_point), after printing `paused at: <stage>` on stderr, until a signal has arrived (at most 120 s), so a
+test can deliver a real signal at each stage of the setup.
+
 The setup installs them on each engine it builds (trainer/run/setup.py) by wrapping the engine's
-forward; unset (normal use) nothing is wrapped and the loop carries no trace of them.
+forward; unset (normal use) nothing is wrapped, nothing waits, and the loop carries no trace of them.
 """
 import os
+import sys
+import time
 
 import torch
 
 NAN_VARIABLE = "GPT2DS_INJECT_NAN"
 OOM_VARIABLE = "GPT2DS_INJECT_OOM"
+PAUSE_VARIABLE = "GPT2DS_PAUSE_AT"
+PAUSE_LIMIT_S = 120
 
 
 def iterations(variable):
@@ -43,3 +51,13 @@ def install(engine, run):
         return loss * float("nan") if training and it in NAN_ITERS else loss
 
     engine.forward = forward_with_faults
+
+
+def pause_at(stage, signalled):
+    """GPT2DS_PAUSE_AT=stage: wait here until signalled() (a signal has arrived), at most PAUSE_LIMIT_S."""
+    if os.environ.get(PAUSE_VARIABLE) != stage:
+        return
+    print(f"paused at: {stage}", file=sys.stderr, flush=True)
+    deadline = time.monotonic() + PAUSE_LIMIT_S
+    while not signalled() and time.monotonic() < deadline:
+        time.sleep(0.01)

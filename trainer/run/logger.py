@@ -41,14 +41,30 @@ def require_wandb():
 
 class RunLogger:
     def __init__(self, out_dir, enabled, tensorboard, total_iters, start_iter, wandb_run=None):
-        """wandb_run: None, or {'project', 'name', 'config'} to also log to Weights & Biases."""
+        """wandb_run: None, or {'project', 'name', 'config'} to also log to Weights & Biases.
+
+        TensorBoard's event file and the W&B run are opened at the first value logged, not here: a setup that
+        fails after this (a checkpoint that does not load) leaves nothing in out_dir."""
         self.enabled = enabled
         self._said = set()
         self.writer = None
         self.wandb = None
         self.bar = None
+        self._to_open = (out_dir, tensorboard, wandb_run) if enabled else None
         if not enabled:
             return
+        if wandb_run is not None:
+            require_wandb()
+        # The bar is for terminals; in a log file the periodic lines (with their ETA) say the same.
+        self.bar = tqdm(total=total_iters, initial=start_iter, desc="train", unit="it", dynamic_ncols=True,
+                        file=sys.stderr, mininterval=1.0, smoothing=0.1, disable=not sys.stderr.isatty())
+
+    def _open(self):
+        """TensorBoard's writer and the W&B run, at the first value logged."""
+        if self._to_open is None:
+            return
+        out_dir, tensorboard, wandb_run = self._to_open
+        self._to_open = None
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
             self.writer = SummaryWriter(log_dir=str(out_dir))
@@ -57,9 +73,6 @@ class RunLogger:
             self.wandb = wandb.init(project=wandb_run["project"], name=wandb_run["name"] or Path(out_dir).name,
                                     config=wandb_run["config"], dir=str(out_dir))
             self._wandb_module = wandb
-        # The bar is for terminals; in a log file the periodic lines (with their ETA) say the same.
-        self.bar = tqdm(total=total_iters, initial=start_iter, desc="train", unit="it", dynamic_ncols=True,
-                        file=sys.stderr, mininterval=1.0, smoothing=0.1, disable=not sys.stderr.isatty())
 
     def print(self, line):
         if self.enabled:
@@ -75,6 +88,7 @@ class RunLogger:
     def scalar(self, tag, value, step):
         if value is None:
             return
+        self._open()
         if self.writer is not None:
             self.writer.add_scalar(tag, value, step)
         if self.wandb is not None:
@@ -85,6 +99,7 @@ class RunLogger:
         self.writer.add_text(tag, "```\n" + text + "\n```", step)
 
     def text(self, tag, text, step):
+        self._open()
         if self.writer is not None:
             self._tensorboard_text(tag, text, step)
         if self.wandb is not None:
@@ -92,6 +107,7 @@ class RunLogger:
 
     def json_text(self, tag, obj, step=0):
         """Config-like JSON: a TensorBoard text, and in W&B a key of the run's config (its latest value)."""
+        self._open()
         if self.writer is not None:
             self._tensorboard_text(tag, json.dumps(obj, indent=2, default=str), step)
         if self.wandb is not None:

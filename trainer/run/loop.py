@@ -29,12 +29,13 @@ from trainer.units import format_bytes
 
 
 def train(cfg, hardware=None):
+    stop = StopRequest().install()  # from the start: the setup stops at its next stage (run/interrupts.py)
     run = build_run(cfg, hardware)
+    stop.in_loop = True
     cfg = run.cfg  # the final config: on resume the run's own model keys, max_epochs as iterations
     recovery = oom.Recovery(run)
     guard = NonFiniteGuard(run)
     timer = Timer()
-    stop = StopRequest().install()
     while True:
         lr = lr_at(run.iter_num, cfg)
         set_lr(run.engine, lr)

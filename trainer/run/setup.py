@@ -33,11 +33,12 @@ from trainer.plan.planner import Plan, PlanInput, make_plan
 from trainer.plan.report import format_plan, plan_to_dict
 from trainer.run import checkpoint, continuation, fault_injection
 from trainer.run.engine import clips_by_hand, create_engine, ensure_cpu_adam, may_offload
+from trainer.run.interrupts import stop_point
 from trainer.run.logger import RunLogger, require_wandb
 from trainer.run.preflight import check_same_data, check_shared_out_dir, on_every_rank, same_hardware
 from trainer.run.ranks import barrier, rank_and_world
 from trainer.run.resume import Resume, resume_config, resume_layout
-from trainer.run.run_dir import CONFIG, RunDir
+from trainer.run.run_dir import RunDir
 
 
 @dataclass
@@ -112,9 +113,10 @@ class Run:
 # ----------------------------------------------------------------------------- the run's config
 
 def check_out_dir(cfg):
-    """A fresh run refuses an out_dir holding another run, unless overwrite=True (nothing is touched yet)."""
+    """A fresh run refuses an out_dir holding another run's checkpoints, unless overwrite=True (nothing is touched
+    yet). A run folder without a checkpoint (stopped during its setup) is taken as it is."""
     out_dir = Path(cfg["out_dir"])
-    taken = (out_dir / CONFIG).exists() or checkpoint.checkpoint_dir(out_dir).exists()
+    taken = bool(checkpoint.complete_tags(out_dir))
     if cfg["init_from"] != "resume" and taken and not cfg["overwrite"]:
         raise UserError(f"out_dir {out_dir} already holds a run; resume it with --init_from=resume, "
                         f"choose another --out_dir, or pass --overwrite=True to replace it")
@@ -193,6 +195,7 @@ def build_run(cfg, hardware=None):
     out_dir = check_out_dir(cfg)
     cfg, data, resume, notes = on_every_rank(final_config, cfg, out_dir, world)  # each rank opens its own data
     check_same_data(data)
+    stop_point("checking the data and the run")
 
     saved_model = RunDir(out_dir).model_config_path if resume else continuation.model_config(cfg)
     # the model's shape, and whether batches are packed instruction blocks: what the planner plans for
@@ -202,6 +205,7 @@ def build_run(cfg, hardware=None):
     plan = make_plan(plan_input, hw)
     if may_offload(plan, cfg, hw):
         ensure_cpu_adam()  # built now, not hours in when a step-down first offloads
+    stop_point("planning")
 
     full_resume = resume is not None and plan.mode not in ADAPTER_MODES  # adapter runs rebuild their base
     module = build_trained_module(cfg, plan, data.vocab_size, hw.device_type,
@@ -212,6 +216,7 @@ def build_run(cfg, hardware=None):
     data.check_vocab(module.lm.config.vocab_size)
     if cfg["wandb_log"]:
         require_wandb()
+    stop_point("loading the model")
 
     # Every input checked: only now is anything written.
     claim_out_dir(cfg, rank)
@@ -229,14 +234,17 @@ def build_run(cfg, hardware=None):
               tokenizer=load_tokenizer(data.meta), n_params=total, n_trainable=trainable)
     run.engine, run.ds_config = build_engine(run, module, plan, universal=bool(resume and resume.universal))
     torch.manual_seed(cfg["seed"] + rank)  # dropout differs by rank, as in nanoGPT
+    stop_point("building the engine")
 
     if resume is not None:
         load_resume_state(run, resume)
+        stop_point("loading the checkpoint")
     if run.master:
         RunDir(out_dir).write(cfg, module.lm.config, run.plan_dict, data.meta)
     log.json_text("config", cfg)
     log.json_text("plan", run.plan_dict)
     log.json_text("deepspeed_config", run.ds_config)
+    stop_point("writing the run's files")
     if log.bar is not None:
         log.bar.reset(total=cfg["max_iters"])
         log.bar.update(run.iter_num)

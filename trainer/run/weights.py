@@ -11,13 +11,14 @@ from trainer.run.checkpoint import consolidated_state_dict
 from trainer.run.run_dir import RunDir
 
 
-def adapter_state_dict(out_dir):
-    """The adapters of the latest checkpoint as fp32 tensors, keyed as in the PeftModel's state_dict.
+def adapter_state_dict(out_dir, tag=None):
+    """The adapters of a checkpoint (`tag`, else the newest that verifies) as fp32 tensors, keyed as in the
+    PeftModel's state_dict.
 
     ZeRO 1-3 checkpoints go through DeepSpeed's zero_to_fp32 (under ZeRO-3 the module file holds empty,
     shape-[0] tensors: the real values are only in the optimizer shards).
     """
-    state = {k: v for k, v in consolidated_state_dict(out_dir).items() if ".lora_" in k}
+    state = {k: v for k, v in consolidated_state_dict(out_dir, tag).items() if ".lora_" in k}
     if not state:
         raise UserError(f"the checkpoint in {out_dir} holds no LoRA adapters; was it trained with --mode=full?")
     empty = [k for k, v in state.items() if v.numel() == 0]

@@ -18,6 +18,7 @@ it, and compared with the trained model rebuilt from the checkpoint on a fixed b
 absolute difference of the logits). Only if that is within tolerance is it renamed to export_dir;
 otherwise it is removed and the command fails with one line.
 """
+import functools
 import gc
 import json
 import pickle
@@ -29,8 +30,10 @@ import torch
 from trainer.config import ADAPTER_MODES
 from trainer.data.tokenizer import gpt2_bpe_files
 from trainer.errors import UserError
+from trainer.lock import FolderLock
 from trainer.model import nanogpt
 from trainer.model.gpt2 import TORCH_DTYPES, load_pretrained
+from trainer.os_errors import refusal_in, with_path
 from trainer.run import checkpoint
 from trainer.run.run_dir import RunDir
 from trainer.run.weights import adapter_model, adapter_state_dict, load_adapter_run
@@ -114,6 +117,17 @@ def write_tokenizer(meta, folder):
     return True
 
 
+def saving_into(folder, save):
+    """save(); an OS refusal on the way (safetensors says only "os error 28") is raised naming the folder."""
+    try:
+        return save()
+    except Exception as exc:
+        refused = refusal_in(exc)
+        if refused is None:
+            raise
+        raise with_path(refused, folder) from None
+
+
 def _save_merged(model, folder, dtype):
     """A plain GPT2LMHeadModel in safetensors with config.json and generation_config.json."""
     model = model.to(TORCH_DTYPES[dtype])
@@ -121,7 +135,7 @@ def _save_merged(model, folder, dtype):
     if hasattr(config, "quantization_config"):
         del config.quantization_config
     config.use_cache = True  # the trainer turns the KV cache off; generation wants it
-    model.save_pretrained(folder, safe_serialization=True)
+    saving_into(folder, lambda: model.save_pretrained(folder, safe_serialization=True))
     if not (Path(folder) / "generation_config.json").is_file():
         from transformers import GenerationConfig
         GenerationConfig.from_model_config(config).save_pretrained(folder)
@@ -136,13 +150,15 @@ def _save_converted(model, out_dir, folder, dtype):
     import warnings
     with tempfile.TemporaryDirectory(dir=Path(folder).parent, prefix=".initial-adapters-") as scratch:
         initial = adapter_model(out_dir, quantized=False).to(TORCH_DTYPES[dtype])
-        initial.save_pretrained(Path(scratch) / "initial", safe_serialization=True, save_embedding_layers=False)
+        saving_into(scratch, functools.partial(initial.save_pretrained, Path(scratch) / "initial",
+                                               safe_serialization=True, save_embedding_layers=False))
         del initial
         gc.collect()
         with warnings.catch_warnings():  # peft warns that PiSSA/OLoRA adapters should not be combined: it is
             warnings.simplefilter("ignore")  # loading the initial adapter beside the trained one to convert it
-            model.save_pretrained(folder, safe_serialization=True, save_embedding_layers=False,
-                                  path_initial_model_for_weight_conversion=str(Path(scratch) / "initial"))
+            saving_into(folder, lambda: model.save_pretrained(
+                folder, safe_serialization=True, save_embedding_layers=False,
+                path_initial_model_for_weight_conversion=str(Path(scratch) / "initial")))
 
 
 def _check_run(out_dir):
@@ -200,13 +216,17 @@ def export(out_dir, export_dir, dtype="fp32", adapter_only=False, tolerance=None
     if adapter_only and cfg["init_from"] == "scratch":
         raise UserError(f"{out_dir} trained adapters on a from-scratch base, which exists nowhere on disk for "
                         f"PeftModel.from_pretrained(base, ...); export the merged model without --adapter_only")
-    tmp = _prepare_tmp(export_dir)
-    try:
-        result = _export(out_dir, tmp, cfg, mode, meta, dtype, adapter_only, tolerance, tag, log, qlora_base)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    _finish(tmp, export_dir)
+    # One export into export_dir at a time: the lock file lies beside it (export_dir itself must be empty)
+    export_dir = Path(export_dir)
+    with FolderLock(export_dir, "an export", "choose another --export_dir",
+                    lock_file=export_dir.parent / f".{export_dir.name}.lock"):
+        tmp = _prepare_tmp(export_dir)
+        try:
+            result = _export(out_dir, tmp, cfg, mode, meta, dtype, adapter_only, tolerance, tag, log, qlora_base)
+            _finish(tmp, export_dir)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
     log(f"exported to {export_dir}")
     return result
 
@@ -222,10 +242,10 @@ def _export(out_dir, folder, cfg, mode, meta, dtype, adapter_only, tolerance, ta
 
     # 1. the trained model, rebuilt from the checkpoint, and its logits on the fixed batch
     if mode == "full":
-        loaded = load_run(out_dir)
+        loaded = load_run(out_dir, tag)
         model = loaded.lm
     else:
-        weights = adapter_state_dict(out_dir)
+        weights = adapter_state_dict(out_dir, tag)
         if mode == "qlora":
             quantized = load_adapter_run(out_dir, quantized=True, weights=weights)
             idx = parity_batch(meta["vocab_size"], quantized.config.n_positions)
@@ -252,7 +272,8 @@ def _export(out_dir, folder, cfg, mode, meta, dtype, adapter_only, tolerance, ta
         model = model.to(TORCH_DTYPES[dtype])
         n_adapted = sum(1 for name, _ in model.named_modules() if name.endswith(".lora_A"))
         if cfg["lora_init"] == "default":
-            model.save_pretrained(folder, safe_serialization=True, save_embedding_layers=False)
+            saving_into(folder, lambda: model.save_pretrained(folder, safe_serialization=True,
+                                                              save_embedding_layers=False))
             converted = ""
         else:
             _save_converted(model, out_dir, folder, dtype)
@@ -280,7 +301,7 @@ def _export(out_dir, folder, cfg, mode, meta, dtype, adapter_only, tolerance, ta
         _save_merged(model, folder, dtype)
         del model
         gc.collect()
-        tokenizer = write_tokenizer(meta, folder)
+        tokenizer = saving_into(folder, lambda: write_tokenizer(meta, folder))
         files = sorted(p.name for p in folder.iterdir())
         size = format_bytes(sum(p.stat().st_size for p in folder.iterdir() if p.name.endswith(".safetensors")))
         vocab = "the GPT-2 tokenizer" if tokenizer else "the characters' meta.pkl"

@@ -20,7 +20,7 @@ from trainer.model.gpt2 import load_pretrained, model_from_config_file
 from trainer.model.shapes import HUB_NAMES
 from trainer.run.checkpoint import consolidated_state_dict
 from trainer.run.run_dir import RunDir
-from trainer.run.weights import load_adapter_run
+from trainer.run.weights import adapter_state_dict, load_adapter_run
 
 
 @dataclass
@@ -49,15 +49,16 @@ def dequantized_base(out_dir):
     return base
 
 
-def load_run(out_dir):
+def load_run(out_dir, tag=None):
+    """A training run's model from a checkpoint (`tag`, else the newest that verifies)."""
     run_dir = RunDir(out_dir)
     cfg, meta = run_dir.config(), run_dir.meta()
     if run_dir.mode() in ADAPTER_MODES:  # base rebuilt from the run's init_from, adapters from the checkpoint
-        lm = load_adapter_run(out_dir)
+        lm = load_adapter_run(out_dir, weights=adapter_state_dict(out_dir, tag))
         return LoadedModel(lm, load_tokenizer(meta), lm.config.n_positions, meta["vocab_size"], cfg,
                            meta.get("template"))
     lm = model_from_config_file(run_dir.model_config_path)
-    missing, unexpected = lm.load_state_dict(consolidated_state_dict(out_dir), strict=False)
+    missing, unexpected = lm.load_state_dict(consolidated_state_dict(out_dir, tag), strict=False)
     missing = [k for k in missing if k != "lm_head.weight"]  # tied to wte, saved once
     if missing or unexpected:
         raise UserError(f"checkpoint in {out_dir} does not match its model_config.json "
