@@ -154,8 +154,9 @@ _GROUPS = {
                          "nanoGPT's 'bfloat16', 'float16', 'float32' are bf16, fp16, fp32", spellings=NANOGPT_DTYPES),
         "optimizer": _choice("auto", ("auto",) + OPTIMIZERS, "AdamW with 32-bit states, or bitsandbytes' 8-bit states "
                              "(paged_*: states in CUDA unified memory, paged to CPU under pressure)"),
-        "grad_accum_dtype": _choice("auto", ("auto",) + GRAD_ACCUM_DTYPES, "with dtype=bf16 at ZeRO-0: accumulate "
-                                    "gradients in an fp32 buffer, or in bf16 (2 bytes per parameter less between steps)"),
+        "grad_accum_dtype": _choice("auto", ("auto",) + GRAD_ACCUM_DTYPES, "with dtype=bf16 at ZeRO-0: "
+                                    "accumulate gradients in an fp32 buffer, or in bf16 (2 bytes per parameter less "
+                                    "between steps)"),
         "activation_offload": _key("auto", "with gradient checkpointing: keep the checkpointed activations in pinned "
                                    "CPU memory, copied on a side stream", auto=bool),
     },

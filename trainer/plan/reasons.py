@@ -71,10 +71,12 @@ def zero_stage(search, chosen, others):
                                                                     lambda z: f"ZeRO-{z}")
     lower = [s for s in others if s.cand.zero_stage < cand.zero_stage]
     if lower:
-        return (f"ZeRO-{cand.zero_stage} shards {SHARDED[cand.zero_stage]} over {n} ranks; ZeRO-{lower[0].cand.zero_stage}"
+        return (f"ZeRO-{cand.zero_stage} shards {SHARDED[cand.zero_stage]} over {n} ranks; "
+                f"ZeRO-{lower[0].cand.zero_stage}"
                 f" also fits, {_slower(chosen, lower[0])}")
     below = dataclasses.replace(cand, zero_stage=cand.zero_stage - 1)
-    return (f"lowest stage that fits: ZeRO-{cand.zero_stage - 1} would need {_need(search, below)} ({_usable(search)}); "
+    return (f"lowest stage that fits: ZeRO-{cand.zero_stage - 1} would need {_need(search, below)} "
+            f"({_usable(search)}); "
             f"ZeRO-{cand.zero_stage} shards {SHARDED[cand.zero_stage]} over {n} ranks")
 
 

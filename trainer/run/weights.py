@@ -1,6 +1,6 @@
 """A finished run's trained weights, read back from its latest checkpoint: the adapters of a LoRA/QLoRA run,
-and the adapter model rebuilt around its base (or another base: tools/loading.dequantized_base). Sampling, evaluation and export read them
-(trainer/tools/), and so does a new run that continues this one (trainer/run/continuation.py).
+and the adapter model rebuilt around its base (or another base: tools/loading.dequantized_base). Sampling,
+evaluation and export read them (trainer/tools/), and so does a new run that continues this one (trainer/run/continuation.py).
 """
 import torch
 
