@@ -1,9 +1,10 @@
 """The memory model against the simulated training step: every GPT-2 size x full/LoRA/QLoRA x
-checkpointing off/on x micro-batch 1 and 4, block 1024, bf16 and fp16, plus the plans the README's
-table chooses (bench/plan_table.py), each planned by trainer/plan/planner.py and run on fake tensors by
-trainer/plan/simulate.py (no weights, no data, no GPU).
+checkpointing off/on x micro-batch 1 and 4, block 1024, bf16 and fp16, the planner's memory tools forced one
+at a time (8-bit AdamW, bf16 gradient accumulation, activation offload, QLoRA with paged 8-bit AdamW), plus
+the plans the README's table chooses (bench/plan_table.py), each planned by trainer/plan/planner.py and run on
+fake tensors by trainer/plan/simulate.py (no weights, no data, no GPU).
 
-    python bench/simulate_table.py                        # writes bench/SIMULATE.md (about 30 minutes on 2 cores)
+    python bench/simulate_table.py                        # writes bench/SIMULATE.md (about 40 minutes on 2 cores)
     python bench/simulate_table.py --sizes gpt2 --out -   # a subset, to stdout
 
 Per row: activations + logits_and_loss (estimated, simulated, error) and the optimizer-step transient
@@ -37,6 +38,20 @@ def grid(sizes, dtypes):
                                                    dtype=dtype, zero_stage=0, offload="none"), 1000)
 
 
+TOOLS = {"adamw8bit": dict(mode="full", optimizer="adamw8bit", gradient_checkpointing=True),
+         "accum bf16": dict(mode="full", grad_accum_dtype="bf16", gradient_checkpointing=True),
+         "activation offload": dict(mode="full", activation_offload=True, gradient_checkpointing=True),
+         "qlora paged_adamw8bit": dict(mode="qlora", optimizer="paged_adamw8bit", gradient_checkpointing=False)}
+
+
+def toolbox(sizes):
+    """Each memory tool forced on a fixed ZeRO-0 plan (micro-batch 4, bf16), on a card it fits."""
+    for model in sizes:
+        for tool, keys in TOOLS.items():
+            yield ("toolbox", model, dict(keys, micro_batch_size=4, dtype="bf16", zero_stage=0, offload="none",
+                                          tool=tool), 1000)
+
+
 def table_plans(sizes):
     """The plans the README's table chooses (auto mode, one GPU, bf16)."""
     for model in sizes:
@@ -45,6 +60,8 @@ def table_plans(sizes):
 
 
 def run_row(kind, model, overrides, vram_gb):
+    overrides = dict(overrides)
+    tool = overrides.pop("tool", "")
     cfg, shape = recipe_cfg(model, **overrides)
     try:
         plan = make_plan(PlanInput.of(cfg, shape), detect_hardware(1, vram_gb=vram_gb, gpus=1))
@@ -61,6 +78,9 @@ def run_row(kind, model, overrides, vram_gb):
             "zero": plan.zero_stage, "offload": plan.offload,
             "est_act": est_act, "sim_act": sim_act, "err_act": (est_act - sim_act) / sim_act,
             "est_opt": est_opt, "sim_opt": sim_opt, "err_opt": (est_opt - sim_opt) / sim_opt if sim_opt else 0.0,
+            "tool": tool, "optimizer": plan.optimizer, "accum": plan.grad_accum_dtype,
+            **{f"{side}_{item}": source[item] for item in ("gradients", "optimizer_states")
+               for side, source in (("est", m), ("sim", sim.items))},
             "seconds": time.time() - t0}
 
 
@@ -70,6 +90,18 @@ def markdown(rows, command):
     lines = [f"Written by `{command}`: the memory model (trainer/plan/memory.py) against the training step "
              f"simulated on fake tensors (trainer/plan/simulate.py), block 1024, ZeRO-0, one GPU. Error = "
              f"(estimated - simulated) / simulated.", ""]
+    tools = [r for r in rows if r["kind"] == "toolbox"]
+    if tools:
+        lines += ["## The memory tools, one at a time (ZeRO-0, micro-batch 4, bf16)", "",
+                  "| model | tool | optimizer | accum | gradients est. / sim. | optimizer states est. / sim. | "
+                  "act+logits est. / sim. | error | opt step est. / sim. | error |", "|" + "---|" * 10]
+        for r in tools:
+            lines.append(f"| {r['model']} | {r['tool']} | {r['optimizer']} | {r['accum']} | "
+                         f"{format_bytes(r['est_gradients'])} / {format_bytes(r['sim_gradients'])} | "
+                         f"{format_bytes(r['est_optimizer_states'])} / {format_bytes(r['sim_optimizer_states'])} | "
+                         f"{format_bytes(r['est_act'])} / {format_bytes(r['sim_act'])} | {100 * r['err_act']:+.1f}% | "
+                         f"{format_bytes(r['est_opt'])} / {format_bytes(r['sim_opt'])} | {100 * r['err_opt']:+.1f}% |")
+        lines.append("")
     for kind, title in (("grid", "Calibration grid"), ("table", "Plans the README's table chooses (auto, bf16)")):
         sub = [r for r in rows if r["kind"] == kind]
         if not sub:
@@ -103,7 +135,8 @@ def main():
     ap.add_argument("--no-table", action="store_true", help="only the calibration grid")
     ap.add_argument("--out", default=str(OUT), help="markdown file, or - for stdout")
     args = ap.parse_args()
-    jobs = list(grid(args.sizes, args.dtypes)) + ([] if args.no_table else list(table_plans(args.sizes)))
+    jobs = (list(toolbox(args.sizes)) + list(grid(args.sizes, args.dtypes))
+            + ([] if args.no_table else list(table_plans(args.sizes))))
     rows = []
     command = "python bench/simulate_table.py" + ("" if sys.argv[1:] == [] else " " + " ".join(sys.argv[1:]))
     for i, job in enumerate(jobs):

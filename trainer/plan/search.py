@@ -141,7 +141,7 @@ class Search:
             raise PlanError(f"grad_accum_dtype={accum} is a choice of bf16 training; with dtype={self.dtype} "
                             f"gradients accumulate in {self.dtype if self.dtype == 'fp32' else 'fp16'}; "
                             f"leave grad_accum_dtype on auto")
-        if accum == "fp32" and ((zero or 0) > 0 or offload not in (None, "none")):
+        if accum == "fp32" and self.dtype == "bf16" and ((zero or 0) > 0 or offload not in (None, "none")):
             raise PlanError("grad_accum_dtype=fp32 is DeepSpeed's BF16_Optimizer, which this trainer runs at ZeRO-0 "
                             "without offload; ZeRO 1-3 and offload accumulate in bf16: set zero_stage=0 and "
                             "offload=none, or grad_accum_dtype=auto")

@@ -12,6 +12,8 @@ import signal
 import sys
 import threading
 
+END_TIMEOUT_S = 60  # for the tasks in flight when the caller stops early: a few chunks take seconds
+
 # Imported, these run native thread pools that a forked child would inherit half-held (locks, queues).
 _THREADED_MODULES = ("pyarrow", "torch")
 
@@ -42,8 +44,9 @@ def run_tasks(tasks, num_proc: int, init, initargs, func):
         for meta, pieces in itertools.chain(head, tasks):
             yield meta, func(pieces)
         return
-    with multiprocessing.get_context(start_method()).Pool(num_proc, start_worker, (init, initargs)) as pool:
-        in_flight = collections.deque()
+    pool = multiprocessing.get_context(start_method()).Pool(num_proc, start_worker, (init, initargs))
+    in_flight = collections.deque()
+    try:
         for meta, pieces in itertools.chain(head, tasks):
             in_flight.append((meta, pool.apply_async(func, (pieces,))))
             if len(in_flight) >= 2 * num_proc:
@@ -52,6 +55,24 @@ def run_tasks(tasks, num_proc: int, init, initargs, func):
         while in_flight:
             meta, result = in_flight.popleft()
             yield meta, result.get()
+    finally:
+        end_pool(pool, [result for _, result in in_flight])
+
+
+def end_pool(pool, in_flight):
+    """End the workers, also when the caller stopped early (an error, a full disk, a signal).
+
+    Pool.terminate() kills workers wherever they are, and one killed while it writes its result holds the
+    result queue's lock forever: the pool's task handler then waits on that lock, and terminate() with it
+    (seen on a full disk under load). So the tasks in flight (at most 2 x num_proc chunks) finish first and the
+    workers leave normally; only a pool whose workers do not finish within END_TIMEOUT_S is terminated."""
+    for result in in_flight:
+        result.wait(END_TIMEOUT_S)
+    if all(result.ready() for result in in_flight):
+        pool.close()
+    else:
+        pool.terminate()
+    pool.join()
 
 
 def start_worker(init, initargs):
