@@ -110,19 +110,22 @@ def targets(args, loaded, block_size, text=None):
     if args.text:
         tokens = text_tokens(args.text, text, loaded.tokenizer)
         return [(f"text {args.text}", lambda lm, dev: evaluate_stream(lm, tokens, block_size, args.batch_size, dev))]
-    run = loaded.run_config or {}
-    names = [args.dataset] if args.dataset else run.get("dataset")
-    if not names:
-        raise UserError(f"{args.out_dir} is not a training run, so it has no dataset: "
-                        f"give --dataset=NAME or --text=FILE")
-    names = [names] if isinstance(names, str) else names
-    data_dir = Path(args.data_dir or run.get("data_dir") or "data")
+    data_dir, names = datasets_of(args, loaded, "give --dataset=NAME or --text=FILE")
     out = []
     for name in names:
         data = open_dataset(data_dir / name, loaded.tokenizer, block_size)
         kind = "instruction blocks, response tokens" if data.packed else "all tokens"
         out.append((f"{name} val ({kind})", lambda lm, dev, d=data: evaluate_dataset(lm, d, args.batch_size, dev)))
     return out
+
+
+def datasets_of(args, loaded, fix):
+    """(data_dir, dataset names): --dataset, else the run's own (a mixture names several)."""
+    run = loaded.run_config or {}
+    names = [args.dataset] if args.dataset else run.get("dataset")
+    if not names:
+        raise UserError(f"{args.out_dir} is not a training run, so it has no dataset: {fix}")
+    return Path(args.data_dir or run.get("data_dir") or "data"), [names] if isinstance(names, str) else names
 
 
 def base_source(args, loaded):
@@ -145,7 +148,6 @@ def generation_targets(args, loaded):
     """[(label, [Example])] for --generate: a records file, or the val split of each instruction dataset."""
     from trainer.prepare.templates import get_template
     from trainer.tools.answers import dataset_examples, record_examples
-    run = loaded.run_config or {}
     if args.records:
         name = args.template or loaded.template
         if name is None:
@@ -156,12 +158,8 @@ def generation_targets(args, loaded):
         if skipped:
             print(f"skipped {skipped:,} invalid record(s) (--skip_invalid); the first: {first}", file=sys.stderr)
         return [(f"records {args.records}", examples)]
-    names = [args.dataset] if args.dataset else run.get("dataset")
-    if not names:
-        raise UserError(f"{args.out_dir} is not a training run, so it has no dataset: give --dataset=NAME (instruction "
-                        f"data) or --records=FILE (a JSON/JSONL file of instruction records)")
-    names = [names] if isinstance(names, str) else names
-    data_dir = Path(args.data_dir or run.get("data_dir") or "data")
+    data_dir, names = datasets_of(args, loaded, "give --dataset=NAME (instruction data) or --records=FILE (a "
+                                                "JSON/JSONL file of instruction records)")
     out = []
     for name in names:
         data = open_dataset(data_dir / name, loaded.tokenizer, loaded.block_size)
