@@ -26,7 +26,9 @@ in-flight weights, counted from DeepSpeed's code and checked against real engine
 (tests/test_engine_states.py). Model states (weights, gradients, optimizer states) are reported for
 one rank at ZeRO-0, where the simulation holds them exactly as the engine does.
 """
+import contextlib
 import dataclasses
+import gc
 
 import torch
 from torch import nn
@@ -332,6 +334,35 @@ def peak_tracker():
     return PeakTracker()
 
 
+@contextlib.contextmanager
+def graphs_freed_as_in_training(module):
+    """Free the forward graph an adapter layer builds and backward never reaches, as reference counting does
+    in training, when the layer's forward returns.
+
+    MemTracker's backward hooks (torch's register_multi_grad_hook on every module output) close a reference
+    cycle over each output's grad_fn. DoRA computes its weight norm from lora_B(lora_A(I)) and detaches it: that
+    graph then kept its saved tensors until Python's collector happened to run, so the simulated peak depended
+    on the process's history (up to 11% more on gpt2, and a failed CI run). Inside this context the collector
+    runs only after each peft adapter layer's forward, over generation 0: with the collector disabled every
+    object made since the previous adapter layer is still there, and no hook inside the layer promotes it."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    def collect(*_):
+        gc.collect(0)  # returns None: a forward hook's return value would replace the output
+
+    gc.collect()
+    was_enabled = gc.isenabled()
+    gc.disable()
+    handles = [m.register_forward_hook(collect) for m in module.modules() if isinstance(m, BaseTunerLayer)]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+        if was_enabled:
+            gc.enable()
+
+
 @dataclasses.dataclass
 class Simulation:
     items: dict        # simulated bytes per memory item (None where the simulation does not hold it)
@@ -409,7 +440,7 @@ def simulate(cfg, shape, plan, packed=False, cpu_step=False):
 
         tracker = peak_tracker()
         tracker.track_external(*module.parameters(), *(p.grad for p in params if p.grad is not None), *extra)
-        with tracker:
+        with tracker, graphs_freed_as_in_training(module):
             before = _live(tracker)
             loss = module(idx, targets, position_ids) if packed else module(idx, targets)
             loss.backward()
