@@ -140,6 +140,16 @@ def base_source(args, loaded):
     return init_from
 
 
+def load_base(args, loaded, why):
+    """(--compare_base's model, where it came from); its tokenizer must be the model's, `why` says for what."""
+    source = base_source(args, loaded)
+    base = load_model(source)
+    if base.tokenizer.name != loaded.tokenizer.name:
+        raise UserError(f"the base {source} uses the {base.tokenizer.name} tokenizer, the model "
+                        f"{loaded.tokenizer.name}: {why}")
+    return base, source
+
+
 def result_dict(r):
     return {"loss": r.loss, "perplexity": r.perplexity, "tokens": r.tokens}
 
@@ -188,13 +198,7 @@ def main_generate(args, loaded, device):
     if loaded.tokenizer.eot_token is None:
         raise UserError("--generate needs a GPT-2 BPE model (answers end at <|endoftext|>); this one reads characters")
     targets = generation_targets(args, loaded)
-    base, source = None, None
-    if args.compare_base:
-        source = base_source(args, loaded)
-        base = load_model(source)
-        if base.tokenizer.name != loaded.tokenizer.name:
-            raise UserError(f"the base {source} uses the {base.tokenizer.name} tokenizer, the model "
-                            f"{loaded.tokenizer.name}: it cannot answer the same prompts")
+    base, source = load_base(args, loaded, "it cannot answer the same prompts") if args.compare_base else (None, None)
     path = Path(args.predictions) if args.predictions else default_predictions(args.out_dir)
 
     def answers_of(model, examples, label):
@@ -255,11 +259,7 @@ def main(argv):
     jobs = targets(args, loaded, block_size, text)
     base = None
     if args.compare_base:
-        source = base_source(args, loaded)
-        base = load_model(source)
-        if base.tokenizer.name != loaded.tokenizer.name:
-            raise UserError(f"the base {source} uses the {base.tokenizer.name} tokenizer, the model "
-                            f"{loaded.tokenizer.name}: their losses are not comparable")
+        base, source = load_base(args, loaded, "their losses are not comparable")
         if base.block_size < block_size:
             raise UserError(f"the base {source} has {base.block_size} positions, fewer than block_size="
                             f"{block_size}; pass --block_size={base.block_size}")

@@ -109,6 +109,30 @@ def test_compare_base_prints_the_change(instruction_run, tiny_gpt2_dir, text_fil
     assert float(change[3]) == pytest.approx(100 * (float(run[2]) / float(base[2]) - 1), abs=0.1)
 
 
+@pytest.mark.slow
+def test_generate_compare_base_answers_with_the_starting_model(instruction_run, tiny_gpt2_dir, tmp_path):
+    """--generate --compare_base: the base's answers are the starting model's own greedy answers (transformers'
+    generate on the same prompts), scored against the same references, and the change is the difference."""
+    from trainer.data.tokenizer import GPT2_EOT, Gpt2Tokenizer
+    from trainer.metrics import answer_metrics
+    _, out = instruction_run
+    answers = tmp_path / "answers.jsonl"
+    (result,) = eval_json(f"--out_dir={out}", "--generate", "--compare_base", "--max_new_tokens=6",
+                          f"--predictions={answers}", cwd=tmp_path)["results"]
+    assert result["base"]["model"] == str(tiny_gpt2_dir)
+    rows = [json.loads(line) for line in answers.read_text().splitlines()]
+    assert len(rows) == result["answers"] > 0
+    base, tok = GPT2LMHeadModel.from_pretrained(tiny_gpt2_dir).eval(), Gpt2Tokenizer()
+    for row in rows:
+        ids = torch.tensor([tok.encode(row["prompt"])])
+        new = base.generate(input_ids=ids, max_new_tokens=6, do_sample=False, pad_token_id=GPT2_EOT,
+                            eos_token_id=GPT2_EOT)[0, ids.shape[1]:].tolist()
+        assert row["base_prediction"] == tok.decode(new[:new.index(GPT2_EOT)] if GPT2_EOT in new else new)
+    before = answer_metrics([r["base_prediction"] for r in rows], [r["reference"] for r in rows])
+    assert {k: result["base"][k] for k in before} == pytest.approx(before)
+    assert result["change"] == pytest.approx({k: result[k] - before[k] for k in before})
+
+
 def test_eval_errors_are_one_line(tiny_gpt2_dir, tmp_path):
     proc = run_cmd(python(REPO / "launch/eval.py", f"--out_dir={tiny_gpt2_dir}", "--compare_base"), cwd=tmp_path,
                    check=False)
