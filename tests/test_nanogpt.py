@@ -244,3 +244,22 @@ def test_finetune_from_a_nanogpt_checkpoint_keeps_its_architecture(nanogpt_clone
     weights = load_file(tmp_path / "exp" / "model.safetensors")
     biases = [v for k, v in weights.items() if k.endswith(".bias")]
     assert biases and not any(b.any() for b in biases)
+
+
+@pytest.mark.slow
+def test_adapters_on_a_nanogpt_checkpoint_export_merged_only(data_dir, tmp_path):
+    """A peft adapter directory names its base for PeftModel.from_pretrained, which cannot read a ckpt.pt: the
+    adapter-only export of LoRA on a nanoGPT checkpoint is one line naming the merged export, which works."""
+    write_nanogpt_checkpoint(tmp_path / "nano", bias=True)
+    run_cmd(python(*train_args(data_dir, tmp_path / "lora", f"--init_from={tmp_path / 'nano'}", "--mode=lora",
+                               "--max_iters=2", "--eval_interval=2", "--eval_iters=1", "--block_size=32",
+                               "--always_save_checkpoint=True")), cwd=REPO)
+    merge = [REPO / "launch/merge_adapter.py", f"--out_dir={tmp_path / 'lora'}"]
+    proc = run_cmd(python(*merge, f"--export_dir={tmp_path / 'adapters'}", "--adapter_only"), cwd=REPO, check=False)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1] == (
+        f"error: {tmp_path / 'lora'} trained adapters on the nanoGPT checkpoint {tmp_path / 'nano'}, which "
+        f"PeftModel.from_pretrained cannot load as a base; export the merged model without --adapter_only (or export "
+        f"the checkpoint with merge_adapter.py and train the adapters on that)")
+    assert not (tmp_path / "adapters").exists()
+    assert ": ok" in run_cmd(python(*merge, f"--export_dir={tmp_path / 'merged'}"), cwd=REPO).stdout

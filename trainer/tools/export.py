@@ -216,6 +216,11 @@ def export(out_dir, export_dir, dtype="fp32", adapter_only=False, tolerance=None
     if adapter_only and cfg["init_from"] == "scratch":
         raise UserError(f"{out_dir} trained adapters on a from-scratch base, which exists nowhere on disk for "
                         f"PeftModel.from_pretrained(base, ...); export the merged model without --adapter_only")
+    if adapter_only and nanogpt.checkpoint_path(cfg["init_from"]) is not None:
+        raise UserError(f"{out_dir} trained adapters on the nanoGPT checkpoint {cfg['init_from']}, which "
+                        f"PeftModel.from_pretrained cannot load as a base; export the merged model without "
+                        f"--adapter_only (or export the checkpoint with merge_adapter.py and train the adapters on "
+                        f"that)")
     # One export into export_dir at a time: the lock file lies beside it (export_dir itself must be empty)
     export_dir = Path(export_dir)
     with FolderLock(export_dir, "an export", "choose another --export_dir",
