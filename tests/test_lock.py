@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from conftest import REPO, fails_cleanly, python, run_cmd, start, wait_for, train_args
+from conftest import REPO, deepspeed_cmd, fails_cleanly, python, run_cmd, start, wait_for, train_args
 from trainer import lock
 from trainer.errors import UserError
 from trainer.lock import FolderLock
@@ -96,6 +96,25 @@ def test_a_held_lock_is_refused_then_taken_over_once_its_holder_is_killed(tmp_pa
     with FolderLock(fresh, "a training run", "choose another --out_dir"):
         assert fresh.is_dir()
     assert not (tmp_path / "new").exists()  # the lock made them; nothing else was written, so they are gone again
+
+
+@pytest.mark.slow
+def test_a_two_rank_launch_into_a_held_out_dir_is_refused(data_dir, tmp_path):
+    """`deepspeed --num_gpus 2` into an out_dir another writer holds: rank 0 is refused before anything is
+    written, the launcher ends the other rank, and the holder keeps its lock."""
+    out = tmp_path / "out"
+    child = hold_in_child(out)
+    try:
+        before = sorted(p.name for p in out.iterdir())
+        proc = run_cmd(deepspeed_cmd(*train_args(data_dir, out, "--max_iters=2"), num_gpus=2), REPO, check=False)
+        assert proc.returncode != 0
+        assert f"error: {holder_line(out, 'a test', child.pid)}" in proc.stdout + proc.stderr
+        assert "Traceback" not in proc.stdout + proc.stderr
+        assert sorted(p.name for p in out.iterdir()) == before  # only the holder's lock file
+        assert json.loads((out / lock.LOCK_FILE).read_text())["pid"] == child.pid
+    finally:
+        child.send_signal(signal.SIGKILL)
+        child.wait()
 
 
 def test_two_writers_starting_together_one_holds(tmp_path):
