@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from conftest import REPO, python, run_cmd, train_args
+from conftest import REPO, deepspeed_cmd, python, run_cmd, train_args
 from trainer.config import DEFAULTS
 from trainer.model.builder import build_module
 from trainer.model.gpt2 import build_model
@@ -204,3 +204,33 @@ def test_8bit_states_do_not_change_rank_count():
                        r"ZeRO-2, .* resume on 2 ranks with --zero_stage=2$"):
         resume_layout(cfg, info, 1)
     assert resume_layout(cfg, {**info, "optimizer": "adamw"}, 1)[1]  # 32-bit states convert
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("ranks,mode", [(1, "full"), (2, "full"), (1, "lora")])
+def test_fp32_accumulation_checkpoints_are_read_with_their_fp32_masters(data_dir, tmp_path, ranks, mode):
+    """bf16 with fp32 accumulation at ZeRO-0 runs DeepSpeed's BF16_Optimizer, whose checkpoint DeepSpeed's
+    zero_to_fp32 refuses ("not a zero checkpoint"): sample, eval and export read its fp32 master weights
+    (checkpoint.bf16_optimizer_state_dict), each rank's slice in order. Rounded to bf16 they are the module's
+    weights; the export passes its parity check and eval.py reads the run."""
+    from trainer.run.checkpoint import checkpoint_dir, consolidated_state_dict, latest_tag_or_error, read_info
+    out = tmp_path / "out"
+    args = train_args(data_dir, out, f"--mode={mode}", "--dtype=bf16", "--grad_accum_dtype=fp32", "--zero_stage=0",
+                      "--max_iters=3",
+                      "--eval_interval=3", "--eval_iters=1", "--always_save_checkpoint=True")
+    run_cmd(deepspeed_cmd(*args, num_gpus=2) if ranks == 2 else python(*args), REPO)
+    tag = latest_tag_or_error(out)
+    info = read_info(out, tag)
+    assert (info["zero_stage"], info["engine_zero_stage"], info["world_size"]) == (0, 1, ranks)
+    masters = consolidated_state_dict(out)
+    module = torch.load(checkpoint_dir(out) / tag / "mp_rank_00_model_states.pt", map_location="cpu",
+                        weights_only=False)["module"]
+    assert masters.keys() == {k.removeprefix("lm.") for k in module}
+    assert all(torch.equal(masters[k.removeprefix("lm.")].bfloat16(), v) for k, v in module.items())
+    assert any(not torch.equal(v.bfloat16().float(), v) for v in masters.values())  # more than bf16 holds
+    stdout = run_cmd(python(REPO / "launch/merge_adapter.py", f"--out_dir={out}", f"--export_dir={tmp_path / 'exp'}"),
+                     REPO).stdout
+    assert ": ok" in stdout
+    report = json.loads(run_cmd(python(REPO / "launch/eval.py", f"--out_dir={out}", "--json"), REPO).stdout
+                        .strip().splitlines()[-1])
+    assert report["results"][0]["loss"] > 0
