@@ -72,6 +72,17 @@ def mean_sd(values):
     return f"{statistics.mean(values):.4f} ± {statistics.stdev(values):.4f}" if len(values) > 1 else f"{values[0]:.4f}"
 
 
+def append(results, section, started):
+    """One experiment's table, appended as soon as it is measured: a failure later keeps it."""
+    import torch
+    machine = f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}"
+    table = (f"\n### Quality parity of the memory tools ({time.strftime('%Y-%m-%d')}, {machine}, "
+             f"{(time.time() - started) / 60:.0f} min so far)\n{section}\n")
+    print(table, flush=True)
+    with open(results, "a") as f:
+        f.write(table)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seeds", default="1337,1,2,3,4")
@@ -81,7 +92,6 @@ def main():
     ap.add_argument("--work_dir", default=None, help="keep the data and runs here (default: a temporary folder)")
     args = ap.parse_args()
     started = time.time()
-    sections = []
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(args.work_dir or tmp)
         data_dir = work / "data"
@@ -109,14 +119,7 @@ def main():
                 whole = [rows[value, s][1] for s in seeds]
                 lines.append(f"| {value} | " + " | ".join(f"{v:.4f}" for v in fixed) +
                              f" | {mean_sd(fixed)} | {mean_sd(whole)} |")
-            sections.append("\n".join(lines))
-    import torch
-    machine = f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}"
-    table = (f"\n### Quality parity of the memory tools ({time.strftime('%Y-%m-%d')}, {machine}, "
-             f"{(time.time() - started) / 60:.0f} min)\n" + "\n".join(sections) + "\n")
-    print(table)
-    with open(args.results, "a") as f:
-        f.write(table)
+            append(args.results, "\n".join(lines), started)
 
 
 if __name__ == "__main__":

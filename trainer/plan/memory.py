@@ -40,6 +40,19 @@ ATTN_LSE_BYTES = 4                # per head per token per layer (flash SDPA's f
 CKPT_BYTES_PER_SBH = 2            # per checkpointed layer: its 16-bit input hidden state
 OUTSIDE_LAYERS_SBH = 4            # embedding sum + final LayerNorm input/output, 16-bit
 LOGITS_BYTES_PER_ELEMENT = 12     # per chunk element: fp32 log-probs kept + their grad + logits' grad
+# With recomputation the peak can be one recomputed layer's backward instead of the loss (a large micro-batch:
+# its activations outgrow the loss's chunk). Live there besides the layer's activations: the gradient arriving
+# at its output and the one it makes for its input (RECOMPUTE_BACKWARD_SBH, 16-bit), in full mode the tied
+# wte/lm_head weight's gradient from the head (V x h), and with activation offload the saved tensors brought
+# back from the host for that layer (OFFLOAD_RETURNED_SBH). Simulated (issue 20's plan table: gpt2-medium full
+# at 8 GB, micro-batch 32, was estimated 29% low): 4.1 and 5.9 bytes/sbh besides V x h x 2, at gpt2, -medium and
+# -large, micro-batch 32 and 64.
+# LoRA/QLoRA's backward there holds more: each adapted projection's input gradient through its adapters as
+# well as through the frozen weight, before they are summed (simulated: 10.0 bytes/sbh more at gpt2 micro-batch
+# 64 and gpt2-medium 32, with and without activation offload).
+RECOMPUTE_BACKWARD_SBH = 4
+OFFLOAD_RETURNED_SBH = 6
+LORA_BACKWARD_SBH = 10
 # LoRA dropout (peft) keeps, per targeted projection, a dropped copy of its input and CUDA's bool mask;
 # the frozen base then no longer keeps that input, except attention's c_proj input (flash keeps it):
 # net 1 byte per input element, plus the compute dtype for attn.c_proj. Measured (simulation): 9.08
@@ -389,8 +402,15 @@ def activation_bytes(shape, cand, w, device_type, dropout, packed, lora_r, lora_
     saved = (L * (CKPT_BYTES_PER_SBH if cand.gradient_checkpointing else 0) + OUTSIDE_LAYERS_SBH) * sbh * scale
     if cand.gradient_checkpointing:
         # the recomputed layer's activations live while one layer's backward runs, after the loss has
-        # freed its chunk: they add only where they exceed it (never at GPT-2's vocabulary, measured)
-        activations = max(0, per_layer - logits)
+        # freed its chunk: they add only where that peak exceeds the loss's (a large micro-batch)
+        layer_peak = per_layer + RECOMPUTE_BACKWARD_SBH * sbh * scale
+        if cand.activation_offload:
+            layer_peak += OFFLOAD_RETURNED_SBH * sbh * scale
+        if cand.mode == "full" and tokens > chunk:
+            layer_peak += V * c * w
+        if cand.mode != "full":
+            layer_peak += LORA_BACKWARD_SBH * sbh * scale
+        activations = max(0, layer_peak - logits)
         if cand.activation_offload:
             # the layers' inputs and the embeddings' and final LayerNorm's activations wait in pinned host
             # memory; at the peak (the loss, then each recomputed layer) the ones coming back add nothing
