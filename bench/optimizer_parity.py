@@ -9,7 +9,7 @@ accumulation, each trained by the documented command on this CPU with the same s
              and exported (launch/merge_adapter.py), 400 iterations, adamw8bit and adamw: LoRA's A and B are
              512 x 8 = 4096 elements, so they get 8-bit states
   accum      shakespeare_char_cpu in bf16 with micro-batch 1 (12 accumulation steps per iteration), 500
-             iterations (the unfused path takes ~0.6 s per iteration on this CPU), --grad_accum_dtype=bf16
+             iterations (about 0.15 s per iteration on this CPU, one thread), --grad_accum_dtype=bf16
              (FP16_UnfusedOptimizer) and =fp32 (BF16_Optimizer)
 For every run: the val loss at the last iteration on the recipe's fixed val batches and on the whole val split
 (launch/eval.py); the table gives each seed and the mean ± sd, and is appended to the results file.
