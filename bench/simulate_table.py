@@ -20,8 +20,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.plan_table import RECIPES, VRAM_GB, recipe_cfg  # noqa: E402
 from trainer.plan.hardware import detect_hardware  # noqa: E402
 from trainer.plan.planner import PlanError, PlanInput, make_plan  # noqa: E402
-from trainer.plan.simulate import simulate  # noqa: E402
-from trainer.units import MiB, format_bytes  # noqa: E402
+from trainer.plan.simulate import comparison, simulate  # noqa: E402
+from trainer.units import format_bytes  # noqa: E402
 
 OUT = Path(__file__).resolve().parent / "SIMULATE.md"
 MODES = ("full", "lora", "qlora")
@@ -68,20 +68,17 @@ def run_row(kind, model, overrides, vram_gb):
     except PlanError:
         return None
     t0 = time.time()
-    sim = simulate(cfg, shape, plan)
-    m = plan.estimate.items
-    est_act = m["activations"] + m["logits_and_loss"]
-    sim_act = sim.items["activations_and_logits"]
-    est_opt, sim_opt = m["optimizer_step_transient"], sim.items["optimizer_step_transient"]
+    # estimated, simulated and their difference per item, as --plan --simulate prints them
+    items = {r["item"]: r for r in comparison(plan, simulate(cfg, shape, plan))}
+    act, opt = items["activations_and_logits"], items["optimizer_step_transient"]
     return {"kind": kind, "model": model, "gpu": f"{vram_gb} GB" if kind == "table" else "-", "mode": plan.mode,
             "ckpt": plan.gradient_checkpointing, "micro": plan.micro_batch_size, "dtype": plan.dtype,
             "zero": plan.zero_stage, "offload": plan.offload,
-            "est_act": est_act, "sim_act": sim_act, "err_act": (est_act - sim_act) / sim_act,
-            "est_opt": est_opt, "sim_opt": sim_opt, # under a MiB on both sides (an in-place optimizer's scalars) counts as equal, as in --plan --simulate
-            "err_opt": 0.0 if max(est_opt, sim_opt) < MiB else (est_opt - sim_opt) / sim_opt,
+            "est_act": act["estimated"], "sim_act": act["simulated"], "err_act": act["difference"],
+            "est_opt": opt["estimated"], "sim_opt": opt["simulated"], "err_opt": opt["difference"],
             "tool": tool, "optimizer": plan.optimizer, "accum": plan.grad_accum_dtype,
-            **{f"{side}_{item}": source[item] for item in ("gradients", "optimizer_states")
-               for side, source in (("est", m), ("sim", sim.items))},
+            **{f"{side}_{item}": items[item][key] for item in ("gradients", "optimizer_states")
+               for side, key in (("est", "estimated"), ("sim", "simulated"))},
             "seconds": time.time() - t0}
 
 

@@ -452,12 +452,9 @@ def simulate(cfg, shape, plan, packed=False, cpu_step=False):
         gradients = _nbytes([p.grad for p in params] + extra)
         transient = states = 0
         if plan.offload == "none":
-            if path == "bf16_optimizer":
-                pass
-            elif plan.zero_stage == 0:
-                opt = _Zero0Step(params, cfg, plan, cpu_step)
-            else:
-                opt = _ZeroStep(module, cfg, plan, cpu_step)
+            if path != "bf16_optimizer":  # (that optimizer is built above: its hooks run in backward)
+                opt = _Zero0Step(params, cfg, plan, cpu_step) if plan.zero_stage == 0 \
+                    else _ZeroStep(module, cfg, plan, cpu_step)
             opt.step()  # the first step creates the states; the second is every later step
             own_masters = dtype != torch.float32 or plan.zero_stage > 0 or path == "bf16_optimizer"
             states = _nbytes([t for m in opt.masters for t in opt.opt.state[m].values() if isinstance(t, torch.Tensor)]

@@ -490,7 +490,7 @@ def bf16_optimizer_state_dict(folder):
     checkpoint has none), and tied weights (lm_head) point to the tensor they share."""
     model = torch.load(folder / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
     files = sorted(folder.glob("bf16_zero_pp_rank_*_mp_rank_00_optim_states.pt"),
-                   key=lambda f: int(f.name.split("_")[4]))
+                   key=lambda f: int(re.search(r"_pp_rank_(\d+)_", f.name)[1]))  # in rank order
     slices = [torch.load(f, map_location="cpu", weights_only=False)["optimizer_state_dict"]
               ["single_partition_of_fp32_groups"] for f in files]
     state = dict(model["module"])
