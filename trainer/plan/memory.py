@@ -203,11 +203,6 @@ def path_of(cand, dtype):
     return optimizer_path(cand.zero_stage, cand.offload, dtype, grad_accum(cand, dtype))
 
 
-def fast_bf16_path(zero_stage, offload, dtype, grad_accum_dtype="fp32"):
-    """The plan runs on DeepSpeed's BF16_Optimizer (built as DeepSpeed ZeRO-1, see above)."""
-    return optimizer_path(zero_stage, offload, dtype, grad_accum_dtype) == "bf16_optimizer"
-
-
 def stepped_tensors(path, trained, n, groups=None):
     """Element counts of the tensors the optimizer steps: every trainable tensor (plain, unfused), or each
     parameter group flattened and partitioned over the n ranks (bf16_optimizer, zero, cpu_adam): `groups` (an
@@ -413,8 +408,8 @@ def activation_bytes(shape, cand, w, device_type, dropout, packed, lora_r, lora_
         activations = max(0, layer_peak - logits)
         if cand.activation_offload:
             # the layers' inputs and the embeddings' and final LayerNorm's activations wait in pinned host
-            # memory; at the peak (the loss, then each recomputed layer) the ones coming back add nothing
-            # measurable (trainer/model/offload.py; simulated, bench/SIMULATE.md)
+            # memory; at the loss's peak the ones coming back add nothing measurable, at a recomputed layer's
+            # they are OFFLOAD_RETURNED_SBH above (trainer/model/offload.py; simulated, bench/SIMULATE.md)
             offloaded, saved = saved, 0
         activations += saved
     else:

@@ -14,7 +14,7 @@ The optimizer step is DeepSpeed's for the plan (torch AdamW, `torch_adam: true`,
 ZeRO-0 in 16 bits is DeepSpeed's FP16_UnfusedOptimizer (runtime/fp16/unfused_optimizer.py, step(): an
 fp32 copy of every gradient next to the fp32 master weights, then AdamW on the masters); ZeRO 1-3 step on
 a flat fp32 partition of the gradients; offload steps on the CPU (nothing on the GPU). bf16 at ZeRO-0
-without offload on a GPU takes the fast path (trainer/plan/memory.fast_bf16_path): DeepSpeed's
+without offload on a GPU takes the fast path (trainer/plan/memory.optimizer_path): DeepSpeed's
 BF16_Optimizer around torch's fused AdamW (_Bf16Step: the fp32 gradient buffer, the fp32 master partition,
 the bf16 -> fp32 accumulation after backward, the all-reduce's copies, the fused step).
 

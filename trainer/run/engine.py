@@ -11,7 +11,7 @@ import torch
 from trainer.config import REPO_ROOT
 from trainer.errors import UserError
 from trainer.optim.optimizer import adamw_hyperparameters, client_optimizer, group_lr, is_client, param_groups
-from trainer.plan.memory import fast_bf16_path, optimizer_path
+from trainer.plan.memory import optimizer_path
 
 DS_CONFIGS = REPO_ROOT / "ds_configs"
 
@@ -44,7 +44,7 @@ def path_of_plan(plan):
 
 def fast_bf16(plan):
     """The plan runs on DeepSpeed's BF16_Optimizer (trainer/plan/memory.py: the optimizer paths)."""
-    return fast_bf16_path(plan.zero_stage, plan.offload, plan.dtype, plan.grad_accum_dtype)
+    return path_of_plan(plan) == "bf16_optimizer"
 
 
 def deepspeed_zero_stage(plan):
