@@ -192,7 +192,7 @@ def export(out_dir, export_dir, dtype="fp32", adapter_only=False, tolerance=None
         if adapter_only:
             raise UserError(f"{out_dir} is a nanoGPT checkpoint: a whole model, without adapters; export it "
                             f"without --adapter_only")
-        return _export_nanogpt(ckpt, export_dir, dtype, tolerance, log)
+        return _into_export_dir(export_dir, lambda tmp: _export_nanogpt(ckpt, tmp, dtype, tolerance, log), log)
     tag = _check_run(out_dir)
     run_dir = RunDir(out_dir)
     cfg, mode, meta = run_dir.config(), run_dir.mode(), run_dir.meta()
@@ -221,13 +221,19 @@ def export(out_dir, export_dir, dtype="fp32", adapter_only=False, tolerance=None
                         f"PeftModel.from_pretrained cannot load as a base; export the merged model without "
                         f"--adapter_only (or export the checkpoint with merge_adapter.py and train the adapters on "
                         f"that)")
-    # One export into export_dir at a time: the lock file lies beside it (export_dir itself must be empty)
+    return _into_export_dir(export_dir, lambda tmp: _export(out_dir, tmp, cfg, mode, meta, dtype, adapter_only,
+                                                             tolerance, tag, log, qlora_base), log)
+
+
+def _into_export_dir(export_dir, write, log):
+    """write(folder) into a temporary folder beside export_dir, renamed to it once complete and removed on any
+    failure; one export into export_dir at a time (the lock file lies beside it: export_dir must be empty)."""
     export_dir = Path(export_dir)
     with FolderLock(export_dir, "an export", "choose another --export_dir",
                     lock_file=export_dir.parent / f".{export_dir.name}.lock"):
         tmp = _prepare_tmp(export_dir)
         try:
-            result = _export(out_dir, tmp, cfg, mode, meta, dtype, adapter_only, tolerance, tag, log, qlora_base)
+            result = write(tmp)
             _finish(tmp, export_dir)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -338,33 +344,27 @@ def _export(out_dir, folder, cfg, mode, meta, dtype, adapter_only, tolerance, ta
     return result
 
 
-def _export_nanogpt(ckpt, export_dir, dtype, tolerance, log):
-    """A nanoGPT checkpoint as a transformers model, reloaded and compared with the model read from it."""
+def _export_nanogpt(ckpt, folder, dtype, tolerance, log):
+    """A nanoGPT checkpoint as a transformers model in `folder`, reloaded and compared with the model read from
+    it."""
     from transformers import AutoModelForCausalLM
 
-    tmp = _prepare_tmp(export_dir)
-    try:
-        iter_num, best = nanogpt.training_state(ckpt)
-        log(f"nanoGPT checkpoint {ckpt}: iteration {iter_num}, best val loss {best:.4f}")
-        loaded = load_nanogpt(ckpt)
-        idx = parity_batch(loaded.vocab_limit, loaded.block_size)
-        reference = logits_of(loaded.lm, idx)
-        _save_merged(loaded.lm, tmp, dtype)
-        with_bpe = write_tokenizer(nanogpt.find_meta(ckpt)[0], tmp)
-        vocab = "the GPT-2 tokenizer" if with_bpe else "the characters' meta.pkl"
-        files = ", ".join(sorted(p.name for p in tmp.iterdir()))
-        log(f"saved a transformers model ({dtype}, vocab {reference.size(-1):,}, exact GELU, with {vocab}): {files}")
-        exported = AutoModelForCausalLM.from_pretrained(str(tmp), dtype=TORCH_DTYPES[dtype]).eval()
-        diff, tol = max_abs_diff(logits_of(exported, idx), reference), tolerance_for(reference, dtype, tolerance)
-        log(f"parity on a fixed batch of {idx.size(0)}x{idx.size(1)} tokens: max |logits(AutoModelForCausalLM."
-            f"from_pretrained(export)) - logits(the nanoGPT model)| = {diff:.3e} (tolerance {tol:.1e}): "
-            f"{'ok' if diff <= tol else 'FAILED'}")
-        if diff > tol:
-            raise ParityError(f"parity check failed: the export differs from the nanoGPT model by {diff:.3e} "
-                              f"(tolerance {tol:.1e}); nothing was written to the export_dir")
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    _finish(tmp, export_dir)
-    log(f"exported to {export_dir}")
+    iter_num, best = nanogpt.training_state(ckpt)
+    log(f"nanoGPT checkpoint {ckpt}: iteration {iter_num}, best val loss {best:.4f}")
+    loaded = load_nanogpt(ckpt)
+    idx = parity_batch(loaded.vocab_limit, loaded.block_size)
+    reference = logits_of(loaded.lm, idx)
+    _save_merged(loaded.lm, folder, dtype)
+    with_bpe = saving_into(folder, lambda: write_tokenizer(nanogpt.find_meta(ckpt)[0], folder))
+    vocab = "the GPT-2 tokenizer" if with_bpe else "the characters' meta.pkl"
+    files = ", ".join(sorted(p.name for p in folder.iterdir()))
+    log(f"saved a transformers model ({dtype}, vocab {reference.size(-1):,}, exact GELU, with {vocab}): {files}")
+    exported = AutoModelForCausalLM.from_pretrained(str(folder), dtype=TORCH_DTYPES[dtype]).eval()
+    diff, tol = max_abs_diff(logits_of(exported, idx), reference), tolerance_for(reference, dtype, tolerance)
+    log(f"parity on a fixed batch of {idx.size(0)}x{idx.size(1)} tokens: max |logits(AutoModelForCausalLM."
+        f"from_pretrained(export)) - logits(the nanoGPT model)| = {diff:.3e} (tolerance {tol:.1e}): "
+        f"{'ok' if diff <= tol else 'FAILED'}")
+    if diff > tol:
+        raise ParityError(f"parity check failed: the export differs from the nanoGPT model by {diff:.3e} "
+                          f"(tolerance {tol:.1e}); nothing was written to the export_dir")
     return {"mode": "nanogpt", "dtype": dtype, "max_abs_diff": diff, "tolerance": tol, "quantization_gap": None}
