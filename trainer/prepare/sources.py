@@ -149,8 +149,9 @@ def _load_rows_file(path: Path, field: str) -> RowSource:
     try:
         dataset = datasets.load_dataset(row_format(path), data_files=str(path), split="train")
     except Exception as e:
-        if refusal_in(e) is not None:  # permission, no space for the Arrow cache: the OS's own line
-            raise refusal_in(e) from None
+        refused = refusal_in(e)
+        if refused is not None:  # permission, no space for the Arrow cache: the OS's own line
+            raise refused from None
         # where the file is malformed (its line or row), else the reader's own words, on one line
         raise UserError(first_problem(path, row_format(path), field) or
                         f"{path} could not be read as {row_format(path)} ({_reason(e)}); fix the file") from None
