@@ -24,11 +24,12 @@ sys.path.insert(0, str(REPO_ROOT))
 
 from trainer.cli import FlagParser, at_least, run_main  # noqa: E402
 from trainer.errors import UserError  # noqa: E402
+from trainer.prepare.corpus import TOKENIZERS  # noqa: E402
 from trainer.prepare.cutting import CHUNK_BYTES  # noqa: E402
+from trainer.prepare.instructions import BLOCK_SIZE, OVERLONG  # noqa: E402
 from trainer.prepare.split import check_val_fraction  # noqa: E402
 
 FORMATS = ("text", "instructions")
-TOKENIZERS = ("gpt2", "char")
 
 
 def parse_args(argv):
@@ -42,7 +43,8 @@ def parse_args(argv):
     parser.add_argument("--format", default="text",
                         help="text, or instructions (Alpaca, Dolly, chat or ShareGPT records, JSON or JSONL)")
     parser.add_argument("--template", default="alpaca", help="instructions: prompt template, alpaca or plain")
-    parser.add_argument("--block_size", type=int, default=1024, help="instructions: pack examples into blocks for this block_size")
+    parser.add_flag("--block_size", type=int, default=1024, rule=BLOCK_SIZE,
+                    help="instructions: pack examples into blocks for this block_size")
     parser.add_argument("--overlong", default="truncate", help="instructions: an example longer than a block is truncated or dropped")
     parser.add_argument("--skip_invalid", action="store_true", help="instructions: drop malformed records (and count them) instead of stopping")
     parser.add_argument("--columns", default="",
@@ -61,11 +63,11 @@ def parse_args(argv):
 
 
 def check_args(args):
-    # Check everything before reading the input, so a typo fails in no time.
-    if args.format not in FORMATS:
-        raise UserError(f"unknown --format={args.format} (choose text or instructions)")
-    if args.tokenizer not in TOKENIZERS:
-        raise UserError(f"unknown --tokenizer={args.tokenizer} (choose gpt2 or char)")
+    # Check everything before reading the input, so a typo fails in no time; the preparation functions
+    # take these values as checked (the numbers' ranges are the parser's rules).
+    for flag, choices in (("format", FORMATS), ("tokenizer", TOKENIZERS), ("overlong", OVERLONG)):
+        if getattr(args, flag) not in choices:
+            raise UserError(f"unknown --{flag}={getattr(args, flag)} (choose {' or '.join(choices)})")
     # The name becomes one folder under data_dir, never a path out of it.
     if not args.name or args.name in (".", "..") or "/" in args.name or "\\" in args.name:
         raise UserError(f"--name must be a plain folder name, got {args.name!r}")

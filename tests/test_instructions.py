@@ -19,7 +19,7 @@ from trainer.prepare import instructions
 from trainer.prepare.instructions import prepare_instructions
 from trainer.prepare.packing import layout, pack
 from trainer.prepare.records import parse_columns, render, tokenize
-from trainer.prepare.split import split_items
+from trainer.prepare.split import split_indices
 from trainer.prepare.templates import TEMPLATES
 
 ALPACA = [
@@ -524,7 +524,7 @@ def test_streamed_prepare_equals_packing_in_memory(tmp_path):
     tok, template = Gpt2Tokenizer(), TEMPLATES["alpaca"]
     examples = [tokenize(render(r, template), tok) for r in records]
     examples = [(ids[:129], mask[:129]) for ids, mask in examples]
-    train, val = split_items(examples, 0.1, 1337)
+    train, val = ([examples[i] for i in part] for part in split_indices(len(examples), 0.1, 1337))
     for split, exs in (("train", train), ("val", val)):
         tokens, mask, pos = layout(exs, 129, GPT2_EOT)
         _, got_tokens, got_mask, got_pos = load_split(tmp_path / "s", split)

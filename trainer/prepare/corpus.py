@@ -20,10 +20,10 @@ from trainer.prepare.output import DatasetWriter, make_meta
 from trainer.prepare.progress import Progress
 from trainer.prepare.sources import RowSource, TextSource, collect_sources, row_texts
 from trainer.prepare.utf8 import BOM, decode_utf8
-from trainer.prepare.split import check_val_fraction, val_indices
+from trainer.prepare.split import val_indices
 from trainer.prepare.workers import default_num_proc, run_tasks
 
-TOKENIZERS = ("gpt2", "char")
+TOKENIZERS = ("gpt2", "char")  # data/prepare.py's --tokenizer: GPT-2 BPE, or the corpus' characters
 SPLIT_FILES = {TRAIN: "train.bin", VAL: "val.bin"}
 
 
@@ -52,10 +52,8 @@ def prepare_corpus(spec: str, out_dir: Path, tokenizer: str = "gpt2", val_fracti
     One document: nanoGPT's split (the first 1 - val_fraction of its characters train).
     Many: whole documents, round(n x val_fraction) of them (at least one) drawn by `seed` for val;
     each split holds its documents in input order, <|endoftext|> between them.
+    tokenizer (one of TOKENIZERS) and val_fraction are data/prepare.py's flags, checked there.
     """
-    check_val_fraction(val_fraction)
-    if tokenizer not in TOKENIZERS:
-        raise UserError(f"unknown --tokenizer={tokenizer} (choose {' or '.join(TOKENIZERS)})")
     num_proc = num_proc or default_num_proc()
     sources = collect_sources(spec, text_field, split)
     n_docs = sum(s.n_docs for s in sources)

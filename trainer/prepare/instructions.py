@@ -18,10 +18,12 @@ memory (packing.layout).
 """
 import json
 from array import array
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from trainer.cli import Rule
 from trainer.data.tokenizer import Gpt2Tokenizer
 from trainer.errors import UserError
 from trainer.prepare.output import DatasetWriter, make_meta
@@ -29,11 +31,15 @@ from trainer.prepare.packing import fill_blocks, pack
 from trainer.prepare.records import (KINDS, InvalidRecord, iter_records, missing_mapped_field, record_kind, render,
                                      tokenize)
 from trainer.prepare.sources import collect_files
-from trainer.prepare.split import check_val_fraction, split_indices
+from trainer.prepare.split import split_indices
 from trainer.prepare.templates import get_template
 from trainer.prepare.workers import default_num_proc, run_tasks
 
 RECORDS_PER_TASK = 2000
+# data/prepare.py's --overlong and --block_size: an example longer than a block is truncated or dropped; a
+# block's positions (each example's own, from 0) are stored as uint16 (_pos.bin).
+OVERLONG = ("truncate", "drop")
+BLOCK_SIZE = Rule(lambda v: 8 <= v <= 65535, "between 8 and 65535")
 _WORKER = {}
 
 
@@ -124,91 +130,110 @@ def _write_blocks(store, order, lengths, mask_sums, capacity, pad_id, dtype, fil
             "loss": sum(int(mask_sums[i]) for i in order)}
 
 
+@dataclass
+class ReadExamples:
+    """What step 1 kept: per usable example its length and loss-token count (its tokens are in the scratch
+    files), and the counts the report prints."""
+    kinds: dict = field(default_factory=lambda: dict.fromkeys(KINDS, 0))
+    lengths: array = field(default_factory=lambda: array("l"))
+    mask_sums: array = field(default_factory=lambda: array("l"))
+    skipped: int = 0
+    first_problem: str | None = None
+    too_long: int = 0
+    lost: int = 0  # truncated to the block with no response token left
+
+
+def _read_examples(files, columns, template, capacity, overlong, skip_invalid, num_proc, out) -> ReadExamples:
+    """Every record, rendered and tokenized in order by the workers, appended to two scratch files."""
+    read = ReadExamples()
+    out.open("examples.ids")
+    out.open("examples.mask")
+    for _, results in run_tasks(_batches(files, columns), num_proc or default_num_proc(),
+                                init_render, (template.name, columns), render_batch):
+        for result in results:
+            if result[0] == "empty":
+                raise UserError(result[1])
+            if result[0] == "bad":
+                if not skip_invalid:
+                    raise UserError(f"{result[1]}; fix the record or pass --skip_invalid to drop such records")
+                read.skipped += 1
+                read.first_problem = read.first_problem or result[1]
+                continue
+            _, kind, ids, mask = result
+            read.kinds[kind] += 1
+            if len(ids) > capacity:  # truncated (keeping the start) or dropped
+                read.too_long += 1
+                if overlong == "drop":
+                    continue
+                ids, mask = ids[:capacity], mask[:capacity]
+                if not mask.any():  # the prompt alone fills the block: nothing left to learn
+                    read.lost += 1
+                    continue
+            out.append("examples.ids", ids)
+            out.append("examples.mask", mask)
+            read.lengths.append(len(ids))
+            read.mask_sums.append(int(mask.sum()))
+    out.close("examples.ids")
+    out.close("examples.mask")
+    return read
+
+
+def _report_read(read: ReadExamples, input_spec, n_files, template, capacity, overlong):
+    if not sum(read.kinds.values()):
+        raise UserError(f"no instruction record in {input_spec}: all {read.skipped:,} record(s) are invalid (the "
+                        f"first: {read.first_problem}); fix them, or name your fields with --columns")
+    counts = ", ".join(f"{n:,} {kind}" for kind, n in read.kinds.items() if n)
+    print(f"read {sum(read.kinds.values()):,} examples from {n_files} file(s) ({counts}), template {template.name}")
+    if read.skipped:
+        print(f"skipped {read.skipped:,} invalid record(s) (--skip_invalid); the first: {read.first_problem}")
+    action = "dropped" if overlong == "drop" else "truncated to the block"
+    print(f"longer than block_size + 1 = {capacity:,} tokens: {read.too_long:,} example(s), {action}"
+          + (f"; {read.lost:,} dropped as no response token was left" if read.lost else ""))
+
+
+def _write_splits(out, read: ReadExamples, val_fraction, seed, capacity, pad_id, dtype) -> dict:
+    """Split the examples, pack and write each split from the scratch files; {split: examples}."""
+    train, val = split_indices(len(read.lengths), val_fraction, seed, "usable example")
+    lengths = np.frombuffer(read.lengths, dtype=np.int64) if read.lengths.itemsize == 8 else np.asarray(read.lengths)
+    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
+    store = (np.memmap(out.path("examples.ids"), dtype=np.uint16, mode="r"),
+             np.memmap(out.path("examples.mask"), dtype=np.uint8, mode="r"), starts)
+    examples = {}
+    try:
+        for split, order in (("train", train), ("val", val)):
+            st = _write_blocks(store, order, lengths, read.mask_sums, capacity, pad_id, dtype, out, split)
+            examples[split] = st["examples"]
+            print(f"{split}: {st['examples']:,} examples in {st['blocks']:,} blocks of {capacity:,} tokens = "
+                  f"{st['tokens']:,} tokens; {100 * st['loss'] / st['tokens']:.1f}% carry loss, "
+                  f"{100 * (1 - st['used'] / st['tokens']):.1f}% padding")
+    finally:
+        store = None  # the memory maps closed before the scratch files are removed
+    return examples
+
+
 def prepare_instructions(input_spec, out_dir, template_name="alpaca", block_size=1024, val_fraction=0.1,
                          skip_invalid=False, overlong="truncate", seed=1337, tokenizer="gpt2", num_proc=None,
                          columns=None):
     """Read, render, tokenize, split, pack and write an instruction dataset, streamed; prints what it did.
 
-    columns: records.parse_columns' map of our field names to the files' (None: the formats' own names)."""
+    columns: records.parse_columns' map of our field names to the files' (None: the formats' own names).
+    block_size (BLOCK_SIZE), overlong (OVERLONG) and val_fraction (split.check_val_fraction) are
+    data/prepare.py's flags, checked there with the others before any input is read."""
     if tokenizer != "gpt2":
         raise UserError("--format=instructions needs --tokenizer=gpt2 (every example ends with <|endoftext|>)")
-    if overlong not in ("truncate", "drop"):
-        raise UserError(f"unknown --overlong={overlong} (choose truncate or drop)")
-    if not 8 <= block_size <= 65535:
-        raise UserError(f"--block_size={block_size} must be between 8 and 65535")
-    check_val_fraction(val_fraction)
     template = get_template(template_name)
     tok = Gpt2Tokenizer()
     capacity = block_size + 1
     out_dir = Path(out_dir)
     files = collect_files(input_spec)
     meta = {**make_meta(tok), "format": "instructions", "block_size": block_size, "template": template.name}
-
-    store = None
     out = DatasetWriter(out_dir)
     try:
-        # 1. every record, rendered and tokenized in order, appended to two temp files
-        kinds, skipped, first_problem, too_long, lost = dict.fromkeys(KINDS, 0), 0, None, 0, 0
-        lengths, mask_sums = array("l"), array("l")
-        out.open("examples.ids")
-        out.open("examples.mask")
-        for _, results in run_tasks(_batches(files, columns), num_proc or default_num_proc(),
-                                    init_render, (template.name, columns), render_batch):
-            for result in results:
-                if result[0] == "empty":
-                    raise UserError(result[1])
-                if result[0] == "bad":
-                    if not skip_invalid:
-                        raise UserError(f"{result[1]}; fix the record or pass --skip_invalid to drop such records")
-                    skipped += 1
-                    first_problem = first_problem or result[1]
-                    continue
-                _, kind, ids, mask = result
-                kinds[kind] += 1
-                if len(ids) > capacity:  # truncated (keeping the start) or dropped
-                    too_long += 1
-                    if overlong == "drop":
-                        continue
-                    ids, mask = ids[:capacity], mask[:capacity]
-                    if not mask.any():  # the prompt alone fills the block: nothing left to learn
-                        lost += 1
-                        continue
-                out.append("examples.ids", ids)
-                out.append("examples.mask", mask)
-                lengths.append(len(ids))
-                mask_sums.append(int(mask.sum()))
-        if not sum(kinds.values()):
-            raise UserError(f"no instruction record in {input_spec}: all {skipped:,} record(s) are invalid (the "
-                            f"first: {first_problem}); fix them, or name your fields with --columns")
-        counts = ", ".join(f"{n:,} {kind}" for kind, n in kinds.items() if n)
-        print(f"read {sum(kinds.values()):,} examples from {len(files)} file(s) ({counts}), "
-              f"template {template.name}")
-        if skipped:
-            print(f"skipped {skipped:,} invalid record(s) (--skip_invalid); the first: {first_problem}")
-        action = "dropped" if overlong == "drop" else "truncated to the block"
-        print(f"longer than block_size + 1 = {capacity:,} tokens: {too_long:,} example(s), {action}"
-              + (f"; {lost:,} dropped as no response token was left" if lost else ""))
-
-        # 2. split, pack and write each split from the temp files
-        out.close("examples.ids")
-        out.close("examples.mask")
-        train, val = split_indices(len(lengths), val_fraction, seed, "usable example")
-        lengths = np.frombuffer(lengths, dtype=np.int64) if lengths.itemsize == 8 else np.asarray(lengths)
-        starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
-        store = (np.memmap(out.path("examples.ids"), dtype=np.uint16, mode="r"),
-                 np.memmap(out.path("examples.mask"), dtype=np.uint8, mode="r"), starts)
-        stats = {}
-        for split, order in (("train", train), ("val", val)):
-            st = _write_blocks(store, order, lengths, mask_sums, capacity, tok.eot_token, meta["dtype"], out, split)
-            stats[split] = st
-            print(f"{split}: {st['examples']:,} examples in {st['blocks']:,} blocks of {capacity:,} tokens = "
-                  f"{st['tokens']:,} tokens; {100 * st['loss'] / st['tokens']:.1f}% carry loss, "
-                  f"{100 * (1 - st['used'] / st['tokens']):.1f}% padding")
-        meta["examples"] = {s: v["examples"] for s, v in stats.items()}
-        store = None
+        read = _read_examples(files, columns, template, capacity, overlong, skip_invalid, num_proc, out)
+        _report_read(read, input_spec, len(files), template, capacity, overlong)
+        meta["examples"] = _write_splits(out, read, val_fraction, seed, capacity, tok.eot_token, meta["dtype"])
         out.commit(meta)  # the scratch example files are removed
     except BaseException:
-        store = None
         out.abort()
         raise
     print(f"wrote {out_dir}/{{train,val}}.bin, {{train,val}}_mask.bin, {{train,val}}_pos.bin, meta.pkl; "

@@ -10,6 +10,7 @@ from trainer.errors import UserError
 
 
 def check_val_fraction(val_fraction: float) -> None:
+    """data/prepare.py's --val_fraction, checked once there before any input is read."""
     # Both splits must exist: the trainer evaluates on val.bin.
     if not 0 < val_fraction < 1:
         raise UserError(f"--val_fraction must be between 0 and 1 (exclusive), got {val_fraction}")
@@ -17,7 +18,6 @@ def check_val_fraction(val_fraction: float) -> None:
 
 def val_indices(n: int, val_fraction: float, seed: int, what: str = "item") -> np.ndarray:
     """The sorted indices of the validation items: round(n x val_fraction) of them (1 to n - 1), drawn by seed."""
-    check_val_fraction(val_fraction)
     if n < 2:
         raise UserError(f"{n} {what}(s); need at least 2 (one for training, one for val)")
     n_val = min(n - 1, max(1, round(n * val_fraction)))
@@ -31,8 +31,3 @@ def split_indices(n: int, val_fraction: float, seed: int, what: str = "item") ->
     is_val[val] = True
     return np.flatnonzero(~is_val).tolist(), val.tolist()
 
-
-def split_items(items, val_fraction, seed):
-    """split_indices applied to a list: (train items, val items)."""
-    train, val = split_indices(len(items), val_fraction, seed)
-    return [items[i] for i in train], [items[i] for i in val]
