@@ -1,5 +1,5 @@
 # gpt2-medium on tiny Shakespeare, constant learning rate, 20 iterations.
-out_dir = 'out-finetune-gpt2-medium'
+out_dir = 'out-shakespeare-gpt2-medium'
 init_from = 'gpt2-medium'
 dataset = 'shakespeare'
 always_save_checkpoint = False

@@ -13,7 +13,7 @@ DESIGN_TABLE = {
     "gpt2_large": ("gpt2-large", 2, 8, 3e-5, True, 5000, 250, 200, "out-finetune-gpt2-large"),
     "gpt2_xl": ("gpt2-xl", 1, 8, 3e-5, True, 5000, 250, 200, "out-finetune-gpt2-xl"),
     "finetune_shakespeare": ("gpt2-xl", 1, 32, 3e-5, False, 20, 5, 40, "out-shakespeare"),
-    "finetune_gpt2_medium": ("gpt2-medium", 2, 16, 3e-5, False, 20, 5, 40, "out-finetune-gpt2-medium"),
+    "finetune_gpt2_medium": ("gpt2-medium", 2, 16, 3e-5, False, 20, 5, 40, "out-shakespeare-gpt2-medium"),
     "gpt2_124m_single_gpu": ("scratch", 4, 12, 6e-4, True, 600000, 1000, 200, None),
     "gpt2_124m_multi_gpu": ("scratch", 12, 40, 6e-4, True, 600000, 1000, 200, None),
     "shakespeare_char": ("scratch", 64, 1, 1e-3, True, 5000, 250, 200, "out-shakespeare-char"),
@@ -44,6 +44,16 @@ def test_recipe_values_match_design(name):
 
 
 EXTRA_RECIPES = {"alpaca_lora"}  # recipes beyond DESIGN's table, each checked by its own test below
+
+
+def test_recipes_write_their_own_out_dir():
+    # Two recipes with one out_dir: the second run is refused (another run's folder). The two 124M recipes are
+    # the one pretraining run of nanoGPT's train_gpt2, on one GPU or eight.
+    out_dirs = {}
+    for name in recipe_names():
+        out_dirs.setdefault(resolve_config(["--recipe", name])[0]["out_dir"], []).append(name)
+    shared = {d: names for d, names in out_dirs.items() if len(names) > 1}
+    assert shared == {"out-gpt2-124m": ["gpt2_124m_multi_gpu", "gpt2_124m_single_gpu"]}
 
 
 def test_every_recipe_file_is_in_the_table():

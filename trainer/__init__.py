@@ -4,6 +4,7 @@
   os_errors.py, signals.py       what the OS refuses and SIGINT/SIGTERM, as one line too
   lock.py                        one writer per folder (out_dir, dataset folder, export_dir)
   launcher.py, files.py, units.py  the launcher's environment, atomic writes, byte units
+  metrics.py                     the answer metrics (exact match, ROUGE-L, BLEU) training and eval.py share
   data/      what training reads: tokenizers, memory-mapped datasets, the sampler, mixtures
   prepare/   text and instruction records -> datasets (data/**/prepare.py); never imported while training
   model/     GPT-2 as trained: shapes, nanoGPT's checkpoints, the loss, packed attention, LoRA/QLoRA, the builder

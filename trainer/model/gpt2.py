@@ -57,7 +57,7 @@ def load_pretrained(source, dropout, dtype=None, **kwargs):
     missing, unexpected or mis-shaped weights is an error: transformers would leave those weights random."""
     checkpoint = nanogpt.checkpoint_path(source)
     if checkpoint is not None:
-        return load_nanogpt(checkpoint, dropout, dtype, **kwargs)
+        return gpt2_from_nanogpt(checkpoint, dropout, dtype, **kwargs)
     if source not in HUB_NAMES:
         model_dir_config(source)  # a GPT-2 folder with config.json, or one line saying what init_from may be
     verbosity = hf_logging.get_verbosity()
@@ -83,7 +83,7 @@ def load_pretrained(source, dropout, dtype=None, **kwargs):
     return model
 
 
-def load_nanogpt(path, dropout, dtype=None, **kwargs):
+def gpt2_from_nanogpt(path, dropout, dtype=None, **kwargs):
     """A nanoGPT checkpoint as GPT2LMHeadModel, its architecture kept exactly (trainer/model/nanogpt.py):
     the exact GELU, its vocabulary and positions, zero biases where it had none. A 4-bit load (kwargs: a
     quantization_config) goes through from_pretrained, from the model saved to a temporary folder."""

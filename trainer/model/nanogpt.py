@@ -9,7 +9,8 @@ dropout), `iter_num`, `best_val_loss`, `config` (its train.py's settings, `datas
 - with bias=False, Linears and LayerNorms have no bias (the same function as zero biases);
 - a model trained on GPT-2 BPE has vocab_size 50304 (50257 padded), a character model its dataset's
   size, whose characters are in the dataset's meta.pkl (nanoGPT keeps it in data/<dataset>/).
-trainer/model/gpt2.py builds the transformers model from what this module reads (load_nanogpt).
+trainer/model/gpt2.py builds the transformers model from what this module reads (gpt2_from_nanogpt);
+tools/loading.load_nanogpt adds the tokenizer and run config that sample, eval and export use.
 """
 import functools
 from pathlib import Path

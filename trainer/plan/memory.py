@@ -236,9 +236,9 @@ def bf16_optimizer_transient(group_numels, n):
     def reduce(bucket, numel):
         return (4 * numel if len(bucket) > 1 else 0) + 2 * numel
 
-    for n in group_numels:
-        bucket.append(n)
-        numel += n
+    for group in group_numels:
+        bucket.append(group)
+        numel += group
         if numel > ZERO0_ALLREDUCE_ELEMENTS:
             transient = max(transient, reduce(bucket, numel))
             bucket, numel = [], 0

@@ -2,22 +2,24 @@
 
 The loop catches torch.OutOfMemoryError around one iteration, lets go of the traceback (it holds
 the activations), and calls Recovery.step_down. That asks trainer/plan/planner.step_down for the next
-plan (checkpointing on, then a smaller micro-batch with more accumulation, then on several ranks
-a higher ZeRO stage, then offload or the next mode, each only where the user left the key on
+plan (its docstring holds the order: checkpointing on, activation offload on a GPU, a smaller
+micro-batch with more accumulation, on several ranks a higher ZeRO stage, 8-bit optimizer states,
+bf16 gradient accumulation, then offload or the next mode, each only where the user left the key on
 auto), says why on the console, in plan.json (a `history` list) and in TensorBoard, and moves
 the run to it: a new run.plan, and run.engine rebuilt through the setup's own builders
 (trainer/run/setup.py) where the old engine cannot be adjusted in place. The loop then restores the
 sampler to the start of the iteration, so the iteration is redone on the same windows; its partial
 gradients are discarded.
 
-- ZeRO-0, only checkpointing or the micro-batch changing: the same engine. Its partial gradients
-  are dropped, its micro-step counter rewound, and the micro-batch and accumulation set anew.
-- Anything else (a ZeRO stage, offload or mode change, or any change under ZeRO 1-3, whose
-  half-reduced gradient buckets cannot be rewound): the weights (fp32 masters) and Adam's
-  moments and step count are copied to CPU memory by parameter name, the old engine is freed,
-  and a new engine is built for the new plan and given them back. A mode change (full -> LoRA ->
-  QLoRA) is only taken before the first optimizer step: it starts the new mode from the
-  original weights, as a fresh run of that mode would, so nothing trained is dropped.
+- ZeRO-0, only checkpointing, activation offload or the micro-batch changing: the same engine. Its
+  partial gradients are dropped, its micro-step counter rewound, and the micro-batch and accumulation
+  set anew.
+- Anything else (a ZeRO stage, offload, mode, optimizer or accumulation-dtype change, or any change
+  under ZeRO 1-3, whose half-reduced gradient buckets cannot be rewound): the weights (fp32 masters)
+  and Adam's moments and step count are copied to CPU memory by parameter name, the old engine is
+  freed, and a new engine is built for the new plan and given them back. A mode change (full -> LoRA
+  -> QLoRA) is only taken before the first optimizer step: it starts the new mode from the original
+  weights, as a fresh run of that mode would, so nothing trained is dropped.
 - Out of memory inside the optimizer step (the update may be half applied), or nothing left to
   give up: a one-line error naming the last checkpoint and what to try.
 
