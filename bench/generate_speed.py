@@ -23,7 +23,9 @@ from transformers import GPT2Config, GPT2LMHeadModel
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "bench"))
 
+from tables import publish  # noqa: E402
 from trainer.data.tokenizer import GPT2_EOT  # noqa: E402
 from trainer.model.generate import generate_answers  # noqa: E402
 
@@ -96,11 +98,7 @@ def main(argv=None):
     lines.append("")
     lines.append(f"Ratio: the trainer's decoding takes {best['trainer'] / best['transformers']:.2f}x the time "
                  f"({min(cpu['trainer']) / min(cpu['transformers']):.2f}x the CPU time) of transformers' generate.")
-    text = "\n".join(lines)
-    print(text)
-    if args.results:
-        with open(args.results, "a") as f:
-            f.write("\n" + text + "\n")
+    publish("\n".join(lines), args.results)
 
 
 if __name__ == "__main__":

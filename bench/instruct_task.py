@@ -31,6 +31,10 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "bench"))
+
+from tables import publish  # noqa: E402
+
 WORDS = ["apple", "river", "stone", "cloud", "green", "tiger", "paper", "music", "light", "sand", "north", "queen",
          "bread", "candle", "winter", "horse", "glass", "forest", "silver", "dream"]
 NUMBERS = ["zero", "one", "two", "three", "four", "five"]
@@ -149,11 +153,7 @@ def main(argv=None):
         for seed in [int(s) for s in args.seeds.split(",")]:
             rows.append(one_seed(work, seed, variant, args.max_iters))
             print(json.dumps(rows[-1]), flush=True)
-    text = table(rows, args.label or (args.variant or "baseline"), command.strip(), args.max_iters)
-    print(text)
-    if args.results:
-        with open(args.results, "a") as f:
-            f.write("\n" + text + "\n")
+    publish(table(rows, args.label or (args.variant or "baseline"), command.strip(), args.max_iters), args.results)
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ another value of the key would also fit, the line says how much slower the best 
 the plan's `reasons` (printed with the plan, saved in plan.json).
 """
 import dataclasses
+import functools
 
 from trainer.config import MODES
 from trainer.optim.optimizer import is_8bit, unpaged
@@ -34,6 +35,19 @@ def _slower(chosen, other):
     return f"estimated {other.time / chosen.time - 1:+.0%} time ({describe(other.cand)})"
 
 
+def _needs(search, cand, **change):
+    """'<bytes> (usable <bytes>)': what the plan would need with `change`, beside the budget."""
+    return f"{_need(search, dataclasses.replace(cand, **change))} ({_usable(search)})"
+
+
+def _unless_fixed(reason):
+    """A key the user fixed needs no other reason: its line says so."""
+    @functools.wraps(reason)
+    def line(search, chosen, others):
+        return USER if reason.__name__ in search.fixed else reason(search, chosen, others)
+    return line
+
+
 def _also_fits(chosen, others, key, label):
     """'; <label> also fits, estimated +N% time (...)' for the fastest fitting plan with another value of key."""
     value = getattr(chosen.cand, key)
@@ -55,10 +69,9 @@ def mode(search, chosen, others, smallest):
     return f"auto: {cand.mode}; {share}"
 
 
+@_unless_fixed
 def zero_stage(search, chosen, others):
     cand, n = chosen.cand, search.hw.n_devices
-    if "zero_stage" in search.fixed:
-        return USER
     if cand.offload != "none":
         which = "parameter offload needs stage 3" if cand.offload == "optimizer+params" else "lowest such stage"
         return f"ZeRO-{cand.zero_stage}: offload runs with DeepSpeed's ZeRO-Offload ({which})"
@@ -74,16 +87,14 @@ def zero_stage(search, chosen, others):
         return (f"ZeRO-{cand.zero_stage} shards {SHARDED[cand.zero_stage]} over {n} ranks; "
                 f"ZeRO-{lower[0].cand.zero_stage}"
                 f" also fits, {_slower(chosen, lower[0])}")
-    below = dataclasses.replace(cand, zero_stage=cand.zero_stage - 1)
-    return (f"lowest stage that fits: ZeRO-{cand.zero_stage - 1} would need {_need(search, below)} "
-            f"({_usable(search)}); "
+    return (f"lowest stage that fits: ZeRO-{cand.zero_stage - 1} would need "
+            f"{_needs(search, cand, zero_stage=cand.zero_stage - 1)}; "
             f"ZeRO-{cand.zero_stage} shards {SHARDED[cand.zero_stage]} over {n} ranks")
 
 
+@_unless_fixed
 def offload(search, chosen, others):
     cand = chosen.cand
-    if "offload" in search.fixed:
-        return USER
     if cand.offload == "none":
         return ("not needed: model states fit on the GPU" if search.hw.device_type == "cuda"
                 else "none: on a CPU-only machine offloading to CPU memory saves nothing")
@@ -92,18 +103,17 @@ def offload(search, chosen, others):
             f"{format_bytes(chosen.est.host)} of states per rank go to CPU memory")
 
 
+@_unless_fixed
 def gradient_checkpointing(search, chosen, others):
     cand = chosen.cand
-    if "gradient_checkpointing" in search.fixed:
-        return USER
     if not cand.gradient_checkpointing:
         return "off: activations fit without recomputation"
     without = [s for s in others if not s.cand.gradient_checkpointing]
     if without:
         return (f"on: recomputing the forward pass costs less than the smaller micro-batches that fit without it "
                 f"({describe(without[0].cand)}: estimated {without[0].time / chosen.time - 1:+.0%} time)")
-    off = dataclasses.replace(cand, gradient_checkpointing=False, activation_offload=False, micro_batch_size=1)
-    return (f"on: without it even micro-batch 1 needs {_need(search, off)} ({_usable(search)}); "
+    off = _needs(search, cand, gradient_checkpointing=False, activation_offload=False, micro_batch_size=1)
+    return (f"on: without it even micro-batch 1 needs {off}; "
             f"recomputation costs about a third more compute")
 
 
@@ -142,9 +152,8 @@ def grad_accum_per_rank(search, chosen, others):
     return f"keeps tokens per iteration at {search.inp.sequences * search.inp.shape.block_size:,}"
 
 
+@_unless_fixed
 def dtype(search, chosen, others):
-    if "dtype" in search.fixed:
-        return USER
     if search.hw.device_type == "cpu":
         return "fp32: training on the CPU"
     if search.dtype == "bf16":
@@ -152,22 +161,20 @@ def dtype(search, chosen, others):
     return "fp16 with dynamic loss scaling: this GPU has no bf16"
 
 
+@_unless_fixed
 def optimizer(search, chosen, others):
     cand = chosen.cand
-    if "optimizer" in search.fixed:
-        return USER
     if not is_8bit(cand.optimizer):
         return "adamw: 32-bit states fit" + _also_fits(chosen, others, "optimizer", lambda o: o)
     states = format_bytes(chosen.est.items["optimizer_states"])
-    full = dataclasses.replace(cand, optimizer=unpaged(cand.optimizer).replace("8bit", ""))
-    return (f"{cand.optimizer}: with 32-bit states the plan needs {_need(search, full)} ({_usable(search)}); "
+    full = _needs(search, cand, optimizer=unpaged(cand.optimizer).replace("8bit", ""))
+    return (f"{cand.optimizer}: with 32-bit states the plan needs {full}; "
             f"bitsandbytes' block-wise 8-bit moments ({states} with the fp32 masters)")
 
 
+@_unless_fixed
 def grad_accum_dtype(search, chosen, others):
     cand = chosen.cand
-    if "grad_accum_dtype" in search.fixed:
-        return USER
     if search.dtype != "bf16":
         return f"{cand.grad_accum_dtype}: gradients accumulate in the training dtype"
     if cand.zero_stage > 0 or cand.offload != "none":
@@ -175,8 +182,7 @@ def grad_accum_dtype(search, chosen, others):
     if cand.grad_accum_dtype == "fp32":
         return ("fp32: DeepSpeed's BF16_Optimizer adds each bf16 gradient into an fp32 buffer (4 bytes per "
                 "parameter) and steps once, fused" + _also_fits(chosen, others, "grad_accum_dtype", lambda d: d))
-    buffered = dataclasses.replace(cand, grad_accum_dtype="fp32")
-    return (f"bf16: with the fp32 buffer the plan needs {_need(search, buffered)} ({_usable(search)}); bf16 "
+    return (f"bf16: with the fp32 buffer the plan needs {_needs(search, cand, grad_accum_dtype='fp32')}; bf16 "
             f"gradients (2 bytes per parameter), copied to fp32 only at the step (FP16_UnfusedOptimizer)")
 
 
