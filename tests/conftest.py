@@ -143,3 +143,13 @@ LONGEST_FILES_FIRST = ("test_gpu_check.py", "test_resume.py", "test_lora.py", "t
 def pytest_collection_modifyitems(items):
     rank = {name: i for i, name in enumerate(LONGEST_FILES_FIRST)}
     items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # a stable sort: tests keep their order
+    gpu_tests = [item for item in items if item.get_closest_marker("gpu")]
+    if gpu_tests and not has_cuda():
+        for item in gpu_tests:
+            item.add_marker(pytest.mark.skip(reason="needs a CUDA GPU (@pytest.mark.gpu)"))
+
+
+def has_cuda():
+    """Whether torch sees a CUDA GPU: `gpu` tests run only then, and a no-GPU check only without one."""
+    import torch  # imported when asked, not at collection of every file
+    return torch.cuda.is_available()

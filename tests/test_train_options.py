@@ -69,8 +69,7 @@ def wandb_records(run_file):
 
 
 def test_wandb_offline_gets_the_tensorboard_scalars_and_samples(data_dir, tmp_path):
-    pytest.importorskip("wandb")
-    out = tmp_path / "out"
+    out = tmp_path / "out"  # wandb is in requirements.txt: missing, this fails rather than skips
     run_cmd(python(*train_args(data_dir, out, *QUICK, "--max_iters=4", "--eval_interval=2", "--log_interval=1",
                                "--sample_max_new_tokens=8", "--wandb_log=True", "--wandb_project=tests")),
             REPO, env={"WANDB_MODE": "offline", "WANDB_SILENT": "true"})
