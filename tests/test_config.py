@@ -5,7 +5,7 @@ import pytest
 
 from trainer.config import DEFAULTS, RECIPES_DIR, ConfigError, recipe_names, resolve_config
 
-# The README's recipe table (the original design's): (init_from, batch_size, grad_accum, learning_rate, decay_lr, max_iters, eval_interval,
+# docs/commands.md's recipe table (the original design's): (init_from, batch_size, grad_accum, learning_rate, decay_lr, max_iters, eval_interval,
 # eval_iters, out_dir or dataset)
 DESIGN_TABLE = {
     "gpt2_small": ("gpt2", 8, 8, 3e-5, True, 5000, 250, 200, "out-finetune-gpt2-small"),

@@ -225,3 +225,45 @@ def test_design_md_lists_every_module_once():
     modules = sorted(str(p.relative_to(REPO)) for p in (REPO / "trainer").rglob("*.py") if p.name != "__init__.py")
     assert sorted(listed) == modules, (f"not listed: {sorted(set(modules) - set(listed))}; "
                                        f"not modules: {sorted(set(listed) - set(modules))}")
+
+
+# ----------------------------------------------------------------------------- the README and docs/commands.md
+
+def test_readme_is_a_first_page():
+    text = (REPO / "README.md").read_text()
+    lines = text.splitlines()
+    assert len(lines) <= 120, f"README.md has {len(lines)} lines; move detail to docs/ (at most 120)"
+    long = [f"README.md:{n}: {len(line)} characters" for n, line in enumerate(lines, 1) if len(line) > 120]
+    assert not long, "\n".join(long)
+    for promise in ("bash launch/quickstart.sh", "bash launch/test.sh", "(docs/commands.md)",
+                    "one line `error: <what>; <the fix>`", "exits\nwith code **2**"):
+        assert promise in text, f"README.md no longer says {promise!r}"
+
+
+def entry_points():
+    """Every command a user runs: launch/, data/**/prepare.py, and the benchmarks (a script with a main)."""
+    scripts = sorted((REPO / "launch").glob("*.py")) + sorted((REPO / "launch").glob("*.sh"))
+    scripts += sorted((REPO / "data").rglob("prepare.py"))
+    scripts += [p for p in sorted((REPO / "bench").glob("*.py")) if "__main__" in p.read_text()]
+    return [str(p.relative_to(REPO)) for p in scripts]
+
+
+def flags_of(script):
+    """The flags a script's --help lists."""
+    import subprocess
+    import sys
+    out = subprocess.run([sys.executable, REPO / script, "--help"], capture_output=True, text=True, timeout=120,
+                         cwd=REPO).stdout
+    return set(re.findall(r"^\s+(--\w+)", out, flags=re.M)) - {"--help"}
+
+
+def test_commands_md_names_every_entry_point_flag_and_key():
+    from trainer.config import KEYS
+    text = (REPO / "docs/commands.md").read_text()
+    assert not [s for s in entry_points() if s not in text], "entry points missing from docs/commands.md"
+    # a config key is listed by its name (train.py's --help lists it as --key)
+    missing = {script: sorted(f for f in flags_of(script) if f"`{f}" not in text and f"`{f[2:]}`" not in text)
+               for script in ("launch/train.py", "launch/sample.py", "launch/eval.py", "launch/merge_adapter.py",
+                              "data/prepare.py", "data/shakespeare/prepare.py")}
+    assert not any(missing.values()), f"flags missing from docs/commands.md: {missing}"
+    assert not [k for k in KEYS if f"`{k}`" not in text], "config keys missing from docs/commands.md"
