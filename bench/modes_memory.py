@@ -36,7 +36,9 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "bench"))
 
+from tables import publish  # noqa: E402
 from trainer.units import MiB, format_bytes  # noqa: E402
 
 SHAKESPEARE = REPO / "data" / "tinyshakespeare.txt"
@@ -252,9 +254,7 @@ def main(argv=None):
                 print(json.dumps(row), flush=True)
                 rows.append(row)
     text = table(rows, device, command.strip(), machine, block_size, batch_size, iters)
-    print(text)
-    with open(args.results, "a") as f:
-        f.write(text)
+    publish(text.strip("\n"), args.results)
     return rows
 
 

@@ -28,6 +28,10 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "bench"))
+
+from tables import publish  # noqa: E402
+
 SHAKESPEARE = REPO / "data" / "tinyshakespeare.txt"
 
 
@@ -175,10 +179,7 @@ def main():
               " and batches, in the same run.\n", f"| loop | val loss at {n} (fixed 20) | ms/iter |", "|---|---|---|",
               f"| trainer (`deepspeed launch/train.py --recipe shakespeare_char_cpu`) | {rows[0][1]:.4f} | {rows[0][2]:.1f} |",
               f"| plain PyTorch loop, same model and batches | {plain_val:.4f} | {plain_ms:.1f} |", ""]
-    table = "\n".join(lines)
-    print(table)
-    with open(args.results, "a") as f:
-        f.write(table)
+    publish("\n".join(lines).strip("\n"), args.results)
 
 
 if __name__ == "__main__":

@@ -31,6 +31,9 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "bench"))
+
+from tables import publish  # noqa: E402
 
 VARIANTS = {
     "full": {},
@@ -176,10 +179,7 @@ def main():
             derived.append(f"QLoRA's dequantization per micro-step: {fb['qlora']:.3f} - {fb['lora']:.3f} s over "
                            f"{quantized} 4-bit weights = {(fb['qlora'] - fb['lora']) / quantized:.3g} s per weight")
     lines += ["", *[f"- {d}" for d in derived]]
-    table = "\n".join(lines) + "\n"
-    print(table)
-    with open(args.results, "a") as f:
-        f.write(table)
+    publish("\n".join(lines).strip("\n"), args.results)
 
 
 if __name__ == "__main__":
