@@ -24,7 +24,7 @@ from trainer.optim.optimizer import param_groups  # noqa: E402
 from trainer.plan.hardware import PEAK_FLOPS, Hardware, detect_hardware, gpu_model, peak_flops  # noqa: E402
 from trainer.plan.memory import Candidate, estimate  # noqa: E402
 from trainer.plan.planner import PlanError, PlanInput, make_plan  # noqa: E402
-from trainer.run.engine import build_ds_config, fast_bf16  # noqa: E402
+from trainer.run.engine import build_ds_config, path_of_plan  # noqa: E402
 
 TINY = {**DEFAULTS, "n_layer": 1, "n_head": 2, "n_embd": 32, "block_size": 16, "batch_size": 2,
         "gradient_accumulation_steps": 2, "dropout": 0.0, "compile": False}
@@ -58,7 +58,8 @@ def test_ds_config_per_plan(device, dtype, zero, offload, accum, stage, fused, f
     assert ds["optimizer"]["params"]["torch_adam"] is (offload == "none")
     assert (ds.get("data_types") == {"grad_accum_dtype": "fp32"}) is fp32_accum
     assert ds.get("bf16", {}).get("immediate_grad_update", False) is fp32_accum  # bf16 grads freed as added
-    assert fast_bf16(plan) is fp32_accum
+    assert (path_of_plan(plan).optimizer == "bf16_optimizer") is fp32_accum
+    assert path_of_plan(plan).engine_stage == stage  # the one rule the config was written from
 
 
 @pytest.mark.parametrize("zero", [0, 2])

@@ -13,6 +13,7 @@ Activations and the optimizer-step transient never coexist: by the time the opti
 steps, the backward pass has released every activation.
 """
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from trainer.config import LORA_TARGETS
 from trainer.model.shapes import (LOSS_CHUNK_BYTES, Shape, gpt2_param_count, gpt2_tensor_numels, gpt2_tensors,
@@ -189,18 +190,40 @@ def grad_accum(cand, dtype):
         else cand.grad_accum_dtype
 
 
-def optimizer_path(zero_stage, offload, dtype, grad_accum_dtype):
+class DeepSpeedPath(NamedTuple):
+    """What DeepSpeed builds for a plan: `optimizer`, the wrapper it steps through (the paths above), and
+    `engine_stage`, the ZeRO stage its engine is built with (the plan's, but 1 on the bf16_optimizer path)."""
+    optimizer: str
+    engine_stage: int
+
+
+def deepspeed_path(zero_stage, offload, dtype, grad_accum_dtype):
+    """The one rule for which DeepSpeed path and engine stage a plan becomes (grad_accum_dtype resolved, not
+    'auto'): the engine (trainer/run/engine.py), the memory model, the simulation, resume, the checkpoint reader
+    and the out-of-memory step-down all ask it."""
     if offload != "none":
-        return "cpu_adam"
+        return DeepSpeedPath("cpu_adam", zero_stage)
     if zero_stage >= 1:
-        return "zero"
+        return DeepSpeedPath("zero", zero_stage)
     if dtype == "bf16" and grad_accum_dtype == "fp32":
-        return "bf16_optimizer"
-    return "plain" if dtype == "fp32" else "unfused"
+        # DeepSpeed builds BF16_Optimizer only under its ZeRO-1 config (engine._configure_bf16_optimizer)
+        return DeepSpeedPath("bf16_optimizer", 1)
+    return DeepSpeedPath("plain" if dtype == "fp32" else "unfused", 0)
+
+
+def saved_deepspeed_path(info):
+    """The path a checkpoint was saved from, by its info.json (trainer/run/checkpoint.save): its plan's keys.
+    Checkpoints from before the dtype and offload keys name only the engine's stage, which was 1 for a ZeRO-0
+    plan on the bf16_optimizer path alone."""
+    if "dtype" not in info:
+        engine_stage = info.get("engine_zero_stage", info["zero_stage"])
+        bf16_optimizer = info["zero_stage"] == 0 and engine_stage == 1
+        return DeepSpeedPath("bf16_optimizer" if bf16_optimizer else "unrecorded", engine_stage)
+    return deepspeed_path(info["zero_stage"], info["offload"], info["dtype"], info["grad_accum_dtype"])
 
 
 def path_of(cand, dtype):
-    return optimizer_path(cand.zero_stage, cand.offload, dtype, grad_accum(cand, dtype))
+    return deepspeed_path(cand.zero_stage, cand.offload, dtype, grad_accum(cand, dtype)).optimizer
 
 
 def stepped_tensors(path, trained, n, groups=None):

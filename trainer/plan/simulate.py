@@ -14,7 +14,7 @@ The optimizer step is DeepSpeed's for the plan (torch AdamW, `torch_adam: true`,
 ZeRO-0 in 16 bits is DeepSpeed's FP16_UnfusedOptimizer (runtime/fp16/unfused_optimizer.py, step(): an
 fp32 copy of every gradient next to the fp32 master weights, then AdamW on the masters); ZeRO 1-3 step on
 a flat fp32 partition of the gradients; offload steps on the CPU (nothing on the GPU). bf16 at ZeRO-0
-without offload on a GPU takes the fast path (trainer/plan/memory.optimizer_path): DeepSpeed's
+without offload on a GPU takes the fast path (trainer/plan/memory.deepspeed_path): DeepSpeed's
 BF16_Optimizer around torch's fused AdamW (_Bf16Step: the fp32 gradient buffer, the fp32 master partition,
 the bf16 -> fp32 accumulation after backward, the all-reduce's copies, the fused step).
 
@@ -42,7 +42,7 @@ from trainer.model.loss import LMWithLoss, chunked_lm_loss
 from trainer.model.offload import MIN_BYTES as OFFLOAD_MIN_BYTES
 from trainer.optim.optimizer import adamw_hyperparameters, client_optimizer, is_client, param_groups
 from trainer.plan.cuda_kernels import cuda_kernels
-from trainer.plan.memory import ZERO0_ALLREDUCE_ELEMENTS, optimizer_path
+from trainer.plan.memory import ZERO0_ALLREDUCE_ELEMENTS, deepspeed_path
 from trainer.units import MiB, format_bytes
 
 
@@ -417,7 +417,7 @@ def simulate(cfg, shape, plan, packed=False, cpu_step=False):
 
     b, s = plan.micro_batch_size, cfg["block_size"]
     dtype = TORCH_DTYPES[plan.dtype]
-    path = optimizer_path(plan.zero_stage, plan.offload, plan.dtype, plan.grad_accum_dtype)
+    path = deepspeed_path(plan.zero_stage, plan.offload, plan.dtype, plan.grad_accum_dtype).optimizer
     fake_mode = FakeTensorMode(allow_non_fake_inputs=True)
     module = build_fake_module(cfg, shape, plan, fake_mode, packed)
     if plan.activation_offload:

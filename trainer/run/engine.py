@@ -11,7 +11,7 @@ import torch
 from trainer.config import REPO_ROOT
 from trainer.errors import UserError
 from trainer.optim.optimizer import adamw_hyperparameters, client_optimizer, group_lr, is_client, param_groups
-from trainer.plan.memory import optimizer_path
+from trainer.plan.memory import deepspeed_path
 
 DS_CONFIGS = REPO_ROOT / "ds_configs"
 
@@ -38,25 +38,16 @@ def zero_section(zero_stage, offload, on_gpu):
 
 
 def path_of_plan(plan):
-    """Which of DeepSpeed's optimizer wrappers the plan runs on (trainer/plan/memory.py)."""
-    return optimizer_path(plan.zero_stage, plan.offload, plan.dtype, plan.grad_accum_dtype)
-
-
-def fast_bf16(plan):
-    """The plan runs on DeepSpeed's BF16_Optimizer (trainer/plan/memory.py: the optimizer paths)."""
-    return path_of_plan(plan) == "bf16_optimizer"
-
-
-def deepspeed_zero_stage(plan):
-    """The ZeRO stage the DeepSpeed engine is built with (the plan's, but 1 on the BF16_Optimizer path)."""
-    return 1 if fast_bf16(plan) else plan.zero_stage
+    """Which of DeepSpeed's optimizer wrappers the plan runs on, and the engine's ZeRO stage
+    (trainer/plan/memory.deepspeed_path)."""
+    return deepspeed_path(plan.zero_stage, plan.offload, plan.dtype, plan.grad_accum_dtype)
 
 
 def build_ds_config(cfg, plan, world_size, on_gpu):
     """The full DeepSpeed config for this run: batch sizes, precision, clipping, optimizer, ZeRO."""
-    zero = {**zero_section(plan.zero_stage, plan.offload, on_gpu), **plan.estimate.buckets}
-    if fast_bf16(plan):
-        zero = {**zero_section(1, "none", on_gpu), **zero, "stage": 1}
+    path = path_of_plan(plan)
+    zero = {**zero_section(path.engine_stage, plan.offload, on_gpu), **plan.estimate.buckets,
+            "stage": path.engine_stage}
     config = {
         "train_micro_batch_size_per_gpu": plan.micro_batch_size,
         "gradient_accumulation_steps": plan.grad_accum_per_rank,
@@ -85,7 +76,7 @@ def build_ds_config(cfg, plan, world_size, on_gpu):
         }
     if plan.dtype == "bf16":
         config["bf16"] = {"enabled": True}
-        if fast_bf16(plan):
+        if path.optimizer == "bf16_optimizer":
             # each bf16 gradient is added into the fp32 buffer as backward produces it and freed at once
             config["bf16"]["immediate_grad_update"] = True
             config["data_types"] = {"grad_accum_dtype": "fp32"}
@@ -137,7 +128,7 @@ def create_engine(module, cfg, plan, world_size, on_gpu, load_universal=False):
     optimizer = client_optimizer(plan.optimizer, groups, cfg)  # None: torch's AdamW from the config
     engine, _, _, _ = deepspeed.initialize(model=module, model_parameters=groups if optimizer is None else None,
                                            optimizer=optimizer, config=ds_config)
-    if world_size == 1 and path_of_plan(plan) in ("plain", "bf16_optimizer"):
+    if world_size == 1 and path_of_plan(plan).optimizer in ("plain", "bf16_optimizer"):
         # One rank has nothing to average: DeepSpeed's ZeRO-0 all-reduce would only copy the gradients (the
         # BF16_Optimizer's fp32 buffer into bf16 and back: 2 bytes per parameter, and its precision). The
         # unfused path keeps it: without it FP16_UnfusedOptimizer's step holds 2 bytes per parameter more

@@ -5,6 +5,7 @@ from dataclasses import dataclass
 from trainer.config import DEFAULTS, GRAD_ACCUM_DTYPES
 from trainer.optim.optimizer import is_8bit, unpaged
 from trainer.errors import UserError
+from trainer.plan.memory import saved_deepspeed_path
 from trainer.run.run_dir import CONFIG, RunDir
 
 # Keys that fix the model a checkpoint holds: a resume takes them from the run.
@@ -68,8 +69,8 @@ def resume_layout(cfg, info, world):
     if cfg["mode"] != info["mode"]:
         raise UserError(f"the checkpoint was trained in {info['mode']} mode, not {cfg['mode']}; "
                         f"resume with --mode={info['mode']}")
-    # a ZeRO-0 plan saved through the fast bf16 path (DeepSpeed ZeRO-1) holds partitioned states too
-    partitioned = max(saved, info.get("engine_zero_stage", saved)) >= 1
+    # a ZeRO-0 plan's engine may be partitioned too (the bf16_optimizer path: trainer/plan/memory.deepspeed_path)
+    partitioned = saved_deepspeed_path(info).engine_stage >= 1
     universal = partitioned and (world != info["world_size"] or wanted != saved)
     if universal and is_8bit(saved_optimizer):
         raise UserError(f"the checkpoint's {saved_optimizer} states are partitioned over {info['world_size']} ranks "
