@@ -195,7 +195,7 @@ class Recovery:
             raise UserError(f"out of memory at iteration {iter_num} ({message}) {why}; last checkpoint: {last}; "
                             f"{hint}")
 
-        engine_keys = ("zero_stage", "offload", "mode", "optimizer", "grad_accum_dtype")
+        engine_keys = ("zero_stage", "offload", "mode", "optimizer", "grad_accum_dtype", "master_weights")
         # ZeRO's half-reduced gradient buckets cannot be rewound; the ZeRO-0 paths' gradients (BF16_Optimizer's
         # fp32 buffer included, whatever stage its engine is built with) are dropped in place
         partitioned = path_of_plan(plan).optimizer in ("zero", "cpu_adam")

@@ -62,6 +62,12 @@ def resume_layout(cfg, info, world):
     elif unpaged(cfg["optimizer"]) != unpaged(saved_optimizer):  # paging does not change the states
         raise UserError(f"the checkpoint holds {saved_optimizer}'s optimizer states, not {cfg['optimizer']}'s; "
                         f"resume with --optimizer={saved_optimizer}")
+    saved_masters = info.get("master_weights", "fp32")  # checkpoints from before the key: fp32 masters
+    if cfg["master_weights"] == "auto":
+        cfg["master_weights"] = saved_masters
+    elif cfg["master_weights"] != saved_masters:
+        raise UserError(f"the checkpoint holds master_weights={saved_masters} (its optimizer states are of that "
+                        f"kind), not {cfg['master_weights']}; resume with --master_weights={saved_masters}")
     if "grad_accum_dtype" in info and cfg["grad_accum_dtype"] == "auto":
         cfg["grad_accum_dtype"] = info["grad_accum_dtype"] if info["grad_accum_dtype"] in GRAD_ACCUM_DTYPES \
             else "auto"
