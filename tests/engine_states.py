@@ -48,13 +48,16 @@ CONFIGS = [("full", 0, "adamw"), ("full", 1, "adamw"), ("full", 2, "adamw"), ("l
            ("full", 3, "adamw"), ("lora", 3, "adamw"), ("full", 3, "adamw8bit")]
 # `engine_states.py OUT.json bf16`: bf16 training on one rank, fp32 masters (BF16_Optimizer) and each bf16 weights
 # setting (master_weights: the client optimizer on the bf16 module), full mode, ZeRO-0: (master_weights, optimizer)
-BF16_CONFIGS = [("fp32", "adamw"), ("bf16_kahan", "adamw"), ("bf16_sr", "adamw"), ("bf16", "adamw")]
+BF16_CONFIGS = [("fp32", "adamw"), ("bf16_kahan", "adamw"), ("bf16_sr", "adamw"), ("bf16", "adamw"),
+                ("bf16_sr", "adamw4bit")]
 
 
 def storage(t):
     if not isinstance(t, torch.Tensor) or t.device.type == "meta":
         return None
     if isinstance(t, torch._subclasses.FakeTensor):  # torch.compile's tracing copies (torchao's step): no data
+        return None
+    if hasattr(t, "__tensor_flatten__"):  # a wrapper subclass (torchao's 4-bit states): its inner tensors count
         return None
     s = t.untyped_storage()
     return (s.data_ptr(), s.nbytes()) if s.nbytes() else None
@@ -76,7 +79,10 @@ def tensors_under(obj, name_filter=None, path="", depth=0, seen=None, out=None):
     if id(obj) in seen or depth > 5:
         return out
     seen.add(id(obj))
-    if isinstance(obj, torch.Tensor):
+    if isinstance(obj, torch.Tensor) and hasattr(obj, "__tensor_flatten__"):
+        for name in obj.__tensor_flatten__()[0]:  # each inner tensor itself (a temporary list's id is reused)
+            tensors_under(getattr(obj, name), name_filter, path, depth + 1, seen, out)
+    elif isinstance(obj, torch.Tensor):
         if (s := storage(obj)) and (name_filter is None or name_filter in path):
             out[s[0]] = s[1]
     elif isinstance(obj, dict):

@@ -119,18 +119,44 @@ STEP_COUNTER_BYTES = {"bf16_kahan": 0, "bf16_sr": 4, "bf16": 4}
 MASTER_STEP_TEMP_BYTES = {"bf16_kahan": 2, "bf16_sr": 41, "bf16": 2 * 2}
 
 
-def master_state_bytes(master_weights, numels):
+# optimizer=adamw4bit (with bf16_sr): torchao 0.18's AdamW4bit, bf16_stochastic_round=True, per tensor. A tensor of
+# at least 4096 elements whose count the block (128) divides gets, per moment, packed 4-bit codes (n/2 bytes), an
+# fp32 scale per block and its own 16-entry fp32 map (optim/subclass_4bit.py OptimState4bit.zeros); the others
+# keep moments zeros_like the bf16 parameter; an fp32 step counter per tensor. Under DeepSpeed's fp32-master paths
+# it would get flat partitions, whose counts the block rarely divides: unquantized, so it runs on bf16 weights only.
+BLOCKSIZE_4BIT, QMAP_4BIT_BYTES = 128, 16 * 4
+# its step run eagerly, per element of the largest tensor (simulated; compiled, inductor fuses most of it)
+ADAMW4BIT_TEMP_BYTES = 41
+
+
+def adamw4bit_state_bytes(numels):
+    total = 0
+    for n in numels:
+        if n >= MIN_8BIT_SIZE and n % BLOCKSIZE_4BIT == 0:
+            total += 2 * (n // 2 + 4 * (n // BLOCKSIZE_4BIT) + QMAP_4BIT_BYTES)
+        else:
+            total += 2 * 2 * n
+    return total + 4 * len(numels)
+
+
+def master_state_bytes(master_weights, numels, optimizer="adamw"):
+    if optimizer == "adamw4bit":
+        return adamw4bit_state_bytes(numels)
     return MASTER_STATE_BYTES[master_weights] * sum(numels) + STEP_COUNTER_BYTES[master_weights] * len(numels)
 
 
-def master_step_temporaries(master_weights, numels):
-    return MASTER_STEP_TEMP_BYTES[master_weights] * max(numels)
+def master_step_temporaries(master_weights, numels, optimizer="adamw"):
+    per_element = ADAMW4BIT_TEMP_BYTES if optimizer == "adamw4bit" else MASTER_STEP_TEMP_BYTES[master_weights]
+    return per_element * max(numels)
 
 
-def master_optimizer(master_weights, groups, cfg):
-    """The client optimizer over the bf16 parameters for `master_weights` (not fp32), with the config's AdamW
-    hyperparameters."""
+def master_optimizer(master_weights, groups, cfg, optimizer="adamw"):
+    """The client optimizer over the bf16 parameters for `master_weights` (not fp32) and `optimizer` (adamw, or
+    adamw4bit with bf16_sr), with the config's AdamW hyperparameters."""
     hyper = adamw_hyperparameters(cfg)
+    if optimizer == "adamw4bit":
+        from torchao.optim import AdamW4bit
+        return AdamW4bit(groups, **hyper, bf16_stochastic_round=True)
     if master_weights == "bf16_kahan":
         from optimi import AdamW
         return AdamW(groups, **hyper, kahan_sum=True, foreach=False)

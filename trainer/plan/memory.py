@@ -383,7 +383,7 @@ def optimizer_state_bytes(cand, path, trainable, stepped, model_bytes, w, n):
     parameter. In fp32 training ZeRO-0 updates the parameters themselves; ZeRO>=1 still clones an fp32
     partition; the bf16_optimizer path partitions its masters over the ranks."""
     if path == "bf16_weights":
-        return master_state_bytes(cand.master_weights, stepped), 0
+        return master_state_bytes(cand.master_weights, stepped, cand.optimizer), 0
     moments = state_bytes(cand.optimizer, stepped)
     if path == "plain":
         return moments, 0
@@ -462,7 +462,7 @@ def step_transient_bytes(cand, path, device_type, trainable, trained, stepped, b
     freed; `trained`: the trainable tensors, `stepped`: the tensors the optimizer updates."""
     if path == "cpu_adam":
         return 0  # DeepSpeedCPUAdam updates in place on the CPU
-    optimizer = master_step_temporaries(cand.master_weights, stepped) if path == "bf16_weights" \
+    optimizer = master_step_temporaries(cand.master_weights, stepped, cand.optimizer) if path == "bf16_weights" \
         else optimizer_temporaries(cand.optimizer, device_type, stepped)
     if path == "bf16_optimizer":
         return max(bf16_optimizer_transient(stepped, n), optimizer)

@@ -162,9 +162,14 @@ class Search:
 
     def check_master_weights(self):
         """bf16 weights without fp32 masters: bf16 training, full mode, ZeRO-0 without offload, their own AdamW
-        (the bf16_weights path of trainer/plan/memory.py)."""
+        (the bf16_weights path of trainer/plan/memory.py); torchao's 4-bit AdamW only there, with bf16_sr."""
         f = self.fixed
         masters = f.get("master_weights", "fp32")
+        if f.get("optimizer") == "adamw4bit" and masters != "bf16_sr":
+            raise PlanError(f"optimizer=adamw4bit is torchao's AdamW4bit, which this trainer runs on bf16 weights "
+                            f"with stochastic rounding (one tensor at a time; DeepSpeed's fp32-master paths hand it "
+                            f"flat partitions it leaves unquantized), but master_weights={masters}; set "
+                            f"--master_weights=bf16_sr --dtype=bf16")
         if masters == "fp32":
             return
         if self.dtype != "bf16":
@@ -178,7 +183,7 @@ class Search:
             raise PlanError(f"master_weights={masters} runs at ZeRO-0 without offload (DeepSpeed steps a client "
                             f"optimizer on the bf16 module: docs/plan.md), but zero_stage={f.get('zero_stage', 0)}, "
                             f"offload={f.get('offload', 'none')}; set --zero_stage=0 --offload=none (or auto)")
-        if f.get("optimizer", "adamw") != "adamw":
+        if f.get("optimizer", "adamw") not in ("adamw", "adamw4bit"):
             raise PlanError(f"master_weights={masters} steps its own AdamW on the bf16 weights, not "
                             f"optimizer={f['optimizer']}; set --optimizer=adamw (or auto)")
         if f.get("grad_accum_dtype", "bf16") != "bf16":
@@ -241,9 +246,11 @@ class Search:
                                 continue  # fp32 accumulation needs ZeRO-0 without offload
                             for optimizer in optimizers:
                                 for master in masters:
-                                    if master != "fp32" and (mode, zero, offload, optimizer, accum) != \
-                                            ("full", 0, "none", "adamw", "bf16"):
+                                    if master != "fp32" and (mode, zero, offload, accum) != ("full", 0, "none", "bf16"):
                                         continue  # the bf16_weights path (check_master_weights)
+                                    if master != "fp32" and optimizer not in ("adamw", "adamw4bit") \
+                                            or optimizer == "adamw4bit" and master != "bf16_sr":
+                                        continue  # torchao's 4-bit AdamW runs on bf16_sr weights only
                                     for m in micros:
                                         yield Candidate(mode, zero, offload, ckpt, m, optimizer,
                                                         accum if self.dtype == "bf16" else default, act, master)

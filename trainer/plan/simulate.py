@@ -185,7 +185,13 @@ class _Bf16WeightsStep:
 
     def __init__(self, params, cfg, plan):
         self.masters = [p for group in param_groups(params, 0.0) for p in group["params"]]
-        self.opt = master_optimizer(plan.master_weights, param_groups(self.masters, cfg["weight_decay"]), cfg)
+        self.opt = master_optimizer(plan.master_weights, param_groups(self.masters, cfg["weight_decay"]), cfg,
+                                    plan.optimizer)
+        if plan.optimizer == "adamw4bit":
+            # torchao computes its 4-bit maps (real, tiny constants, cached) at the first step: with real tensors
+            from torchao.optim.subclass_4bit import get_qmap_signed, get_qmap_unsigned
+            with torch._subclasses.fake_tensor.unset_fake_temporarily():
+                get_qmap_signed(), get_qmap_unsigned()
 
     def step(self):
         torch.nn.utils.get_total_norm([p.grad for p in self.masters])
@@ -418,6 +424,9 @@ def _nbytes(tensors):
     seen, total = set(), 0
     for t in tensors:
         if t is None:
+            continue
+        if hasattr(t, "__tensor_flatten__"):  # a tensor subclass (torchao's 4-bit states): the tensors it holds
+            total += _nbytes([getattr(t, name) for name in t.__tensor_flatten__()[0]])
             continue
         st = t.untyped_storage()
         key = id(st) if not hasattr(st, "_cdata") else st._cdata

@@ -130,7 +130,7 @@ def create_engine(module, cfg, plan, world_size, on_gpu, load_universal=False):
         # no fp32 copy: the module is bf16 and DeepSpeed, told of no precision, steps the client optimizer on it
         module.to(torch.bfloat16)
         groups = param_groups(module, cfg["weight_decay"])
-        optimizer = master_optimizer(plan.master_weights, groups, cfg)
+        optimizer = master_optimizer(plan.master_weights, groups, cfg, plan.optimizer)
     else:
         groups = param_groups(module, cfg["weight_decay"], cfg["loraplus_lr_ratio"])
         optimizer = client_optimizer(plan.optimizer, groups, cfg)  # None: torch's AdamW from the config
