@@ -15,7 +15,8 @@ ends (a step that runs over says so and the next one starts):
   offload  the offload path: DeepSpeed's CPU Adam op built, a few steps (a memory_fit row with offload)
   toolbox  the planner's memory tools (docs/plan.md): gpt2-xl full at 24 GB (adamw8bit, checkpointing),
            gpt2-medium full at 8 GB (adamw8bit, activation offload), QLoRA with paged_adamw8bit, bf16
-           gradient accumulation at ZeRO-0: predicted against measured memory, tokens/s (memory_fit rows)
+           gradient accumulation at ZeRO-0, bf16 weights without fp32 masters (bf16_kahan, bf16_sr):
+           predicted against measured memory, reserved against allocated, tokens/s (memory_fit rows)
   oom      a real CUDA out-of-memory under a cap: the trainer steps the plan down and finishes the run
   context  the CUDA context (and cuBLAS workspace) outside torch's allocator, measured
 --dry_run: the same steps on the CPU with a tiny GPT-2 (compile, the CUDA context and the real OOM are
@@ -37,6 +38,11 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
+from trainer.launcher import use_expandable_segments  # noqa: E402
+
+# as for a training run: every step's process (they inherit it) starts CUDA's allocator with expandable segments
+ALLOCATOR = use_expandable_segments()
+
 import memory_fit  # noqa: E402
 
 GiB, MiB = 2**30, 2**20
@@ -48,7 +54,10 @@ STEPS = {"context": 30, "memory": 150, "speed": 100, "qlora": 40, "packed": 30, 
 TOOLBOX_ROWS = [("gpt2-xl", 24, {"mode": "full"}), ("gpt2-medium", 8, {"mode": "full"}),
                 ("gpt2-xl", 24, {"mode": "qlora", "optimizer": "paged_adamw8bit"}),
                 ("gpt2", 16, {"mode": "full", "grad_accum_dtype": "bf16", "zero_stage": 0}),
-                ("gpt2-large", 16, {"mode": "full", "activation_offload": True})]
+                ("gpt2-large", 16, {"mode": "full", "activation_offload": True}),
+                # bf16 weights without fp32 masters (master_weights): Kahan (torch-optimi), stochastic rounding
+                ("gpt2-large", 16, {"mode": "full", "master_weights": "bf16_kahan"}),
+                ("gpt2-xl", 24, {"mode": "full", "master_weights": "bf16_sr", "gradient_checkpointing": True})]
 CAPS_GB = (16, 24, 40)
 
 
@@ -136,7 +145,7 @@ def step_toolbox(args):
             continue
         if args.dry_run:  # the CPU has no CUDA to page with, and accumulates in bf16 only when it trains in bf16
             keys = {**keys, "optimizer": keys.get("optimizer", "auto").replace("paged_", "")}
-            keys.update({"dtype": "bf16"} if "grad_accum_dtype" in keys else {})
+            keys.update({"dtype": "bf16"} if {"grad_accum_dtype", "master_weights"} & set(keys) else {})
             keys.update({"gradient_checkpointing": True} if keys.get("activation_offload") else {})
         rows += memory_rows(args, keys, [model], [cap])
     return {"fit_rows": rows}
@@ -309,6 +318,7 @@ def machine(dry_run):
         except Exception:  # noqa: BLE001 - a missing package is reported as missing
             versions.append(f"{name} MISSING")
     lines.append(f"- {', '.join(versions)}; CUDA {torch.version.cuda}")
+    lines.append(f"- CUDA allocator: {ALLOCATOR} (every memory row gives max reserved against max allocated)")
     return "\n".join(lines)
 
 

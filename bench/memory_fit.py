@@ -223,7 +223,8 @@ def table(rows):
         desc = (f"{p['mode']}, {p['zero_stage']}, {p['offload']}, {'on' if p['gradient_checkpointing'] else 'off'}, "
                 f"{p['micro_batch_size']} x {p['grad_accum_per_rank']}"
                 + (f", {p['optimizer']}" if p.get("optimizer", "adamw") != "adamw" else "")
-                + (", accum bf16" if p.get("grad_accum_dtype") == "bf16" and p.get("dtype") == "bf16" else "")
+                + (f", {p['master_weights']} weights" if p.get("master_weights", "fp32") != "fp32" else
+                   ", accum bf16" if p.get("grad_accum_dtype") == "bf16" and p.get("dtype") == "bf16" else "")
                 + (", act. offload" if p.get("activation_offload") else "")) if p else r.get("error", "")[:120]
         d_alloc, d_res = pct(r.get("predicted_allocated"), r.get("allocated")), pct(r.get("predicted_reserved"),
                                                                                     r.get("reserved"))

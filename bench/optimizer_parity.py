@@ -1,7 +1,8 @@
 """Quality parity of the planner's memory tools: 8-bit against 32-bit AdamW, bf16 against fp32 gradient
 accumulation, each trained by the documented command on this CPU with the same seeds.
 
-    python bench/optimizer_parity.py [--seeds=1337,1,2,3,4] [--only=adamw8bit,lora,accum] [--results=FILE]
+    python bench/optimizer_parity.py [--seeds=1337,1,2,3,4] [--only=adamw8bit,lora,accum,masters_1e-4,masters_3e-5]
+                                     [--results=FILE]
 
   adamw8bit  shakespeare_char_cpu (4 layers x 128, 2000 iterations) with --optimizer=adamw8bit and =adamw: its
              matrices (>= 4096 elements) get 8-bit states, LayerNorms and biases 32-bit (bitsandbytes' rule)
@@ -11,6 +12,12 @@ accumulation, each trained by the documented command on this CPU with the same s
   accum      shakespeare_char_cpu in bf16 with micro-batch 1 (12 accumulation steps per iteration), 500
              iterations (about 0.15 s per iteration on this CPU, one thread), --grad_accum_dtype=bf16
              (FP16_UnfusedOptimizer) and =fp32 (BF16_Optimizer)
+  masters_1e-4, masters_3e-5
+             bf16 weights without fp32 masters (--master_weights): a full finetune of the same pretrained and
+             exported 4 x 512 model, as a user finetunes (bf16, constant learning rate 1e-4 or 3e-5, the
+             recipe's batch of 12), 200 iterations, fp32 masters (BF16_Optimizer, the baseline), plain bf16
+             (the danger: updates under bf16's rounding step are lost), Kahan summation (torch-optimi),
+             stochastic rounding (torchao)
 For every run: the val loss at the last iteration on the recipe's fixed val batches and on the whole val split
 (launch/eval.py); the table gives each seed and the mean ± sd, and is appended to the results file.
 """
@@ -36,6 +43,10 @@ EXPERIMENTS = {
     "accum": ("grad_accum_dtype", ("fp32", "bf16"), ["--recipe", "shakespeare_char_cpu", "--dtype=bf16",
                                                      "--micro_batch_size=1", "--max_iters=500",
                                                      "--lr_decay_iters=500", "--eval_interval=500"]),
+    **{f"masters_{lr}": ("master_weights", ("fp32", "bf16", "bf16_kahan", "bf16_sr"),
+                         ["--recipe", "shakespeare_char_cpu", "--dtype=bf16", "--mode=full", "--max_iters=200",
+                          "--decay_lr=False", f"--learning_rate={lr}", "--warmup_iters=0", "--eval_interval=200"])
+       for lr in ("1e-4", "3e-5")},
 }
 
 
@@ -100,7 +111,7 @@ def main():
         for name in args.only.split(","):
             key, values, words = EXPERIMENTS[name]
             seeds = [int(s) for s in (args.seeds if name == "adamw8bit" else args.lora_seeds).split(",")]
-            if name == "lora":
+            if name == "lora" or name.startswith("masters"):  # finetunes of the same pretrained model
                 words = [*words, f"--init_from={lora_base(data_dir, work)}"]
             rows = {}
             for value in values:

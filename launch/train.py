@@ -14,6 +14,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this clone's trainer, even if another is installed
 
+from trainer.launcher import use_expandable_segments  # noqa: E402
+
+ALLOCATOR = use_expandable_segments()  # before anything starts CUDA's allocator (docs/plan.md: fragmentation)
+
 from trainer.cli import USER_ERROR_EXIT, FlagParser, at_least, more_than, number, run_main  # noqa: E402
 from trainer.config import (DEEPSPEED_DECIDES, RECIPES_DIR, add_config_arguments, config_from_args,  # noqa: E402
                             describe_keys, recipe_names, recipe_summary)

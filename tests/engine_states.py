@@ -46,10 +46,18 @@ SHAPE = {"n_layer": 2, "n_head": 2, "n_embd": 384, "block_size": 64}
 CONFIGS = [("full", 0, "adamw"), ("full", 1, "adamw"), ("full", 2, "adamw"), ("lora", 0, "adamw"), ("lora", 1, "adamw"),
            ("lora", 2, "adamw"), ("full", 0, "adamw8bit"), ("full", 2, "adamw8bit"), ("lora", 0, "adamw8bit"),
            ("full", 3, "adamw"), ("lora", 3, "adamw"), ("full", 3, "adamw8bit")]
+# `engine_states.py OUT.json bf16`: bf16 training on one rank, fp32 masters (BF16_Optimizer) and each bf16 weights
+# setting (master_weights: the client optimizer on the bf16 module), full mode, ZeRO-0: (master_weights, optimizer)
+BF16_CONFIGS = [("fp32", "adamw"), ("bf16_kahan", "adamw"), ("bf16_sr", "adamw"), ("bf16", "adamw"),
+                ("bf16_sr", "adamw4bit")]
 
 
 def storage(t):
     if not isinstance(t, torch.Tensor) or t.device.type == "meta":
+        return None
+    if isinstance(t, torch._subclasses.FakeTensor):  # torch.compile's tracing copies (torchao's step): no data
+        return None
+    if hasattr(t, "__tensor_flatten__"):  # a wrapper subclass (torchao's 4-bit states): its inner tensors count
         return None
     s = t.untyped_storage()
     return (s.data_ptr(), s.nbytes()) if s.nbytes() else None
@@ -71,7 +79,10 @@ def tensors_under(obj, name_filter=None, path="", depth=0, seen=None, out=None):
     if id(obj) in seen or depth > 5:
         return out
     seen.add(id(obj))
-    if isinstance(obj, torch.Tensor):
+    if isinstance(obj, torch.Tensor) and hasattr(obj, "__tensor_flatten__"):
+        for name in obj.__tensor_flatten__()[0]:  # each inner tensor itself (a temporary list's id is reused)
+            tensors_under(getattr(obj, name), name_filter, path, depth + 1, seen, out)
+    elif isinstance(obj, torch.Tensor):
         if (s := storage(obj)) and (name_filter is None or name_filter in path):
             out[s[0]] = s[1]
     elif isinstance(obj, dict):
@@ -134,11 +145,12 @@ def classify(engine, base, everything=True):
             - buckets}
 
 
-def measure(mode, zero, optimizer, world):
+def measure(mode, zero, optimizer, world, dtype="auto", master_weights="auto"):
     micro, accum = 1, 2
     cfg = {**DEFAULTS, **SHAPE, "init_from": "scratch", "dropout": 0.0, "mode": mode, "zero_stage": zero,
            "offload": "none", "micro_batch_size": micro, "gradient_checkpointing": False, "optimizer": optimizer,
-           "batch_size": micro, "gradient_accumulation_steps": accum * world, "lora_dropout": 0.0}
+           "batch_size": micro, "gradient_accumulation_steps": accum * world, "lora_dropout": 0.0,
+           "dtype": dtype, "master_weights": master_weights}
     hw = detect_hardware(world)
     plan = make_plan(PlanInput.of(cfg, model_shape(cfg, DATA_VOCAB)), hw)
     gen = torch.Generator().manual_seed(0)
@@ -161,7 +173,8 @@ def measure(mode, zero, optimizer, world):
     measured = classify(engine, base)
     measured.update(gradients=gradients, buckets=buckets)
     est = plan.estimate
-    record = {"mode": mode, "zero_stage": zero, "optimizer": optimizer, "ranks": world,
+    record = {"mode": mode, "zero_stage": zero, "optimizer": optimizer, "ranks": world, "dtype": plan.dtype,
+              "master_weights": plan.master_weights,
               "params_total": est.params_total,
               "params_trainable": est.params_trainable, "predicted": est.states,
               "predicted_buckets": est.items["ds_buckets"], "measured": measured}
@@ -172,14 +185,18 @@ def measure(mode, zero, optimizer, world):
 
 
 def main():
-    out = [a for a in sys.argv[1:] if not a.startswith("--local")][0]
+    args = [a for a in sys.argv[1:] if not a.startswith("--local")]
+    out, bf16 = args[0], args[1:] == ["bf16"]
     if "RANK" not in os.environ:
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
                           MASTER_PORT=os.environ.get("MASTER_PORT", "29517"))
     deepspeed.init_distributed()
     release_cpu_allreduce_buffer()  # as launch/train.py does: no 66 MiB file per rank left in /dev/shm
     world = dist.get_world_size()
-    records = [measure(mode, zero, optimizer, world) for mode, zero, optimizer in CONFIGS]
+    if bf16:
+        records = [measure("full", 0, optimizer, world, "bf16", masters) for masters, optimizer in BF16_CONFIGS]
+    else:
+        records = [measure(mode, zero, optimizer, world) for mode, zero, optimizer in CONFIGS]
     if dist.get_rank() == 0:
         Path(out).write_text(json.dumps(records, indent=1))
 

@@ -68,3 +68,34 @@ def test_sharding_shows_in_the_engine(records):
     lora = {r["zero_stage"]: r for r in rows if r["mode"] == "lora" and r["optimizer"] == "adamw"}
     assert lora[0]["params_trainable"] < 0.05 * lora[0]["params_total"]
     assert lora[0]["measured"]["optimizer_states"] < 0.1 * full[0]["optimizer_states"]
+
+
+@pytest.fixture(scope="module")
+def bf16_records(tmp_path_factory):
+    out = tmp_path_factory.mktemp("states") / "bf16.json"
+    run_cmd(python(REPO / "tests/engine_states.py", out, "bf16"), cwd=REPO)
+    return {(r["master_weights"], r["optimizer"]): r for r in json.loads(out.read_text())}
+
+
+def test_bf16_weights_without_masters_are_counted_byte_for_byte(bf16_records):
+    """master_weights: the bf16 weights stepped by a client optimizer on a real ZeRO-0 engine (CPU, bf16): the
+    weights, the client optimizer's states (optimi's two moments and Kahan compensation, torchao's and torch's
+    two moments and their step counters, torchao's 4-bit codes, block scales and maps) exactly as
+    trainer/plan/memory.py counts them, the bf16 gradients to a few bytes (small flags); against fp32 masters
+    (BF16_Optimizer) the states shrink as counted."""
+    assert set(bf16_records) == {("fp32", "adamw"), ("bf16_kahan", "adamw"), ("bf16_sr", "adamw"), ("bf16", "adamw"),
+                                 ("bf16_sr", "adamw4bit")}
+    for (masters, _), r in bf16_records.items():
+        predicted, measured = r["predicted"], r["measured"]
+        assert r["dtype"] == "bf16", r
+        assert predicted["weights"] == measured["weights"], r
+        assert abs(predicted["gradients"] - measured["gradients"]) <= 64, r
+        if masters != "fp32":  # (BF16_Optimizer's: within 5% above, its group flags and scalars)
+            assert predicted["optimizer_states"] == measured["optimizer_states"], r
+    fp32, kahan = bf16_records["fp32", "adamw"]["measured"], bf16_records["bf16_kahan", "adamw"]["measured"]
+    four = bf16_records["bf16_sr", "adamw4bit"]["measured"]
+    params = bf16_records["fp32", "adamw"]["params_trainable"]
+    # 2 + 4 + 4 + 8 bytes per parameter with fp32 masters, 2 + 2 + 6 with Kahan's compensation
+    assert sum(fp32[i] for i in ITEMS) == pytest.approx(18 * params, rel=1e-3)
+    assert sum(kahan[i] for i in ITEMS) == pytest.approx(10 * params, rel=1e-3)
+    assert four["optimizer_states"] < 0.3 * bf16_records["bf16_sr", "adamw"]["measured"]["optimizer_states"]

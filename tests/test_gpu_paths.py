@@ -24,7 +24,7 @@ from trainer.optim.optimizer import param_groups  # noqa: E402
 from trainer.plan.hardware import PEAK_FLOPS, Hardware, detect_hardware, gpu_model, peak_flops  # noqa: E402
 from trainer.plan.memory import Candidate, estimate  # noqa: E402
 from trainer.plan.planner import PlanError, PlanInput, make_plan  # noqa: E402
-from trainer.run.engine import build_ds_config, fast_bf16  # noqa: E402
+from trainer.run.engine import build_ds_config, path_of_plan  # noqa: E402
 
 TINY = {**DEFAULTS, "n_layer": 1, "n_head": 2, "n_embd": 32, "block_size": 16, "batch_size": 2,
         "gradient_accumulation_steps": 2, "dropout": 0.0, "compile": False}
@@ -58,7 +58,8 @@ def test_ds_config_per_plan(device, dtype, zero, offload, accum, stage, fused, f
     assert ds["optimizer"]["params"]["torch_adam"] is (offload == "none")
     assert (ds.get("data_types") == {"grad_accum_dtype": "fp32"}) is fp32_accum
     assert ds.get("bf16", {}).get("immediate_grad_update", False) is fp32_accum  # bf16 grads freed as added
-    assert fast_bf16(plan) is fp32_accum
+    assert (path_of_plan(plan).optimizer == "bf16_optimizer") is fp32_accum
+    assert path_of_plan(plan).engine_stage == stage  # the one rule the config was written from
 
 
 @pytest.mark.parametrize("zero", [0, 2])
@@ -278,3 +279,23 @@ def test_compile_gives_the_eager_losses(process_group):
     compiled, compiled_names = engine_losses(process_group, True)
     assert compiled == pytest.approx(eager, rel=1e-4)
     assert compiled_names == eager_names
+
+
+def test_runs_use_expandable_segments_unless_the_user_chose():
+    """trainer/launcher.use_expandable_segments (launch/train.py and bench/gpu_check.py call it first): the
+    fragmentation margin of the plan assumes expandable segments; a user's allocator setting is kept."""
+    from trainer.launcher import use_expandable_segments
+    env = {}
+    assert use_expandable_segments(env) == "PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True"
+    assert env == {"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"}
+    for name in ("PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF"):
+        env = {name: "max_split_size_mb:128"}
+        assert use_expandable_segments(env) == f"{name}=max_split_size_mb:128" and env == {name: "max_split_size_mb:128"}
+    # a training launch sets it in its own process before torch starts CUDA
+    code = ("import runpy, sys, os; sys.argv=['train.py', '--help']\n"
+            "try: runpy.run_path('launch/train.py', run_name='__main__')\n"
+            "except SystemExit: pass\n"
+            "print('ALLOC', os.environ.get('PYTORCH_CUDA_ALLOC_CONF'))")
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF")}
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True).stdout
+    assert "ALLOC expandable_segments:True" in out, out

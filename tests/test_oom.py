@@ -56,6 +56,30 @@ def test_checkpointing_then_micro_batch_in_place(data_dir, tmp_path, reference):
 
 
 @pytest.mark.slow
+def test_bf16_zero0_steps_down_in_place_on_deepspeeds_bf16_optimizer(data_dir, tmp_path):
+    """bf16 at ZeRO-0 runs DeepSpeed's BF16_Optimizer, whose engine DeepSpeed builds as ZeRO-1: the step-down
+    still keeps that engine (it asks the plan's path, not the engine's stage) and drops the first micro-batch's
+    gradient from BF16_Optimizer's fp32 buffer. Two micro-batches per iteration, so that buffer holds one when
+    the error comes: kept, iteration 2's update would count it twice and the losses from iteration 3 on would
+    part from the uninterrupted run's. Checkpointing recomputes the same bf16 forward, so they are equal."""
+    bf16 = [*RUN, "--dtype=bf16", "--micro_batch_size=6"]
+    ref = run_cmd(python(*train_args(data_dir, tmp_path / "ref", *bf16)), cwd=REPO).stdout
+    out = tmp_path / "out"
+    proc = run_cmd(python(*train_args(data_dir, out, *bf16)), cwd=REPO, env={"GPT2DS_INJECT_OOM": "2"})
+    losses = train_losses(proc.stdout)
+    assert [i for i, _ in losses] == list(range(1, ITERS + 1))
+    assert losses == train_losses(ref), (losses, train_losses(ref))
+    assert val_loss(proc.stdout) == val_loss(ref)
+    assert "micro-batch 6: turned gradient checkpointing on; redoing the iteration\n" in proc.stdout
+    plan = json.loads((out / "plan.json").read_text())
+    assert (plan["dtype"], plan["zero_stage"], plan["grad_accum_dtype"], plan["grad_accum_per_rank"]) == \
+        ("bf16", 0, "fp32", 2)
+    assert [(h["iteration"], h["engine_rebuilt"]) for h in plan["history"]] == [(2, False)]
+    info = json.loads(next((out / "checkpoints").glob("iter*/info.json")).read_text())
+    assert (info["zero_stage"], info["engine_zero_stage"]) == (0, 1)  # the engine is DeepSpeed's ZeRO-1
+
+
+@pytest.mark.slow
 def test_zero_stage_changes_rebuild_the_engine_with_its_state(data_dir, tmp_path, reference):
     """Two ranks, checkpointing and micro-batch fixed: each step-down raises the ZeRO stage (0 -> 1 -> 2 -> 3),
     a new engine given the old one's fp32 weights and Adam moments; the losses go on as without the errors."""

@@ -24,7 +24,8 @@ def cfg_for(model, **overrides):
     cfg = {"batch_size": bs, "gradient_accumulation_steps": ga, "block_size": 1024, "mode": "auto",
            "zero_stage": "auto", "offload": "auto", "gradient_checkpointing": "auto", "micro_batch_size": "auto",
            "lora_r": 8, "lora_targets": ALL, "lora_dropout": 0.0, "dtype": "auto", "dropout": 0.0,
-           "optimizer": "auto", "grad_accum_dtype": "auto", "activation_offload": "auto", "use_dora": False,
+           "optimizer": "auto", "grad_accum_dtype": "auto", "activation_offload": "auto", "master_weights": "auto",
+           "use_dora": False,
            "loraplus_lr_ratio": 1.0}
     cfg.update(overrides)
     return PlanInput.of(cfg, shape_of(model))

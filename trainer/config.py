@@ -28,8 +28,11 @@ OFFLOADS = ("none", "optimizer", "optimizer+params")
 DTYPES = ("bf16", "fp16", "fp32")
 ZERO_STAGES = (0, 1, 2, 3)
 # AdamW with 32-bit states (torch), or bitsandbytes' AdamW with 8-bit states, and either paged (CUDA unified memory)
-OPTIMIZERS = ("adamw", "adamw8bit", "paged_adamw8bit", "paged_adamw")
+OPTIMIZERS = ("adamw", "adamw8bit", "paged_adamw8bit", "paged_adamw", "adamw4bit")
 GRAD_ACCUM_DTYPES = ("fp32", "bf16")
+# The weights the optimizer updates: fp32 masters (DeepSpeed's), or the bf16 weights themselves, their updates
+# compensated by Kahan summation (torch-optimi) or stochastic rounding (torchao), or not (bf16: measured, never auto)
+MASTER_WEIGHTS = ("fp32", "bf16_kahan", "bf16_sr", "bf16")
 LORA_TARGETS = ("c_attn", "c_proj", "c_fc")
 # nanoGPT's dtype names (its train.py's `dtype`), read as ours
 NANOGPT_DTYPES = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
@@ -153,10 +156,14 @@ _GROUPS = {
         "dtype": _choice("auto", ("auto",) + DTYPES, "training precision (auto: bf16 or fp16 on GPUs, fp32 on CPU); "
                          "nanoGPT's 'bfloat16', 'float16', 'float32' are bf16, fp16, fp32", spellings=NANOGPT_DTYPES),
         "optimizer": _choice("auto", ("auto",) + OPTIMIZERS, "AdamW with 32-bit states, or bitsandbytes' 8-bit states "
-                             "(paged_*: states in CUDA unified memory, paged to CPU under pressure)"),
+                             "(paged_*: states in CUDA unified memory, paged to CPU under pressure), or torchao's "
+                             "4-bit states (adamw4bit, with master_weights=bf16_sr)"),
         "grad_accum_dtype": _choice("auto", ("auto",) + GRAD_ACCUM_DTYPES, "with dtype=bf16 at ZeRO-0: "
                                     "accumulate gradients in an fp32 buffer, or in bf16 (2 bytes per parameter less "
                                     "between steps)"),
+        "master_weights": _choice("auto", ("auto",) + MASTER_WEIGHTS, "with dtype=bf16 in full mode: fp32 master "
+                                  "weights, or none (the bf16 weights updated with Kahan summation, stochastic "
+                                  "rounding, or plain: 4 to 6 bytes per parameter less)"),
         "activation_offload": _key("auto", "with gradient checkpointing: keep the checkpointed activations in pinned "
                                    "CPU memory, copied on a side stream", auto=bool),
     },

@@ -93,3 +93,75 @@ def client_optimizer(name, groups, cfg):
         return None
     import bitsandbytes as bnb
     return getattr(bnb.optim, BNB_CLASSES[name])(groups, **adamw_hyperparameters(cfg))
+
+
+# ----------------------------------------------------------------------------- bf16 weights without fp32 masters
+# master_weights (trainer/config.MASTER_WEIGHTS) other than fp32: the optimizer steps the bf16 parameters
+# themselves, as DeepSpeed's client optimizer (the bf16_weights path of trainer/plan/memory.py).
+#   bf16_kahan  torch-optimi 0.3.3's AdamW, kahan_sum=True (optimi/adam.py _single_param_adam): exp_avg, exp_avg_sq
+#               and the Kahan compensation, each zeros_like the bf16 parameter: 6 bytes per element. Its
+#               decoupled weight decay is torch's (p *= 1 - lr * wd); its debiased betas replace Adam's bias
+#               correction. foreach=False: one tensor's temporary at a time (exp_avg_sq.sqrt(), 2 bytes per
+#               element of the largest) instead of the whole model's.
+#   bf16_sr     torchao 0.18's AdamW with 32-bit math and bf16 stochastic rounding of the result
+#               (torchao/optim/adam.py _AdamW, bf16_stochastic_round=True): its moments are zeros_like the bf16
+#               parameter (block_size inf: never quantized), 4 bytes per element; its step is compiled per
+#               tensor (torch.compile, fullgraph), which on the CPU needs a C++ compiler.
+#   bf16        torch's AdamW on the bf16 parameters (states zeros_like them: 4 bytes per element), every update
+#               rounded to nearest: the danger bench/master_weights_quality.py measures; never chosen by auto.
+MASTER_STATE_BYTES = {"bf16_kahan": 6, "bf16_sr": 4, "bf16": 4}
+# and per tensor a step counter: an fp32 scalar tensor in torch's and torchao's state, a float in optimi's group
+STEP_COUNTER_BYTES = {"bf16_kahan": 0, "bf16_sr": 4, "bf16": 4}
+# Per element of the largest tensor, beside its states (each steps one tensor at a time; simulated on fake
+# tensors, trainer/plan/simulate.py): optimi's exp_avg_sq.sqrt() (bf16); torch's per-tensor AdamW, sqrt and its
+# scaled copy (bf16); torchao's fp32 math run eagerly, 41 bytes (its fp32 copies of p, grad and the moments and
+# every intermediate; compiled, inductor fuses most of them, so this is an upper bound)
+MASTER_STEP_TEMP_BYTES = {"bf16_kahan": 2, "bf16_sr": 41, "bf16": 2 * 2}
+
+
+# optimizer=adamw4bit (with bf16_sr): torchao 0.18's AdamW4bit, bf16_stochastic_round=True, per tensor. A tensor of
+# at least 4096 elements whose count the block (128) divides gets, per moment, packed 4-bit codes (n/2 bytes), an
+# fp32 scale per block and its own 16-entry fp32 map (optim/subclass_4bit.py OptimState4bit.zeros); the others
+# keep moments zeros_like the bf16 parameter; an fp32 step counter per tensor. Under DeepSpeed's fp32-master paths
+# it would get flat partitions, whose counts the block rarely divides: unquantized, so it runs on bf16 weights only.
+BLOCKSIZE_4BIT, QMAP_4BIT_BYTES = 128, 16 * 4
+# its step run eagerly, per element of the largest tensor (simulated; compiled, inductor fuses most of it)
+ADAMW4BIT_TEMP_BYTES = 41
+
+
+def adamw4bit_state_bytes(numels):
+    total = 0
+    for n in numels:
+        if n >= MIN_8BIT_SIZE and n % BLOCKSIZE_4BIT == 0:
+            total += 2 * (n // 2 + 4 * (n // BLOCKSIZE_4BIT) + QMAP_4BIT_BYTES)
+        else:
+            total += 2 * 2 * n
+    return total + 4 * len(numels)
+
+
+def master_state_bytes(master_weights, numels, optimizer="adamw"):
+    if optimizer == "adamw4bit":
+        return adamw4bit_state_bytes(numels)
+    return MASTER_STATE_BYTES[master_weights] * sum(numels) + STEP_COUNTER_BYTES[master_weights] * len(numels)
+
+
+def master_step_temporaries(master_weights, numels, optimizer="adamw"):
+    per_element = ADAMW4BIT_TEMP_BYTES if optimizer == "adamw4bit" else MASTER_STEP_TEMP_BYTES[master_weights]
+    return per_element * max(numels)
+
+
+def master_optimizer(master_weights, groups, cfg, optimizer="adamw"):
+    """The client optimizer over the bf16 parameters for `master_weights` (not fp32) and `optimizer` (adamw, or
+    adamw4bit with bf16_sr), with the config's AdamW hyperparameters."""
+    hyper = adamw_hyperparameters(cfg)
+    if optimizer == "adamw4bit":
+        from torchao.optim import AdamW4bit
+        return AdamW4bit(groups, **hyper, bf16_stochastic_round=True)
+    if master_weights == "bf16_kahan":
+        from optimi import AdamW
+        return AdamW(groups, **hyper, kahan_sum=True, foreach=False)
+    if master_weights == "bf16_sr":
+        from torchao.optim import _AdamW
+        return _AdamW(groups, **hyper, bf16_stochastic_round=True)
+    import torch
+    return torch.optim.AdamW(groups, **hyper, foreach=False)

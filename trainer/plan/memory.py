@@ -13,12 +13,13 @@ Activations and the optimizer-step transient never coexist: by the time the opti
 steps, the backward pass has released every activation.
 """
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from trainer.config import LORA_TARGETS
 from trainer.model.shapes import (LOSS_CHUNK_BYTES, Shape, gpt2_param_count, gpt2_tensor_numels, gpt2_tensors,
                                   linear_weight_count, lora_group_numels, lora_projections, lora_tensor_numels,
                                   lora_trainable_count)
-from trainer.optim.optimizer import state_bytes, unpaged
+from trainer.optim.optimizer import master_state_bytes, master_step_temporaries, state_bytes, unpaged
 from trainer.units import GiB, MiB
 
 # ---------------------------------------------------------------------------------------
@@ -111,6 +112,7 @@ class Candidate:
     optimizer: str = "adamw"          # trainer/config.OPTIMIZERS
     grad_accum_dtype: str = "auto"    # 'auto': the path's own (default_grad_accum)
     activation_offload: bool = False  # checkpointed activations in pinned CPU memory (needs checkpointing)
+    master_weights: str = "fp32"      # trainer/config.MASTER_WEIGHTS: fp32 masters, or the bf16 weights stepped
 
 
 @dataclass(frozen=True)
@@ -176,31 +178,65 @@ def trained_tensors(shape, mode, lora_r, lora_targets, dora=False):
 #   plain           fp32 at ZeRO-0: the optimizer on the parameters themselves
 #   zero            ZeRO 1-3: flat fp32 partitions of the masters (stage_1_and_2.py, stage3.py); gradients
 #                   accumulate in the compute dtype
+#   bf16_weights    master_weights other than fp32 (bf16, ZeRO-0, full mode): no precision section in DeepSpeed's
+#                   config, so DeepSpeed wraps nothing; the trainer casts the module to bf16 and hands DeepSpeed a
+#                   client optimizer over the bf16 parameters (trainer/optim/optimizer.master_optimizer): bf16
+#                   gradients accumulate in p.grad, the states are the client optimizer's, no fp32 copy exists.
+#                   DeepSpeed's own bf16_master_weights_and_grads (ZeRO 1-3) clones a bf16 master partition
+#                   beside the module's bf16 weights (stage_1_and_2.py: 2 bytes per parameter more on one GPU)
+#                   and rounds each update plainly, so it is not used.
 # trainer/run/engine.py builds the engine by this rule; the memory model and the simulation count it.
 
-def default_grad_accum(zero_stage, offload, dtype):
+def default_grad_accum(zero_stage, offload, dtype, master_weights="fp32"):
     """The dtype gradients accumulate in unless the plan says otherwise: fp32 where bf16 can have its fp32
-    buffer (ZeRO-0, no offload), else the compute dtype."""
-    return "fp32" if dtype == "bf16" and zero_stage == 0 and offload == "none" else dtype
+    buffer (ZeRO-0, no offload, fp32 masters), else the compute dtype."""
+    buffered = dtype == "bf16" and zero_stage == 0 and offload == "none" and master_weights == "fp32"
+    return "fp32" if buffered else dtype
 
 
 def grad_accum(cand, dtype):
-    return default_grad_accum(cand.zero_stage, cand.offload, dtype) if cand.grad_accum_dtype == "auto" \
-        else cand.grad_accum_dtype
+    return default_grad_accum(cand.zero_stage, cand.offload, dtype, cand.master_weights) \
+        if cand.grad_accum_dtype == "auto" else cand.grad_accum_dtype
 
 
-def optimizer_path(zero_stage, offload, dtype, grad_accum_dtype):
+class DeepSpeedPath(NamedTuple):
+    """What DeepSpeed builds for a plan: `optimizer`, the wrapper it steps through (the paths above), and
+    `engine_stage`, the ZeRO stage its engine is built with (the plan's, but 1 on the bf16_optimizer path)."""
+    optimizer: str
+    engine_stage: int
+
+
+def deepspeed_path(zero_stage, offload, dtype, grad_accum_dtype, master_weights="fp32"):
+    """The one rule for which DeepSpeed path and engine stage a plan becomes (grad_accum_dtype resolved, not
+    'auto'): the engine (trainer/run/engine.py), the memory model, the simulation, resume, the checkpoint reader
+    and the out-of-memory step-down all ask it."""
+    if master_weights != "fp32":  # the planner allows it with bf16 at ZeRO-0 without offload only
+        return DeepSpeedPath("bf16_weights", 0)
     if offload != "none":
-        return "cpu_adam"
+        return DeepSpeedPath("cpu_adam", zero_stage)
     if zero_stage >= 1:
-        return "zero"
+        return DeepSpeedPath("zero", zero_stage)
     if dtype == "bf16" and grad_accum_dtype == "fp32":
-        return "bf16_optimizer"
-    return "plain" if dtype == "fp32" else "unfused"
+        # DeepSpeed builds BF16_Optimizer only under its ZeRO-1 config (engine._configure_bf16_optimizer)
+        return DeepSpeedPath("bf16_optimizer", 1)
+    return DeepSpeedPath("plain" if dtype == "fp32" else "unfused", 0)
+
+
+def saved_deepspeed_path(info):
+    """The path a checkpoint was saved from, by its info.json (trainer/run/checkpoint.save): its plan's keys.
+    Checkpoints from before the dtype and offload keys name only the engine's stage, which was 1 for a ZeRO-0
+    plan on the bf16_optimizer path alone."""
+    if "dtype" not in info:
+        engine_stage = info.get("engine_zero_stage", info["zero_stage"])
+        bf16_optimizer = info["zero_stage"] == 0 and engine_stage == 1
+        return DeepSpeedPath("bf16_optimizer" if bf16_optimizer else "unrecorded", engine_stage)
+    return deepspeed_path(info["zero_stage"], info["offload"], info["dtype"], info["grad_accum_dtype"],
+                          info.get("master_weights", "fp32"))
 
 
 def path_of(cand, dtype):
-    return optimizer_path(cand.zero_stage, cand.offload, dtype, grad_accum(cand, dtype))
+    return deepspeed_path(cand.zero_stage, cand.offload, dtype, grad_accum(cand, dtype),
+                          cand.master_weights).optimizer
 
 
 def stepped_tensors(path, trained, n, groups=None):
@@ -208,7 +244,7 @@ def stepped_tensors(path, trained, n, groups=None):
     parameter group flattened and partitioned over the n ranks (bf16_optimizer, zero, cpu_adam): `groups` (an
     adapter run's, shapes.lora_group_numels: LoRA+'s B matrices and DoRA's magnitudes are groups of their
     own), else the decayed matrices, then the rest (trainer/optim/optimizer.param_groups)."""
-    if path in ("plain", "unfused"):
+    if path in ("plain", "unfused", "bf16_weights"):
         return [k for k, _ in trained]
     if groups is None:
         groups = [sum(k for k, matrix in trained if matrix), sum(k for k, matrix in trained if not matrix)]
@@ -346,6 +382,8 @@ def optimizer_state_bytes(cand, path, trainable, stepped, model_bytes, w, n):
     element; 8-bit: trainer/optim/optimizer.state_bytes) + an fp32 master copy (4 bytes) per trainable
     parameter. In fp32 training ZeRO-0 updates the parameters themselves; ZeRO>=1 still clones an fp32
     partition; the bf16_optimizer path partitions its masters over the ranks."""
+    if path == "bf16_weights":
+        return master_state_bytes(cand.master_weights, stepped, cand.optimizer), 0
     moments = state_bytes(cand.optimizer, stepped)
     if path == "plain":
         return moments, 0
@@ -424,7 +462,8 @@ def step_transient_bytes(cand, path, device_type, trainable, trained, stepped, b
     freed; `trained`: the trainable tensors, `stepped`: the tensors the optimizer updates."""
     if path == "cpu_adam":
         return 0  # DeepSpeedCPUAdam updates in place on the CPU
-    optimizer = optimizer_temporaries(cand.optimizer, device_type, stepped)
+    optimizer = master_step_temporaries(cand.master_weights, stepped, cand.optimizer) if path == "bf16_weights" \
+        else optimizer_temporaries(cand.optimizer, device_type, stepped)
     if path == "bf16_optimizer":
         return max(bf16_optimizer_transient(stepped, n), optimizer)
     if path == "zero":
@@ -440,7 +479,7 @@ def step_transient_bytes(cand, path, device_type, trainable, trained, stepped, b
         # DeepSpeed's FP16_UnfusedOptimizer (runtime/fp16/unfused_optimizer.py, step): an fp32 copy of every
         # gradient beside the fp32 masters, then the optimizer on the masters
         return max(4 * trainable + optimizer, allreduce)
-    return max(allreduce, optimizer)  # plain: the optimizer on the parameters
+    return max(allreduce, optimizer)  # plain, bf16_weights: the optimizer on the parameters
 
 
 def optimizer_temporaries(optimizer, device_type, stepped):

@@ -34,6 +34,7 @@ class Plan:
     optimizer: str             # trainer/config.OPTIMIZERS (a paged one only where CUDA runs)
     grad_accum_dtype: str      # the dtype gradients accumulate in
     activation_offload: bool
+    master_weights: str        # trainer/config.MASTER_WEIGHTS: fp32 masters, or the bf16 weights stepped (no copy)
     # what it is for
     hardware: Hardware
     usable_bytes: int          # the budget the plan fits in
@@ -60,7 +61,7 @@ class Plan:
     @property
     def candidate(self):
         return Candidate(self.mode, self.zero_stage, self.offload, self.gradient_checkpointing, self.micro_batch_size,
-                         self.optimizer, self.grad_accum_dtype, self.activation_offload)
+                         self.optimizer, self.grad_accum_dtype, self.activation_offload, self.master_weights)
 
     def keys(self):
         """The plan keys and their values (what a step-down changes, what plan.json's history records)."""
@@ -73,7 +74,7 @@ def _plan(search, scored, reasons, runners_up=()):
                 gradient_checkpointing=cand.gradient_checkpointing, micro_batch_size=cand.micro_batch_size,
                 grad_accum_per_rank=search.per_rank // cand.micro_batch_size, dtype=search.dtype,
                 optimizer=cand.optimizer, grad_accum_dtype=cand.grad_accum_dtype,
-                activation_offload=cand.activation_offload, hardware=search.hw, usable_bytes=search.usable,
+                activation_offload=cand.activation_offload, master_weights=cand.master_weights, hardware=search.hw, usable_bytes=search.usable,
                 block_size=search.inp.shape.block_size, sequences_per_iteration=search.inp.sequences,
                 estimate=scored.est, step_time=scored.time, reasons=reasons, runners_up=list(runners_up))
 
@@ -178,6 +179,7 @@ def step_down(plan: Plan, inp: PlanInput, hw: Hardware, started=False) -> Plan |
     higher = [z for z in range(cur.zero_stage + 1, 4) if not (cur.mode == "qlora" and z == 3)]
     bf16_buffer = plan.dtype == "bf16" and cur.zero_stage == 0 and cur.offload == "none" \
         and cur.grad_accum_dtype == "fp32"
+    bf16_weights = cur.master_weights != "fp32"  # its optimizer runs at ZeRO-0 on the bf16 module only
     if not cur.gradient_checkpointing and "gradient_checkpointing" not in f:
         new, key, what = dataclasses.replace(cur, gradient_checkpointing=True), "gradient_checkpointing", \
             "turned gradient checkpointing on"
@@ -190,19 +192,20 @@ def step_down(plan: Plan, inp: PlanInput, hw: Hardware, started=False) -> Plan |
         new, key = dataclasses.replace(cur, micro_batch_size=m), "micro_batch_size"
         what = f"micro-batch {cur.micro_batch_size} -> {m}, accumulation {search.per_rank // m} per rank"
     elif hw.n_devices > 1 and cur.offload == "none" and higher and "zero_stage" not in f \
-            and not (bf16_buffer and "grad_accum_dtype" in f):
+            and not (bf16_buffer and "grad_accum_dtype" in f) and not bf16_weights:
         # ZeRO 1-3 accumulate in the compute dtype (trainer/plan/memory.py: the optimizer paths)
         new, key = dataclasses.replace(cur, zero_stage=higher[0], grad_accum_dtype=default_grad_accum(
             higher[0], cur.offload, plan.dtype)), "zero_stage"
         what = f"ZeRO-{cur.zero_stage} -> ZeRO-{higher[0]}: shards more over {hw.n_devices} ranks"
-    elif cur.optimizer == "adamw" and "optimizer" not in f and cur.offload == "none" and not started:
+    elif cur.optimizer == "adamw" and "optimizer" not in f and cur.offload == "none" and not started \
+            and not bf16_weights:
         new, key, what = dataclasses.replace(cur, optimizer="adamw8bit"), "optimizer", \
             "AdamW's states 32-bit -> 8-bit (bitsandbytes)"
     elif bf16_buffer and "grad_accum_dtype" not in f:
         new, key, what = dataclasses.replace(cur, grad_accum_dtype="bf16"), "grad_accum_dtype", \
             "gradient accumulation fp32 -> bf16 (no fp32 buffer)"
     elif "mode" in f and "offload" not in f and hw.device_type == "cuda" and cur.offload != "optimizer+params" \
-            and not (started and cur.optimizer != "adamw"):
+            and not (started and cur.optimizer != "adamw") and not bf16_weights:
         new, key, what = _offload_step(cur, f, plan.dtype)
     if new is None and "mode" not in f and cur.mode != MODES[-1] and not started:
         for mode in MODES[MODES.index(cur.mode) + 1:]:

@@ -179,11 +179,27 @@ def grad_accum_dtype(search, chosen, others):
         return f"{cand.grad_accum_dtype}: gradients accumulate in the training dtype"
     if cand.zero_stage > 0 or cand.offload != "none":
         return "bf16: DeepSpeed's ZeRO optimizer accumulates in the compute dtype"
+    if cand.master_weights != "fp32":
+        return "bf16: the bf16 weights' gradients accumulate in their own .grad (no fp32 masters, no fp32 buffer)"
     if cand.grad_accum_dtype == "fp32":
         return ("fp32: DeepSpeed's BF16_Optimizer adds each bf16 gradient into an fp32 buffer (4 bytes per "
                 "parameter) and steps once, fused" + _also_fits(chosen, others, "grad_accum_dtype", lambda d: d))
     return (f"bf16: with the fp32 buffer the plan needs {_needs(search, cand, grad_accum_dtype='fp32')}; bf16 "
             f"gradients (2 bytes per parameter), copied to fp32 only at the step (FP16_UnfusedOptimizer)")
+
+
+def master_weights(search, chosen, others):
+    cand = chosen.cand
+    if "master_weights" in search.fixed:
+        if cand.master_weights == "fp32":
+            return USER
+        return (f"{cand.master_weights}: fixed by the user; no fp32 copy of the weights (the bf16 weights and "
+                f"{format_bytes(chosen.est.items['optimizer_states'])} of optimizer states, trainer/optim/"
+                f"optimizer.py), DeepSpeed ZeRO-0 steps the client optimizer on the bf16 module")
+    if search.dtype != "bf16" or cand.mode != "full":
+        return "fp32: the weights the optimizer updates are fp32 (masters in 16-bit training)"
+    return ("fp32: DeepSpeed keeps fp32 master weights; bf16 weights without them (bf16_kahan, bf16_sr) are not "
+            "chosen by auto until the quality table (bench/RESULTS.md) shows they learn as well (docs/plan.md)")
 
 
 def budget(search):
@@ -203,7 +219,7 @@ def step_time(search, chosen, others):
 
 
 KEYS = (zero_stage, offload, gradient_checkpointing, activation_offload, micro_batch_size, grad_accum_per_rank,
-        dtype, optimizer, grad_accum_dtype, step_time)
+        dtype, optimizer, grad_accum_dtype, master_weights, step_time)
 
 
 def explain(search, chosen, others, smallest):

@@ -9,6 +9,7 @@ CPU, so auto mode prefers a cheaper mode. Keys the user fixed are never changed;
 accumulation change, tokens per iteration never do.
 """
 import dataclasses
+import shutil
 from dataclasses import dataclass
 
 from trainer.config import MODES, OFFLOADS
@@ -20,8 +21,11 @@ from trainer.plan.hardware import Hardware, usable_bytes
 from trainer.plan.memory import Candidate, Estimate, default_grad_accum, estimate
 
 PLAN_KEYS = ("mode", "zero_stage", "offload", "gradient_checkpointing", "micro_batch_size", "dtype", "optimizer",
-             "grad_accum_dtype", "activation_offload")
+             "grad_accum_dtype", "activation_offload", "master_weights")
 AUTO_OPTIMIZERS = ("adamw", "adamw8bit")  # paged ones only when asked for: they page out, they do not shrink
+# What `auto` may choose for master_weights: a tool that changes what is learned enters only where the quality
+# table (bench/RESULTS.md, bench/master_weights_quality.py) shows it learns as well as fp32 masters (docs/plan.md)
+AUTO_MASTER_WEIGHTS = ("fp32",)
 
 
 class PlanError(UserError):
@@ -86,7 +90,7 @@ def memory_tools(cand):
     """How much of the memory toolbox a candidate uses: equal times go to the simpler plan (a lower ZeRO stage)."""
     bf16_accumulation = cand.grad_accum_dtype == "bf16" and cand.zero_stage == 0 and cand.offload == "none"
     return cand.zero_stage + 2 * (cand.offload != "none") + cand.gradient_checkpointing + cand.activation_offload \
-        + (cand.optimizer != "adamw") + bf16_accumulation
+        + (cand.optimizer != "adamw") + bf16_accumulation + (cand.master_weights != "fp32")
 
 
 class Search:
@@ -145,6 +149,7 @@ class Search:
             raise PlanError("grad_accum_dtype=fp32 is DeepSpeed's BF16_Optimizer, which this trainer runs at ZeRO-0 "
                             "without offload; ZeRO 1-3 and offload accumulate in bf16: set zero_stage=0 and "
                             "offload=none, or grad_accum_dtype=auto")
+        self.check_master_weights()
         if f.get("activation_offload") and f.get("gradient_checkpointing") is False:
             raise PlanError("activation_offload=True keeps the checkpointed activations in CPU memory, so it needs "
                             "gradient_checkpointing=True (or auto)")
@@ -154,6 +159,39 @@ class Search:
             raise PlanError(f"micro_batch_size={micro} does not divide the {self.per_rank} sequences each rank "
                             f"processes per iteration (batch_size x gradient_accumulation_steps / ranks); "
                             f"use one of {options}")
+
+    def check_master_weights(self):
+        """bf16 weights without fp32 masters: bf16 training, full mode, ZeRO-0 without offload, their own AdamW
+        (the bf16_weights path of trainer/plan/memory.py); torchao's 4-bit AdamW only there, with bf16_sr."""
+        f = self.fixed
+        masters = f.get("master_weights", "fp32")
+        if f.get("optimizer") == "adamw4bit" and masters != "bf16_sr":
+            raise PlanError(f"optimizer=adamw4bit is torchao's AdamW4bit, which this trainer runs on bf16 weights "
+                            f"with stochastic rounding (one tensor at a time; DeepSpeed's fp32-master paths hand it "
+                            f"flat partitions it leaves unquantized), but master_weights={masters}; set "
+                            f"--master_weights=bf16_sr --dtype=bf16")
+        if masters == "fp32":
+            return
+        if self.dtype != "bf16":
+            raise PlanError(f"master_weights={masters} updates bf16 weights without an fp32 copy, but dtype="
+                            f"{self.dtype}; set --dtype=bf16, or --master_weights=fp32 (or auto)")
+        if f.get("mode", "full") != "full":
+            raise PlanError(f"master_weights={masters} is for full finetuning (adapters are a small share of the "
+                            f"memory and keep fp32 masters), but mode={f['mode']}; set --mode=full or "
+                            f"--master_weights=auto")
+        if f.get("zero_stage", 0) != 0 or f.get("offload", "none") != "none":
+            raise PlanError(f"master_weights={masters} runs at ZeRO-0 without offload (DeepSpeed steps a client "
+                            f"optimizer on the bf16 module: docs/plan.md), but zero_stage={f.get('zero_stage', 0)}, "
+                            f"offload={f.get('offload', 'none')}; set --zero_stage=0 --offload=none (or auto)")
+        if f.get("optimizer", "adamw") not in ("adamw", "adamw4bit"):
+            raise PlanError(f"master_weights={masters} steps its own AdamW on the bf16 weights, not "
+                            f"optimizer={f['optimizer']}; set --optimizer=adamw (or auto)")
+        if f.get("grad_accum_dtype", "bf16") != "bf16":
+            raise PlanError(f"master_weights={masters} accumulates gradients in the bf16 weights' own .grad, not "
+                            f"in fp32; set --grad_accum_dtype=bf16 (or auto)")
+        if masters == "bf16_sr" and self.hw.device_type == "cpu" and not (shutil.which("c++") or shutil.which("g++")):
+            raise PlanError("master_weights=bf16_sr steps with torchao's compiled AdamW, which on the CPU needs a C++ "
+                            "compiler; install one (apt-get install g++) or use --master_weights=bf16_kahan")
 
     # --------------------------------------------------------------------- candidates
 
@@ -192,6 +230,7 @@ class Search:
         """Every candidate of one mode the fixed keys allow."""
         cuda = self.hw.device_type == "cuda"
         micros = self.options("micro_batch_size", divisors_desc(self.per_rank))
+        masters = self.options("master_weights", AUTO_MASTER_WEIGHTS if self.dtype == "bf16" else ("fp32",))
         for offload in self.offloads(mode_fixed):
             optimizers = self.options("optimizer", ["adamw"] if offload != "none" else AUTO_OPTIMIZERS)
             for ckpt in self.options("gradient_checkpointing", (False, True)):
@@ -206,12 +245,20 @@ class Search:
                             if accum == "fp32" and default != "fp32":
                                 continue  # fp32 accumulation needs ZeRO-0 without offload
                             for optimizer in optimizers:
-                                for m in micros:
-                                    yield Candidate(mode, zero, offload, ckpt, m, optimizer,
-                                                    accum if self.dtype == "bf16" else default, act)
+                                for master in masters:
+                                    if master != "fp32" and (mode, zero, offload, accum) != ("full", 0, "none", "bf16"):
+                                        continue  # the bf16_weights path (check_master_weights)
+                                    if master != "fp32" and optimizer not in ("adamw", "adamw4bit") \
+                                            or optimizer == "adamw4bit" and master != "bf16_sr":
+                                        continue  # torchao's 4-bit AdamW runs on bf16_sr weights only
+                                    for m in micros:
+                                        yield Candidate(mode, zero, offload, ckpt, m, optimizer,
+                                                        accum if self.dtype == "bf16" else default, act, master)
 
     def modes(self):
         mode = self.fixed.get("mode")
+        if self.fixed.get("master_weights", "fp32") != "fp32":
+            return ["full"]  # bf16 weights without masters are a full-finetuning tool
         return [mode] if mode else list(MODES)
 
     def choose(self, modes=None):
@@ -272,6 +319,8 @@ def describe(cand):
     parts.append(f"micro-batch {cand.micro_batch_size}")
     if cand.optimizer != "adamw":
         parts.append(cand.optimizer)
-    if cand.grad_accum_dtype == "bf16" and cand.zero_stage == 0 and cand.offload == "none":
+    if cand.master_weights != "fp32":
+        parts.append(f"{cand.master_weights} weights (no fp32 masters)")
+    elif cand.grad_accum_dtype == "bf16" and cand.zero_stage == 0 and cand.offload == "none":
         parts.append("bf16 accumulation")
     return ", ".join(parts)

@@ -14,7 +14,7 @@ The optimizer step is DeepSpeed's for the plan (torch AdamW, `torch_adam: true`,
 ZeRO-0 in 16 bits is DeepSpeed's FP16_UnfusedOptimizer (runtime/fp16/unfused_optimizer.py, step(): an
 fp32 copy of every gradient next to the fp32 master weights, then AdamW on the masters); ZeRO 1-3 step on
 a flat fp32 partition of the gradients; offload steps on the CPU (nothing on the GPU). bf16 at ZeRO-0
-without offload on a GPU takes the fast path (trainer/plan/memory.optimizer_path): DeepSpeed's
+without offload on a GPU takes the fast path (trainer/plan/memory.deepspeed_path): DeepSpeed's
 BF16_Optimizer around torch's fused AdamW (_Bf16Step: the fp32 gradient buffer, the fp32 master partition,
 the bf16 -> fp32 accumulation after backward, the all-reduce's copies, the fused step).
 
@@ -40,9 +40,9 @@ from trainer.model.builder import build_module
 from trainer.model.gpt2 import TORCH_DTYPES, fit_to_config, gpt2_config
 from trainer.model.loss import LMWithLoss, chunked_lm_loss
 from trainer.model.offload import MIN_BYTES as OFFLOAD_MIN_BYTES
-from trainer.optim.optimizer import adamw_hyperparameters, client_optimizer, is_client, param_groups
+from trainer.optim.optimizer import adamw_hyperparameters, client_optimizer, is_client, master_optimizer, param_groups
 from trainer.plan.cuda_kernels import cuda_kernels
-from trainer.plan.memory import ZERO0_ALLREDUCE_ELEMENTS, optimizer_path
+from trainer.plan.memory import ZERO0_ALLREDUCE_ELEMENTS, deepspeed_path
 from trainer.units import MiB, format_bytes
 
 
@@ -176,6 +176,43 @@ class _Zero0Step:
             for master, p in zip(self.masters, self.params):
                 master.grad = None
                 p.data.copy_(master.data)
+
+
+class _Bf16WeightsStep:
+    """The bf16_weights path: the client optimizer (trainer/optim/optimizer.master_optimizer) on the bf16
+    parameters themselves, after the trainer's gradient norm (trainer/run/engine.clip_or_skip: one norm per
+    tensor, then theirs)."""
+
+    def __init__(self, params, cfg, plan):
+        self.masters = [p for group in param_groups(params, 0.0) for p in group["params"]]
+        self.opt = master_optimizer(plan.master_weights, param_groups(self.masters, cfg["weight_decay"]), cfg,
+                                    plan.optimizer)
+        if plan.optimizer == "adamw4bit":
+            # torchao computes its 4-bit maps (real, tiny constants, cached) at the first step: with real tensors
+            from torchao.optim.subclass_4bit import get_qmap_signed, get_qmap_unsigned
+            with torch._subclasses.fake_tensor.unset_fake_temporarily():
+                get_qmap_signed(), get_qmap_unsigned()
+
+    def step(self):
+        torch.nn.utils.get_total_norm([p.grad for p in self.masters])
+        if self.opt.__module__.startswith("torchao"):
+            # torchao compiles its per-tensor step, and fake tensors cannot go through inductor (it crashes):
+            # its math runs eagerly here, each intermediate made (what MASTER_STEP_TEMP_BYTES counts; compiled,
+            # inductor fuses them, so the estimate is an upper bound)
+            with _eager_compile():
+                self.opt.step()
+        else:
+            self.opt.step()
+
+
+@contextlib.contextmanager
+def _eager_compile():
+    compile_ = torch.compile
+    torch.compile = lambda fn=None, **kwargs: fn if fn is not None else (lambda f: f)
+    try:
+        yield
+    finally:
+        torch.compile = compile_
 
 
 class _ZeroStep:
@@ -388,6 +425,9 @@ def _nbytes(tensors):
     for t in tensors:
         if t is None:
             continue
+        if hasattr(t, "__tensor_flatten__"):  # a tensor subclass (torchao's 4-bit states): the tensors it holds
+            total += _nbytes([getattr(t, name) for name in t.__tensor_flatten__()[0]])
+            continue
         st = t.untyped_storage()
         key = id(st) if not hasattr(st, "_cdata") else st._cdata
         if key not in seen:
@@ -417,7 +457,8 @@ def simulate(cfg, shape, plan, packed=False, cpu_step=False):
 
     b, s = plan.micro_batch_size, cfg["block_size"]
     dtype = TORCH_DTYPES[plan.dtype]
-    path = optimizer_path(plan.zero_stage, plan.offload, plan.dtype, plan.grad_accum_dtype)
+    path = deepspeed_path(plan.zero_stage, plan.offload, plan.dtype, plan.grad_accum_dtype,
+                          plan.master_weights).optimizer
     fake_mode = FakeTensorMode(allow_non_fake_inputs=True)
     module = build_fake_module(cfg, shape, plan, fake_mode, packed)
     if plan.activation_offload:
@@ -453,10 +494,12 @@ def simulate(cfg, shape, plan, packed=False, cpu_step=False):
         transient = states = 0
         if plan.offload == "none":
             if path != "bf16_optimizer":  # (that optimizer is built above: its hooks run in backward)
-                opt = _Zero0Step(params, cfg, plan, cpu_step) if plan.zero_stage == 0 \
+                opt = _Bf16WeightsStep(params, cfg, plan) if path == "bf16_weights" \
+                    else _Zero0Step(params, cfg, plan, cpu_step) if plan.zero_stage == 0 \
                     else _ZeroStep(module, cfg, plan, cpu_step)
             opt.step()  # the first step creates the states; the second is every later step
-            own_masters = dtype != torch.float32 or plan.zero_stage > 0 or path == "bf16_optimizer"
+            own_masters = (dtype != torch.float32 or plan.zero_stage > 0 or path == "bf16_optimizer") \
+                and path != "bf16_weights"  # (that path's optimizer steps the module's own parameters)
             states = _nbytes([t for m in opt.masters for t in opt.opt.state[m].values() if isinstance(t, torch.Tensor)]
                              + (opt.masters if own_masters else []))
             if path != "bf16_optimizer":

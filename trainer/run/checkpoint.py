@@ -29,6 +29,7 @@ import torch
 from trainer.errors import UserError
 from trainer.files import atomic_write
 from trainer.os_errors import fix, is_refusal, reason, refusal_in, with_path
+from trainer.plan.memory import saved_deepspeed_path
 from trainer.run.ranks import all_gather_objects, all_ranks_ok, rank
 
 CHECKPOINT_DIR = "checkpoints"
@@ -255,9 +256,10 @@ def save(engine, out_dir, iter_num, client_state, adapters_only=False):
                 plan = client_state["plan"]
                 atomic_write(root / tmp_tag / INFO, json.dumps(
                     {"iter_num": iter_num, "world_size": plan["n_devices"], "zero_stage": plan["zero_stage"],
-                     # the fast bf16 path builds a ZeRO-0 plan as DeepSpeed ZeRO-1 (trainer/run/engine.py)
                      "engine_zero_stage": engine.zero_optimization_stage(), "mode": plan["mode"],
-                     "optimizer": plan["optimizer"], "grad_accum_dtype": plan["grad_accum_dtype"]}))
+                     "optimizer": plan["optimizer"], "grad_accum_dtype": plan["grad_accum_dtype"],
+                     # what saved_deepspeed_path needs to know which DeepSpeed path wrote the files
+                     "dtype": plan["dtype"], "offload": plan["offload"], "master_weights": plan["master_weights"]}))
                 write_manifest(root / tmp_tag, streamed)
             except OSError as exc:
                 error = exc
@@ -472,7 +474,7 @@ def consolidated_state_dict(out_dir, tag=None):
     # export unpickle its objects), no GPU is probed and nothing is printed about it
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     info = read_info(out_dir, tag)
-    if info.get("zero_stage") == 0 and info.get("engine_zero_stage") == 1:
+    if saved_deepspeed_path(info).optimizer == "bf16_optimizer":
         state = bf16_optimizer_state_dict(folder)
     elif list(folder.glob("*zero_pp_rank_*optim_states.pt")):
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
@@ -483,8 +485,8 @@ def consolidated_state_dict(out_dir, tag=None):
 
 
 def bf16_optimizer_state_dict(folder):
-    """The fp32 master weights of a bf16 ZeRO-0 checkpoint. That plan runs DeepSpeed's BF16_Optimizer (an engine
-    built as ZeRO-1 with grad_accum_dtype fp32: trainer/plan/memory.py), whose files zero_to_fp32 refuses ("is not
+    """The fp32 master weights of a bf16 ZeRO-0 checkpoint. That plan runs DeepSpeed's BF16_Optimizer
+    (trainer/plan/memory.deepspeed_path), whose files zero_to_fp32 refuses ("is not
     a zero checkpoint"). Each rank's file holds a slice of every parameter group flattened in the order of the
     model file's param_shapes (padding at the end); frozen weights and buffers are the module's own (an adapter
     checkpoint has none), and tied weights (lm_head) point to the tensor they share."""

@@ -10,8 +10,9 @@ import torch
 
 from trainer.config import REPO_ROOT
 from trainer.errors import UserError
-from trainer.optim.optimizer import adamw_hyperparameters, client_optimizer, group_lr, is_client, param_groups
-from trainer.plan.memory import optimizer_path
+from trainer.optim.optimizer import (adamw_hyperparameters, client_optimizer, group_lr, is_client, master_optimizer,
+                                     param_groups)
+from trainer.plan.memory import deepspeed_path
 
 DS_CONFIGS = REPO_ROOT / "ds_configs"
 
@@ -38,25 +39,16 @@ def zero_section(zero_stage, offload, on_gpu):
 
 
 def path_of_plan(plan):
-    """Which of DeepSpeed's optimizer wrappers the plan runs on (trainer/plan/memory.py)."""
-    return optimizer_path(plan.zero_stage, plan.offload, plan.dtype, plan.grad_accum_dtype)
-
-
-def fast_bf16(plan):
-    """The plan runs on DeepSpeed's BF16_Optimizer (trainer/plan/memory.py: the optimizer paths)."""
-    return path_of_plan(plan) == "bf16_optimizer"
-
-
-def deepspeed_zero_stage(plan):
-    """The ZeRO stage the DeepSpeed engine is built with (the plan's, but 1 on the BF16_Optimizer path)."""
-    return 1 if fast_bf16(plan) else plan.zero_stage
+    """Which of DeepSpeed's optimizer wrappers the plan runs on, and the engine's ZeRO stage
+    (trainer/plan/memory.deepspeed_path)."""
+    return deepspeed_path(plan.zero_stage, plan.offload, plan.dtype, plan.grad_accum_dtype, plan.master_weights)
 
 
 def build_ds_config(cfg, plan, world_size, on_gpu):
     """The full DeepSpeed config for this run: batch sizes, precision, clipping, optimizer, ZeRO."""
-    zero = {**zero_section(plan.zero_stage, plan.offload, on_gpu), **plan.estimate.buckets}
-    if fast_bf16(plan):
-        zero = {**zero_section(1, "none", on_gpu), **zero, "stage": 1}
+    path = path_of_plan(plan)
+    zero = {**zero_section(path.engine_stage, plan.offload, on_gpu), **plan.estimate.buckets,
+            "stage": path.engine_stage}
     config = {
         "train_micro_batch_size_per_gpu": plan.micro_batch_size,
         "gradient_accumulation_steps": plan.grad_accum_per_rank,
@@ -67,7 +59,7 @@ def build_ds_config(cfg, plan, world_size, on_gpu):
         "steps_per_print": 2**31 - 1,  # the trainer prints its own progress
         "wall_clock_breakdown": False,
     }
-    if is_client(plan.optimizer):
+    if is_client(plan.optimizer) or path.optimizer == "bf16_weights":
         # bitsandbytes' optimizers come in as DeepSpeed's client optimizer (create_engine); ZeRO accepts them
         # only with this flag (it steps them on its flat fp32 partitions like any torch optimizer)
         config["zero_allow_untested_optimizer"] = True
@@ -83,9 +75,9 @@ def build_ds_config(cfg, plan, world_size, on_gpu):
                 **({"fused": True} if on_gpu and plan.offload == "none" else {}),
             },
         }
-    if plan.dtype == "bf16":
+    if plan.dtype == "bf16" and path.optimizer != "bf16_weights":  # (that path's module is bf16 already)
         config["bf16"] = {"enabled": True}
-        if fast_bf16(plan):
+        if path.optimizer == "bf16_optimizer":
             # each bf16 gradient is added into the fp32 buffer as backward produces it and freed at once
             config["bf16"]["immediate_grad_update"] = True
             config["data_types"] = {"grad_accum_dtype": "fp32"}
@@ -133,11 +125,18 @@ def create_engine(module, cfg, plan, world_size, on_gpu, load_universal=False):
     ds_config = build_ds_config(cfg, plan, world_size, on_gpu)
     if load_universal:  # resuming a checkpoint saved with another number of ranks
         ds_config["checkpoint"] = {"load_universal": True}
-    groups = param_groups(module, cfg["weight_decay"], cfg["loraplus_lr_ratio"])
-    optimizer = client_optimizer(plan.optimizer, groups, cfg)  # None: torch's AdamW from the config
+    path = path_of_plan(plan)
+    if path.optimizer == "bf16_weights":
+        # no fp32 copy: the module is bf16 and DeepSpeed, told of no precision, steps the client optimizer on it
+        module.to(torch.bfloat16)
+        groups = param_groups(module, cfg["weight_decay"])
+        optimizer = master_optimizer(plan.master_weights, groups, cfg, plan.optimizer)
+    else:
+        groups = param_groups(module, cfg["weight_decay"], cfg["loraplus_lr_ratio"])
+        optimizer = client_optimizer(plan.optimizer, groups, cfg)  # None: torch's AdamW from the config
     engine, _, _, _ = deepspeed.initialize(model=module, model_parameters=groups if optimizer is None else None,
                                            optimizer=optimizer, config=ds_config)
-    if world_size == 1 and path_of_plan(plan) in ("plain", "bf16_optimizer"):
+    if world_size == 1 and path.optimizer in ("plain", "bf16_optimizer", "bf16_weights"):
         # One rank has nothing to average: DeepSpeed's ZeRO-0 all-reduce would only copy the gradients (the
         # BF16_Optimizer's fp32 buffer into bf16 and back: 2 bytes per parameter, and its precision). The
         # unfused path keeps it: without it FP16_UnfusedOptimizer's step holds 2 bytes per parameter more
@@ -152,13 +151,17 @@ def create_engine(module, cfg, plan, world_size, on_gpu, load_universal=False):
 def set_lr(engine, lr):
     """The schedule's learning rate on every optimizer group (LoRA+'s B group keeps its ratio to it)."""
     for group in engine.optimizer.param_groups:
-        group["lr"] = group_lr(group, lr)
+        if isinstance(group["lr"], torch.Tensor):  # torchao's optimizers keep it a tensor (compiled steps read it)
+            group["lr"].fill_(group_lr(group, lr))
+        else:
+            group["lr"] = group_lr(group, lr)
 
 
 def clips_by_hand(plan):
     """DeepSpeed's ZeRO and 16-bit optimizers report the grad norm and skip non-finite steps; with
-    plain fp32 at stage 0 it does neither, so the trainer clips and skips itself."""
-    return plan.zero_stage == 0 and plan.dtype == "fp32"
+    plain fp32 at stage 0, or bf16 weights without masters (no precision section), it does neither, so the
+    trainer clips and skips itself."""
+    return path_of_plan(plan).optimizer in ("plain", "bf16_weights")
 
 
 def clip_or_skip(engine, max_norm):

@@ -11,9 +11,9 @@ the run to it: a new run.plan, and run.engine rebuilt through the setup's own bu
 sampler to the start of the iteration, so the iteration is redone on the same windows; its partial
 gradients are discarded.
 
-- ZeRO-0, only checkpointing, activation offload or the micro-batch changing: the same engine. Its
-  partial gradients are dropped, its micro-step counter rewound, and the micro-batch and accumulation
-  set anew.
+- ZeRO-0 plans (the bf16_optimizer path's too, whatever stage its engine has), only checkpointing,
+  activation offload or the micro-batch changing: the same engine. Its partial gradients (BF16_Optimizer's
+  fp32 buffer too) are dropped, its micro-step counter rewound, and the micro-batch and accumulation set anew.
 - Anything else (a ZeRO stage, offload, mode, optimizer or accumulation-dtype change, or any change
   under ZeRO 1-3, whose half-reduced gradient buckets cannot be rewound): the weights (fp32 masters)
   and Adam's moments and step count are copied to CPU memory by parameter name, the old engine is
@@ -37,7 +37,7 @@ from trainer.model.gpt2 import enable_checkpointing
 from trainer.plan.planner import step_down
 from trainer.plan.report import format_plan
 from trainer.run import checkpoint
-from trainer.run.engine import set_lr
+from trainer.run.engine import path_of_plan, set_lr
 from trainer.run.run_dir import RunDir
 from trainer.run.setup import build_engine, build_trained_module
 
@@ -196,9 +196,11 @@ class Recovery:
             raise UserError(f"out of memory at iteration {iter_num} ({message}) {why}; last checkpoint: {last}; "
                             f"{hint}")
 
-        engine_keys = ("zero_stage", "offload", "mode", "optimizer", "grad_accum_dtype")
-        rebuild = run.engine.zero_optimization_stage() > 0 or any(getattr(new, k) != getattr(plan, k)
-                                                                  for k in engine_keys)
+        engine_keys = ("zero_stage", "offload", "mode", "optimizer", "grad_accum_dtype", "master_weights")
+        # ZeRO's half-reduced gradient buckets cannot be rewound; the ZeRO-0 paths' gradients (BF16_Optimizer's
+        # fp32 buffer included, whatever stage its engine is built with) are dropped in place
+        partitioned = path_of_plan(plan).optimizer in ("zero", "cpu_adam")
+        rebuild = partitioned or any(getattr(new, k) != getattr(plan, k) for k in engine_keys)
         how = ("" if not rebuild else f" with a new {new.mode} engine on the original weights (no optimizer step "
                f"was taken yet)" if new.mode != plan.mode else " with a rebuilt engine (weights and optimizer state "
                "carried)")
@@ -221,6 +223,7 @@ class Recovery:
         batch sizes."""
         engine, plan = self.run.engine, self.run.plan
         engine.zero_grad()
+        engine.optimizer.zero_grad()  # BF16_Optimizer keeps the accumulated gradients in its fp32 buffer
         accum = new.grad_accum_per_rank
         engine.set_train_micro_batch_size(new.micro_batch_size)
         engine.set_train_batch_size(new.micro_batch_size * accum * self.run.world)

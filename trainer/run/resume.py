@@ -5,6 +5,7 @@ from dataclasses import dataclass
 from trainer.config import DEFAULTS, GRAD_ACCUM_DTYPES
 from trainer.optim.optimizer import is_8bit, unpaged
 from trainer.errors import UserError
+from trainer.plan.memory import saved_deepspeed_path
 from trainer.run.run_dir import CONFIG, RunDir
 
 # Keys that fix the model a checkpoint holds: a resume takes them from the run.
@@ -56,11 +57,23 @@ def resume_layout(cfg, info, world):
     if cfg["zero_stage"] == "auto":
         cfg["zero_stage"] = info["zero_stage"]
     saved_optimizer = info.get("optimizer", "adamw")  # checkpoints from before the optimizer key: torch's AdamW
+    if saved_optimizer == "adamw4bit":
+        # DeepSpeed 0.19.8 loads optimizer files with a callable map_location, which torch cannot apply to
+        # torchao's tensor subclass ("Callable map_location not supported with _rebuild_wrapper_subclass")
+        raise UserError("the checkpoint holds torchao's 4-bit AdamW states, which DeepSpeed's checkpoint loader cannot "
+                        "read back (torchao's tensor subclass); continue its weights in a new run with "
+                        "--init_from=<this out_dir> --out_dir=<a new folder> (Adam's moments restart)")
     if cfg["optimizer"] == "auto":
         cfg["optimizer"] = saved_optimizer
     elif unpaged(cfg["optimizer"]) != unpaged(saved_optimizer):  # paging does not change the states
         raise UserError(f"the checkpoint holds {saved_optimizer}'s optimizer states, not {cfg['optimizer']}'s; "
                         f"resume with --optimizer={saved_optimizer}")
+    saved_masters = info.get("master_weights", "fp32")  # checkpoints from before the key: fp32 masters
+    if cfg["master_weights"] == "auto":
+        cfg["master_weights"] = saved_masters
+    elif cfg["master_weights"] != saved_masters:
+        raise UserError(f"the checkpoint holds master_weights={saved_masters} (its optimizer states are of that "
+                        f"kind), not {cfg['master_weights']}; resume with --master_weights={saved_masters}")
     if "grad_accum_dtype" in info and cfg["grad_accum_dtype"] == "auto":
         cfg["grad_accum_dtype"] = info["grad_accum_dtype"] if info["grad_accum_dtype"] in GRAD_ACCUM_DTYPES \
             else "auto"
@@ -68,8 +81,8 @@ def resume_layout(cfg, info, world):
     if cfg["mode"] != info["mode"]:
         raise UserError(f"the checkpoint was trained in {info['mode']} mode, not {cfg['mode']}; "
                         f"resume with --mode={info['mode']}")
-    # a ZeRO-0 plan saved through the fast bf16 path (DeepSpeed ZeRO-1) holds partitioned states too
-    partitioned = max(saved, info.get("engine_zero_stage", saved)) >= 1
+    # a ZeRO-0 plan's engine may be partitioned too (the bf16_optimizer path: trainer/plan/memory.deepspeed_path)
+    partitioned = saved_deepspeed_path(info).engine_stage >= 1
     universal = partitioned and (world != info["world_size"] or wanted != saved)
     if universal and is_8bit(saved_optimizer):
         raise UserError(f"the checkpoint's {saved_optimizer} states are partitioned over {info['world_size']} ranks "
