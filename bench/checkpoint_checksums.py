@@ -1,4 +1,4 @@
-"""What the checksums of a checkpoint cost: a save through trainer/run/checkpoint.write_hashed (sha256 while
+"""What the checksums of a checkpoint cost: a save through trainer/run/checkpoint_save.write_hashed (sha256 while
 writing, then fsync) against torch.save to the path and an fsync (the save before checksums), and verifying it
 (check_manifest) against reading it back.
 
@@ -23,7 +23,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this clone's tra
 import torch  # noqa: E402
 
 from trainer.model.shapes import gpt2_tensor_numels  # noqa: E402
-from trainer.run.checkpoint import MANIFEST, check_manifest, file_digest, write_hashed, write_manifest  # noqa: E402
+from trainer.run.checkpoint import MANIFEST, check_manifest, file_digest  # noqa: E402
+from trainer.run.checkpoint_save import write_hashed, write_manifest  # noqa: E402
 
 
 def best_of(repeats, step):

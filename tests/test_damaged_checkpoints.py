@@ -14,7 +14,7 @@ import torch
 
 from conftest import REPO, fails_cleanly, python, run_cmd, snapshot, train_args
 from trainer.errors import UserError
-from trainer.run import checkpoint
+from trainer.run import checkpoint, consolidate
 
 NEWEST, OLDER = "iter0000004", "iter0000002"
 MODEL_FILE = "mp_rank_00_model_states.pt"
@@ -108,8 +108,8 @@ def test_readers_load_the_checkpoint_that_verifies(finished_run, tmp_path):
     """Export, sample.py and eval.py read weights through consolidated_state_dict: the older, intact ones."""
     out = copy_run(finished_run, tmp_path)
     flip_one_bit(checkpoint.checkpoint_dir(out) / NEWEST / MODEL_FILE)
-    weights = checkpoint.consolidated_state_dict(out)
-    older = checkpoint.consolidated_state_dict(finished_run, OLDER)
+    weights = consolidate.consolidated_state_dict(out)
+    older = consolidate.consolidated_state_dict(finished_run, OLDER)
     assert weights.keys() == older.keys() and all(torch.equal(weights[k], older[k]) for k in weights)
 
 

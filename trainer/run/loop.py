@@ -19,7 +19,7 @@ from trainer.model.loss import token_weighted
 from trainer.model.sampling import generate
 from trainer.optim.schedule import lr_at
 from trainer.plan.hardware import peak_flops
-from trainer.run import checkpoint, oom
+from trainer.run import checkpoint, checkpoint_save, oom
 from trainer.run.engine import clip_or_skip, set_lr
 from trainer.run.interrupts import StopRequest
 from trainer.run.logger import format_eta, peak_memory_bytes, reset_peak_memory
@@ -155,7 +155,7 @@ def stops_early(run):
 
 
 def save(run):
-    return checkpoint.save(run.engine, run.out_dir, run.iter_num, run.client_state(), run.adapters_only)
+    return checkpoint_save.save(run.engine, run.out_dir, run.iter_num, run.client_state(), run.adapters_only)
 
 
 @torch.no_grad()

@@ -18,7 +18,7 @@ from trainer.model import nanogpt
 from trainer.model.adapters import build_base
 from trainer.model.gpt2 import load_pretrained, model_from_config_file
 from trainer.model.shapes import HUB_NAMES
-from trainer.run.checkpoint import consolidated_state_dict
+from trainer.run.consolidate import consolidated_state_dict
 from trainer.run.run_dir import RunDir
 from trainer.run.weights import adapter_state_dict, load_adapter_run
 
