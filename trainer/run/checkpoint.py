@@ -17,6 +17,7 @@ from pathlib import Path
 
 from trainer.errors import UserError
 from trainer.os_errors import is_refusal
+from trainer.run import safe_load
 from trainer.run.ranks import rank
 
 
@@ -142,12 +143,18 @@ def candidates(out_dir):
     return list(reversed(tags)), [f"{root / 'latest'} is damaged"]
 
 
+def problem_with(folder):
+    """None for a checkpoint a reader may load: every file as its manifest says, and every torch file data
+    (trainer/run/safe_load.py: one holding code is refused with a UserError, never passed over)."""
+    return check_manifest(folder) or safe_load.check_folder(folder)
+
+
 def newest_good(out_dir):
     """(the first candidate that verifies, or None; one line per checkpoint passed over and why)."""
     root = checkpoint_dir(out_dir)
     order, passed = candidates(out_dir)
     for tag in order:
-        problem = check_manifest(root / tag)
+        problem = problem_with(root / tag)
         if problem is None:
             return tag, passed
         passed.append(f"checkpoint {root / tag} is damaged ({problem})")
@@ -191,7 +198,7 @@ def choose_tag(out_dir, tag=""):
         if tag not in complete_tags(out_dir):
             raise UserError(f"resume_tag={tag!r}: no such checkpoint in {root}; choose one of "
                             f"{', '.join(good_tags(out_dir)) or 'none'}")
-        problem = check_manifest(root / tag)
+        problem = problem_with(root / tag)
         if problem:
             good = good_tags(out_dir)
             raise UserError(f"resume_tag={tag!r}: checkpoint {root / tag} is damaged ({problem}) and kept as it is; "

@@ -9,6 +9,7 @@ import torch
 
 from trainer.errors import UserError
 from trainer.os_errors import refusal_in
+from trainer.run import safe_load
 from trainer.run.checkpoint import TMP_PREFIX, checkpoint_dir, corrupt_message
 from trainer.run.ranks import all_ranks_ok, rank
 
@@ -26,6 +27,10 @@ def load(engine, out_dir, tag, adapters_only=False, universal=False):
     """Load a checkpoint into the engine; returns the client state and restores this rank's RNG."""
     root = checkpoint_dir(out_dir)
     load_tag = f"{tag}_universal" if universal else tag
+    if universal:  # its files are read by DeepSpeed's own loader, with weights_only=False: checked first
+        problem = safe_load.check_folder(root / load_tag)
+        if problem:
+            raise UserError(corrupt_message(out_dir, tag, f"its universal conversion {root / load_tag}: {problem}"))
     try:
         load_path, client_state = engine.load_checkpoint(str(root), tag=load_tag,
                                                          load_module_strict=not adapters_only)
@@ -37,7 +42,7 @@ def load(engine, out_dir, tag, adapters_only=False, universal=False):
         raise UserError(corrupt_message(out_dir, tag, "DeepSpeed could not load it"))
     rng_file = root / tag / f"rng_rank{rank()}.pt"
     if rng_file.is_file():  # a rank that did not exist in the saved run keeps its fresh seed
-        set_rng_state(torch.load(rng_file, weights_only=False))
+        set_rng_state(safe_load.load(rng_file))
     return client_state
 
 

@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from trainer.config import ADAPTER_MODES
+from trainer.data.meta import has_meta
 from trainer.data.tokenizer import CharTokenizer, Gpt2Tokenizer, load_tokenizer
 from trainer.errors import UserError
 from trainer.model import nanogpt
@@ -70,8 +71,7 @@ def load_run(out_dir, tag=None):
 
 def load_hf(source):
     lm = load_pretrained(source, dropout=0.0)
-    meta_file = Path(source) / "meta.pkl"  # exports of character-level runs carry their vocabulary
-    if meta_file.is_file():
+    if has_meta(source):  # exports of character-level runs carry their vocabulary
         meta = RunDir(source).meta()
         return LoadedModel(lm.eval(), load_tokenizer(meta), lm.config.n_positions, meta["vocab_size"], None)
     return LoadedModel(lm.eval(), load_tokenizer({"tokenizer": "gpt2"}), lm.config.n_positions,
