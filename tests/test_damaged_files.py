@@ -6,7 +6,7 @@ import shutil
 
 import pytest
 
-from conftest import REPO, fails_cleanly, make_tiny_gpt2, python, run_cmd, train_args
+from conftest import REPO, copy_run, fails_cleanly, make_tiny_gpt2, python, run_cmd, train_args
 
 SMALL = ("--n_layer=1", "--n_head=2", "--n_embd=32", "--eval_iters=1")
 
@@ -60,8 +60,7 @@ def test_a_damaged_model_folder_is_one_line(model_dir, data_dir, tmp_path, name,
 def test_a_damaged_run_file_is_one_line(finished_run, data_dir, tmp_path, name, entry):
     if name != "config.json" and entry in ("eval", "train"):
         pytest.skip("every run file is read through trainer/run/run_dir.py: config.json stands for them here")
-    run = tmp_path / "run"
-    shutil.copytree(finished_run, run)
+    run = copy_run(finished_run, tmp_path)
     cut_short(run / name)
     commands = {**entry_points(run, data_dir, tmp_path),
                 "sample": [REPO / "launch/sample.py", f"--out_dir={run}", "--num_samples=1", "--max_new_tokens=2"],

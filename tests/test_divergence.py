@@ -3,11 +3,10 @@ saved or sampled from non-finite weights; its last scalars are in TensorBoard (t
 path out of the loop). A real divergence (a huge learning rate: one finite step blows the weights up, and
 the next forward is non-finite) and the injection hook (a weight made NaN right after a finite step)."""
 import json
-import shutil
 
 import pytest
 
-from conftest import REPO, fails_cleanly, python, run_cmd, tb_scalars, train_args
+from conftest import REPO, copy_run, fails_cleanly, python, run_cmd, tb_scalars, train_args
 from trainer.run import checkpoint
 
 SMALL = ("--n_layer=1", "--n_head=2", "--n_embd=32", "--eval_iters=1", "--log_interval=1")
@@ -18,12 +17,6 @@ def good_run(data_dir, tmp_path_factory):
     """A healthy run with its checkpoint at iteration 2."""
     out = tmp_path_factory.mktemp("diverge") / "run"
     run_cmd(python(*train_args(data_dir, out, "--max_iters=2", "--eval_interval=2", *SMALL)), REPO)
-    return out
-
-
-def copy_run(good_run, tmp_path):
-    out = tmp_path / "run"
-    shutil.copytree(good_run, out)
     return out
 
 

@@ -11,7 +11,7 @@ import shutil
 import pytest
 import torch
 
-from conftest import REPO, fails_cleanly, python, run_cmd, train_args
+from conftest import REPO, copy_run, fails_cleanly, python, run_cmd, train_args
 from trainer.data.meta import read_meta_file
 from trainer.run import checkpoint, safe_load
 from trainer.run.checkpoint_save import write_manifest
@@ -35,12 +35,6 @@ def finished_run(data_dir, tmp_path_factory):
     """A character run with one checkpoint (iteration 2)."""
     out = tmp_path_factory.mktemp("safe") / "run"
     run_cmd(python(*train_args(data_dir, out, "--max_iters=2", "--eval_interval=2", "--eval_iters=1", *SMALL)), REPO)
-    return out
-
-
-def copy_run(finished_run, tmp_path):
-    out = tmp_path / "run"
-    shutil.copytree(finished_run, out)
     return out
 
 

@@ -20,7 +20,6 @@ from trainer.os_errors import is_refusal
 from trainer.run import safe_load
 from trainer.run.ranks import rank
 
-
 CHECKPOINT_DIR = "checkpoints"
 TMP_PREFIX = ".tmp-"
 MANIFEST = "manifest.json"
@@ -29,7 +28,6 @@ INFO = "info.json"
 KEEP = 2  # the newest checkpoint and the one before it
 TAG = re.compile(r"iter\d+")
 HASH_THREADS = 4  # hashlib releases the GIL: files are verified in parallel
-
 
 
 def checkpoint_dir(out_dir):

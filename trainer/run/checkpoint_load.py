@@ -22,7 +22,6 @@ def set_rng_state(state):
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-
 def load(engine, out_dir, tag, adapters_only=False, universal=False):
     """Load a checkpoint into the engine; returns the client state and restores this rank's RNG."""
     root = checkpoint_dir(out_dir)

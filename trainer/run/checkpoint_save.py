@@ -34,7 +34,6 @@ def rng_state():
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
 
 
-
 class HashingWriter:
     """A binary file that hashes what goes through it and keeps the first OSError of a write (torch's zip writer
     turns a failed write into its own RuntimeError, without the reason)."""
@@ -111,7 +110,6 @@ def write_manifest(folder, streamed):
             os.fsync(f.fileno())
         files[name] = {"bytes": size, "sha256": file_digest(path)}
     atomic_write(folder / MANIFEST, json.dumps({"format": MANIFEST_FORMAT, "files": files}, indent=1))
-
 
 
 def save(engine, out_dir, iter_num, client_state, adapters_only=False):
