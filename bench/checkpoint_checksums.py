@@ -1,6 +1,8 @@
-"""What the checksums of a checkpoint cost: a save through trainer/run/checkpoint.write_hashed (sha256 while
+"""What the checksums of a checkpoint cost: a save through trainer/run/checkpoint_save.write_hashed (sha256 while
 writing, then fsync) against torch.save to the path and an fsync (the save before checksums), and verifying it
-(check_manifest) against reading it back.
+(check_manifest) against reading it back; and what reading it as data only costs (trainer/run/safe_load.py): the
+check of every torch file before DeepSpeed's loaders touch it (check_folder: the pickle parsed, the tensors
+memory-mapped, not read), and a full load with weights_only=True against torch.load(weights_only=False).
 
 python bench/checkpoint_checksums.py [--n_layer=12 --n_embd=768] [--workdir=DIR] [--repeats=3]
 
@@ -23,7 +25,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this clone's tra
 import torch  # noqa: E402
 
 from trainer.model.shapes import gpt2_tensor_numels  # noqa: E402
-from trainer.run.checkpoint import MANIFEST, check_manifest, file_digest, write_hashed, write_manifest  # noqa: E402
+from trainer.run.checkpoint import MANIFEST, check_manifest, file_digest  # noqa: E402
+from trainer.run.checkpoint_save import write_hashed, write_manifest  # noqa: E402
+from trainer.run.safe_load import check_folder, load  # noqa: E402
 
 
 def best_of(repeats, step):
@@ -73,6 +77,10 @@ def main(argv):
         read = best_of(args.repeats, lambda: read_back(path))
         verify = best_of(args.repeats, lambda: check_manifest(folder))
         assert check_manifest(folder) is None
+        as_data = best_of(args.repeats, lambda: check_folder(folder))
+        assert check_folder(folder) is None
+        unsafe = best_of(args.repeats, lambda: torch.load(path, map_location="cpu", weights_only=False))
+        safe = best_of(args.repeats, lambda: load(path))
     finally:
         shutil.rmtree(work)
     gb = size / 1e9
@@ -81,7 +89,10 @@ def main(argv):
     print("| step | seconds | GB/s |\n|---|---|---|")
     for name, seconds in (("torch.save to the path, fsync (before)", plain), ("write_hashed: torch.save through sha256, "
                           "fsync (now)", hashed), ("reading the file back (no check)", read),
-                          ("check_manifest: sha256 of the file (resume, export, sample, eval)", verify)):
+                          ("check_manifest: sha256 of the file (resume, export, sample, eval)", verify),
+                          ("safe_load.check_folder: the pickle checked as data, tensors memory-mapped", as_data),
+                          ("torch.load(weights_only=False), the whole file", unsafe),
+                          ("safe_load.load: torch.load(weights_only=True) + allowlist, the whole file", safe)):
         print(f"| {name} | {seconds:.2f} | {gb / seconds:.2f} |")
     print(f"\nsave overhead: {hashed - plain:+.2f} s ({100 * (hashed / plain - 1):+.0f}%); verification: "
           f"{verify:.2f} s per checkpoint, {verify / gb:.2f} s per GB")

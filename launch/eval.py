@@ -23,6 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this clone's tra
 
 from trainer.cli import FlagParser, at_least, run_main  # noqa: E402
 from trainer.errors import UserError  # noqa: E402
+from trainer.launcher import read_checkpoints_on_cpu  # noqa: E402
 
 
 def parse_args(argv):
@@ -242,6 +243,7 @@ def main_generate(args, loaded, device):
 
 def main(argv):
     args = parse_args(argv)
+    read_checkpoints_on_cpu()
     # the text file read before the 6-7 s of imports: an unreadable or non-UTF-8 file is one line at once
     text = read_text(args.text) if args.text else None
     if args.generate:

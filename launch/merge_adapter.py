@@ -17,6 +17,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this clone's trainer, even if another is installed
 
 from trainer.cli import FlagParser, more_than, run_main  # noqa: E402
+from trainer.launcher import read_checkpoints_on_cpu  # noqa: E402
 
 
 def parse_args(argv):
@@ -36,6 +37,7 @@ def parse_args(argv):
 
 def main(argv):
     args = parse_args(argv)
+    read_checkpoints_on_cpu()
     from trainer.tools.export import export
     export(args.out_dir, args.export_dir, dtype=args.dtype, adapter_only=args.adapter_only, tolerance=args.tolerance,
            qlora_base=args.qlora_base)

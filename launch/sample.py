@@ -12,6 +12,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this clone's tra
 
 from trainer.cli import FlagParser, at_least, run_main  # noqa: E402
 from trainer.errors import UserError  # noqa: E402
+from trainer.launcher import read_checkpoints_on_cpu  # noqa: E402
 
 
 def parse_args(argv):
@@ -63,6 +64,7 @@ def instruction_ids(tokenizer, template, instruction, input_text=""):
 
 def main(argv):
     args = parse_args(argv)
+    read_checkpoints_on_cpu()
     # prompts read before the 6-7 s of imports: an unreadable or non-UTF-8 FILE: is one line at once
     start_text, input_text = read_start(args.start), read_start(args.input, "--input")
     import torch

@@ -68,6 +68,14 @@ def fails_cleanly(args, expected, watch=None, env=None, command=None):
     return errors[0]
 
 
+def copy_run(run, tmp_path, name="run"):
+    """A private copy of a finished run's folder, to damage, resume or continue."""
+    import shutil
+    out = tmp_path / name
+    shutil.copytree(run, out)
+    return out
+
+
 def deepspeed_cmd(*args, num_gpus=None):
     """The `deepspeed` launcher of this interpreter's environment."""
     launcher = Path(sys.executable).with_name("deepspeed")

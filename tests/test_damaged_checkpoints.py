@@ -14,7 +14,7 @@ import torch
 
 from conftest import REPO, fails_cleanly, python, run_cmd, snapshot, train_args
 from trainer.errors import UserError
-from trainer.run import checkpoint
+from trainer.run import checkpoint, consolidate
 
 NEWEST, OLDER = "iter0000004", "iter0000002"
 MODEL_FILE = "mp_rank_00_model_states.pt"
@@ -108,8 +108,8 @@ def test_readers_load_the_checkpoint_that_verifies(finished_run, tmp_path):
     """Export, sample.py and eval.py read weights through consolidated_state_dict: the older, intact ones."""
     out = copy_run(finished_run, tmp_path)
     flip_one_bit(checkpoint.checkpoint_dir(out) / NEWEST / MODEL_FILE)
-    weights = checkpoint.consolidated_state_dict(out)
-    older = checkpoint.consolidated_state_dict(finished_run, OLDER)
+    weights = consolidate.consolidated_state_dict(out)
+    older = consolidate.consolidated_state_dict(finished_run, OLDER)
     assert weights.keys() == older.keys() and all(torch.equal(weights[k], older[k]) for k in weights)
 
 
@@ -148,15 +148,22 @@ def test_resume_falls_back_to_the_newest_good_checkpoint(data_dir, finished_run,
 
 @pytest.mark.slow
 def test_a_resume_that_fails_while_loading_writes_nothing(data_dir, finished_run, tmp_path):
-    """A checkpoint whose manifest holds sizes only (saved before checksums) passes the check but does not load:
-    the resume stops after the engine and the logger were made, and leaves the out_dir as it was (no empty
-    TensorBoard event file, no run file rewritten)."""
+    """A checkpoint whose manifest holds sizes only (saved before checksums) and whose model file is readable
+    data of the same size, but not what DeepSpeed saved, passes the checks and does not load: the resume stops
+    after the engine and the logger were made, and leaves the out_dir as it was (no empty TensorBoard event
+    file, no run file rewritten). A model file that cannot be parsed at all is found by the check of its
+    contents (trainer/run/safe_load.check_folder) and passed over like any other damage."""
     out = copy_run(finished_run, tmp_path)
     folder = checkpoint.checkpoint_dir(out) / NEWEST
     entries = json.loads((folder / "manifest.json").read_text())["files"]
-    (folder / "manifest.json").write_text(json.dumps({name: e["bytes"] for name, e in entries.items()}))
-    data = bytearray((folder / MODEL_FILE).read_bytes())
-    data[:64] = bytes(64)  # the zip header: unreadable, same size
-    (folder / MODEL_FILE).write_bytes(bytes(data))
+    unparsable = bytearray((folder / MODEL_FILE).read_bytes())
+    unparsable[:64] = bytes(64)  # the zip header: unreadable, same size
+    torch.save({"module": {}}, folder / MODEL_FILE)  # data, but no weights: DeepSpeed's load fails
+    sizes = {name: e["bytes"] for name, e in entries.items()}
+    (folder / "manifest.json").write_text(json.dumps({**sizes, MODEL_FILE: (folder / MODEL_FILE).stat().st_size}))
     fails_cleanly(train_args(data_dir, out, "--init_from=resume"),
                   f"the previous good checkpoint is {OLDER}: resume from it with --resume_tag={OLDER}", watch=out)
+    (folder / MODEL_FILE).write_bytes(bytes(unparsable))
+    (folder / "manifest.json").write_text(json.dumps(sizes))
+    assert checkpoint.problem_with(folder).startswith(f"{MODEL_FILE} cannot be loaded")
+    assert checkpoint.newest_good(out)[0] == OLDER

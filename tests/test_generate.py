@@ -82,6 +82,19 @@ def test_answer_metrics_by_hand():
     assert answer_metrics(["a b c d"], ["w x y z"]) == {"exact_match": 0.0, "rougeL": 0.0, "bleu": 0.0}
 
 
+def test_exact_answers_score_full_marks_on_every_metric():
+    """Short answers (one to three words: no 4-gram anywhere, where plain corpus BLEU is 0) that match their
+    references score 100% on all three metrics: BLEU with sacrebleu's effective order."""
+    import sacrebleu
+    answers = ["Paris", "4", "yes it is", "blue whale"]
+    assert sacrebleu.corpus_bleu(answers, [answers]).score == 0.0  # what the plain corpus BLEU says
+    scores = answer_metrics(answers, list(answers))
+    assert scores["exact_match"] == 1.0 and scores["rougeL"] == pytest.approx(1.0)
+    assert scores["bleu"] == pytest.approx(100)
+    wrong = answer_metrics(["Paris", "5", "no it is not", "a shark"], answers)  # and wrong answers are not 100
+    assert 0 < wrong["bleu"] < 100 and wrong["exact_match"] == 0.25
+
+
 def test_val_examples_and_records_ask_the_same_prompts(tmp_path):
     """A packed val split's examples are the records' prompts as trained (a chat's earlier turns included) and their
     last responses; reading the same records with --records renders the very same prompt tokens."""

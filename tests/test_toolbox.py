@@ -211,9 +211,10 @@ def test_8bit_states_do_not_change_rank_count():
 def test_fp32_accumulation_checkpoints_are_read_with_their_fp32_masters(data_dir, tmp_path, ranks, mode):
     """bf16 with fp32 accumulation at ZeRO-0 runs DeepSpeed's BF16_Optimizer, whose checkpoint DeepSpeed's
     zero_to_fp32 refuses ("not a zero checkpoint"): sample, eval and export read its fp32 master weights
-    (checkpoint.bf16_optimizer_state_dict), each rank's slice in order. Rounded to bf16 they are the module's
+    (consolidate.bf16_optimizer_state_dict), each rank's slice in order. Rounded to bf16 they are the module's
     weights; the export passes its parity check and eval.py reads the run."""
-    from trainer.run.checkpoint import checkpoint_dir, consolidated_state_dict, latest_tag_or_error, read_info
+    from trainer.run.checkpoint import checkpoint_dir, latest_tag_or_error, read_info
+    from trainer.run.consolidate import consolidated_state_dict
     out = tmp_path / "out"
     args = train_args(data_dir, out, f"--mode={mode}", "--dtype=bf16", "--grad_accum_dtype=fp32", "--zero_stage=0",
                       "--max_iters=3",

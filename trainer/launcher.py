@@ -35,6 +35,13 @@ def local_rank():
     return int(os.environ.get("LOCAL_RANK", "0"))
 
 
+def read_checkpoints_on_cpu():
+    """For an entry point that reads checkpoints and trains nothing (sample.py, eval.py, merge_adapter.py):
+    DeepSpeed, first imported later to merge ZeRO shards, takes its CPU accelerator, so no GPU is probed and
+    nothing is printed about it. A DS_ACCELERATOR the user set stands."""
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+
 def node_name():
     """This process's node as a console line names it: DeepSpeed's node rank (CROSS_RANK) and the host."""
     node = os.environ.get("CROSS_RANK")

@@ -5,7 +5,9 @@ answer_metrics(predictions, references) -> {'exact_match', 'rougeL', 'bleu'}:
 - rougeL: the mean ROUGE-L F-measure of each answer against its reference, by Google's `rouge-score`
   (its default tokenizer: lower case, letters and digits; no stemming) (0-1);
 - bleu: corpus BLEU of all answers, by `sacrebleu` (its default 13a tokenizer, one reference each), on
-  sacrebleu's 0-100 scale.
+  sacrebleu's 0-100 scale, with sacrebleu's effective order: n-gram orders that no answer is long enough to
+  have (4-grams in answers of three words) are left out of the geometric mean instead of making it 0, so
+  short answers that match their references score 100, as they do on the other two metrics.
 launch/eval.py --generate, the training loop's eval_generate and bench/ all score with this one function.
 """
 import importlib.util
@@ -44,4 +46,4 @@ def answer_metrics(predictions, references):
     rouge = [scorer.score(ref, pred)["rougeL"].fmeasure for pred, ref in zip(predictions, references)]
     return {"exact_match": sum(map(exact_match, predictions, references)) / len(predictions),
             "rougeL": sum(rouge) / len(rouge),
-            "bleu": sacrebleu.corpus_bleu(list(predictions), [list(references)]).score}
+            "bleu": sacrebleu.BLEU(effective_order=True).corpus_score(list(predictions), [list(references)]).score}

@@ -7,15 +7,14 @@ datasets is mixed by trainer/data/mixing.MixedData, which has the same interface
 (trainer/data/sampler.py) draws an iteration's windows from either.
 """
 import functools
-import pickle
 import sys
 from pathlib import Path
 
 import numpy as np
 
 from trainer.errors import UserError
+from trainer.data.meta import has_meta, read_meta_file
 from trainer.data.tokenizer import GPT2_EOT, IGNORE_INDEX
-from trainer.os_errors import is_refusal
 
 
 def dataset_dir(cfg):
@@ -30,23 +29,15 @@ NANOGPT_META = {"tokenizer": "gpt2", "vocab_size": 50257, "dtype": "uint16"}
 
 
 def read_meta(directory):
-    path = Path(directory) / "meta.pkl"
-    if not path.is_file() and (Path(directory) / "train.bin").is_file() and (Path(directory) / "val.bin").is_file():
+    """The dataset's meta dict (trainer/data/meta.py: a meta.pkl is read without running code)."""
+    if not has_meta(directory) and (Path(directory) / "train.bin").is_file() and (Path(directory) / "val.bin").is_file():
         print(f"notice: {directory} has no meta.pkl; reading it as nanoGPT does: GPT-2 BPE ids, uint16",
               file=sys.stderr)
         return dict(NANOGPT_META)
-    if not path.is_file():
-        raise UserError(f"{path} is missing; prepare the dataset first "
+    if not has_meta(directory):
+        raise UserError(f"{Path(directory) / 'meta.pkl'} is missing; prepare the dataset first "
                         f"(python data/prepare.py --input=... --name={Path(directory).name})")
-    try:
-        with open(path, "rb") as f:
-            meta = pickle.load(f)
-        int(meta["vocab_size"])
-    except Exception as exc:  # truncated, not a pickle, or not our dict: all mean "prepare again"
-        if is_refusal(exc):  # but a file this user may not read is the OS's line (trainer/cli.run_main)
-            raise
-        raise UserError(f"{path} is unreadable or has no vocab_size; prepare the dataset again") from None
-    return meta
+    return read_meta_file(directory, "prepare the dataset again")
 
 
 class TokenData:

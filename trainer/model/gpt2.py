@@ -12,6 +12,7 @@ from transformers.utils import logging as hf_logging
 from trainer.data.tokenizer import GPT2_EOT
 from trainer.errors import UserError
 from trainer.model import nanogpt
+from trainer.model.model_files import RUN_FILE_FIX, check_file
 from trainer.model.shapes import HUB_NAMES, Shape, model_dir_config, nanogpt_shape, padded_vocab
 from trainer.os_errors import refusal_in
 
@@ -165,6 +166,7 @@ def enable_checkpointing(lm, frozen_inputs=False):
 
 def model_from_config_file(path):
     """Rebuild the architecture saved at the start of a run (weights come from the checkpoint)."""
+    check_file(path, RUN_FILE_FIX)
     config = GPT2Config.from_json_file(path)
     config._attn_implementation = "sdpa"
     config.activation_function = trained_activation(config.activation_function)  # older runs say gelu_new

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from trainer.errors import UserError
 from trainer.model import nanogpt
+from trainer.model.model_files import RUN_FILE_FIX, check_file, check_model_files
 from trainer.units import MiB
 
 # (n_layer, n_head, n_embd) of the published GPT-2 sizes; all have vocab 50257 and 1024 positions.
@@ -151,9 +152,8 @@ def model_dir_config(source):
         raise UserError(f"{source} holds a {model_type or 'untyped'} model (config.json model_type "
                         f"{model_type!r}), not a GPT-2; use a GPT-2 folder (model_type 'gpt2') or one of "
                         f"{', '.join(HUB_NAMES)}")
-    for file in path.parent.iterdir():  # safetensors reports an unreadable file as a missing one: open each here
-        if file.is_file():
-            open(file, "rb").close()  # a refusal is the OS's own line (trainer/cli.run_main)
+    # safetensors reports an unreadable file as a missing one, and a cut-short one in a traceback: each read here
+    check_model_files(path.parent)
     return path
 
 
@@ -185,6 +185,8 @@ def model_shape(cfg, data_vocab_size, model_config_path=None) -> "Shape":
     if checkpoint is not None:  # reading its model_args imports torch
         return nanogpt_shape(checkpoint, cfg["block_size"])
     if model_config_path is not None or (init_from not in GPT2_SHAPES and init_from != "scratch"):
+        if model_config_path is not None:
+            check_file(model_config_path, RUN_FILE_FIX)
         hf = json.loads(Path(model_config_path or model_dir_config(init_from)).read_text())
         return Shape(hf["n_layer"], hf["n_head"], hf["n_embd"], hf["vocab_size"], cfg["block_size"])
     if init_from in GPT2_SHAPES:

@@ -20,7 +20,7 @@ from trainer.config import ADAPTER_MODES, DEFAULTS
 from trainer.data.tokenizer import tokenizer_kind
 from trainer.errors import UserError
 from trainer.model import nanogpt
-from trainer.run import checkpoint
+from trainer.run import checkpoint, consolidate
 from trainer.run.run_dir import RunDir
 from trainer.run.weights import adapter_state_dict, load_adapter_run
 
@@ -128,7 +128,7 @@ def load_weights(module, cfg):
         if RunDir(source).mode() in ADAPTER_MODES:
             weights = load_adapter_run(source, quantized=False).merge_and_unload().state_dict()
         else:
-            weights = checkpoint.consolidated_state_dict(source)
+            weights = consolidate.consolidated_state_dict(source)
         missing, unexpected = module.lm.load_state_dict(weights, strict=False)
         missing = [k for k in missing if k != "lm_head.weight"]  # tied to wte, saved once
         module.lm.tie_weights()

@@ -5,6 +5,9 @@ whose backward gives non-finite gradients), so the NaN guard can be tested on a 
 GPT2DS_INJECT_OOM="3,5" raises a real torch.OutOfMemoryError in the last micro-batch of those
 iterations, once each, before its forward pass (the earlier micro-batches' gradients are already
 accumulated and must be discarded), so the out-of-memory step-down can be tested on a CPU.
+GPT2DS_INJECT_NAN_WEIGHTS="3" makes one trainable weight NaN right after the step of iteration 3 (its loss
+and gradients finite), as a step that blows the weights up does, so the guard's check of the weights after a
+step can be tested apart from a real divergence.
 
 GPT2DS_PAUSE_AT="building the engine" makes the setup wait at that stage boundary (trainer/run/interrupts.py
 stop_point), after printing `paused at: <stage>` on stderr, until a signal has arrived (at most 120 s), so a
@@ -21,6 +24,7 @@ import torch
 
 NAN_VARIABLE = "GPT2DS_INJECT_NAN"
 OOM_VARIABLE = "GPT2DS_INJECT_OOM"
+NAN_WEIGHTS_VARIABLE = "GPT2DS_INJECT_NAN_WEIGHTS"
 PAUSE_VARIABLE = "GPT2DS_PAUSE_AT"
 PAUSE_LIMIT_S = 120
 
@@ -32,14 +36,24 @@ def iterations(variable):
 
 NAN_ITERS = iterations(NAN_VARIABLE)
 OOM_ITERS = iterations(OOM_VARIABLE)
+NAN_WEIGHT_ITERS = iterations(NAN_WEIGHTS_VARIABLE)
 _oom_raised = set()  # once per iteration, across the engines a step-down builds
 
 
 def install(engine, run):
     """Wrap engine.forward with the injections listed in the variables (training forward passes only)."""
-    if not (NAN_ITERS or OOM_ITERS):
+    if not (NAN_ITERS or OOM_ITERS or NAN_WEIGHT_ITERS):
         return
-    forward = engine.forward
+    forward, step = engine.forward, engine.step
+
+    def step_with_faults(*args, **kwargs):
+        boundary = engine.is_gradient_accumulation_boundary()
+        result = step(*args, **kwargs)
+        if boundary and run.iter_num in NAN_WEIGHT_ITERS:
+            weight = next(p for p in engine.module.parameters() if p.requires_grad)
+            with torch.no_grad():
+                getattr(weight, "ds_tensor", weight).view(-1)[0] = float("nan")
+        return result
 
     def forward_with_faults(*args, **kwargs):
         it = run.iter_num
@@ -51,6 +65,7 @@ def install(engine, run):
         return loss * float("nan") if training and it in NAN_ITERS else loss
 
     engine.forward = forward_with_faults
+    engine.step = step_with_faults
 
 
 def pause_at(stage, signalled):

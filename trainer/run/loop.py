@@ -19,7 +19,7 @@ from trainer.model.loss import token_weighted
 from trainer.model.sampling import generate
 from trainer.optim.schedule import lr_at
 from trainer.plan.hardware import peak_flops
-from trainer.run import checkpoint, oom
+from trainer.run import checkpoint, checkpoint_save, oom
 from trainer.run.engine import clip_or_skip, set_lr
 from trainer.run.interrupts import StopRequest
 from trainer.run.logger import format_eta, peak_memory_bytes, reset_peak_memory
@@ -31,7 +31,15 @@ from trainer.units import format_bytes
 def train(cfg, hardware=None):
     stop = StopRequest().install()  # from the start: the setup stops at its next stage (run/interrupts.py)
     run = build_run(cfg, hardware)
-    stop.in_loop = True
+    try:  # the log is closed on every way out (the guard's stop, an out-of-memory error): its last events flushed
+        stop.in_loop = True
+        return loop(run, stop)
+    finally:
+        stop.uninstall()
+        run.log.close()
+
+
+def loop(run, stop):
     cfg = run.cfg  # the final config: on resume the run's own model keys, max_epochs as iterations
     recovery = oom.Recovery(run)
     guard = NonFiniteGuard(run)
@@ -41,7 +49,7 @@ def train(cfg, hardware=None):
         set_lr(run.engine, lr)
 
         if run.iter_num % cfg["eval_interval"] == 0 or run.iter_num == cfg["max_iters"] or cfg["eval_only"]:
-            evaluate_and_save(run)
+            evaluate_and_save(run, guard)
             timer.restart()  # evaluation time is not training time
             if stops_early(run):
                 break
@@ -53,19 +61,21 @@ def train(cfg, hardware=None):
         timer.tick()
         run.log.advance()
 
-        # One small all-reduce: every rank stops, or skips a non-finite step, at the same iteration.
-        stop_requested, bad = agree_any([stop.requested, not math.isfinite(loss + (grad_norm or 0.0))], run.device)
+        # One small all-reduce: every rank stops, or skips a non-finite step, at the same iteration. A step taken
+        # (its loss and gradients finite) that made a weight non-finite stops the run before anything uses them.
+        bad = not math.isfinite(loss + (grad_norm or 0.0))
+        stop_requested, bad, broken = agree_any([stop.requested, bad, not bad and not weights_finite(run)], run.device)
+        if broken:
+            guard.stop_for_weights("after its step")
         guard.update(bad)
         if run.iter_num % cfg["log_interval"] == 0:
             log_progress(run, loss, grad_norm, lr, timer)
         if stop_requested:  # SIGINT/SIGTERM: save this iteration and leave cleanly
             stop.saving = True
-            path, size = save(run)
+            path, size = save(run, guard)
             run.log.print(f"interrupted: saved checkpoint {path} ({format_bytes(size, sep='')}) at iteration "
                           f"{run.iter_num}; resume with the same command and --init_from=resume")
             break
-    stop.uninstall()
-    run.log.close()
     return {"iter_num": run.iter_num, "best_val_loss": run.best_val_loss}
 
 
@@ -122,13 +132,16 @@ def to_device(t, device):
     return t.pin_memory().to(device, non_blocking=True)
 
 
-def evaluate_and_save(run):
-    """Losses on the fixed evaluation windows, a TensorBoard sample, and a checkpoint when val improves."""
+def evaluate_and_save(run, guard):
+    """Losses on the fixed evaluation windows, a TensorBoard sample, and a checkpoint when val improves.
+    Non-finite losses stop the run (the guard) before a sample or a save uses the weights."""
     cfg = run.cfg
     losses = estimate_loss(run)
     run.log.print(f"step {run.iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
     run.log.scalar("eval/train_loss", losses["train"], run.iter_num)
     run.log.scalar("eval/val_loss", losses["val"], run.iter_num)
+    if not all(map(math.isfinite, losses.values())):  # the same on every rank: the losses are all-reduced
+        guard.stop_for_weights("at its evaluation", f"non-finite losses (train {losses['train']}, val {losses['val']})")
     if (cfg["tensorboard"] or cfg["wandb_log"]) and cfg["sample_max_new_tokens"] > 0:
         run.log.text("sample", sample_text(run), run.iter_num)
     if cfg["eval_generate"]:
@@ -139,7 +152,7 @@ def evaluate_and_save(run):
     if improved or cfg["always_save_checkpoint"]:
         run.best_val_loss = min(run.best_val_loss, losses["val"])
         if run.iter_num > run.start_iter and not cfg["eval_only"]:  # nothing new to save at the start
-            path, size = save(run)
+            path, size = save(run, guard)
             run.log.print(f"saved checkpoint {path} ({format_bytes(size, sep='')})")
 
 
@@ -154,8 +167,11 @@ def stops_early(run):
     return True
 
 
-def save(run):
-    return checkpoint.save(run.engine, run.out_dir, run.iter_num, run.client_state(), run.adapters_only)
+def save(run, guard):
+    """A checkpoint of this iteration; never of non-finite weights (the guard stops the run instead)."""
+    if agree_any([not weights_finite(run)], run.device)[0]:
+        guard.stop_for_weights("before its save")
+    return checkpoint_save.save(run.engine, run.out_dir, run.iter_num, run.client_state(), run.adapters_only)
 
 
 @torch.no_grad()
@@ -285,11 +301,28 @@ class Timer:
         return (time.time() - self.start) / max(1, self.iterations)
 
 
+def weights_finite(run):
+    """Every trainable weight this rank holds is finite (under ZeRO-3 its partition: the module's own parameters
+    are empty placeholders). One pass over the weights and one host sync."""
+    held = [getattr(p, "ds_tensor", p) for p in run.engine.module.parameters() if p.requires_grad]
+    held = [t for t in held if t.numel()]
+    return not held or bool(torch.stack([torch.isfinite(t).all() for t in held]).all())
+
+
 class NonFiniteGuard:
-    """A non-finite loss or gradient norm means the step was skipped; too many in a row end the run."""
+    """A non-finite loss or gradient norm means the step was skipped; too many in a row end the run. Non-finite
+    weights (a finite step that blew them up, seen after the step, at an evaluation or before a save) end it at
+    once: nothing is saved or sampled from them."""
 
     def __init__(self, run):
         self.run, self.in_a_row, self.skipped = run, 0, 0
+
+    def stop_for_weights(self, where, what="non-finite weights"):
+        run = self.run
+        last = checkpoint.latest_tag(run.out_dir)
+        raise UserError(f"{what} at iteration {run.iter_num}, found {where}: the run diverged; stopped without "
+                        f"saving (last good checkpoint: {last or 'none'}); lower --learning_rate (or raise "
+                        f"--warmup_iters), then continue with --init_from=resume")
 
     def update(self, bad):
         run = self.run

@@ -31,7 +31,7 @@ from trainer.model.shapes import Shape, flops_per_token, model_shape
 from trainer.plan.hardware import Hardware, detect_hardware
 from trainer.plan.planner import Plan, PlanInput, make_plan
 from trainer.plan.report import format_plan, plan_to_dict
-from trainer.run import checkpoint, continuation, fault_injection
+from trainer.run import checkpoint, checkpoint_load, continuation, fault_injection
 from trainer.run.engine import clips_by_hand, create_engine, ensure_cpu_adam, may_offload
 from trainer.run.interrupts import stop_point
 from trainer.run.logger import RunLogger, require_wandb
@@ -258,8 +258,8 @@ def load_resume_state(run, resume):
     if resume.universal:
         run.log.print("the checkpoint was saved on another number of ranks: converting it to DeepSpeed's "
                       "universal format")
-        checkpoint.to_universal(run.out_dir, resume.tag)
-    state = checkpoint.load(run.engine, run.out_dir, resume.tag, run.adapters_only, resume.universal)
+        checkpoint_load.to_universal(run.out_dir, resume.tag)
+    state = checkpoint_load.load(run.engine, run.out_dir, resume.tag, run.adapters_only, resume.universal)
     run.iter_num = run.start_iter = state["iter_num"]
     run.best_val_loss = state["best_val_loss"]
     run.evals_without_improvement = state.get("evals_without_improvement", 0)  # absent from older checkpoints

@@ -7,7 +7,7 @@ import torch
 from trainer.config import ADAPTER_MODES
 from trainer.errors import UserError
 from trainer.model.adapters import build_base, lora_config, use_dequantizing_matmul, wrap_lora
-from trainer.run.checkpoint import consolidated_state_dict
+from trainer.run.consolidate import consolidated_state_dict
 from trainer.run.run_dir import RunDir
 
 

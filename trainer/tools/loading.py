@@ -12,13 +12,14 @@ from pathlib import Path
 import torch
 
 from trainer.config import ADAPTER_MODES
+from trainer.data.meta import has_meta
 from trainer.data.tokenizer import CharTokenizer, Gpt2Tokenizer, load_tokenizer
 from trainer.errors import UserError
 from trainer.model import nanogpt
 from trainer.model.adapters import build_base
 from trainer.model.gpt2 import load_pretrained, model_from_config_file
 from trainer.model.shapes import HUB_NAMES
-from trainer.run.checkpoint import consolidated_state_dict
+from trainer.run.consolidate import consolidated_state_dict
 from trainer.run.run_dir import RunDir
 from trainer.run.weights import adapter_state_dict, load_adapter_run
 
@@ -70,8 +71,7 @@ def load_run(out_dir, tag=None):
 
 def load_hf(source):
     lm = load_pretrained(source, dropout=0.0)
-    meta_file = Path(source) / "meta.pkl"  # exports of character-level runs carry their vocabulary
-    if meta_file.is_file():
+    if has_meta(source):  # exports of character-level runs carry their vocabulary
         meta = RunDir(source).meta()
         return LoadedModel(lm.eval(), load_tokenizer(meta), lm.config.n_positions, meta["vocab_size"], None)
     return LoadedModel(lm.eval(), load_tokenizer({"tokenizer": "gpt2"}), lm.config.n_positions,
