@@ -23,6 +23,7 @@ Every export is the same three steps, after `refusals` has turned down what it c
 """
 import functools
 import gc
+import importlib.util
 import json
 import pickle
 import shutil
@@ -32,7 +33,8 @@ from pathlib import Path
 import torch
 
 from trainer.config import ADAPTER_MODES
-from trainer.data.tokenizer import gpt2_bpe_files
+from trainer.data.tokenizer import gpt2_bpe_files, tokenizer_kind
+from trainer.data.tokens import dataset_dir
 from trainer.errors import UserError
 from trainer.lock import FolderLock
 from trainer.model import nanogpt
@@ -41,6 +43,7 @@ from trainer.os_errors import refusal_in, with_path
 from trainer.run import checkpoint
 from trainer.run.run_dir import RunDir
 from trainer.run.weights import adapter_model, adapter_state_dict, load_adapter_run
+from trainer.tools import gguf_export
 from trainer.tools.loading import dequantized_base, load_nanogpt, load_run
 from trainer.units import format_bytes
 
@@ -51,6 +54,7 @@ RELATIVE_TOLERANCE = {"fp32": 1e-4, "fp16": 1e-2, "bf16": 5e-2}
 PARITY_BATCH = (2, 64)  # sequences x tokens (cropped to the model's block size)
 PARITY_SEED = 0
 QLORA_BASES = ("original", "dequantized")  # what a QLoRA run's adapters are merged into (docs/lora.md)
+GGUF_TYPES = ("f32", "f16", "q8_0")  # --format=gguf's --gguf_type (docs/export.md)
 
 
 class ParityError(UserError):
@@ -207,19 +211,23 @@ class Reference:
     n_adapted: int = 0  # layers with adapters
 
 
-def refusals(out_dir, dtype, adapter_only, qlora_base):
-    """Every input the export cannot honour, refused before anything is read or written; the Source otherwise."""
+def refusals(out_dir, dtype, adapter_only, qlora_base, gguf_type=None):
+    """Every input the export cannot honour, refused before anything is read or written; the Source otherwise.
+    gguf_type: None for a transformers export, else the GGUF file's type."""
     if dtype not in TORCH_DTYPES:
         raise UserError(f"--dtype={dtype}: choose fp32, bf16 or fp16")
     if qlora_base not in QLORA_BASES:
         raise UserError(f"--qlora_base={qlora_base}: choose original or dequantized")
+    if gguf_type is not None:
+        _gguf_refusals(dtype, adapter_only, gguf_type)
     out_dir = Path(out_dir)
     ckpt = nanogpt.checkpoint_path(out_dir)
     if ckpt is not None and not RunDir(out_dir).is_run():
         if adapter_only:
             raise UserError(f"{out_dir} is a nanoGPT checkpoint: a whole model, without adapters; export it "
                             f"without --adapter_only")
-        return Source(out_dir, "nanogpt", nanogpt.find_meta(ckpt)[0], ckpt=ckpt)
+        source = Source(out_dir, "nanogpt", nanogpt.find_meta(ckpt)[0], ckpt=ckpt)
+        return _gguf_tokenizer_refusal(source) if gguf_type is not None else source
     tag = _check_run(out_dir)
     run_dir = RunDir(out_dir)
     cfg, mode, meta = run_dir.config(), run_dir.mode(), run_dir.meta()
@@ -248,15 +256,47 @@ def refusals(out_dir, dtype, adapter_only, qlora_base):
                         f"PeftModel.from_pretrained cannot load as a base; export the merged model without "
                         f"--adapter_only (or export the checkpoint with merge_adapter.py and train the adapters on "
                         f"that)")
-    return Source(out_dir, mode, meta, cfg=cfg, tag=tag)
+    source = Source(out_dir, mode, meta, cfg=cfg, tag=tag)
+    return _gguf_tokenizer_refusal(source) if gguf_type is not None else source
 
 
-def export(out_dir, export_dir, dtype="fp32", adapter_only=False, tolerance=None, log=print, qlora_base="original"):
-    """Write the export, check its parity; returns {'max_abs_diff', 'tolerance', ...} (raises ParityError)."""
-    source = refusals(out_dir, dtype, adapter_only, qlora_base)
+def _gguf_refusals(dtype, adapter_only, gguf_type):
+    if gguf_type not in GGUF_TYPES:
+        raise UserError(f"--gguf_type={gguf_type}: choose {', '.join(GGUF_TYPES[:-1])} or {GGUF_TYPES[-1]}")
+    if adapter_only:
+        raise UserError("--format=gguf writes the merged model (llama.cpp's adapter files are not written); "
+                        "leave --adapter_only out, or export the peft adapter directory without --format=gguf")
+    if dtype != "fp32":
+        raise UserError(f"--dtype={dtype} is the dtype of a transformers export; a GGUF file's type is "
+                        f"--gguf_type (f32, f16 or q8_0): leave --dtype out")
+    if importlib.util.find_spec("llama_cpp") is None:
+        raise UserError("--format=gguf checks the file with llama.cpp, and the llama-cpp-python package is not "
+                        "installed; install it with bash launch/setup_env.sh (pip install -r requirements.txt)")
+
+
+def _gguf_tokenizer_refusal(source):
+    """A GGUF file carries GPT-2's BPE tokenizer only: a character-level run's vocabulary has no place in it."""
+    if tokenizer_kind(source.meta) != "gpt2":
+        raise UserError(f"{source.out_dir} is a character-level model (its {source.meta['vocab_size']} characters "
+                        f"are in meta.pkl), and a GGUF file carries only a tokenizer llama.cpp knows, such as "
+                        f"GPT-2's BPE; export it without --format=gguf and sample it with launch/sample.py, or "
+                        f"train on GPT-2 BPE data (data/shakespeare/prepare.py) for llama.cpp")
+    return source
+
+
+def export(out_dir, export_dir, dtype="fp32", adapter_only=False, tolerance=None, log=print, qlora_base="original",
+           gguf_type=None):
+    """Write the export, check its parity; returns {'max_abs_diff', 'tolerance', ...} (raises ParityError).
+    gguf_type (f32, f16, q8_0): one GGUF file for llama.cpp and an Ollama Modelfile instead of a transformers
+    model (trainer/tools/gguf_export.py)."""
+    source = refusals(out_dir, dtype, adapter_only, qlora_base, gguf_type)
 
     def write_and_check(folder):
         reference = reference_of(source, qlora_base, log)
+        if gguf_type is not None:
+            out, how, criteria = _write_gguf(source, reference, folder, gguf_type, qlora_base, log)
+            tol = gguf_tolerance(reference.logits, gguf_type, tolerance)
+            return check_parity(source, reference, out, how, gguf_type, tol, log, qlora_base, criteria)
         write = _write_adapters if adapter_only else _write_model
         exported, how = write(source, reference, folder, dtype, qlora_base, log)
         out = logits_of(exported, reference.idx)
@@ -384,23 +424,88 @@ def _write_adapters(source, reference, folder, dtype, qlora_base, log):
     return PeftModel.from_pretrained(base, str(folder)).eval(), "PeftModel.from_pretrained(base, export)"
 
 
+def _write_gguf(source, reference, folder, gguf_type, qlora_base, log):
+    """The merged model as one GGUF file and an Ollama Modelfile, loaded back by llama.cpp: its tokenization of
+    a fixed text must be tiktoken's; returns its logits on the fixed batch and, for q8_0, the criteria it is
+    checked by (next-token agreement, perplexity on val text against the trained model's)."""
+    model = merged_model(source, reference, qlora_base, log)
+    config = model.config
+    criteria = []
+    if gguf_type == "q8_0":
+        x, y, where = gguf_export.val_windows(val_folder(source), source.meta, config.n_positions)
+        trained_ppl = gguf_export.perplexity(logits_of(model, x), y)
+    path = folder / gguf_export.GGUF_FILE
+    counts = saving_into(folder, lambda: gguf_export.write_gguf(model, path, gguf_type, source.out_dir.name))
+    del model
+    gc.collect()
+    template = source.meta.get("template")
+    saving_into(folder, lambda: gguf_export.write_modelfile(folder, config.n_positions, template))
+    log(f"saved {gguf_export.GGUF_FILE} ({gguf_type}: {', '.join(f'{n} {t}' for t, n in counts.items())} tensors, "
+        f"{format_bytes(path.stat().st_size)}, GPT-2 BPE tokenizer, context {config.n_positions}) and an Ollama "
+        f"{gguf_export.MODELFILE} ({'template ' + template if template else 'no prompt template'})")
+    llama = gguf_export.LlamaCppModel(path, config.n_positions)
+    try:
+        mismatch, n = gguf_export.tokenizer_mismatch(llama)
+        verdict = "are tiktoken's: ok" if mismatch is None else f"differ from tiktoken's at {mismatch}: FAILED"
+        log(f"tokenizer: llama.cpp's tokens of a fixed text of {n} tokens {verdict}")
+        if mismatch is not None:
+            raise ParityError(f"llama.cpp tokenizes the exported file's vocabulary differently from tiktoken "
+                              f"({mismatch}); nothing was written to the export_dir")
+        out = llama.logits(reference.idx)
+        if gguf_type == "q8_0":
+            agree = gguf_export.agreement(out, reference.logits)
+            ppl = gguf_export.perplexity(llama.logits(x), y)
+            change = abs(ppl / trained_ppl - 1)
+            criteria = [(f"next-token agreement on the fixed batch {agree:.1%} (at least "
+                         f"{gguf_export.Q8_MIN_AGREEMENT:.0%})", agree >= gguf_export.Q8_MIN_AGREEMENT),
+                        (f"perplexity on {x.size(0)}x{x.size(1)} tokens of val text ({where}) {ppl:.3f} vs the "
+                         f"trained model's {trained_ppl:.3f}: {change:.2%} apart (at most "
+                         f"{gguf_export.Q8_MAX_PERPLEXITY_CHANGE:.0%})", change <= gguf_export.Q8_MAX_PERPLEXITY_CHANGE)]
+    finally:
+        llama.close()
+    return out, f"llama.cpp({gguf_export.GGUF_FILE})", criteria
+
+
+def val_folder(source):
+    """The dataset folder whose val.bin the run (or checkpoint) evaluated on, or None."""
+    if source.mode != "nanogpt":
+        return dataset_dir(source.cfg)
+    return next((f for f in nanogpt.meta_candidates(source.ckpt) if (f / "val.bin").is_file()), None)
+
+
+def gguf_tolerance(reference, gguf_type, override=None):
+    """f32 and f16 by the largest logit difference; q8_0 by its criteria (None), unless --tolerance is given."""
+    if override is not None or gguf_type == "q8_0":
+        return override
+    return gguf_export.RELATIVE_TOLERANCE[gguf_type] * max(1.0, float(reference.abs().max()))
+
+
 # 3. parity: the export's logits on the fixed batch against the reference's
 
-def check_parity(source, reference, out, how, dtype, tol, log, qlora_base):
-    """Print the parity line (and a QLoRA run's quantization gap); raise ParityError above the tolerance."""
+def check_parity(source, reference, out, how, dtype, tol, log, qlora_base, criteria=()):
+    """Print the parity line (and a QLoRA run's quantization gap, a quantized file's criteria); raise
+    ParityError above the tolerance (tol None: the criteria decide) or when a criterion fails."""
     idx, gap = reference.idx, reference.gap
     diff = max_abs_diff(out, reference.logits)
+    within = tol is None or diff <= tol
+    limit = f"tolerance {tol:.1e}" if tol is not None else "tolerance: none for q8_0, checked by the lines below"
     log(f"parity on a fixed batch of {idx.size(0)}x{idx.size(1)} tokens: max |logits({how}) - "
-        f"logits({reference.trained})| = {diff:.3e} (tolerance {tol:.1e}): {'ok' if diff <= tol else 'FAILED'}")
+        f"logits({reference.trained})| = {diff:.3e} ({limit}): {'ok' if within else 'FAILED'}")
+    for line, passed in criteria:
+        log(f"parity: {line}: {'ok' if passed else 'FAILED'}")
     if gap is not None and qlora_base == "original":
         log(f"parity vs the 4-bit model as trained: max |logits| difference = {gap:.3e} (the nf4 quantization "
             f"gap: expected, not checked; --qlora_base=dequantized exports the model as trained)")
     elif gap is not None:
         log(f"vs base + adapter unquantized (--qlora_base=original): max |logits| difference = {gap:.3e} (the nf4 "
             f"quantization gap: what the other export would differ by, not checked)")
-    if diff > tol:
-        model = "the nanoGPT model" if source.mode == "nanogpt" else "the trained model"
+    model = "the nanoGPT model" if source.mode == "nanogpt" else "the trained model"
+    if not within:
         raise ParityError(f"parity check failed: the export differs from {model} by {diff:.3e} "
                           f"(tolerance {tol:.1e}); nothing was written to the export_dir")
+    failed = [line for line, passed in criteria if not passed]
+    if failed:
+        raise ParityError(f"parity check failed: the export of {model} has {failed[0]}; nothing was written to "
+                          f"the export_dir")
     return {"mode": source.mode, "dtype": dtype, "max_abs_diff": diff, "tolerance": tol, "quantization_gap": gap,
             "qlora_base": qlora_base if source.mode == "qlora" else None}
