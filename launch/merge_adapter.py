@@ -40,7 +40,7 @@ def parse_args(argv):
                         "f16's size); docs/export.md")
     p.add_flag("--tolerance", type=float, default=None, rule=more_than(0.0),
                    help="maximum absolute logit difference allowed (default: 1e-4 fp32, 1e-2 fp16, 5e-2 bf16; GGUF "
-                        "2e-2 f32, 3e-2 f16, q8_0 by its next-token agreement and perplexity instead; times the "
+                        "5e-3 f32, 1e-2 f16, q8_0 by its next-token agreement and perplexity instead; times the "
                         "largest logit when that is above 1)")
     return p.parse(argv)
 

@@ -99,7 +99,7 @@ def test_full_run_as_gguf_computes_the_trained_model(full_run, runs):
     # llama.cpp, loaded here, against the run as sample.py loads it, on ids the export's check never saw
     idx = torch.randint(0, 50257, (2, 64), generator=torch.Generator().manual_seed(7))
     ours, theirs = llama_logits(path, idx), trained_logits(full_run, idx)
-    assert (ours - theirs).abs().max() <= 2e-2 * max(1.0, float(theirs.abs().max()))
+    assert (ours - theirs).abs().max() <= 5e-3 * max(1.0, float(theirs.abs().max()))
     assert (ours.argmax(-1) == theirs.argmax(-1)).float().mean() >= 0.95
     # what `ollama create` reads
     modelfile = (runs / "full-f32" / "Modelfile").read_text()
@@ -127,7 +127,7 @@ def test_merged_lora_run_as_gguf(lora_run, runs):
     assert tensors["blk.1.attn_qkv.weight"].tensor_type.name == "F16"
     idx = torch.randint(0, 50257, (1, 64), generator=torch.Generator().manual_seed(3))
     ours, theirs = llama_logits(runs / "lora-f16" / "model.gguf", idx), trained_logits(lora_run, idx)
-    assert (ours - theirs).abs().max() <= 3e-2 * max(1.0, float(theirs.abs().max()))
+    assert (ours - theirs).abs().max() <= 1e-2 * max(1.0, float(theirs.abs().max()))
 
 
 def test_nanogpt_checkpoint_without_biases_gets_zero_biases(tmp_path):
@@ -167,3 +167,19 @@ def test_what_gguf_cannot_carry_is_one_line(tmp_path, data_dir, full_run):
         with pytest.raises(UserError, match=message):
             export_run(full_run, tmp_path / "x", **kwargs)
     assert not (tmp_path / "x").exists()
+
+
+def test_an_instruction_run_gets_its_prompt_template_in_the_modelfile(tmp_path):
+    """Ollama fills {{ .Prompt }} with the user's message: with no system message, the prompt it builds is the
+    one training rendered (trainer/prepare/templates.py), character for character."""
+    from trainer.prepare.templates import TEMPLATES
+    from trainer.tools.gguf_export import write_modelfile
+    for name, template in TEMPLATES.items():
+        write_modelfile(tmp_path, 1024, name)
+        text = (tmp_path / "Modelfile").read_text()
+        ollama = re.search(r'TEMPLATE """(.*)"""', text, re.S)[1]
+        # the {{ if .System }} branch not taken, then the message in place of {{ .Prompt }}
+        no_system = re.sub(r"\{\{ if \.System \}\}.*?\{\{ else \}\}(.*?)\{\{ end \}\}", r"\1", ollama, flags=re.S)
+        filled = no_system.replace("{{ .Prompt }}", "Name three colours.").replace("{{ .Response }}", "")
+        assert filled == template.prompt("Name three colours."), name
+        assert "PARAMETER num_ctx 1024" in text

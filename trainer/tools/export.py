@@ -453,14 +453,9 @@ def _write_gguf(source, reference, folder, gguf_type, qlora_base, log):
                               f"({mismatch}); nothing was written to the export_dir")
         out = llama.logits(reference.idx)
         if gguf_type == "q8_0":
-            agree = gguf_export.agreement(out, reference.logits)
             ppl = gguf_export.perplexity(llama.logits(x), y)
-            change = abs(ppl / trained_ppl - 1)
-            criteria = [(f"next-token agreement on the fixed batch {agree:.1%} (at least "
-                         f"{gguf_export.Q8_MIN_AGREEMENT:.0%})", agree >= gguf_export.Q8_MIN_AGREEMENT),
-                        (f"perplexity on {x.size(0)}x{x.size(1)} tokens of val text ({where}) {ppl:.3f} vs the "
-                         f"trained model's {trained_ppl:.3f}: {change:.2%} apart (at most "
-                         f"{gguf_export.Q8_MAX_PERPLEXITY_CHANGE:.0%})", change <= gguf_export.Q8_MAX_PERPLEXITY_CHANGE)]
+            criteria = gguf_export.quantized_criteria(out, reference.logits, ppl, trained_ppl, f"{x.size(0)}x"
+                                                      f"{x.size(1)} tokens of val text ({where})")
     finally:
         llama.close()
     return out, f"llama.cpp({gguf_export.GGUF_FILE})", criteria
