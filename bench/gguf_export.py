@@ -8,7 +8,7 @@ tiny Shakespeare's BPE tokens (block 256) to make a run. The run is exported wit
 as a transformers model (fp32) and as GGUF f32, f16 and q8_0. Per type: the file's size; the maximum logit
 difference the export's own check measured (llama.cpp against the trained model, on the fixed batch);
 perplexity on 4 windows of 256 val tokens, llama.cpp on the file against transformers on the HF export; and
-greedy decoding speed from a 16-token prompt, llama.cpp (llama-cpp-python, its threads = the CPU count) against
+greedy decoding speed from a 16-token prompt, llama.cpp (llama-cpp-python, its default threads: half the CPUs) against
 transformers' `generate` (KV cache, fp32) on the HF export, new tokens per second, the best of 3.
 """
 import argparse
