@@ -145,7 +145,7 @@ LONGEST_FILES_FIRST = ("test_gpu_check.py", "test_resume.py", "test_lora.py", "t
                        "test_multinode.py", "test_continue.py", "test_token_weighting.py", "test_faults.py",
                        "test_errors.py", "test_multirank.py", "test_signals.py", "test_lock.py",
                        "test_damaged_checkpoints.py", "test_os_errors.py", "test_launch_ports.py",
-                       "test_engine_states.py", "test_lm_eval.py")
+                       "test_engine_states.py", "test_lm_eval.py", "test_gguf.py")
 
 
 def pytest_collection_modifyitems(items):

@@ -13,22 +13,28 @@
   peft (save_pretrained's path_initial_model_for_weight_conversion: rank 2r, the trained adapters beside the
   negated initial ones);
 - a nanoGPT out_dir (or ckpt.pt): its model as transformers' GPT-2 (trainer/model/nanogpt.py).
-The export is written to a temporary folder next to export_dir, reloaded from disk the way a user loads
-it, and compared with the trained model rebuilt from the checkpoint on a fixed batch (the maximum
-absolute difference of the logits). Only if that is within tolerance is it renamed to export_dir;
-otherwise it is removed and the command fails with one line.
+Every export is the same three steps, after `refusals` has turned down what it cannot honour:
+1. reference_of: the trained model rebuilt from the checkpoint, and its logits on a fixed batch;
+2. a write (_write_model, _write_adapters) into a temporary folder next to export_dir, reloaded from disk
+   the way a user loads it;
+3. check_parity: the maximum absolute difference of the export's logits from the reference's. Only if that
+   is within tolerance is the folder renamed to export_dir; otherwise it is removed and the command fails
+   with one line.
 """
 import functools
 import gc
+import importlib.util
 import json
 import pickle
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from trainer.config import ADAPTER_MODES
-from trainer.data.tokenizer import gpt2_bpe_files
+from trainer.data.tokenizer import gpt2_bpe_files, tokenizer_kind
+from trainer.data.tokens import dataset_dir
 from trainer.errors import UserError
 from trainer.lock import FolderLock
 from trainer.model import nanogpt
@@ -37,6 +43,7 @@ from trainer.os_errors import refusal_in, with_path
 from trainer.run import checkpoint
 from trainer.run.run_dir import RunDir
 from trainer.run.weights import adapter_model, adapter_state_dict, load_adapter_run
+from trainer.tools import gguf_export
 from trainer.tools.loading import dequantized_base, load_nanogpt, load_run
 from trainer.units import format_bytes
 
@@ -47,6 +54,7 @@ RELATIVE_TOLERANCE = {"fp32": 1e-4, "fp16": 1e-2, "bf16": 5e-2}
 PARITY_BATCH = (2, 64)  # sequences x tokens (cropped to the model's block size)
 PARITY_SEED = 0
 QLORA_BASES = ("original", "dequantized")  # what a QLoRA run's adapters are merged into (docs/lora.md)
+GGUF_TYPES = ("f32", "f16", "q8_0")  # --format=gguf's --gguf_type (docs/export.md)
 
 
 class ParityError(UserError):
@@ -180,19 +188,46 @@ def describe_adapters(cfg):
             + "".join(f", {v}" for v in variants) + ")")
 
 
-def export(out_dir, export_dir, dtype="fp32", adapter_only=False, tolerance=None, log=print, qlora_base="original"):
-    """Write the export, check its parity; returns {'max_abs_diff', 'tolerance', ...} (raises ParityError)."""
+@dataclass
+class Source:
+    """What an export reads: a training run (its latest checkpoint) or a nanoGPT checkpoint (mode 'nanogpt')."""
+    out_dir: Path
+    mode: str
+    meta: dict
+    cfg: dict | None = None
+    tag: str | None = None
+    ckpt: Path | None = None
+
+
+@dataclass
+class Reference:
+    """Step 1's result: the model to write (adapters not merged yet), the fixed batch, and the logits the
+    export must reproduce on it."""
+    model: torch.nn.Module
+    idx: torch.Tensor
+    logits: torch.Tensor
+    trained: str  # what the logits are of, in the parity line
+    gap: float | None = None  # a QLoRA run's quantization gap: the other qlora_base's difference
+    n_adapted: int = 0  # layers with adapters
+
+
+def refusals(out_dir, dtype, adapter_only, qlora_base, gguf_type=None):
+    """Every input the export cannot honour, refused before anything is read or written; the Source otherwise.
+    gguf_type: None for a transformers export, else the GGUF file's type."""
     if dtype not in TORCH_DTYPES:
         raise UserError(f"--dtype={dtype}: choose fp32, bf16 or fp16")
     if qlora_base not in QLORA_BASES:
         raise UserError(f"--qlora_base={qlora_base}: choose original or dequantized")
+    if gguf_type is not None:
+        _gguf_refusals(dtype, adapter_only, gguf_type)
     out_dir = Path(out_dir)
     ckpt = nanogpt.checkpoint_path(out_dir)
     if ckpt is not None and not RunDir(out_dir).is_run():
         if adapter_only:
             raise UserError(f"{out_dir} is a nanoGPT checkpoint: a whole model, without adapters; export it "
                             f"without --adapter_only")
-        return _into_export_dir(export_dir, lambda tmp: _export_nanogpt(ckpt, tmp, dtype, tolerance, log), log)
+        source = Source(out_dir, "nanogpt", nanogpt.find_meta(ckpt)[0], ckpt=ckpt)
+        return _gguf_tokenizer_refusal(source) if gguf_type is not None else source
     tag = _check_run(out_dir)
     run_dir = RunDir(out_dir)
     cfg, mode, meta = run_dir.config(), run_dir.mode(), run_dir.meta()
@@ -221,8 +256,55 @@ def export(out_dir, export_dir, dtype="fp32", adapter_only=False, tolerance=None
                         f"PeftModel.from_pretrained cannot load as a base; export the merged model without "
                         f"--adapter_only (or export the checkpoint with merge_adapter.py and train the adapters on "
                         f"that)")
-    return _into_export_dir(export_dir, lambda tmp: _export(out_dir, tmp, cfg, mode, meta, dtype, adapter_only,
-                                                             tolerance, tag, log, qlora_base), log)
+    source = Source(out_dir, mode, meta, cfg=cfg, tag=tag)
+    return _gguf_tokenizer_refusal(source) if gguf_type is not None else source
+
+
+def _gguf_refusals(dtype, adapter_only, gguf_type):
+    if gguf_type not in GGUF_TYPES:
+        raise UserError(f"--gguf_type={gguf_type}: choose {', '.join(GGUF_TYPES[:-1])} or {GGUF_TYPES[-1]}")
+    if adapter_only:
+        raise UserError("--format=gguf writes the merged model (llama.cpp's adapter files are not written); "
+                        "leave --adapter_only out, or export the peft adapter directory without --format=gguf")
+    if dtype != "fp32":
+        raise UserError(f"--dtype={dtype} is the dtype of a transformers export; a GGUF file's type is "
+                        f"--gguf_type (f32, f16 or q8_0): leave --dtype out")
+    if importlib.util.find_spec("llama_cpp") is None:
+        raise UserError("--format=gguf checks the file with llama.cpp, and the llama-cpp-python package is not "
+                        "installed; install it with bash launch/setup_env.sh (pip install -r requirements.txt)")
+
+
+def _gguf_tokenizer_refusal(source):
+    """A GGUF file carries GPT-2's BPE tokenizer only: a character-level run's vocabulary has no place in it."""
+    if tokenizer_kind(source.meta) != "gpt2":
+        raise UserError(f"{source.out_dir} is a character-level model (its {source.meta['vocab_size']} characters "
+                        f"are in meta.pkl), and a GGUF file carries only a tokenizer llama.cpp knows, such as "
+                        f"GPT-2's BPE; export it without --format=gguf and sample it with launch/sample.py, or "
+                        f"train on GPT-2 BPE data (data/shakespeare/prepare.py) for llama.cpp")
+    return source
+
+
+def export(out_dir, export_dir, dtype="fp32", adapter_only=False, tolerance=None, log=print, qlora_base="original",
+           gguf_type=None):
+    """Write the export, check its parity; returns {'max_abs_diff', 'tolerance', ...} (raises ParityError).
+    gguf_type (f32, f16, q8_0): one GGUF file for llama.cpp and an Ollama Modelfile instead of a transformers
+    model (trainer/tools/gguf_export.py)."""
+    source = refusals(out_dir, dtype, adapter_only, qlora_base, gguf_type)
+
+    def write_and_check(folder):
+        reference = reference_of(source, qlora_base, log)
+        if gguf_type is not None:
+            out, how, criteria = _write_gguf(source, reference, folder, gguf_type, qlora_base, log)
+            tol = gguf_tolerance(reference.logits, gguf_type, tolerance)
+            return check_parity(source, reference, out, how, gguf_type, tol, log, qlora_base, criteria)
+        write = _write_adapters if adapter_only else _write_model
+        exported, how = write(source, reference, folder, dtype, qlora_base, log)
+        out = logits_of(exported, reference.idx)
+        del exported
+        return check_parity(source, reference, out, how, dtype, tolerance_for(reference.logits, dtype, tolerance),
+                            log, qlora_base)
+
+    return _into_export_dir(export_dir, write_and_check, log)
 
 
 def _into_export_dir(export_dir, write, log):
@@ -242,129 +324,183 @@ def _into_export_dir(export_dir, write, log):
     return result
 
 
-def _export(out_dir, folder, cfg, mode, meta, dtype, adapter_only, tolerance, tag, log, qlora_base):
+# 1. the reference: the trained model, rebuilt from the checkpoint, and its logits on the fixed batch
+
+def reference_of(source, qlora_base, log):
+    if source.mode == "nanogpt":
+        iter_num, best = nanogpt.training_state(source.ckpt)
+        log(f"nanoGPT checkpoint {source.ckpt}: iteration {iter_num}, best val loss {best:.4f}")
+        loaded = load_nanogpt(source.ckpt)
+        idx = parity_batch(loaded.vocab_limit, loaded.block_size)
+        return Reference(loaded.lm, idx, logits_of(loaded.lm, idx), "the nanoGPT model")
+    out_dir, cfg, mode = source.out_dir, source.cfg, source.mode
+    log(f"run {out_dir}: {mode} mode{describe_adapters(cfg) if mode in ADAPTER_MODES else ''}, checkpoint "
+        f"{source.tag}, base {base_source(cfg) if mode in ADAPTER_MODES else 'in the checkpoint'}")
+    if mode == "full":
+        model = load_run(out_dir, source.tag).lm
+        idx = parity_batch(source.meta["vocab_size"], model.config.n_positions)
+        return Reference(model, idx, logits_of(model, idx), "the trained model")
+    weights = adapter_state_dict(out_dir, source.tag)
+    if mode == "qlora":
+        quantized = load_adapter_run(out_dir, quantized=True, weights=weights)
+        idx = parity_batch(source.meta["vocab_size"], quantized.config.n_positions)
+        trained_4bit = logits_of(quantized, idx)
+        del quantized
+        gc.collect()
+    model = load_adapter_run(out_dir, quantized=False, weights=weights)  # on the unquantized original weights
+    n_adapted = sum(1 for name, _ in model.named_modules() if name.endswith(".lora_A"))
+    idx = parity_batch(source.meta["vocab_size"], model.config.n_positions)
+    reference = logits_of(model, idx)
+    if mode != "qlora":
+        return Reference(model, idx, reference, "the trained model", n_adapted=n_adapted)
+    gap = max_abs_diff(reference, trained_4bit)
+    if qlora_base == "original":
+        return Reference(model, idx, reference, "base + adapter unquantized (fp32)", gap, n_adapted)
+    del model  # the same adapters on the 4-bit weights as trained, dequantized
+    gc.collect()
+    model = load_adapter_run(out_dir, quantized=False, weights=weights, base=dequantized_base(out_dir))
+    return Reference(model, idx, trained_4bit, "the 4-bit model as trained", gap, n_adapted)
+
+
+# 2. the write: a merged transformers model, or a peft adapter directory
+
+def merged_model(source, reference, qlora_base, log):
+    """The reference model with its adapters folded in (a run's or a checkpoint's model as it is otherwise)."""
+    model = reference.model
+    reference.model = None  # merged in place: the reference's own copy is gone
+    if source.mode not in ADAPTER_MODES:
+        return model
+    model = model.merge_and_unload()
+    into = {"original": "unquantized original weights",
+            "dequantized": "dequantized 4-bit weights the run trained on (bitsandbytes' dequantize_4bit)"}
+    into = into[qlora_base] if source.mode == "qlora" else "base weights"
+    if source.cfg["lora_init"] != "default":
+        into += (f" (the rest of each weight after the {source.cfg['lora_init']} decomposition the adapters "
+                 f"started from)")
+    log(f"merged the adapters of {reference.n_adapted} layers into the {into}")
+    return model
+
+
+def _write_model(source, reference, folder, dtype, qlora_base, log):
     from transformers import AutoModelForCausalLM
 
-    log(f"run {out_dir}: {mode} mode{describe_adapters(cfg) if mode in ADAPTER_MODES else ''}, checkpoint {tag}, "
-        f"base {base_source(cfg) if mode in ADAPTER_MODES else 'in the checkpoint'}")
-    result = {"mode": mode, "dtype": dtype}
-    gap = None
-    as_trained = mode != "qlora" or qlora_base == "dequantized"  # what the parity reference is
-
-    # 1. the trained model, rebuilt from the checkpoint, and its logits on the fixed batch
-    if mode == "full":
-        loaded = load_run(out_dir, tag)
-        model = loaded.lm
+    _save_merged(merged_model(source, reference, qlora_base, log), folder, dtype)
+    gc.collect()
+    tokenizer = saving_into(folder, lambda: write_tokenizer(source.meta, folder))
+    files = ", ".join(sorted(p.name for p in folder.iterdir()))
+    vocab = "the GPT-2 tokenizer" if tokenizer else "the characters' meta.pkl"
+    if source.mode == "nanogpt":
+        what = f"exact GELU, with {vocab}"
     else:
-        weights = adapter_state_dict(out_dir, tag)
-        if mode == "qlora":
-            quantized = load_adapter_run(out_dir, quantized=True, weights=weights)
-            idx = parity_batch(meta["vocab_size"], quantized.config.n_positions)
-            trained_4bit = logits_of(quantized, idx)
-            del quantized
-            gc.collect()
-        model = load_adapter_run(out_dir, quantized=False, weights=weights)  # on the unquantized original weights
-    idx = parity_batch(meta["vocab_size"], model.config.n_positions)
-    reference = logits_of(model, idx)
-    if mode == "qlora":
-        gap = max_abs_diff(reference, trained_4bit)
-        if qlora_base == "dequantized":  # the same adapters on the 4-bit weights as trained, dequantized
-            del model
-            gc.collect()
-            model = load_adapter_run(out_dir, quantized=False, weights=weights, base=dequantized_base(out_dir))
-            reference = trained_4bit
-        del trained_4bit
-
-    # 2. write the export
-    if adapter_only:
-        peft_cfg = model.peft_config["default"]
-        peft_cfg.base_model_name_or_path = base_source(cfg)
-        peft_cfg.inference_mode = True
-        model = model.to(TORCH_DTYPES[dtype])
-        n_adapted = sum(1 for name, _ in model.named_modules() if name.endswith(".lora_A"))
-        if cfg["lora_init"] == "default":
-            saving_into(folder, lambda: model.save_pretrained(folder, safe_serialization=True,
-                                                              save_embedding_layers=False))
-            converted = ""
-        else:
-            _save_converted(model, out_dir, folder, dtype)
-            converted = (f"; {cfg['lora_init']} adapters converted for the original base by peft: rank "
-                         f"{2 * cfg['lora_r']}, the trained adapters beside the negated initial ones")
-        del model
-        gc.collect()
-        log(f"saved the adapters of {n_adapted} layers ({dtype}) as a peft adapter directory "
-            f"(base_model_name_or_path {base_source(cfg)}){converted}")
-        from peft import PeftModel
-        base = load_pretrained(base_source(cfg), 0.0)
-        exported = PeftModel.from_pretrained(base, str(folder)).eval()
-        how = "PeftModel.from_pretrained(base, export)"
-    else:
-        if mode in ADAPTER_MODES:
-            n_adapted = sum(1 for name, _ in model.named_modules() if name.endswith(".lora_A"))
-            model = model.merge_and_unload()
-            into = {"original": "unquantized original weights",
-                    "dequantized": "dequantized 4-bit weights the run trained on (bitsandbytes' dequantize_4bit)"}
-            into = into[qlora_base] if mode == "qlora" else "base weights"
-            if cfg["lora_init"] != "default":
-                into += (f" (the rest of each weight after the {cfg['lora_init']} decomposition the adapters "
-                         f"started from)")
-            log(f"merged the adapters of {n_adapted} layers into the {into}")
-        _save_merged(model, folder, dtype)
-        del model
-        gc.collect()
-        tokenizer = saving_into(folder, lambda: write_tokenizer(meta, folder))
-        files = sorted(p.name for p in folder.iterdir())
         size = format_bytes(sum(p.stat().st_size for p in folder.iterdir() if p.name.endswith(".safetensors")))
-        vocab = "the GPT-2 tokenizer" if tokenizer else "the characters' meta.pkl"
-        log(f"saved a transformers model ({dtype}, vocab {reference.size(-1):,}, {size} of "
-            f"safetensors, with {vocab}): {', '.join(files)}")
-        exported = AutoModelForCausalLM.from_pretrained(str(folder), dtype=TORCH_DTYPES[dtype]).eval()
-        how = "AutoModelForCausalLM.from_pretrained(export)"
+        what = f"{size} of safetensors, with {vocab}"
+    log(f"saved a transformers model ({dtype}, vocab {reference.logits.size(-1):,}, {what}): {files}")
+    exported = AutoModelForCausalLM.from_pretrained(str(folder), dtype=TORCH_DTYPES[dtype]).eval()
+    return exported, "AutoModelForCausalLM.from_pretrained(export)"
 
-    # 3. parity
-    out = logits_of(exported, idx)
-    del exported
-    diff = max_abs_diff(out, reference)
-    tol = tolerance_for(reference, dtype, tolerance)
-    trained = {"full": "the trained model", "lora": "the trained model",
-               "qlora": "the 4-bit model as trained" if as_trained else "base + adapter unquantized (fp32)"}[mode]
-    log(f"parity on a fixed batch of {idx.size(0)}x{idx.size(1)} tokens: max |logits({how}) - logits({trained})| "
-        f"= {diff:.3e} (tolerance {tol:.1e}): {'ok' if diff <= tol else 'FAILED'}")
-    if gap is not None and not as_trained:
+
+def _write_adapters(source, reference, folder, dtype, qlora_base, log):
+    from peft import PeftModel
+
+    cfg, model = source.cfg, reference.model
+    reference.model = None
+    peft_cfg = model.peft_config["default"]
+    peft_cfg.base_model_name_or_path = base_source(cfg)
+    peft_cfg.inference_mode = True
+    model = model.to(TORCH_DTYPES[dtype])
+    if cfg["lora_init"] == "default":
+        saving_into(folder, lambda: model.save_pretrained(folder, safe_serialization=True,
+                                                          save_embedding_layers=False))
+        converted = ""
+    else:
+        _save_converted(model, source.out_dir, folder, dtype)
+        converted = (f"; {cfg['lora_init']} adapters converted for the original base by peft: rank "
+                     f"{2 * cfg['lora_r']}, the trained adapters beside the negated initial ones")
+    del model
+    gc.collect()
+    log(f"saved the adapters of {reference.n_adapted} layers ({dtype}) as a peft adapter directory "
+        f"(base_model_name_or_path {base_source(cfg)}){converted}")
+    base = load_pretrained(base_source(cfg), 0.0)
+    return PeftModel.from_pretrained(base, str(folder)).eval(), "PeftModel.from_pretrained(base, export)"
+
+
+def _write_gguf(source, reference, folder, gguf_type, qlora_base, log):
+    """The merged model as one GGUF file and an Ollama Modelfile, loaded back by llama.cpp: its tokenization of
+    a fixed text must be tiktoken's; returns its logits on the fixed batch and, for q8_0, the criteria it is
+    checked by (next-token agreement, perplexity on val text against the trained model's)."""
+    model = merged_model(source, reference, qlora_base, log)
+    config = model.config
+    criteria = []
+    if gguf_type == "q8_0":
+        x, y, where = gguf_export.val_windows(val_folder(source), source.meta, config.n_positions)
+        trained_ppl = gguf_export.perplexity(logits_of(model, x), y)
+    path = folder / gguf_export.GGUF_FILE
+    counts = saving_into(folder, lambda: gguf_export.write_gguf(model, path, gguf_type, source.out_dir.name))
+    del model
+    gc.collect()
+    template = source.meta.get("template")
+    saving_into(folder, lambda: gguf_export.write_modelfile(folder, config.n_positions, template))
+    log(f"saved {gguf_export.GGUF_FILE} ({gguf_type}: {', '.join(f'{n} {t}' for t, n in counts.items())} tensors, "
+        f"{format_bytes(path.stat().st_size)}, GPT-2 BPE tokenizer, context {config.n_positions}) and an Ollama "
+        f"{gguf_export.MODELFILE} ({'template ' + template if template else 'no prompt template'})")
+    llama = gguf_export.LlamaCppModel(path, config.n_positions)
+    try:
+        mismatch, n = gguf_export.tokenizer_mismatch(llama)
+        verdict = "are tiktoken's: ok" if mismatch is None else f"differ from tiktoken's at {mismatch}: FAILED"
+        log(f"tokenizer: llama.cpp's tokens of a fixed text of {n} tokens {verdict}")
+        if mismatch is not None:
+            raise ParityError(f"llama.cpp tokenizes the exported file's vocabulary differently from tiktoken "
+                              f"({mismatch}); nothing was written to the export_dir")
+        out = llama.logits(reference.idx)
+        if gguf_type == "q8_0":
+            ppl = gguf_export.perplexity(llama.logits(x), y)
+            criteria = gguf_export.quantized_criteria(out, reference.logits, ppl, trained_ppl, f"{x.size(0)}x"
+                                                      f"{x.size(1)} tokens of val text ({where})")
+    finally:
+        llama.close()
+    return out, f"llama.cpp({gguf_export.GGUF_FILE})", criteria
+
+
+def val_folder(source):
+    """The dataset folder whose val.bin the run (or checkpoint) evaluated on, or None."""
+    if source.mode != "nanogpt":
+        return dataset_dir(source.cfg)
+    return next((f for f in nanogpt.meta_candidates(source.ckpt) if (f / "val.bin").is_file()), None)
+
+
+def gguf_tolerance(reference, gguf_type, override=None):
+    """f32 and f16 by the largest logit difference; q8_0 by its criteria (None), unless --tolerance is given."""
+    if override is not None or gguf_type == "q8_0":
+        return override
+    return gguf_export.RELATIVE_TOLERANCE[gguf_type] * max(1.0, float(reference.abs().max()))
+
+
+# 3. parity: the export's logits on the fixed batch against the reference's
+
+def check_parity(source, reference, out, how, dtype, tol, log, qlora_base, criteria=()):
+    """Print the parity line (and a QLoRA run's quantization gap, a quantized file's criteria); raise
+    ParityError above the tolerance (tol None: the criteria decide) or when a criterion fails."""
+    idx, gap = reference.idx, reference.gap
+    diff = max_abs_diff(out, reference.logits)
+    within = tol is None or diff <= tol
+    limit = f"tolerance {tol:.1e}" if tol is not None else "tolerance: none for q8_0, checked by the lines below"
+    log(f"parity on a fixed batch of {idx.size(0)}x{idx.size(1)} tokens: max |logits({how}) - "
+        f"logits({reference.trained})| = {diff:.3e} ({limit}): {'ok' if within else 'FAILED'}")
+    for line, passed in criteria:
+        log(f"parity: {line}: {'ok' if passed else 'FAILED'}")
+    if gap is not None and qlora_base == "original":
         log(f"parity vs the 4-bit model as trained: max |logits| difference = {gap:.3e} (the nf4 quantization "
             f"gap: expected, not checked; --qlora_base=dequantized exports the model as trained)")
     elif gap is not None:
         log(f"vs base + adapter unquantized (--qlora_base=original): max |logits| difference = {gap:.3e} (the nf4 "
             f"quantization gap: what the other export would differ by, not checked)")
-    result.update(max_abs_diff=diff, tolerance=tol, quantization_gap=gap,
-                  qlora_base=qlora_base if mode == "qlora" else None)
-    if diff > tol:
-        raise ParityError(f"parity check failed: the export differs from the trained model by {diff:.3e} "
+    model = "the nanoGPT model" if source.mode == "nanogpt" else "the trained model"
+    if not within:
+        raise ParityError(f"parity check failed: the export differs from {model} by {diff:.3e} "
                           f"(tolerance {tol:.1e}); nothing was written to the export_dir")
-    return result
-
-
-def _export_nanogpt(ckpt, folder, dtype, tolerance, log):
-    """A nanoGPT checkpoint as a transformers model in `folder`, reloaded and compared with the model read from
-    it."""
-    from transformers import AutoModelForCausalLM
-
-    iter_num, best = nanogpt.training_state(ckpt)
-    log(f"nanoGPT checkpoint {ckpt}: iteration {iter_num}, best val loss {best:.4f}")
-    loaded = load_nanogpt(ckpt)
-    idx = parity_batch(loaded.vocab_limit, loaded.block_size)
-    reference = logits_of(loaded.lm, idx)
-    _save_merged(loaded.lm, folder, dtype)
-    with_bpe = saving_into(folder, lambda: write_tokenizer(nanogpt.find_meta(ckpt)[0], folder))
-    vocab = "the GPT-2 tokenizer" if with_bpe else "the characters' meta.pkl"
-    files = ", ".join(sorted(p.name for p in folder.iterdir()))
-    log(f"saved a transformers model ({dtype}, vocab {reference.size(-1):,}, exact GELU, with {vocab}): {files}")
-    exported = AutoModelForCausalLM.from_pretrained(str(folder), dtype=TORCH_DTYPES[dtype]).eval()
-    diff, tol = max_abs_diff(logits_of(exported, idx), reference), tolerance_for(reference, dtype, tolerance)
-    log(f"parity on a fixed batch of {idx.size(0)}x{idx.size(1)} tokens: max |logits(AutoModelForCausalLM."
-        f"from_pretrained(export)) - logits(the nanoGPT model)| = {diff:.3e} (tolerance {tol:.1e}): "
-        f"{'ok' if diff <= tol else 'FAILED'}")
-    if diff > tol:
-        raise ParityError(f"parity check failed: the export differs from the nanoGPT model by {diff:.3e} "
-                          f"(tolerance {tol:.1e}); nothing was written to the export_dir")
-    return {"mode": "nanogpt", "dtype": dtype, "max_abs_diff": diff, "tolerance": tol, "quantization_gap": None}
+    failed = [line for line, passed in criteria if not passed]
+    if failed:
+        raise ParityError(f"parity check failed: the export of {model} has {failed[0]}; nothing was written to "
+                          f"the export_dir")
+    return {"mode": source.mode, "dtype": dtype, "max_abs_diff": diff, "tolerance": tol, "quantization_gap": gap,
+            "qlora_base": qlora_base if source.mode == "qlora" else None}
