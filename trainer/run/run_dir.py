@@ -11,7 +11,7 @@ import json
 import pickle
 from pathlib import Path
 
-from trainer.config import DEFAULTS
+from trainer.config import Config
 from trainer.files import atomic_write
 
 CONFIG, MODEL_CONFIG, PLAN, META = "config.json", "model_config.json", "plan.json", "meta.pkl"
@@ -33,8 +33,9 @@ class RunDir:
         return (self.path / CONFIG).is_file() and self.model_config_path.is_file()
 
     def config(self):
-        """config.json; a key the run's version of the trainer did not have yet reads as its default."""
-        return {**DEFAULTS, **json.loads((self.path / CONFIG).read_text())}
+        """config.json as a Config: a key the run's version of the trainer did not have yet reads as its
+        default, one this version no longer has is left out."""
+        return Config.saved(json.loads((self.path / CONFIG).read_text()))
 
     def plan(self):
         """plan.json, or None for a run that has none."""
@@ -56,7 +57,7 @@ class RunDir:
 
     def write(self, cfg, model_config, plan, meta):
         """The run's files, at its start (after a resume too: the config may have changed)."""
-        atomic_write(self.path / CONFIG, json.dumps(cfg, indent=2))
+        atomic_write(self.path / CONFIG, json.dumps(dict(cfg), indent=2))
         atomic_write(self.model_config_path, model_config.to_json_string())
         self.write_plan(plan)
         atomic_write(self.path / META, pickle.dumps(meta))

@@ -277,9 +277,9 @@ def _export(out_dir, folder, cfg, mode, meta, dtype, adapter_only, tolerance, ta
 
     # 2. write the export
     if adapter_only:
-        peft_cfg = model.peft_config["default"]
-        peft_cfg.base_model_name_or_path = base_source(cfg)
-        peft_cfg.inference_mode = True
+        peft_config = model.peft_config["default"]
+        peft_config.base_model_name_or_path = base_source(cfg)
+        peft_config.inference_mode = True
         model = model.to(TORCH_DTYPES[dtype])
         n_adapted = sum(1 for name, _ in model.named_modules() if name.endswith(".lora_A"))
         if cfg["lora_init"] == "default":
