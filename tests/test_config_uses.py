@@ -149,7 +149,8 @@ def test_every_config_use_names_a_key():
     ("def f(cfg, k):\n    return getattr(cfg, k)\n", "computed name 'k'"),
     ("def f(cfg):\n    return [cfg[k] for k, _ in (('use_dora', 'DoRA'), ('use_rslor', 'rsLoRA'))]\n",
      "'use_rslor' is not a config key"),
-    ("from trainer.run.resume import RUN_MODEL_KEYS\ndef f(cfg):\n    return [cfg[k] for k in RUN_MODEL_KEYS], cfg.n_layr\n",
+    ("from trainer.run.resume import RUN_MODEL_KEYS\n"
+     "def f(cfg):\n    return [cfg[k] for k in RUN_MODEL_KEYS], cfg.n_layr\n",
      "cfg.n_layr is not a config key"),
 ])
 def test_a_misspelt_key_is_found(snippet, found):

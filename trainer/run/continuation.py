@@ -83,8 +83,8 @@ def continue_run(cfg):
                             f"--init_adapters=merge to train the merged model in full mode")
         cfg = take_model_keys(cfg, {k: saved_cfg[k] for k in KEPT_ADAPTER_KEYS}, src)
         cfg.update(mode=mode, init_from=saved_cfg["init_from"])
-        what = (f"its {mode} adapters (r={saved_cfg['lora_r']}, targets {', '.join(saved_cfg['lora_targets'])}) on its base "
-                f"{saved_cfg['init_from']}, trained further")
+        what = (f"its {mode} adapters (r={saved_cfg['lora_r']}, targets {', '.join(saved_cfg['lora_targets'])}) on "
+                f"its base {saved_cfg['init_from']}, trained further")
     else:
         if cfg["mode"] not in ("auto", "full"):
             raise UserError(f"a run continued from {src} trains its whole model (mode full), not mode={cfg['mode']}; "
