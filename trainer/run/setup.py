@@ -220,7 +220,7 @@ def build_run(cfg, hardware=None):
 
     # Every input checked: only now is anything written.
     claim_out_dir(cfg, rank)
-    wandb_run = {"project": cfg["wandb_project"], "name": cfg["wandb_run_name"], "config": cfg} \
+    wandb_run = {"project": cfg["wandb_project"], "name": cfg["wandb_run_name"], "config": dict(cfg)} \
         if cfg["wandb_log"] else None
     log = RunLogger(out_dir, rank == 0, cfg["tensorboard"], cfg["max_iters"], 0, wandb_run)
     log.print(format_plan(plan))
