@@ -3,7 +3,7 @@ import re
 
 import pytest
 
-from trainer.config import DEFAULTS, RECIPES_DIR, ConfigError, recipe_names, resolve_config
+from trainer.config import DEFAULTS, RECIPES_DIR, Config, ConfigError, recipe_names, resolve_config
 
 # docs/commands.md's recipe table (the original design's): (init_from, batch_size, grad_accum, learning_rate, decay_lr, max_iters, eval_interval,
 # eval_iters, out_dir or dataset)
@@ -88,7 +88,7 @@ def test_overrides_positional_recipe_and_both_forms():
     cfg, _ = resolve_config(["--learning_rate=1", "--out_dir=my-run"])
     assert cfg["learning_rate"] == 1.0 and isinstance(cfg["learning_rate"], float)
     assert cfg["out_dir"] == "my-run"
-    assert resolve_config([])[0] == DEFAULTS
+    assert resolve_config([])[0] == Config()
 
 
 @pytest.mark.parametrize("args, message", [

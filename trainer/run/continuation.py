@@ -16,7 +16,7 @@ source, and the new data must use the source's vocabulary.
 from dataclasses import dataclass
 from pathlib import Path
 
-from trainer.config import ADAPTER_MODES, DEFAULTS
+from trainer.config import ADAPTER_MODES, DEFAULTS, Config
 from trainer.data.tokenizer import tokenizer_kind
 from trainer.errors import UserError
 from trainer.model import nanogpt
@@ -30,7 +30,7 @@ KEPT_ADAPTER_KEYS = ("bias", "lora_r", "lora_alpha", "lora_targets")
 
 @dataclass
 class Start:
-    cfg: dict
+    cfg: Config
     note: str           # what the run takes from its source, for the console
     source: str         # the source as init_from named it
     vocabulary: dict    # the source model's vocabulary, as a dataset's meta.pkl dict
@@ -56,11 +56,12 @@ def starting_point(cfg):
 def take_model_keys(cfg, saved, source):
     """The source's values of the keys its weights fix; one the command asks for otherwise is an error."""
     cfg = dict(cfg)
-    for key, value in saved.items():
-        if cfg[key] != value and cfg[key] != DEFAULTS[key]:
-            raise UserError(f"{source} holds a model with {key}={value!r}, but this run asks for {key}={cfg[key]!r}; "
+    for key, value in saved.items():  # computed keys: KEPT_ADAPTER_KEYS and 'bias', from the callers below
+        asked = cfg[key]  # computed keys: as above
+        if asked != value and asked != DEFAULTS[key]:
+            raise UserError(f"{source} holds a model with {key}={value!r}, but this run asks for {key}={asked!r}; "
                             f"leave --{key} unset (the model's own) or start from another model")
-        cfg[key] = value
+        cfg[key] = value  # computed keys: as above
     return cfg
 
 
@@ -70,26 +71,26 @@ def continue_run(cfg):
         raise UserError(f"init_from={cfg['init_from']!r} starts a new run from that run, but out_dir is the same "
                         f"folder; choose another --out_dir (or continue the run itself with --init_from=resume)")
     tag = checkpoint.latest_tag_or_error(src.path)
-    saved, mode = src.config(), src.mode()
+    saved_cfg, mode = src.config(), src.mode()
     taken = f"{src} ({tag}, {mode} mode)"
     if mode in ADAPTER_MODES and cfg["init_adapters"] == "keep":
-        if saved["init_from"] == "scratch":
+        if saved_cfg["init_from"] == "scratch":
             raise UserError(f"{src} trained adapters on a from-scratch base, which only that run can rebuild; "
                             f"continue it with --init_adapters=merge (its base with the adapters merged in)")
         if cfg["mode"] not in ("auto", mode):
             raise UserError(f"init_adapters='keep' trains the {mode} adapters of {src} further, in {mode} mode, but "
                             f"this run asks for mode={cfg['mode']}; leave --mode unset, or pass "
                             f"--init_adapters=merge to train the merged model in full mode")
-        cfg = take_model_keys(cfg, {k: saved[k] for k in KEPT_ADAPTER_KEYS}, src)
-        cfg.update(mode=mode, init_from=saved["init_from"])
-        what = (f"its {mode} adapters (r={saved['lora_r']}, targets {', '.join(saved['lora_targets'])}) on its base "
-                f"{saved['init_from']}, trained further")
+        cfg = take_model_keys(cfg, {k: saved_cfg[k] for k in KEPT_ADAPTER_KEYS}, src)
+        cfg.update(mode=mode, init_from=saved_cfg["init_from"])
+        what = (f"its {mode} adapters (r={saved_cfg['lora_r']}, targets {', '.join(saved_cfg['lora_targets'])}) on "
+                f"its base {saved_cfg['init_from']}, trained further")
     else:
         if cfg["mode"] not in ("auto", "full"):
             raise UserError(f"a run continued from {src} trains its whole model (mode full), not mode={cfg['mode']}; "
                             f"to train adapters on it, export it first (python launch/merge_adapter.py --out_dir={src} "
                             f"--export_dir=DIR) and start from --init_from=DIR")
-        cfg = take_model_keys(cfg, {"bias": saved["bias"]}, src)
+        cfg = take_model_keys(cfg, {"bias": saved_cfg["bias"]}, src)
         cfg["mode"] = "full"
         what = "its base with the adapters merged in" if mode in ADAPTER_MODES else "its weights"
     cfg["continued_from"] = str(src)

@@ -25,24 +25,24 @@ def resume_config(cfg, out_dir):
     if not run_dir.is_run():
         raise UserError(f"init_from='resume' but {out_dir / CONFIG} does not exist; start a new run without "
                         f"--init_from=resume")
-    saved = run_dir.config()
-    if cfg["dataset"] != saved["dataset"] and cfg["dataset"] != DEFAULTS["dataset"]:  # sequential finetuning
-        raise UserError(f"{out_dir} trained on dataset={saved['dataset']!r} and a resume continues the same run on "
+    saved_cfg = run_dir.config()
+    if cfg["dataset"] != saved_cfg["dataset"] and cfg["dataset"] != DEFAULTS["dataset"]:  # sequential finetuning
+        raise UserError(f"{out_dir} trained on dataset={saved_cfg['dataset']!r} and a resume continues the same run on "
                         f"the same data, but this run asks for dataset={cfg['dataset']!r}; to continue its model on "
                         f"other data, start a new run from it: --init_from={out_dir} --out_dir=<a new folder> "
                         f"--dataset={cfg['dataset']!r}")
-    merged = dict(cfg)
+    merged_cfg = dict(cfg)
     for key in RUN_MODEL_KEYS:
         # A value the recipe or command asks for (not the default) must match the run's.
-        if cfg[key] != saved[key] and cfg[key] != DEFAULTS[key]:
-            raise UserError(f"{out_dir} holds a model with {key}={saved[key]!r}, but this run asks for "
+        if cfg[key] != saved_cfg[key] and cfg[key] != DEFAULTS[key]:
+            raise UserError(f"{out_dir} holds a model with {key}={saved_cfg[key]!r}, but this run asks for "
                             f"{key}={cfg[key]!r}; resume with the run's own settings or start a new out_dir")
-        merged[key] = saved[key]
-    merged["init_from"] = saved["init_from"]
-    merged["resumed_from"] = str(out_dir)
-    if "continued_from" in saved:  # a run started from another run's weights stays so
-        merged["continued_from"] = saved["continued_from"]
-    return merged
+        merged_cfg[key] = saved_cfg[key]
+    merged_cfg["init_from"] = saved_cfg["init_from"]
+    merged_cfg["resumed_from"] = str(out_dir)
+    if "continued_from" in saved_cfg:  # a run started from another run's weights stays so
+        merged_cfg["continued_from"] = saved_cfg["continued_from"]
+    return merged_cfg
 
 
 def resume_layout(cfg, info, world):

@@ -12,7 +12,7 @@ run's meta.pkl goes through trainer/data/meta.py's data-only unpickler).
 import json
 from pathlib import Path
 
-from trainer.config import DEFAULTS
+from trainer.config import Config
 from trainer.data.meta import read_meta_file, write_meta_json
 from trainer.errors import UserError
 from trainer.files import atomic_write
@@ -57,8 +57,9 @@ class RunDir:
         return (self.path / CONFIG).is_file() and self.model_config_path.is_file()
 
     def config(self):
-        """config.json; a key the run's version of the trainer did not have yet reads as its default."""
-        return {**DEFAULTS, **read_json(self.path / CONFIG)}
+        """config.json as a Config: a key the run's version of the trainer did not have yet reads as its
+        default, one this version no longer has is left out."""
+        return Config.saved(read_json(self.path / CONFIG))
 
     def plan(self):
         """plan.json, or None for a run that has none."""
@@ -79,7 +80,7 @@ class RunDir:
 
     def write(self, cfg, model_config, plan, meta):
         """The run's files, at its start (after a resume too: the config may have changed)."""
-        atomic_write(self.path / CONFIG, json.dumps(cfg, indent=2))
+        atomic_write(self.path / CONFIG, json.dumps(dict(cfg), indent=2))
         atomic_write(self.model_config_path, model_config.to_json_string())
         self.write_plan(plan)
         write_meta_json(self.path, meta)

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from deepspeed.runtime.engine import DeepSpeedEngine
 
-from trainer.config import ADAPTER_MODES
+from trainer.config import ADAPTER_MODES, Config
 from trainer.data.mixing import MixedData, epochs_to_iters, open_data
 from trainer.data.sampler import TrainSampler
 from trainer.data.tokenizer import CharTokenizer, Gpt2Tokenizer, load_tokenizer
@@ -44,7 +44,7 @@ from trainer.run.run_dir import RunDir
 @dataclass
 class Run:
     """One training run: what setup built, and the little state the loop advances."""
-    cfg: dict[str, Any]       # the resolved config, final (trainer/config.py declares every key)
+    cfg: Config              # the resolved config, final (trainer/config.py declares every key)
     out_dir: Path
     rank: int
     world: int
@@ -105,7 +105,7 @@ class Run:
 
     def client_state(self):
         """What a checkpoint saves beside DeepSpeed's states."""
-        return {"iter_num": self.iter_num, "best_val_loss": self.best_val_loss, "config": self.cfg,
+        return {"iter_num": self.iter_num, "best_val_loss": self.best_val_loss, "config": dict(self.cfg),
                 "plan": self.plan_dict, "sampler": self.sampler.state_dict(),
                 "evals_without_improvement": self.evals_without_improvement}
 
@@ -220,7 +220,7 @@ def build_run(cfg, hardware=None):
 
     # Every input checked: only now is anything written.
     claim_out_dir(cfg, rank)
-    wandb_run = {"project": cfg["wandb_project"], "name": cfg["wandb_run_name"], "config": cfg} \
+    wandb_run = {"project": cfg["wandb_project"], "name": cfg["wandb_run_name"], "config": dict(cfg)} \
         if cfg["wandb_log"] else None
     log = RunLogger(out_dir, rank == 0, cfg["tensorboard"], cfg["max_iters"], 0, wandb_run)
     log.print(format_plan(plan))
@@ -241,7 +241,7 @@ def build_run(cfg, hardware=None):
         stop_point("loading the checkpoint")
     if run.master:
         RunDir(out_dir).write(cfg, module.lm.config, run.plan_dict, data.meta)
-    log.json_text("config", cfg)
+    log.json_text("config", dict(cfg))
     log.json_text("plan", run.plan_dict)
     log.json_text("deepspeed_config", run.ds_config)
     stop_point("writing the run's files")

@@ -404,9 +404,9 @@ def _write_adapters(source, reference, folder, dtype, qlora_base, log):
 
     cfg, model = source.cfg, reference.model
     reference.model = None
-    peft_cfg = model.peft_config["default"]
-    peft_cfg.base_model_name_or_path = base_source(cfg)
-    peft_cfg.inference_mode = True
+    peft_config = model.peft_config["default"]
+    peft_config.base_model_name_or_path = base_source(cfg)
+    peft_config.inference_mode = True
     model = model.to(TORCH_DTYPES[dtype])
     if cfg["lora_init"] == "default":
         saving_into(folder, lambda: model.save_pretrained(folder, safe_serialization=True,

@@ -56,7 +56,7 @@ def load_run(out_dir, tag=None):
     cfg, meta = run_dir.config(), run_dir.meta()
     if run_dir.mode() in ADAPTER_MODES:  # base rebuilt from the run's init_from, adapters from the checkpoint
         lm = load_adapter_run(out_dir, weights=adapter_state_dict(out_dir, tag))
-        return LoadedModel(lm, load_tokenizer(meta), lm.config.n_positions, meta["vocab_size"], cfg,
+        return LoadedModel(lm, load_tokenizer(meta), lm.config.n_positions, meta["vocab_size"], dict(cfg),
                            meta.get("template"))
     lm = model_from_config_file(run_dir.model_config_path)
     missing, unexpected = lm.load_state_dict(consolidated_state_dict(out_dir, tag), strict=False)
@@ -65,7 +65,7 @@ def load_run(out_dir, tag=None):
         raise UserError(f"checkpoint in {out_dir} does not match its model_config.json "
                         f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
     lm.tie_weights()
-    return LoadedModel(lm.eval(), load_tokenizer(meta), lm.config.n_positions, meta["vocab_size"], cfg,
+    return LoadedModel(lm.eval(), load_tokenizer(meta), lm.config.n_positions, meta["vocab_size"], dict(cfg),
                        meta.get("template"))
 
 
