@@ -33,6 +33,7 @@ import tempfile
 import time
 from pathlib import Path
 from types import SimpleNamespace
+from dataclasses import replace
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -155,7 +156,7 @@ def speed_row(name, shape, mode, compile_model, args, micro, accum):
     """tokens/s and MFU of one configuration, built as the trainer builds it."""
     import torch
 
-    from trainer.config import DEFAULTS
+    from trainer.config import Config
     from trainer.model.builder import build_module
     from trainer.model.gpt2 import build_model
     from trainer.model.shapes import Shape, flops_per_token
@@ -164,23 +165,23 @@ def speed_row(name, shape, mode, compile_model, args, micro, accum):
     from trainer.run.engine import create_engine
 
     on_gpu = torch.cuda.is_available() and not args.dry_run
-    cfg = {**DEFAULTS, **shape, "batch_size": micro, "gradient_accumulation_steps": accum, "dropout": 0.0,
-           "lora_dropout": 0.0, "mode": mode, "zero_stage": 0, "offload": "none", "micro_batch_size": micro,
-           "gradient_checkpointing": mode != "full", "compile": compile_model,
-           "dtype": "bf16" if on_gpu else "fp32"}
+    cfg = Config(**{**shape, "batch_size": micro, "gradient_accumulation_steps": accum, "dropout": 0.0,
+                    "lora_dropout": 0.0, "mode": mode, "zero_stage": 0, "offload": "none", "micro_batch_size": micro,
+                    "gradient_checkpointing": mode != "full", "compile": compile_model,
+                    "dtype": "bf16" if on_gpu else "fp32"})
     vocab = 50257
     hw = Hardware("cuda", 80 * GiB, 1, True, "check") if on_gpu else Hardware("cpu", 8 * GiB, 1, False, "cpu")
-    plan = make_plan(PlanInput.of(cfg, Shape(cfg["n_layer"], cfg["n_head"], cfg["n_embd"], vocab,
-                                             cfg["block_size"])), hw)
+    plan = make_plan(PlanInput.of(cfg, Shape(cfg.n_layer, cfg.n_head, cfg.n_embd, vocab,
+                                             cfg.block_size)), hw)
     torch.manual_seed(0)
-    module = build_module(cfg, plan, build_model({**cfg, "init_from": "scratch"}, vocab), "dense_mask")
+    module = build_module(cfg, plan, build_model(replace(cfg, init_from="scratch"), vocab), "dense_mask")
     trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)
     total = sum(p.numel() for p in module.parameters())
     engine, _ = create_engine(module, cfg, plan, 1, on_gpu)
-    x = torch.randint(0, vocab, (micro, cfg["block_size"]), device=engine.device)
+    x = torch.randint(0, vocab, (micro, cfg.block_size), device=engine.device)
     per_step, loss = timed_steps(engine, [(x, x)] * accum, args.speed_steps)
-    tokens = micro * accum * cfg["block_size"] / per_step
-    fpt = flops_per_token(total, cfg["n_layer"], cfg["n_head"], cfg["n_embd"], cfg["block_size"], mode, trainable)
+    tokens = micro * accum * cfg.block_size / per_step
+    fpt = flops_per_token(total, cfg.n_layer, cfg.n_head, cfg.n_embd, cfg.block_size, mode, trainable)
     peak, why = peak_flops() if on_gpu else (None, "no MFU on the CPU")
     mfu = f"{100 * fpt * tokens / peak:.1f}%" if peak else why
     return [name, f"compile {'on' if compile_model else 'off'}", f"{micro} x {accum}", f"{1000 * per_step:.0f} ms",
@@ -208,7 +209,7 @@ def step_packed(args):
     """Forward and backward of one packed batch: FlexAttention (document mask), the dense mask, plain text."""
     import torch
 
-    from trainer.config import DEFAULTS
+    from trainer.config import Config
     from trainer.model.attention import packed_kernel
     from trainer.model.gpt2 import build_model
     from trainer.model.loss import LMWithLoss
@@ -217,7 +218,7 @@ def step_packed(args):
     device = "cuda" if on_gpu else "cpu"
     shape = {"n_layer": 12, "n_head": 12, "n_embd": 768, "block_size": 1024} if not args.dry_run else \
         {k: memory_fit.TINY[k] for k in ("n_layer", "n_head", "n_embd", "block_size")}
-    cfg = {**DEFAULTS, **shape, "dropout": 0.0}
+    cfg = Config(**{**shape, "dropout": 0.0})
     B, T = (8, shape["block_size"]) if on_gpu else (2, shape["block_size"])
     gen = torch.Generator().manual_seed(0)
     idx = torch.randint(0, 50257, (B, T), generator=gen).to(device)

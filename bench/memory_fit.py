@@ -35,6 +35,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from dataclasses import replace
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -69,12 +70,12 @@ def run_cfg(model, dry_run, overrides=None):
     """(config, shape): the recipe's config with the model's true shape, as bench/plan_table.py plans it
     (plus overrides: bench/gpu_check.py fixes the mode or the offload this way)."""
     if dry_run:
-        from trainer.config import DEFAULTS
-        cfg = {**DEFAULTS, **TINY, "dropout": 0.0, "lora_dropout": 0.0}
+        from trainer.config import Config
+        cfg = Config(**{**TINY, "dropout": 0.0, "lora_dropout": 0.0})
         shape = Shape(TINY["n_layer"], TINY["n_head"], TINY["n_embd"], GPT2_VOCAB, TINY["block_size"])
     else:
         cfg, shape = recipe_cfg(model)
-    return {**cfg, **(overrides or {})}, shape
+    return replace(cfg, **(overrides or {})), shape
 
 
 def build_module(cfg, shape, plan, device_type, workdir):
@@ -89,13 +90,13 @@ def build_module(cfg, shape, plan, device_type, workdir):
     from trainer.model.gpt2 import gpt2_config
 
     torch.manual_seed(0)
-    model = GPT2LMHeadModel(gpt2_config(shape, cfg["dropout"]))
+    model = GPT2LMHeadModel(gpt2_config(shape, cfg.dropout))
     if plan.mode == "qlora":  # the 4-bit base comes from a checkpoint on disk, as from the hub
         source = Path(workdir) / "random-gpt2"
         model.save_pretrained(source)
         del model
-        model = build_base({**cfg, "init_from": str(source)}, shape.vocab_size, "qlora", plan.dtype, device_type)
-    return build_trained(cfg, plan, model, packed_kernel(device_type, cfg["dropout"]))
+        model = build_base(replace(cfg, init_from=str(source)), shape.vocab_size, "qlora", plan.dtype, device_type)
+    return build_trained(cfg, plan, model, packed_kernel(device_type, cfg.dropout))
 
 
 def child(args):
@@ -148,7 +149,7 @@ def child(args):
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
         gen = torch.Generator().manual_seed(0)
-        micro, accum, block = plan.micro_batch_size, plan.grad_accum_per_rank, cfg["block_size"]
+        micro, accum, block = plan.micro_batch_size, plan.grad_accum_per_rank, cfg.block_size
         seconds = 0.0
         for it in range(1 + args.steps):  # iteration 0 is the warm-up
             start = time.time()

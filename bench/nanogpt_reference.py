@@ -77,21 +77,21 @@ def mean_loss(model, batches):
 
 
 def train_reference(cfg, train_tokens, vocab_size, seed, lr_at):
-    """nanoGPT's training for cfg's hyperparameters; returns the model after cfg['max_iters'] steps."""
+    """nanoGPT's training for cfg's hyperparameters; returns the model after cfg.max_iters steps."""
     torch.manual_seed(seed)
-    model = ReferenceGPT(vocab_size, cfg["block_size"], cfg["n_layer"], cfg["n_head"], cfg["n_embd"])
+    model = ReferenceGPT(vocab_size, cfg.block_size, cfg.n_layer, cfg.n_head, cfg.n_embd)
     params = list(model.parameters())
-    optimizer = torch.optim.AdamW([{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg["weight_decay"]},
+    optimizer = torch.optim.AdamW([{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
                                    {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}],
-                                  lr=cfg["learning_rate"], betas=(cfg["beta1"], cfg["beta2"]))
+                                  lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2))
     generator = torch.Generator().manual_seed(seed)
-    for it in range(cfg["max_iters"]):
+    for it in range(cfg.max_iters):
         for group in optimizer.param_groups:
             group["lr"] = lr_at(it, cfg)
-        x, y = random_windows(train_tokens, cfg["block_size"], cfg["batch_size"], generator)
+        x, y = random_windows(train_tokens, cfg.block_size, cfg.batch_size, generator)
         logits = model(x)
         F.cross_entropy(logits.reshape(-1, logits.size(-1)), y.reshape(-1)).backward()
-        torch.nn.utils.clip_grad_norm_(params, cfg["grad_clip"])
+        torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
     return model.eval()

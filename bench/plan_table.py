@@ -20,7 +20,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from trainer.config import DEFAULTS, RECIPES_DIR, read_recipe  # noqa: E402
+from trainer.config import RECIPES_DIR, Config, read_recipe  # noqa: E402
 from trainer.model.shapes import GPT2_SHAPES, GPT2_VOCAB, Shape  # noqa: E402
 from trainer.plan.hardware import detect_hardware  # noqa: E402
 from trainer.plan.memory import CUDA_CONTEXT_BYTES, FRAGMENTATION  # noqa: E402
@@ -33,8 +33,8 @@ VRAM_GB = (8, 12, 16, 24, 40, 80)
 
 def recipe_cfg(model, **overrides):
     """(config, shape): the model's recipe on top of the defaults, with overrides, and GPT-2's shape."""
-    cfg = {**DEFAULTS, **read_recipe(RECIPES_DIR / f"{RECIPES[model]}.py"), **overrides}
-    return cfg, Shape(*GPT2_SHAPES[model], GPT2_VOCAB, cfg["block_size"])
+    cfg = Config(**{**read_recipe(RECIPES_DIR / f"{RECIPES[model]}.py"), **overrides})
+    return cfg, Shape(*GPT2_SHAPES[model], GPT2_VOCAB, cfg.block_size)
 
 
 def simulated_peak(cfg, shape, plan):

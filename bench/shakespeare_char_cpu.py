@@ -50,8 +50,8 @@ def recipe(data_dir, max_iters, seed):
 
 def fixed_val_batches(data, cfg):
     """The recipe's evaluation: eval_iters fixed val batches, the windows the trainer evaluates on."""
-    B = cfg["batch_size"]
-    offsets = data.eval_offsets("val", cfg["eval_iters"] * B, cfg["seed"])
+    B = cfg.batch_size
+    offsets = data.eval_offsets("val", cfg.eval_iters * B, cfg.seed)
     return [data.windows("val", offsets[i:i + B]) for i in range(0, len(offsets), B)]
 
 
@@ -86,13 +86,13 @@ def run_plain(data_dir, max_iters, seed):
     from trainer.optim.schedule import lr_at
 
     cfg = recipe(data_dir, max_iters, seed)
-    data = TokenData(Path(data_dir) / "shakespeare_char", cfg["block_size"])
-    torch.manual_seed(cfg["seed"])
+    data = TokenData(Path(data_dir) / "shakespeare_char", cfg.block_size)
+    torch.manual_seed(cfg.seed)
     model = build_model(cfg, data.vocab_size)
-    optimizer = torch.optim.AdamW(param_groups(model, cfg["weight_decay"]), lr=cfg["learning_rate"],
-                                  betas=(cfg["beta1"], cfg["beta2"]))
-    sampler = TrainSampler(data, cfg["seed"])
-    seqs = cfg["batch_size"] * cfg["gradient_accumulation_steps"]
+    optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.learning_rate,
+                                  betas=(cfg.beta1, cfg.beta2))
+    sampler = TrainSampler(data, cfg.seed)
+    seqs = cfg.batch_size * cfg.gradient_accumulation_steps
 
     def loss_of(x, y):
         logits = model(input_ids=x).logits
@@ -103,9 +103,9 @@ def run_plain(data_dir, max_iters, seed):
         for group in optimizer.param_groups:
             group["lr"] = lr_at(it, cfg)
         t0 = time.perf_counter()
-        for x, y in sampler.iteration_batches(seqs, 0, 1, cfg["batch_size"]):
+        for x, y in sampler.iteration_batches(seqs, 0, 1, cfg.batch_size):
             loss_of(x, y).backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg["grad_clip"])
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         if it >= 10:  # like the trainer's mean, skip the warm-up
@@ -126,14 +126,14 @@ def run_reference(data_dir, max_iters, seed):
     from trainer.tools.evaluate import stream_batches
 
     cfg = recipe(data_dir, max_iters, seed)
-    data = TokenData(Path(data_dir) / "shakespeare_char", cfg["block_size"])
+    data = TokenData(Path(data_dir) / "shakespeare_char", cfg.block_size)
     model = train_reference(cfg, data.tokens["train"], data.vocab_size, seed, lr_at)
-    B, T = cfg["batch_size"], cfg["block_size"]
+    B, T = cfg.batch_size, cfg.block_size
     fixed = mean_loss(model, fixed_val_batches(data, cfg))
     whole = mean_loss(model, stream_batches(data.tokens["val"], T, 64))
     generator = torch.Generator().manual_seed(seed)
     nanogpt_estimate = mean_loss(model, [random_windows(data.tokens["val"], T, B, generator)
-                                         for _ in range(cfg["eval_iters"])])
+                                         for _ in range(cfg.eval_iters)])
     return fixed, whole, nanogpt_estimate
 
 

@@ -59,16 +59,16 @@ def random_gpt2(folder):
 def time_variant(name, model_dir, block_size, iters):
     """CPU seconds of each timed iteration of this variant: (forward and backward passes, optimizer step)."""
     import torch
-    from trainer.config import DEFAULTS
+    from trainer.config import DEFAULTS, Config
     from trainer.model.shapes import model_shape
     from trainer.plan.hardware import detect_hardware
     from trainer.plan.planner import PlanInput, make_plan
     from trainer.run.engine import create_engine
     from trainer.run.setup import build_trained_module
-    cfg = {**DEFAULTS, "init_from": str(model_dir), "block_size": block_size, "dropout": 0.0, "mode": "full",
-           "zero_stage": 0, "offload": "none", "micro_batch_size": SEQUENCES, "gradient_checkpointing": False,
-           "optimizer": "adamw", "batch_size": SEQUENCES, "gradient_accumulation_steps": 1, "lora_dropout": 0.0,
-           "compile": False, **VARIANTS[name]}
+    cfg = Config(**{"init_from": str(model_dir), "block_size": block_size, "dropout": 0.0, "mode": "full",
+                    "zero_stage": 0, "offload": "none", "micro_batch_size": SEQUENCES, "gradient_checkpointing": False,
+                    "optimizer": "adamw", "batch_size": SEQUENCES, "gradient_accumulation_steps": 1,
+                    "lora_dropout": 0.0, "compile": False, **VARIANTS[name]})
     shape = model_shape(cfg, 50257)
     plan = make_plan(PlanInput.of(cfg, shape), detect_hardware(1))
     module = build_trained_module(cfg, plan, shape.vocab_size, "cpu")
@@ -109,7 +109,7 @@ def main():
                       MASTER_PORT=os.environ.get("MASTER_PORT", "29731"))
     import deepspeed
     import torch
-    from trainer.config import DEFAULTS
+    from trainer.config import DEFAULTS, Config
     from trainer.model.shapes import Shape, flops_per_token, recompute_flops_per_token
     from trainer.plan.memory import parameter_counts
     from trainer.run.ranks import release_cpu_allreduce_buffer

@@ -102,7 +102,7 @@ def init_distributed():
 
 def deepspeed_decides(cfg):
     """One line for nanoGPT's `device` and `backend` when the config sets them: what this run uses instead."""
-    given = [f"{key}={cfg[key]!r}" for key in DEEPSPEED_DECIDES if cfg[key]]
+    given = [f"{key}={getattr(cfg, key)!r}" for key in DEEPSPEED_DECIDES if getattr(cfg, key)]
     if not given:
         return None
     import torch
@@ -121,11 +121,11 @@ def print_plan(cfg, args):
     from trainer.run.run_dir import RunDir
 
     meta = read_meta(dataset_dir(cfg)) if (dataset_dir(cfg) / "meta.pkl").is_file() else {}
-    saved_model = RunDir(cfg["out_dir"]).model_config_path if cfg["init_from"] == "resume" else None
-    if cfg["init_from"] != "resume" and RunDir(cfg["init_from"]).is_run():  # a new run from another run
+    saved_model = RunDir(cfg.out_dir).model_config_path if cfg.init_from == "resume" else None
+    if cfg.init_from != "resume" and RunDir(cfg.init_from).is_run():  # a new run from another run
         from trainer.run.continuation import continue_run, model_config
         cfg = continue_run(cfg).cfg
-        saved_model = model_config(cfg) or RunDir(cfg["continued_from"]).model_config_path
+        saved_model = model_config(cfg) or RunDir(cfg.continued_from).model_config_path
     shape = model_shape(cfg, meta.get("vocab_size", 50257), saved_model)
     # packed instruction blocks, as the run will plan
     plan_input = PlanInput.of(cfg, shape, packed=meta.get("format") == "instructions")
@@ -148,22 +148,22 @@ def main(argv):
         return 0
     # One writer per out_dir, before anything is read or written: global rank 0 holds the lock for the whole
     # run (the other ranks write only inside the checkpoint saves rank 0 coordinates). trainer/lock.py
-    lock = FolderLock(cfg["out_dir"], "a training run", "choose another --out_dir") if launcher_rank() == 0 else None
+    lock = FolderLock(cfg.out_dir, "a training run", "choose another --out_dir") if launcher_rank() == 0 else None
     with lock or nullcontext():
         return train_locked(cfg, args)
 
 
 def train_locked(cfg, args):
-    if launcher_world() == 1 and cfg["init_from"] != "resume":
+    if launcher_world() == 1 and cfg.init_from != "resume":
         # One process opens its data before importing torch, transformers and DeepSpeed (6-7 s): a missing
         # or broken dataset is one line at once. Several ranks check together in build_run (a dataset
         # missing on one node only is named with the node); a resume takes dataset and block_size from
         # the run, so build_run checks its data.
         from trainer.data.mixing import open_data
         open_data(cfg)
-    check_model_folder(cfg["init_from"])  # another architecture than GPT-2 is one line, before the imports
+    check_model_folder(cfg.init_from)  # another architecture than GPT-2 is one line, before the imports
     from trainer.model.adapters import check_source
-    check_source(cfg["mode"], cfg["init_from"])  # before any rank starts or writes
+    check_source(cfg.mode, cfg.init_from)  # before any rank starts or writes
     init_distributed()
     note = deepspeed_decides(cfg)
     if note and launcher_rank() == 0:

@@ -29,7 +29,7 @@ import deepspeed  # noqa: E402
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
-from trainer.config import DEFAULTS  # noqa: E402
+from trainer.config import Config  # noqa: E402
 from trainer.model.builder import build_module  # noqa: E402
 from trainer.model.gpt2 import build_model  # noqa: E402
 from trainer.model.shapes import model_shape  # noqa: E402
@@ -147,10 +147,10 @@ def classify(engine, base, everything=True):
 
 def measure(mode, zero, optimizer, world, dtype="auto", master_weights="auto"):
     micro, accum = 1, 2
-    cfg = {**DEFAULTS, **SHAPE, "init_from": "scratch", "dropout": 0.0, "mode": mode, "zero_stage": zero,
-           "offload": "none", "micro_batch_size": micro, "gradient_checkpointing": False, "optimizer": optimizer,
-           "batch_size": micro, "gradient_accumulation_steps": accum * world, "lora_dropout": 0.0,
-           "dtype": dtype, "master_weights": master_weights}
+    cfg = Config(**{**SHAPE, "init_from": "scratch", "dropout": 0.0, "mode": mode, "zero_stage": zero,
+                    "offload": "none", "micro_batch_size": micro, "gradient_checkpointing": False,
+                    "optimizer": optimizer, "batch_size": micro, "gradient_accumulation_steps": accum * world,
+                    "lora_dropout": 0.0, "dtype": dtype, "master_weights": master_weights})
     hw = detect_hardware(world)
     plan = make_plan(PlanInput.of(cfg, model_shape(cfg, DATA_VOCAB)), hw)
     gen = torch.Generator().manual_seed(0)

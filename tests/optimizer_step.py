@@ -21,7 +21,7 @@ os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0
 import deepspeed  # noqa: E402
 import torch  # noqa: E402
 
-from trainer.config import DEFAULTS  # noqa: E402
+from trainer.config import Config  # noqa: E402
 from trainer.model.builder import build_module  # noqa: E402
 from trainer.model.gpt2 import build_model  # noqa: E402
 from trainer.model.shapes import Shape  # noqa: E402
@@ -35,10 +35,10 @@ DATA_VOCAB = 65
 
 
 def measure(mode, dtype, accum, optimizer):
-    cfg = {**DEFAULTS, **SHAPE, "init_from": "scratch", "mode": mode, "zero_stage": 0, "offload": "none",
-           "dtype": dtype, "grad_accum_dtype": accum, "optimizer": optimizer, "batch_size": 2,
-           "gradient_accumulation_steps": 1, "micro_batch_size": 2, "gradient_checkpointing": False, "dropout": 0.0,
-           "lora_dropout": 0.0}
+    cfg = Config(**{**SHAPE, "init_from": "scratch", "mode": mode, "zero_stage": 0, "offload": "none", "dtype": dtype,
+                    "grad_accum_dtype": accum, "optimizer": optimizer, "batch_size": 2,
+                    "gradient_accumulation_steps": 1, "micro_batch_size": 2, "gradient_checkpointing": False,
+                    "dropout": 0.0, "lora_dropout": 0.0})
     shape = Shape(SHAPE["n_layer"], SHAPE["n_head"], SHAPE["n_embd"], 128, SHAPE["block_size"])
     hw = Hardware("cpu", 64 * 2**30, 1, False, "CPU")
     plan = make_plan(PlanInput.of(cfg, shape), hw)

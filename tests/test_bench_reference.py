@@ -25,9 +25,9 @@ def test_reference_model_is_nanogpts_shape():
 def test_reference_procedure_learns_shakespeare(data_dir):
     cfg, _ = resolve_config(["--recipe", "shakespeare_char_cpu", "--max_iters=60", "--lr_decay_iters=60",
                              "--warmup_iters=5"])
-    data = TokenData(data_dir / "shakespeare_char", cfg["block_size"])
+    data = TokenData(data_dir / "shakespeare_char", cfg.block_size)
     model = train_reference(cfg, data.tokens["train"], data.vocab_size, seed=1, lr_at=lr_at)
-    whole = mean_loss(model, stream_batches(data.tokens["val"][:20000], cfg["block_size"], 64))
+    whole = mean_loss(model, stream_batches(data.tokens["val"][:20000], cfg.block_size, 64))
     sampled = mean_loss(model, [random_windows(data.tokens["val"], 64, 12, torch.Generator().manual_seed(0))
                                 for _ in range(5)])
     assert whole < 3.0 < math.log(65), whole  # from ln(65) = 4.17 at the start

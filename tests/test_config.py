@@ -26,21 +26,21 @@ def test_recipe_values_match_design(name):
     cfg, path = resolve_config(["--recipe", name])
     init_from, bs, ga, lr, decay, iters, ev_int, ev_iters, out_dir = DESIGN_TABLE[name]
     assert path == RECIPES_DIR / f"{name}.py"
-    assert (cfg["init_from"], cfg["batch_size"], cfg["gradient_accumulation_steps"]) == (init_from, bs, ga)
-    assert (cfg["learning_rate"], cfg["decay_lr"], cfg["max_iters"]) == (lr, decay, iters)
-    assert (cfg["eval_interval"], cfg["eval_iters"]) == (ev_int, ev_iters)
-    assert cfg["always_save_checkpoint"] is False
+    assert (cfg.init_from, cfg.batch_size, cfg.gradient_accumulation_steps) == (init_from, bs, ga)
+    assert (cfg.learning_rate, cfg.decay_lr, cfg.max_iters) == (lr, decay, iters)
+    assert (cfg.eval_interval, cfg.eval_iters) == (ev_int, ev_iters)
+    assert cfg.always_save_checkpoint is False
     if out_dir:
-        assert cfg["out_dir"] == out_dir
+        assert cfg.out_dir == out_dir
     if name.startswith("gpt2_1"):
-        assert (cfg["n_layer"], cfg["n_head"], cfg["n_embd"], cfg["block_size"]) == (12, 12, 768, 1024)
-        assert cfg["dataset"] == "openwebtext" and cfg["min_lr"] == 6e-5 and cfg["warmup_iters"] == 2000
+        assert (cfg.n_layer, cfg.n_head, cfg.n_embd, cfg.block_size) == (12, 12, 768, 1024)
+        assert cfg.dataset == "openwebtext" and cfg.min_lr == 6e-5 and cfg.warmup_iters == 2000
     elif name.startswith("shakespeare_char"):
-        assert cfg["dataset"] == "shakespeare_char" and cfg["min_lr"] == 1e-4
+        assert cfg.dataset == "shakespeare_char" and cfg.min_lr == 1e-4
     else:
-        assert cfg["dataset"] == "shakespeare"
+        assert cfg.dataset == "shakespeare"
     if name in ("gpt2_small", "gpt2_medium", "gpt2_large", "gpt2_xl"):
-        assert (cfg["warmup_iters"], cfg["lr_decay_iters"], cfg["min_lr"]) == (100, 5000, 3e-6)
+        assert (cfg.warmup_iters, cfg.lr_decay_iters, cfg.min_lr) == (100, 5000, 3e-6)
 
 
 EXTRA_RECIPES = {"alpaca_lora"}  # recipes beyond DESIGN's table, each checked by its own test below
@@ -51,7 +51,7 @@ def test_recipes_write_their_own_out_dir():
     # the one pretraining run of nanoGPT's train_gpt2, on one GPU or eight.
     out_dirs = {}
     for name in recipe_names():
-        out_dirs.setdefault(resolve_config(["--recipe", name])[0]["out_dir"], []).append(name)
+        out_dirs.setdefault(resolve_config(["--recipe", name])[0].out_dir, []).append(name)
     shared = {d: names for d, names in out_dirs.items() if len(names) > 1}
     assert shared == {"out-gpt2-124m": ["gpt2_124m_multi_gpu", "gpt2_124m_single_gpu"]}
 
@@ -63,31 +63,31 @@ def test_every_recipe_file_is_in_the_table():
 def test_alpaca_lora_recipe():
     # issue 6: gpt2-medium, LoRA, lr 1e-4 with warmup and cosine decay, weight decay 0.01-0.1, ~3 epochs
     cfg, _ = resolve_config(["--recipe", "alpaca_lora"])
-    assert (cfg["init_from"], cfg["mode"], cfg["dataset"], cfg["out_dir"]) == (
+    assert (cfg.init_from, cfg.mode, cfg.dataset, cfg.out_dir) == (
         "gpt2-medium", "lora", "alpaca", "out-alpaca-lora")
-    assert cfg["learning_rate"] == 1e-4 and cfg["decay_lr"] and 0 < cfg["warmup_iters"] and cfg["min_lr"] < 1e-4
-    assert 0.01 <= cfg["weight_decay"] <= 0.1
-    assert cfg["max_epochs"] == 3  # max_iters and lr_decay_iters come from the dataset's size
-    assert cfg["always_save_checkpoint"] is False and cfg["block_size"] == 1024
-    assert set(cfg["lora_targets"]) == {"c_attn", "c_proj", "c_fc"}
+    assert cfg.learning_rate == 1e-4 and cfg.decay_lr and 0 < cfg.warmup_iters and cfg.min_lr < 1e-4
+    assert 0.01 <= cfg.weight_decay <= 0.1
+    assert cfg.max_epochs == 3  # max_iters and lr_decay_iters come from the dataset's size
+    assert cfg.always_save_checkpoint is False and cfg.block_size == 1024
+    assert set(cfg.lora_targets) == {"c_attn", "c_proj", "c_fc"}
 
 
 def test_char_recipes_shapes():
     cfg, _ = resolve_config(["--recipe", "shakespeare_char"])
-    assert (cfg["n_layer"], cfg["n_head"], cfg["n_embd"], cfg["block_size"], cfg["dropout"]) == (6, 6, 384, 256, 0.2)
+    assert (cfg.n_layer, cfg.n_head, cfg.n_embd, cfg.block_size, cfg.dropout) == (6, 6, 384, 256, 0.2)
     cfg, _ = resolve_config(["recipes/shakespeare_char_cpu.py"])
-    assert (cfg["n_layer"], cfg["n_head"], cfg["n_embd"], cfg["block_size"], cfg["dropout"]) == (4, 4, 128, 64, 0.0)
+    assert (cfg.n_layer, cfg.n_head, cfg.n_embd, cfg.block_size, cfg.dropout) == (4, 4, 128, 64, 0.0)
 
 
 def test_overrides_positional_recipe_and_both_forms():
     cfg, _ = resolve_config(["recipes/gpt2_small.py", "--learning_rate=1e-5", "--max_iters=100",
                              "--mode", "lora", "--zero_stage=2", "--lora_targets=['c_attn']"])
-    assert cfg["learning_rate"] == 1e-5 and cfg["max_iters"] == 100
-    assert cfg["mode"] == "lora" and cfg["zero_stage"] == 2 and cfg["lora_targets"] == ["c_attn"]
+    assert cfg.learning_rate == 1e-5 and cfg.max_iters == 100
+    assert cfg.mode == "lora" and cfg.zero_stage == 2 and cfg.lora_targets == ["c_attn"]
     # an int where a float is expected widens; strings need no quotes
     cfg, _ = resolve_config(["--learning_rate=1", "--out_dir=my-run"])
-    assert cfg["learning_rate"] == 1.0 and isinstance(cfg["learning_rate"], float)
-    assert cfg["out_dir"] == "my-run"
+    assert cfg.learning_rate == 1.0 and isinstance(cfg.learning_rate, float)
+    assert cfg.out_dir == "my-run"
     assert resolve_config([])[0] == Config()
 
 
@@ -192,10 +192,10 @@ def test_a_recipe_may_import_and_compute_like_nanogpts_config_files(tmp_path):
                       "max_iters = int(_math.ceil(tokens(4, 256) / 100))\n"
                       "lora_targets = [t for t in ('c_attn', 'c_fc') if path.sep]\n")
     cfg, _ = resolve_config([str(recipe)])
-    assert cfg["wandb_run_name"].startswith("ft-") and float(cfg["wandb_run_name"][3:]) > 0
-    assert cfg["gradient_accumulation_steps"] == 40 and cfg["max_iters"] == 11
-    assert cfg["lora_targets"] == ["c_attn", "c_fc"]
-    assert not {"time", "path", "tokens", "Notes", "_per_gpu", "_math"} & set(cfg)
+    assert cfg.wandb_run_name.startswith("ft-") and float(cfg.wandb_run_name[3:]) > 0
+    assert cfg.gradient_accumulation_steps == 40 and cfg.max_iters == 11
+    assert cfg.lora_targets == ["c_attn", "c_fc"]
+    assert not {"time", "path", "tokens", "Notes", "_per_gpu", "_math"} & set(cfg.to_dict())
 
 
 def test_a_computed_name_that_is_not_a_key_is_still_a_typo(tmp_path):
@@ -208,10 +208,10 @@ def test_a_computed_name_that_is_not_a_key_is_still_a_typo(tmp_path):
 @pytest.mark.parametrize("spelling, ours", [("bfloat16", "bf16"), ("float16", "fp16"), ("float32", "fp32"),
                                             ("bf16", "bf16")])
 def test_nanogpts_dtype_spellings_are_ours(tmp_path, spelling, ours):
-    assert resolve_config([f"--dtype={spelling}"])[0]["dtype"] == ours
+    assert resolve_config([f"--dtype={spelling}"])[0].dtype == ours
     recipe = tmp_path / "mine.py"
     recipe.write_text(f"dtype = '{spelling}'\n")
-    assert resolve_config([str(recipe)])[0]["dtype"] == ours
+    assert resolve_config([str(recipe)])[0].dtype == ours
     with pytest.raises(ConfigError, match="dtype='float64' in override --dtype=float64 must be one of auto, bf16"):
         resolve_config(["--dtype=float64"])
 
@@ -220,5 +220,5 @@ def test_nanogpts_device_and_backend_are_accepted(tmp_path):
     recipe = tmp_path / "mine.py"
     recipe.write_text("device = 'cuda:0'\nbackend = 'nccl'\n")
     cfg, _ = resolve_config([str(recipe), "--device=cpu"])
-    assert cfg["device"] == "cpu" and cfg["backend"] == "nccl"
+    assert cfg.device == "cpu" and cfg.backend == "nccl"
     assert DEFAULTS["device"] == DEFAULTS["backend"] == ""  # not given: nothing is printed about them

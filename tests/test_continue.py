@@ -7,6 +7,7 @@ adapters agree to float rounding. Another dataset trains from iteration 0 with a
 import json
 import re
 import shutil
+from dataclasses import replace
 
 import pytest
 
@@ -114,23 +115,23 @@ def test_resume_with_another_dataset_names_the_command_that_continues(data, full
 
 def test_refusals_are_one_line(data, full_run, lora_run, tmp_path):
     """Checked where the setup checks them, before anything is written."""
-    from trainer.config import DEFAULTS
+    from trainer.config import Config
     from trainer.data.tokens import TokenData
     from trainer.errors import UserError
     from trainer.run.continuation import check_vocabulary, continue_run
     full, lora = full_run[0], lora_run[0]
-    cfg = {**DEFAULTS, "out_dir": str(tmp_path / "new")}
+    cfg = Config(out_dir=str(tmp_path / "new"))
     with pytest.raises(UserError, match="but out_dir is the same folder; choose another --out_dir"):
-        continue_run({**cfg, "init_from": str(full), "out_dir": str(full)})
+        continue_run(replace(cfg, init_from=str(full), out_dir=str(full)))
     with pytest.raises(UserError, match="trains its whole model \\(mode full\\), not mode=lora; to train adapters on "
                                         "it, export it first \\(python launch/merge_adapter.py"):
-        continue_run({**cfg, "init_from": str(full), "mode": "lora"})
+        continue_run(replace(cfg, init_from=str(full), mode="lora"))
     with pytest.raises(UserError, match="init_adapters='keep' trains the lora adapters of .* but this run asks for "
                                         "mode=full; leave --mode unset, or pass --init_adapters=merge"):
-        continue_run({**cfg, "init_from": str(lora), "mode": "full"})
+        continue_run(replace(cfg, init_from=str(lora), mode="full"))
     with pytest.raises(UserError, match="holds a model with lora_r=8, but this run asks for lora_r=4"):
-        continue_run({**cfg, "init_from": str(lora), "lora_r": 4})
-    start = continue_run({**cfg, "init_from": str(full)})
+        continue_run(replace(cfg, init_from=str(lora), lora_r=4))
+    start = continue_run(replace(cfg, init_from=str(full)))
     with pytest.raises(UserError, match="was trained on the char vocabulary \\(65 ids\\), but shakespeare is prepared "
                                         "with the gpt2 one \\(50257 ids\\); prepare the data with the model's"):
         check_vocabulary(start, TokenData(data / "shakespeare", 64))
@@ -138,4 +139,4 @@ def test_refusals_are_one_line(data, full_run, lora_run, tmp_path):
     shutil.copytree(lora, scratch)
     (scratch / "config.json").write_text(json.dumps({**config(lora), "init_from": "scratch"}))
     with pytest.raises(UserError, match="trained adapters on a from-scratch base.*--init_adapters=merge"):
-        continue_run({**cfg, "init_from": str(scratch)})
+        continue_run(replace(cfg, init_from=str(scratch)))

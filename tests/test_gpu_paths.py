@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import types
+from dataclasses import replace
 
 import pytest
 import torch
@@ -15,7 +16,7 @@ import torch
 from conftest import REPO
 
 sys.path.insert(0, str(REPO))
-from trainer.config import DEFAULTS  # noqa: E402
+from trainer.config import Config  # noqa: E402
 from trainer.model.attention import document_block_mask, packed_causal_mask  # noqa: E402
 from trainer.model.gpt2 import build_model  # noqa: E402
 from trainer.model.loss import LMWithLoss  # noqa: E402
@@ -26,15 +27,15 @@ from trainer.plan.memory import Candidate, estimate  # noqa: E402
 from trainer.plan.planner import PlanError, PlanInput, make_plan  # noqa: E402
 from trainer.run.engine import build_ds_config, path_of_plan  # noqa: E402
 
-TINY = {**DEFAULTS, "n_layer": 1, "n_head": 2, "n_embd": 32, "block_size": 16, "batch_size": 2,
-        "gradient_accumulation_steps": 2, "dropout": 0.0, "compile": False}
+TINY = Config(n_layer=1, n_head=2, n_embd=32, block_size=16, batch_size=2, gradient_accumulation_steps=2, dropout=0.0,
+              compile=False)
 GiB = 2**30
 
 
 def plan_for(device_type, dtype, zero_stage=0, offload="none", bf16=True, accum="auto", optimizer="auto"):
     hw = Hardware(device_type, 16 * GiB, 1, bf16, "test")
-    cfg = {**TINY, "dtype": dtype, "zero_stage": zero_stage, "offload": offload, "grad_accum_dtype": accum,
-           "optimizer": optimizer}
+    cfg = replace(TINY, dtype=dtype, zero_stage=zero_stage, offload=offload, grad_accum_dtype=accum,
+                  optimizer=optimizer)
     return make_plan(PlanInput.of(cfg, model_shape(TINY, 65)), hw)
 
 
@@ -143,7 +144,7 @@ def test_bf16_only_with_bf16_tensor_cores(monkeypatch, name, capability, dtype):
         ds = build_ds_config(TINY, plan, 1, on_gpu=True)
         assert ds["fp16"]["loss_scale"] == 0  # dynamic loss scaling
         with pytest.raises(PlanError) as err:
-            make_plan(PlanInput.of({**TINY, "dtype": "bf16"}, shape), hw)
+            make_plan(PlanInput.of(replace(TINY, dtype="bf16"), shape), hw)
         assert "\n" not in str(err.value) and "dtype=fp16" in str(err.value)
 
 
@@ -214,10 +215,10 @@ def test_cpu_adam_is_needed_whenever_a_step_down_may_offload():
     from trainer.run.engine import may_offload
     gpu, cpu = Hardware("cuda", GiB, 1, True, "g"), Hardware("cpu", GiB, 1, False, "c")
     plan = plan_for("cuda", "bf16")
-    assert may_offload(plan, {"offload": "auto"}, gpu)
-    assert not may_offload(plan, {"offload": "none"}, gpu)
-    assert not may_offload(plan_for("cpu", "fp32"), {"offload": "auto"}, cpu)
-    assert may_offload(plan_for("cuda", "bf16", 2, "optimizer"), {"offload": "optimizer"}, gpu)
+    assert may_offload(plan, Config(offload="auto"), gpu)
+    assert not may_offload(plan, Config(offload="none"), gpu)
+    assert not may_offload(plan_for("cpu", "fp32"), Config(offload="auto"), cpu)
+    assert may_offload(plan_for("cuda", "bf16", 2, "optimizer"), Config(offload="optimizer"), gpu)
 
 
 # ----------------------------------------------------------------------------- 6. packed data
@@ -225,7 +226,7 @@ def test_cpu_adam_is_needed_whenever_a_step_down_may_offload():
 def test_flex_attention_document_mask_equals_dense_mask_sdpa():
     """FlexAttention (eager on the CPU: torch's reference path, forward only; compiled on GPUs) against today's
     dense mask. Tolerance 1e-5 on fp32 logits (measured: 3e-7)."""
-    cfg = {**TINY, "n_layer": 2, "n_embd": 64, "block_size": 256}
+    cfg = replace(TINY, n_layer=2, n_embd=64, block_size=256)
     torch.manual_seed(0)
     idx = torch.randint(0, 65, (2, 256))
     pos = torch.stack([torch.cat([torch.arange(100), torch.arange(156)]),
@@ -252,7 +253,7 @@ def engine_losses(process_group, compile_model, steps=3):
     """Losses of a tiny GPT-2 (gradient checkpointing on) trained by the trainer's DeepSpeed engine."""
     from trainer.model.gpt2 import enable_checkpointing
     from trainer.run.engine import create_engine
-    cfg = {**TINY, "compile": compile_model}
+    cfg = replace(TINY, compile=compile_model)
     plan = plan_for("cpu", "fp32")
     torch.manual_seed(0)
     lm = build_model(cfg, 65)

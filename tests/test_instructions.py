@@ -599,13 +599,13 @@ def test_neftune_off_leaves_no_trace(tiny_lm):
     import copy
     from types import SimpleNamespace
 
-    from trainer.config import DEFAULTS
+    from trainer.config import DEFAULTS, Config
     from trainer.model.builder import build_module
     plan = SimpleNamespace(mode="full", gradient_checkpointing=False, activation_offload=False)
     off = build_module(DEFAULTS, plan, copy.deepcopy(tiny_lm), "dense_mask")
     assert not off._forward_pre_hooks and not off.lm.get_input_embeddings()._forward_hooks
     lora = SimpleNamespace(mode="lora", gradient_checkpointing=False, activation_offload=False)
-    on = build_module({**DEFAULTS, "neftune_alpha": 5.0}, lora, copy.deepcopy(tiny_lm), "dense_mask").train()
+    on = build_module(Config(neftune_alpha=5.0), lora, copy.deepcopy(tiny_lm), "dense_mask").train()
     assert len(on._forward_pre_hooks) == 1 and len(on.lm.get_input_embeddings()._forward_hooks) == 1
     x, y, pos = packed_block([(list(range(100, 160)), [0] * 30 + [1] * 30)])
     assert 0 < float(neftune_noise(on, x, y, pos)[:60].abs().max()) <= 5.0 / math.sqrt(60 * 32) * (1 + 1e-6)

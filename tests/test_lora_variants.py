@@ -16,7 +16,7 @@ from conftest import REPO, python, run_cmd
 from test_lora import VOCAB, common, logits, make_char_gpt2, parity
 
 sys.path.insert(0, str(REPO))
-from trainer.config import DEFAULTS  # noqa: E402
+from trainer.config import DEFAULTS, Config  # noqa: E402
 from trainer.errors import UserError  # noqa: E402
 
 pytestmark = pytest.mark.slow  # launches training runs
@@ -189,7 +189,7 @@ def test_param_groups_and_set_lr_keep_the_loraplus_ratio(base):
     from trainer.model.adapters import lora_config, wrap_lora
     from trainer.optim.optimizer import param_groups
     from trainer.run.engine import set_lr
-    model = wrap_lora(AutoModelForCausalLM.from_pretrained(base), lora_config({**DEFAULTS, "use_dora": True}))
+    model = wrap_lora(AutoModelForCausalLM.from_pretrained(base), lora_config(Config(use_dora=True)))
     names = {id(p): n for n, p in model.named_parameters()}
     groups = param_groups(model, 0.1, 16.0)
     assert [len(g["params"]) for g in groups] == [8, 8, 8]
@@ -209,14 +209,14 @@ def test_resume_keeps_the_variant(tmp_path):
     (tmp_path / "model_config.json").write_text("{}")
     (tmp_path / "config.json").write_text(json.dumps({**DEFAULTS, "mode": "lora", "use_dora": True,
                                                       "loraplus_lr_ratio": 4.0}))
-    cfg = resume_config({**DEFAULTS, "init_from": "resume"}, tmp_path)
-    assert (cfg["use_dora"], cfg["loraplus_lr_ratio"]) == (True, 4.0)
+    cfg = resume_config(Config(init_from="resume"), tmp_path)
+    assert (cfg.use_dora, cfg.loraplus_lr_ratio) == (True, 4.0)
     with pytest.raises(UserError, match=re.escape("holds a model with lora_init='default', but this run asks for "
                                                   "lora_init='pissa'")):
-        resume_config({**DEFAULTS, "init_from": "resume", "lora_init": "pissa"}, tmp_path)
+        resume_config(Config(init_from="resume", lora_init="pissa"), tmp_path)
     old = {k: v for k, v in DEFAULTS.items() if k not in ("use_dora", "use_rslora", "lora_init", "loraplus_lr_ratio")}
     (tmp_path / "config.json").write_text(json.dumps(old))
-    assert resume_config({**DEFAULTS, "init_from": "resume"}, tmp_path)["lora_init"] == "default"
+    assert resume_config(Config(init_from="resume"), tmp_path).lora_init == "default"
 
 
 def test_export_refuses_a_qlora_base_choice_for_a_lora_run(olora_run, tmp_path):

@@ -10,7 +10,7 @@ import re
 import pytest
 
 from conftest import REPO, python, run_cmd, train_args
-from trainer.config import DEFAULTS
+from trainer.config import Config
 from trainer.model.shapes import GPT2_SHAPES, Shape
 from trainer.plan.hardware import detect_hardware
 from trainer.plan.planner import PlanError, PlanInput, make_plan
@@ -19,8 +19,7 @@ XL = Shape(*GPT2_SHAPES["gpt2-xl"], 50257, 1024)
 
 
 def xl_plan(gb, **keys):
-    cfg = {**DEFAULTS, "batch_size": 1, "gradient_accumulation_steps": 8, "block_size": 1024, "mode": "full",
-           **keys}
+    cfg = Config(**{"batch_size": 1, "gradient_accumulation_steps": 8, "block_size": 1024, "mode": "full", **keys})
     return make_plan(PlanInput.of(cfg, XL), detect_hardware(1, vram_gb=gb, gpus=1))
 
 

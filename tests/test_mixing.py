@@ -9,7 +9,7 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from conftest import REPO, make_tiny_gpt2, python, run_cmd
-from trainer.config import ConfigError, resolve_config
+from trainer.config import Config, ConfigError, resolve_config
 from trainer.data.mixing import MixedData, mix_probabilities, open_data
 from trainer.data.sampler import TrainSampler
 from trainer.prepare.instructions import prepare_instructions
@@ -52,7 +52,7 @@ def drawn_shares(data, seed, iterations=100, sequences=64):
     ("temperature:1e9", [1 / 3] * 3),  # very hot: uniform
 ])
 def test_mixing_gives_the_configured_shares(three, mix, expected):
-    cfg = {"dataset": ["small", "medium", "large"], "data_dir": str(three), "block_size": BLOCK, "mix": mix}
+    cfg = Config(dataset=["small", "medium", "large"], data_dir=str(three), block_size=BLOCK, mix=mix)
     data = open_data(cfg)
     assert isinstance(data, MixedData) and data.names == ["small", "medium", "large"]
     assert np.allclose(data.probs, expected, atol=1e-6)
@@ -70,7 +70,7 @@ def test_a_mixture_needs_one_tokenizer(three):
         pickle.dump({"tokenizer": "char", "vocab_size": 3, "dtype": "uint16", "stoi": {"a": 0}, "itos": {0: "a"}}, f)
     with pytest.raises(Exception, match=re.escape("the datasets of a mixture must share one tokenizer (small: gpt2 "
                                                   "(50257), chars: char (3)); prepare them all with the same")):
-        open_data({"dataset": ["small", "chars"], "data_dir": str(three), "block_size": BLOCK, "mix": "proportional"})
+        open_data(Config(dataset=["small", "chars"], data_dir=str(three), block_size=BLOCK, mix="proportional"))
 
 
 def test_mix_probabilities_formula():
@@ -80,7 +80,7 @@ def test_mix_probabilities_formula():
 
 
 def test_sampler_is_global_across_ranks_and_checkpointable(three):
-    cfg = {"dataset": ["small", "large"], "data_dir": str(three), "block_size": BLOCK, "mix": "temperature:3"}
+    cfg = Config(dataset=["small", "large"], data_dir=str(three), block_size=BLOCK, mix="temperature:3")
     data = open_data(cfg)
     whole = TrainSampler(data, 11)
     ranks = [TrainSampler(data, 11) for _ in range(2)]
@@ -99,7 +99,7 @@ def test_sampler_is_global_across_ranks_and_checkpointable(three):
 
 
 def test_old_sampler_state_still_loads(three):
-    data = open_data({"dataset": "small", "data_dir": str(three), "block_size": BLOCK})
+    data = open_data(Config(dataset="small", data_dir=str(three), block_size=BLOCK))
     fresh = TrainSampler(data, 3)
     old = TrainSampler(data, 99)
     old.load_state_dict(np.random.Generator(np.random.PCG64(3)).bit_generator.state)  # saved before mixing
@@ -110,8 +110,7 @@ def test_mixed_instruction_and_text_batches(three, tmp_path):
     records = [{"instruction": f"Say {w}.", "output": w} for w in ("yes", "no", "maybe", "never", "always")] * 4
     (tmp_path / "i.json").write_text(json.dumps(records))
     prepare_instructions(str(tmp_path / "i.json"), three / "instr", block_size=BLOCK, template_name="plain")
-    data = open_data({"dataset": ["instr", "large"], "data_dir": str(three), "block_size": BLOCK,
-                      "mix": "proportional"})
+    data = open_data(Config(dataset=["instr", "large"], data_dir=str(three), block_size=BLOCK, mix="proportional"))
     offsets = data.eval_offsets("val", 40, 1337)
     x, y, pos = data.windows("val", offsets)
     from_text = (x[:, 0] >= 3000) & (x[:, 0] < 3100)  # the "large" text dataset's token range
@@ -138,9 +137,9 @@ def test_mixing_config_errors(args, message):
 
 def test_mixing_config_accepts_lists_and_temperatures():
     cfg, _ = resolve_config(["--dataset=['alpaca', 'shakespeare']", "--mix=temperature:2.5", "--max_epochs=3"])
-    assert cfg["dataset"] == ["alpaca", "shakespeare"] and cfg["mix"] == "temperature:2.5"
-    assert cfg["max_epochs"] == 3.0
-    assert resolve_config(["--dataset=shakespeare"])[0]["dataset"] == "shakespeare"
+    assert cfg.dataset == ["alpaca", "shakespeare"] and cfg.mix == "temperature:2.5"
+    assert cfg.max_epochs == 3.0
+    assert resolve_config(["--dataset=shakespeare"])[0].dataset == "shakespeare"
 
 
 @pytest.mark.slow

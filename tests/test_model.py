@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as F
 from transformers import GPT2LMHeadModel
 
-from trainer.config import DEFAULTS
+from trainer.config import Config
 from trainer.errors import UserError
 from trainer.model.gpt2 import build_model
 from trainer.model.loss import LMWithLoss, chunked_lm_loss
@@ -12,7 +12,7 @@ from trainer.model.shapes import Shape, model_shape, padded_vocab
 
 
 def cfg_with(**kw):
-    return {**DEFAULTS, **kw}
+    return Config(**kw)
 
 
 def test_local_hf_dir_gives_the_same_logits_as_transformers(tiny_gpt2_dir):

@@ -101,7 +101,7 @@ def test_zero_stage_changes_rebuild_the_engine_with_its_state(data_dir, tmp_path
 
 def test_nothing_left_to_give_up_is_one_error_line(tmp_path):
     """Every plan key fixed: no step-down exists, and the run stops with one line (a UserError: exit code 2)."""
-    from trainer.config import DEFAULTS
+    from trainer.config import Config
     from trainer.errors import UserError
     from trainer.model.shapes import Shape
     from trainer.plan.hardware import Hardware
@@ -109,10 +109,9 @@ def test_nothing_left_to_give_up_is_one_error_line(tmp_path):
     from trainer.run.oom import Recovery
     from trainer.run.setup import Run
 
-    cfg = {**DEFAULTS, "batch_size": 12, "gradient_accumulation_steps": 1, "block_size": 64, "n_layer": 4,
-           "n_head": 4, "n_embd": 128, "mode": "full", "zero_stage": 0, "offload": "none",
-           "gradient_checkpointing": True, "micro_batch_size": 12, "dtype": "auto", "optimizer": "adamw",
-           "grad_accum_dtype": "fp32", "activation_offload": False}
+    cfg = Config(batch_size=12, gradient_accumulation_steps=1, block_size=64, n_layer=4, n_head=4, n_embd=128,
+                 mode="full", zero_stage=0, offload="none", gradient_checkpointing=True, micro_batch_size=12,
+                 dtype="auto", optimizer="adamw", grad_accum_dtype="fp32", activation_offload=False)
     shape = Shape(4, 4, 128, 128, 64)
     plan_input = PlanInput.of(cfg, shape)
     hw = Hardware("cpu", 8 * 2**30, 1, False, "CPU")

@@ -9,7 +9,7 @@ import dataclasses
 
 import pytest
 
-from trainer.config import DEFAULTS
+from trainer.config import Config
 from trainer.model.shapes import GPT2_SHAPES, Shape
 from trainer.plan.hardware import detect_hardware
 from trainer.plan.planner import PlanInput, make_plan
@@ -17,11 +17,11 @@ from trainer.run.engine import build_ds_config, template_name
 
 
 def cfg_for(model="gpt2-medium", **keys):
-    return {**DEFAULTS, "block_size": 1024, "batch_size": 4, "gradient_accumulation_steps": 8, **keys}
+    return Config(**{"block_size": 1024, "batch_size": 4, "gradient_accumulation_steps": 8, **keys})
 
 
 def plan_of(cfg, hw, model="gpt2-medium"):
-    return make_plan(PlanInput.of(cfg, Shape(*GPT2_SHAPES[model], 50257, cfg["block_size"])), hw)
+    return make_plan(PlanInput.of(cfg, Shape(*GPT2_SHAPES[model], 50257, cfg.block_size)), hw)
 
 
 @pytest.mark.parametrize("zero,offload,template", [

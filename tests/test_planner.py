@@ -2,6 +2,7 @@
 import json
 import re
 import time
+from dataclasses import replace
 
 import pytest
 
@@ -13,6 +14,7 @@ from trainer.plan.planner import PlanError, PlanInput, make_plan, step_down
 from trainer.plan.report import format_plan, plan_to_dict
 from trainer.plan.search import Search
 from trainer.units import GiB
+from trainer.config import Config
 
 ALL = ["c_attn", "c_proj", "c_fc"]
 RECIPE_BATCH = {"gpt2": (8, 8), "gpt2-medium": (4, 8), "gpt2-large": (2, 8), "gpt2-xl": (1, 8)}
@@ -21,13 +23,11 @@ RECIPE_BATCH = {"gpt2": (8, 8), "gpt2-medium": (4, 8), "gpt2-large": (2, 8), "gp
 def cfg_for(model, **overrides):
     """The planner's input for a GPT-2 size with its recipe's batch, plan keys on auto unless given."""
     bs, ga = RECIPE_BATCH[model]
-    cfg = {"batch_size": bs, "gradient_accumulation_steps": ga, "block_size": 1024, "mode": "auto",
-           "zero_stage": "auto", "offload": "auto", "gradient_checkpointing": "auto", "micro_batch_size": "auto",
-           "lora_r": 8, "lora_targets": ALL, "lora_dropout": 0.0, "dtype": "auto", "dropout": 0.0,
-           "optimizer": "auto", "grad_accum_dtype": "auto", "activation_offload": "auto", "master_weights": "auto",
-           "use_dora": False,
-           "loraplus_lr_ratio": 1.0}
-    cfg.update(overrides)
+    cfg = Config(batch_size=bs, gradient_accumulation_steps=ga, block_size=1024, mode="auto", zero_stage="auto",
+                 offload="auto", gradient_checkpointing="auto", micro_batch_size="auto", lora_r=8, lora_targets=ALL,
+                 lora_dropout=0.0, dtype="auto", dropout=0.0, optimizer="auto", grad_accum_dtype="auto",
+                 activation_offload="auto", master_weights="auto", use_dora=False, loraplus_lr_ratio=1.0)
+    cfg = replace(cfg, **overrides)
     return PlanInput.of(cfg, shape_of(model))
 
 
@@ -381,10 +381,10 @@ def test_step_down_with_everything_fixed_is_none():
 def test_model_shape_reads_config_json_without_transformers(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2", "n_layer": 3, "n_head": 2, "n_embd": 64,
                                                       "vocab_size": 50257}))
-    assert model_shape({"init_from": str(tmp_path), "block_size": 64}, 65) == Shape(
+    assert model_shape(Config(init_from=str(tmp_path), block_size=64), 65) == Shape(
         n_layer=3, n_head=2, n_embd=64, vocab_size=50257, block_size=64)
-    assert model_shape({"init_from": "resume", "block_size": 64}, 65, tmp_path / "config.json").n_layer == 3
-    assert model_shape({"init_from": "gpt2-medium", "block_size": 64}, 65) == Shape(
+    assert model_shape(Config(init_from="resume", block_size=64), 65, tmp_path / "config.json").n_layer == 3
+    assert model_shape(Config(init_from="gpt2-medium", block_size=64), 65) == Shape(
         n_layer=24, n_head=16, n_embd=1024, vocab_size=50257, block_size=64)
     with pytest.raises(PlanError.__mro__[1], match="neither scratch, resume"):
-        model_shape({"init_from": str(tmp_path / "missing"), "block_size": 64}, 65)
+        model_shape(Config(init_from=str(tmp_path / "missing"), block_size=64), 65)

@@ -1,6 +1,7 @@
 """The simulated training step (trainer/plan/simulate.py) against the memory model, on a handful of the rows
 of bench/SIMULATE.md (the whole table: python bench/simulate_table.py). Fake tensors: no weights, no GPU."""
 import json
+from dataclasses import replace
 
 import pytest
 import torch
@@ -61,8 +62,8 @@ def test_lora_variants_counted_as_simulated(variant):
                                    lora_dropout=0.0)
     extra = plan.estimate.items["activations"] - plain.estimate.items["activations"]
     # DoRA: 2 bf16 outputs per token of each adapted projection (3c + c + 4c + c outputs per layer)
-    assert extra == (12 * 2 * 1024 * 2 * 2 * 9 * 768 if cfg["use_dora"] else 0)
-    assert plan.estimate.params_trainable - plain.estimate.params_trainable == (12 * 9 * 768 if cfg["use_dora"] else 0)
+    assert extra == (12 * 2 * 1024 * 2 * 2 * 9 * 768 if cfg.use_dora else 0)
+    assert plan.estimate.params_trainable - plain.estimate.params_trainable == (12 * 9 * 768 if cfg.use_dora else 0)
 
 
 def test_simulated_step_does_not_depend_on_the_garbage_collector():
@@ -92,7 +93,7 @@ def test_neftune_keeps_nothing_for_the_backward():
                                 block_size=256, neftune_alpha=5.0)
     shape = Shape(2, shape.n_head, shape.n_embd, shape.vocab_size, 256)
     with_noise = simulate(cfg, shape, plan, packed=True).items
-    assert with_noise == simulate({**cfg, "neftune_alpha": 0.0}, shape, plan, packed=True).items
+    assert with_noise == simulate(replace(cfg, neftune_alpha=0.0), shape, plan, packed=True).items
 
 
 def test_packed_instruction_batches_keep_a_mask_per_layer():

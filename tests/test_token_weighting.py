@@ -26,6 +26,7 @@ from trainer.data.sampler import TrainSampler
 from trainer.data.tokenizer import IGNORE_INDEX
 from trainer.model.loss import token_weight, token_weighted
 from trainer.prepare.instructions import prepare_instructions
+from trainer.config import Config
 
 ITERS = 40
 WORDS = ["apple", "river", "stone", "cloud", "green", "seven", "tiger", "paper", "music", "light", "sand", "north"]
@@ -128,7 +129,7 @@ def iteration_token_counts(data, split_by, iterations=5):
 def test_pretraining_weights_are_exactly_one(data_dir, split_by):
     """Unmasked text: every micro-batch of every split holds the same number of loss tokens, so every weight is
     exactly 1.0 and token_weighted hands back the very loss tensor it was given: today's arithmetic, bit for bit."""
-    data = open_data({"dataset": "shakespeare_char", "data_dir": str(data_dir), "block_size": 64})
+    data = open_data(Config(dataset="shakespeare_char", data_dir=str(data_dir), block_size=64))
     micro, world = split_by
     for total, counts in iteration_token_counts(data, split_by):
         assert total == 16 * 64 and counts == [micro * 64] * (16 // micro)
@@ -141,7 +142,7 @@ def test_pretraining_weights_are_exactly_one(data_dir, split_by):
 def test_packed_weights_make_the_iteration_mean(packed):
     """Packed instruction data: the weighted micro-batch means, averaged as DeepSpeed averages them (over the
     accumulation steps and the ranks), are the mean over every loss token of the iteration."""
-    data = open_data({"dataset": "sort", "data_dir": str(packed), "block_size": 64})
+    data = open_data(Config(dataset="sort", data_dir=str(packed), block_size=64))
     rng = np.random.default_rng(0)
     for split_by in ((16, 1), (2, 1), (8, 2), (1, 4)):
         micro, world = split_by

@@ -1,12 +1,13 @@
 """The planner's memory toolbox (docs/plan.md): 8-bit and paged optimizer states, the gradient-accumulation
 dtype and activation offload, counted byte for byte and chosen by the cost model; what each refuses."""
 import json
+from dataclasses import replace
 
 import pytest
 import torch
 
 from conftest import REPO, deepspeed_cmd, python, run_cmd, train_args
-from trainer.config import DEFAULTS
+from trainer.config import Config
 from trainer.model.builder import build_module
 from trainer.model.gpt2 import build_model
 from trainer.model.shapes import GPT2_SHAPES, Shape, model_shape
@@ -21,7 +22,7 @@ RECIPES = {"gpt2": (8, 8), "gpt2-medium": (4, 8), "gpt2-large": (2, 8), "gpt2-xl
 
 def plan_input(model, **keys):
     bs, ga = RECIPES[model]
-    cfg = {**DEFAULTS, "batch_size": bs, "gradient_accumulation_steps": ga, "block_size": 1024, **keys}
+    cfg = Config(**{"batch_size": bs, "gradient_accumulation_steps": ga, "block_size": 1024, **keys})
     return PlanInput.of(cfg, Shape(*GPT2_SHAPES[model], 50257, 1024))
 
 
@@ -161,11 +162,11 @@ def test_activation_offload_changes_no_loss_on_the_cpu():
         import os
         os.environ.setdefault("LOCAL_RANK", "0")
         dist.init_process_group("gloo", init_method=f"file:///tmp/gpt2ds_pg_{os.getpid()}", rank=0, world_size=1)
-    cfg = {**DEFAULTS, "n_layer": 2, "n_head": 2, "n_embd": 64, "block_size": 32, "batch_size": 2,
-           "gradient_accumulation_steps": 2, "dropout": 0.1, "gradient_checkpointing": True, "compile": False}
+    cfg = Config(n_layer=2, n_head=2, n_embd=64, block_size=32, batch_size=2, gradient_accumulation_steps=2,
+                 dropout=0.1, gradient_checkpointing=True, compile=False)
     losses, moved = {}, 0
     for on in (False, True):
-        plan = make_plan(PlanInput.of({**cfg, "activation_offload": on}, model_shape(cfg, 65)),
+        plan = make_plan(PlanInput.of(replace(cfg, activation_offload=on), model_shape(cfg, 65)),
                          Hardware("cpu", 8 * GiB, 1, False, "CPU"))
         assert plan.activation_offload is on
         torch.manual_seed(0)
@@ -195,11 +196,11 @@ def test_8bit_states_do_not_change_rank_count():
     ZeRO cannot go through DeepSpeed's universal checkpoint, so another rank count is refused in one line."""
     from trainer.errors import UserError
     from trainer.run.resume import resume_layout
-    cfg = {**DEFAULTS, "mode": "auto", "zero_stage": "auto", "optimizer": "auto"}
+    cfg = Config(mode="auto", zero_stage="auto", optimizer="auto")
     info = {"mode": "full", "zero_stage": 2, "world_size": 2, "optimizer": "paged_adamw8bit"}
     kept, universal = resume_layout(cfg, info, 2)
-    assert kept["optimizer"] == "paged_adamw8bit" and not universal
-    assert resume_layout({**cfg, "optimizer": "adamw8bit"}, info, 2)[0]["optimizer"] == "adamw8bit"
+    assert kept.optimizer == "paged_adamw8bit" and not universal
+    assert resume_layout(replace(cfg, optimizer="adamw8bit"), info, 2)[0].optimizer == "adamw8bit"
     with pytest.raises(UserError, match=r"^the checkpoint's paged_adamw8bit states are partitioned over 2 ranks at "
                        r"ZeRO-2, .* resume on 2 ranks with --zero_stage=2$"):
         resume_layout(cfg, info, 1)

@@ -11,6 +11,7 @@ those of datasets 0..i-1. The sampler (trainer/data/sampler.TrainSampler) counts
 each dataset, which the loop logs as the realised shares.
 """
 import math
+from dataclasses import replace
 
 import numpy as np
 
@@ -31,13 +32,13 @@ def mix_probabilities(sizes, mix):
 
 def open_data(cfg):
     """TokenData for one dataset, MixedData for a list of them."""
-    if isinstance(cfg["dataset"], str):
-        return TokenData(dataset_dir(cfg), cfg["block_size"])
-    names = cfg["dataset"]
+    if isinstance(cfg.dataset, str):
+        return TokenData(dataset_dir(cfg), cfg.block_size)
+    names = cfg.dataset
     if len(set(names)) != len(names):
         raise UserError(f"dataset={names!r} names a dataset twice; give each once (weights come from mix)")
-    parts = [TokenData(dataset_dir({**cfg, "dataset": name}), cfg["block_size"]) for name in names]
-    return parts[0] if len(parts) == 1 else MixedData(parts, cfg["mix"])
+    parts = [TokenData(dataset_dir(replace(cfg, dataset=name)), cfg.block_size) for name in names]
+    return parts[0] if len(parts) == 1 else MixedData(parts, cfg.mix)
 
 
 class MixedData:
@@ -136,11 +137,11 @@ def epochs_to_iters(cfg, data):
     block_size of a text one, their sum for a mixture); an iteration takes batch_size x
     gradient_accumulation_steps of them. Returns (cfg, a line saying what was derived).
     """
-    sequences = cfg["batch_size"] * cfg["gradient_accumulation_steps"]
+    sequences = cfg.batch_size * cfg.gradient_accumulation_steps
     per_epoch = data.epoch_sequences()
-    iters = max(1, math.ceil(cfg["max_epochs"] * per_epoch / sequences))
-    cfg = {**cfg, "max_iters": iters, "lr_decay_iters": iters}
-    line = (f"max_epochs={cfg['max_epochs']:g}: {per_epoch:,.0f} sequences per epoch / {sequences} per iteration "
+    iters = max(1, math.ceil(cfg.max_epochs * per_epoch / sequences))
+    cfg = replace(cfg, max_iters=iters, lr_decay_iters=iters)
+    line = (f"max_epochs={cfg.max_epochs:g}: {per_epoch:,.0f} sequences per epoch / {sequences} per iteration "
             f"-> max_iters={iters:,} (lr decays until then)")
     return cfg, line
 

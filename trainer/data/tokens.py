@@ -19,8 +19,8 @@ from trainer.data.tokenizer import GPT2_EOT, IGNORE_INDEX
 
 def dataset_dir(cfg):
     """data_dir/<dataset>; for a mixture (a list of datasets) the first one's."""
-    name = cfg["dataset"] if isinstance(cfg["dataset"], str) else cfg["dataset"][0]
-    return Path(cfg["data_dir"]) / name
+    name = cfg.dataset if isinstance(cfg.dataset, str) else cfg.dataset[0]
+    return Path(cfg.data_dir) / name
 
 
 # nanoGPT's shakespeare and openwebtext prepare scripts write train.bin/val.bin and no meta.pkl:

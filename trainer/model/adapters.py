@@ -41,10 +41,10 @@ def uses_adapters(plan_or_mode):
 def lora_config(cfg, quantized=False):
     """The LoRA config of a run. `quantized`: the targets are bitsandbytes Linear4bit layers, stored (out, in)."""
     from peft import LoraConfig  # imported here: peft pulls in bitsandbytes, which full runs do not need
-    init = True if cfg["lora_init"] == "default" else cfg["lora_init"]
-    return LoraConfig(r=cfg["lora_r"], lora_alpha=cfg["lora_alpha"], lora_dropout=cfg["lora_dropout"],
-                      target_modules=list(cfg["lora_targets"]), fan_in_fan_out=not quantized, bias="none",
-                      task_type="CAUSAL_LM", use_dora=cfg["use_dora"], use_rslora=cfg["use_rslora"],
+    init = True if cfg.lora_init == "default" else cfg.lora_init
+    return LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                      target_modules=list(cfg.lora_targets), fan_in_fan_out=not quantized, bias="none",
+                      task_type="CAUSAL_LM", use_dora=cfg.use_dora, use_rslora=cfg.use_rslora,
                       init_lora_weights=init)
 
 
@@ -94,18 +94,18 @@ def check_source(mode, init_from):
 def build_base(cfg, vocab_size, mode, dtype="fp32", device_type="cpu", run_dir=None):
     """The frozen base of an adapter run: build_model's GPT-2, or for qlora the same weights in 4 bits.
 
-    cfg['init_from'] is the run's original source (on resume, the one saved in out_dir/config.json);
+    cfg.init_from is the run's original source (on resume, the one saved in out_dir/config.json);
     run_dir is the trained run being rebuilt (resume, sampling, export), named if its base is gone.
     """
-    source = cfg["init_from"]
+    source = cfg.init_from
     on_disk = (Path(source) / "config.json").is_file() or nanogpt.checkpoint_path(source) is not None
     if run_dir and source not in HUB_NAMES + ("scratch",) and not on_disk:
         raise UserError(f"the base weights of the adapter run {run_dir}, init_from={source!r}, are no longer there "
                         f"(adapter checkpoints hold only the adapters); put the base back at that path")
     if mode != "qlora":
         return build_model(cfg, vocab_size)
-    check_source(mode, cfg["init_from"])
-    return fit_to_config(load_quantized(cfg["init_from"], cfg["dropout"], TORCH_DTYPES[dtype], device_type), cfg)
+    check_source(mode, cfg.init_from)
+    return fit_to_config(load_quantized(cfg.init_from, cfg.dropout, TORCH_DTYPES[dtype], device_type), cfg)
 
 
 def wrap_lora(model, config):

@@ -21,7 +21,7 @@ def base_model(cfg, plan, vocab_size, device_type, model_config=None, run_dir=No
     else adapter modes build the frozen base from init_from (4-bit for qlora) and full mode builds from
     init_from. The same seed on every rank: all ranks must build identical initial weights.
     """
-    torch.manual_seed(cfg["seed"])
+    torch.manual_seed(cfg.seed)
     if model_config is not None:
         # the same trainable parameters as the saved run, hence the same optimizer groups
         return fit_to_config(model_from_config_file(model_config), cfg)
@@ -37,6 +37,6 @@ def build_module(cfg, plan, base, packed_kernel, wrapper=LMWithLoss):
     if plan.gradient_checkpointing:
         enable_checkpointing(base)
     module = wrapper(apply_mode(base, plan, cfg), packed=packed_kernel, activation_offload=plan.activation_offload)
-    if cfg["neftune_alpha"] > 0:
-        add_neftune(module, cfg["neftune_alpha"])
+    if cfg.neftune_alpha > 0:
+        add_neftune(module, cfg.neftune_alpha)
     return module

@@ -47,8 +47,8 @@ def gpt2_config(shape, dropout, activation=ACTIVATION):
 
 def scratch_config(cfg, vocab_size):
     """A new GPT-2 of the config's shape for a dataset's vocabulary (padded, trainer/model/shapes.py)."""
-    shape = Shape(cfg["n_layer"], cfg["n_head"], cfg["n_embd"], padded_vocab(vocab_size), cfg["block_size"])
-    return gpt2_config(shape, cfg["dropout"])
+    shape = Shape(cfg.n_layer, cfg.n_head, cfg.n_embd, padded_vocab(vocab_size), cfg.block_size)
+    return gpt2_config(shape, cfg.dropout)
 
 
 def load_pretrained(source, dropout, dtype=None, **kwargs):
@@ -135,19 +135,19 @@ def remove_biases(model):
 def fit_to_config(model, cfg):
     """What the config changes in any GPT-2 it trains: the position table cropped to block_size, and with
     bias=False the biases zeroed and frozen."""
-    crop_block_size(model, cfg["block_size"])
-    if not cfg["bias"]:
+    crop_block_size(model, cfg.block_size)
+    if not cfg.bias:
         remove_biases(model)
     return model
 
 
 def build_model(cfg, vocab_size):
-    """GPT2LMHeadModel for cfg['init_from'] (never 'resume': resume rebuilds from model_config.json)."""
-    init_from = cfg["init_from"]
+    """GPT2LMHeadModel for cfg.init_from (never 'resume': resume rebuilds from model_config.json)."""
+    init_from = cfg.init_from
     if init_from == "scratch":
         model = GPT2LMHeadModel(scratch_config(cfg, vocab_size))
     else:
-        model = load_pretrained(init_from, cfg["dropout"])
+        model = load_pretrained(init_from, cfg.dropout)
     return fit_to_config(model, cfg)
 
 

@@ -180,16 +180,16 @@ def model_shape(cfg, data_vocab_size, model_config_path=None) -> "Shape":
     pads the data's vocabulary as trainer/model/gpt2.py does. Only json is needed (a nanoGPT checkpoint
     needs torch to read), so `--plan` stays fast.
     """
-    init_from = cfg["init_from"]
+    init_from = cfg.init_from
     checkpoint = nanogpt.checkpoint_path(init_from) if model_config_path is None else None
     if checkpoint is not None:  # reading its model_args imports torch
-        return nanogpt_shape(checkpoint, cfg["block_size"])
+        return nanogpt_shape(checkpoint, cfg.block_size)
     if model_config_path is not None or (init_from not in GPT2_SHAPES and init_from != "scratch"):
         if model_config_path is not None:
             check_file(model_config_path, RUN_FILE_FIX)
         hf = json.loads(Path(model_config_path or model_dir_config(init_from)).read_text())
-        return Shape(hf["n_layer"], hf["n_head"], hf["n_embd"], hf["vocab_size"], cfg["block_size"])
+        return Shape(hf["n_layer"], hf["n_head"], hf["n_embd"], hf["vocab_size"], cfg.block_size)
     if init_from in GPT2_SHAPES:
         n_layer, n_head, n_embd = GPT2_SHAPES[init_from]
-        return Shape(n_layer, n_head, n_embd, GPT2_VOCAB, cfg["block_size"])
-    return Shape(cfg["n_layer"], cfg["n_head"], cfg["n_embd"], padded_vocab(data_vocab_size), cfg["block_size"])
+        return Shape(n_layer, n_head, n_embd, GPT2_VOCAB, cfg.block_size)
+    return Shape(cfg.n_layer, cfg.n_head, cfg.n_embd, padded_vocab(data_vocab_size), cfg.block_size)

@@ -38,8 +38,8 @@ def group_lr(group, lr):
 
 def adamw_hyperparameters(cfg):
     """AdamW's settings from the config: what DeepSpeed's optimizer section and the simulation both use."""
-    return {"lr": cfg["learning_rate"], "betas": (cfg["beta1"], cfg["beta2"]), "eps": ADAM_EPS,
-            "weight_decay": cfg["weight_decay"]}
+    return {"lr": cfg.learning_rate, "betas": (cfg.beta1, cfg.beta2), "eps": ADAM_EPS,
+            "weight_decay": cfg.weight_decay}
 
 
 # ----------------------------------------------------------------------------- bitsandbytes' optimizers

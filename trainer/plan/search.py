@@ -50,10 +50,10 @@ class PlanInput:
 
     @classmethod
     def of(cls, cfg, shape, packed=False):
-        fixed = {key: cfg[key] for key in PLAN_KEYS if cfg[key] != "auto"}
-        return cls(shape, cfg["batch_size"], cfg["gradient_accumulation_steps"], fixed, cfg["lora_r"],
-                   tuple(cfg["lora_targets"]), cfg["lora_dropout"], cfg["dropout"], packed, cfg["use_dora"],
-                   cfg["loraplus_lr_ratio"] != 1)
+        fixed = {key: getattr(cfg, key) for key in PLAN_KEYS if getattr(cfg, key) != "auto"}
+        return cls(shape, cfg.batch_size, cfg.gradient_accumulation_steps, fixed, cfg.lora_r,
+                   tuple(cfg.lora_targets), cfg.lora_dropout, cfg.dropout, packed, cfg.use_dora,
+                   cfg.loraplus_lr_ratio != 1)
 
     @property
     def sequences(self):

@@ -115,7 +115,7 @@ def build_fake_module(cfg, shape, plan, fake_mode, packed=False):
     base made on the meta device from the shape (no weights) and then made of fake CPU tensors."""
     dtype = TORCH_DTYPES[plan.dtype]
     with torch.device("meta"):
-        config = gpt2_config(shape, cfg["dropout"])
+        config = gpt2_config(shape, cfg.dropout)
         config._attn_implementation = "sdpa"
         base = GPT2LMHeadModel._from_config(config, dtype=dtype)
         if plan.mode == "qlora":
@@ -163,7 +163,7 @@ class _Zero0Step:
             self.masters = self.params
         else:
             self.masters = [nn.Parameter(p.detach().float()) for p in self.params]
-        self.opt = _optimizer(plan.optimizer, param_groups(self.masters, cfg["weight_decay"]), cfg, cpu_step)
+        self.opt = _optimizer(plan.optimizer, param_groups(self.masters, cfg.weight_decay), cfg, cpu_step)
 
     def step(self):
         if self.dtype != torch.float32:
@@ -185,7 +185,7 @@ class _Bf16WeightsStep:
 
     def __init__(self, params, cfg, plan):
         self.masters = [p for group in param_groups(params, 0.0) for p in group["params"]]
-        self.opt = master_optimizer(plan.master_weights, param_groups(self.masters, cfg["weight_decay"]), cfg,
+        self.opt = master_optimizer(plan.master_weights, param_groups(self.masters, cfg.weight_decay), cfg,
                                     plan.optimizer)
         if plan.optimizer == "adamw4bit":
             # torchao computes its 4-bit maps (real, tiny constants, cached) at the first step: with real tensors
@@ -220,7 +220,7 @@ class _ZeroStep:
     group, with its fp32 gradient partition made at the step."""
 
     def __init__(self, params, cfg, plan, cpu_step=False):
-        groups = [g for g in param_groups(params, cfg["weight_decay"], cfg["loraplus_lr_ratio"]) if g["params"]]
+        groups = [g for g in param_groups(params, cfg.weight_decay, cfg.loraplus_lr_ratio) if g["params"]]
         self.masters = [nn.Parameter(torch.empty(-(-sum(p.numel() for p in g["params"]) // plan.n_devices),
                                                  dtype=torch.float32)) for g in groups]
         self.opt = _optimizer(plan.optimizer, [{"params": [m], "weight_decay": g["weight_decay"]}
@@ -251,7 +251,7 @@ class _Bf16Step:
         self.bucket_elements = ZERO0_ALLREDUCE_ELEMENTS  # engine.allreduce_gradients' MEMORY_OPT_ALLREDUCE_SIZE
         self.n_ranks = plan.n_devices
         # the module's groups (params: the module), LoRA+'s group of B matrices included
-        param_group = [g for g in param_groups(params, cfg["weight_decay"], cfg["loraplus_lr_ratio"]) if g["params"]]
+        param_group = [g for g in param_groups(params, cfg.weight_decay, cfg.loraplus_lr_ratio) if g["params"]]
         groups = [g["params"] for g in param_group]
         self.groups, self.hp_flat, self.hp_grads, self.masters, self.partitions = groups, [], [], [], []
         align = 2 * self.n_ranks  # nccl_start_alignment_factor * dp world size
@@ -455,7 +455,7 @@ def simulate(cfg, shape, plan, packed=False, cpu_step=False):
     CPU engine (tests/optimizer_step.py)."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    b, s = plan.micro_batch_size, cfg["block_size"]
+    b, s = plan.micro_batch_size, cfg.block_size
     dtype = TORCH_DTYPES[plan.dtype]
     path = deepspeed_path(plan.zero_stage, plan.offload, plan.dtype, plan.grad_accum_dtype,
                           plan.master_weights).optimizer

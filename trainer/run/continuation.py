@@ -13,7 +13,7 @@ learning-rate schedule). `--init_from=resume` is the other way: the same run, th
 Either way the model keys the weights fix (bias; a kept adapter's r, alpha and targets) come from the
 source, and the new data must use the source's vocabulary.
 """
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from trainer.config import ADAPTER_MODES, DEFAULTS, Config
@@ -43,59 +43,59 @@ def is_run(source):
 
 def starting_point(cfg):
     """The Start of a run from another run or a nanoGPT checkpoint, or None for any other init_from."""
-    source = cfg["init_from"]
+    source = cfg.init_from
     if is_run(source):
         return continue_run(cfg)
     ckpt = nanogpt.checkpoint_path(source)
     if ckpt is None:
         return None
     cfg = take_model_keys(cfg, {"bias": nanogpt.model_args(ckpt)["bias"]}, f"the nanoGPT checkpoint {ckpt}")
-    return Start(cfg, nanogpt.describe(ckpt), source, nanogpt.find_meta(ckpt, cfg["data_dir"])[0])
+    return Start(cfg, nanogpt.describe(ckpt), source, nanogpt.find_meta(ckpt, cfg.data_dir)[0])
 
 
 def take_model_keys(cfg, saved, source):
     """The source's values of the keys its weights fix; one the command asks for otherwise is an error."""
-    cfg = dict(cfg)
+    cfg = replace(cfg)
     for key, value in saved.items():  # computed keys: KEPT_ADAPTER_KEYS and 'bias', from the callers below
-        asked = cfg[key]  # computed keys: as above
+        asked = getattr(cfg, key)  # computed keys: as above
         if asked != value and asked != DEFAULTS[key]:
             raise UserError(f"{source} holds a model with {key}={value!r}, but this run asks for {key}={asked!r}; "
                             f"leave --{key} unset (the model's own) or start from another model")
-        cfg[key] = value  # computed keys: as above
+        setattr(cfg, key, value)  # computed keys: as above
     return cfg
 
 
 def continue_run(cfg):
-    src = RunDir(cfg["init_from"])
-    if Path(cfg["out_dir"]).resolve() == src.path.resolve():
-        raise UserError(f"init_from={cfg['init_from']!r} starts a new run from that run, but out_dir is the same "
+    src = RunDir(cfg.init_from)
+    if Path(cfg.out_dir).resolve() == src.path.resolve():
+        raise UserError(f"init_from={cfg.init_from!r} starts a new run from that run, but out_dir is the same "
                         f"folder; choose another --out_dir (or continue the run itself with --init_from=resume)")
     tag = checkpoint.latest_tag_or_error(src.path)
     saved_cfg, mode = src.config(), src.mode()
     taken = f"{src} ({tag}, {mode} mode)"
-    if mode in ADAPTER_MODES and cfg["init_adapters"] == "keep":
-        if saved_cfg["init_from"] == "scratch":
+    if mode in ADAPTER_MODES and cfg.init_adapters == "keep":
+        if saved_cfg.init_from == "scratch":
             raise UserError(f"{src} trained adapters on a from-scratch base, which only that run can rebuild; "
                             f"continue it with --init_adapters=merge (its base with the adapters merged in)")
-        if cfg["mode"] not in ("auto", mode):
+        if cfg.mode not in ("auto", mode):
             raise UserError(f"init_adapters='keep' trains the {mode} adapters of {src} further, in {mode} mode, but "
-                            f"this run asks for mode={cfg['mode']}; leave --mode unset, or pass "
+                            f"this run asks for mode={cfg.mode}; leave --mode unset, or pass "
                             f"--init_adapters=merge to train the merged model in full mode")
-        cfg = take_model_keys(cfg, {k: saved_cfg[k] for k in KEPT_ADAPTER_KEYS}, src)
-        cfg.update(mode=mode, init_from=saved_cfg["init_from"])
-        what = (f"its {mode} adapters (r={saved_cfg['lora_r']}, targets {', '.join(saved_cfg['lora_targets'])}) on "
-                f"its base {saved_cfg['init_from']}, trained further")
+        cfg = take_model_keys(cfg, {k: getattr(saved_cfg, k) for k in KEPT_ADAPTER_KEYS}, src)
+        cfg = replace(cfg, mode=mode, init_from=saved_cfg.init_from)
+        what = (f"its {mode} adapters (r={saved_cfg.lora_r}, targets {', '.join(saved_cfg.lora_targets)}) on "
+                f"its base {saved_cfg.init_from}, trained further")
     else:
-        if cfg["mode"] not in ("auto", "full"):
-            raise UserError(f"a run continued from {src} trains its whole model (mode full), not mode={cfg['mode']}; "
+        if cfg.mode not in ("auto", "full"):
+            raise UserError(f"a run continued from {src} trains its whole model (mode full), not mode={cfg.mode}; "
                             f"to train adapters on it, export it first (python launch/merge_adapter.py --out_dir={src} "
                             f"--export_dir=DIR) and start from --init_from=DIR")
-        cfg = take_model_keys(cfg, {"bias": saved_cfg["bias"]}, src)
-        cfg["mode"] = "full"
+        cfg = take_model_keys(cfg, {"bias": saved_cfg.bias}, src)
+        cfg.mode = "full"
         what = "its base with the adapters merged in" if mode in ADAPTER_MODES else "its weights"
-    cfg["continued_from"] = str(src)
+    cfg.continued_from = str(src)
     note = (f"init_from={src}: a new run from {taken}: {what}; the optimizer, iteration count and learning-rate "
-            f"schedule start fresh on dataset {cfg['dataset']!r}")
+            f"schedule start fresh on dataset {cfg.dataset!r}")
     return Start(cfg, note, str(src), src.meta())
 
 
@@ -112,17 +112,17 @@ def check_vocabulary(start, data):
 
 def model_config(cfg):
     """The architecture a run continued in full mode rebuilds (the source's model_config.json), else None."""
-    source = cfg.get("continued_from")
-    return RunDir(source).model_config_path if source and cfg["mode"] == "full" else None
+    source = cfg.continued_from
+    return RunDir(source).model_config_path if source and cfg.mode == "full" else None
 
 
 def load_weights(module, cfg):
     """Into a new run's module, before its engine exists: the source run's weights (full mode) or its
     adapters (init_adapters=keep). Nothing for any other run."""
-    source = cfg.get("continued_from")
+    source = cfg.continued_from
     if not source:
         return
-    if cfg["mode"] in ADAPTER_MODES:  # the same adapters, on the base the module was built from
+    if cfg.mode in ADAPTER_MODES:  # the same adapters, on the base the module was built from
         missing, unexpected = module.lm.load_state_dict(adapter_state_dict(source), strict=False)
         missing = [k for k in missing if ".lora_" in k]
     else:

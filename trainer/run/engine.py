@@ -53,7 +53,7 @@ def build_ds_config(cfg, plan, world_size, on_gpu):
         "train_micro_batch_size_per_gpu": plan.micro_batch_size,
         "gradient_accumulation_steps": plan.grad_accum_per_rank,
         "train_batch_size": plan.micro_batch_size * plan.grad_accum_per_rank * world_size,
-        "gradient_clipping": 0.0 if clips_by_hand(plan) else max(cfg["grad_clip"], 0.0),
+        "gradient_clipping": 0.0 if clips_by_hand(plan) else max(cfg.grad_clip, 0.0),
         # the bucket sizes the planner counted replace the template's
         "zero_optimization": zero,
         "steps_per_print": 2**31 - 1,  # the trainer prints its own progress
@@ -89,7 +89,7 @@ def build_ds_config(cfg, plan, world_size, on_gpu):
 
 def may_offload(plan, cfg, hw):
     """The plan offloads, or an out-of-memory step-down may switch to offload (trainer/plan/planner.step_down)."""
-    return plan.offload != "none" or (hw.device_type == "cuda" and cfg["offload"] == "auto")
+    return plan.offload != "none" or (hw.device_type == "cuda" and cfg.offload == "auto")
 
 
 def ensure_cpu_adam():
@@ -118,7 +118,7 @@ def ensure_cpu_adam():
 
 def compiles(cfg, on_gpu):
     """The `compile` key: auto compiles on GPUs only."""
-    return on_gpu if cfg["compile"] == "auto" else cfg["compile"]
+    return on_gpu if cfg.compile == "auto" else cfg.compile
 
 
 def create_engine(module, cfg, plan, world_size, on_gpu, load_universal=False):
@@ -129,10 +129,10 @@ def create_engine(module, cfg, plan, world_size, on_gpu, load_universal=False):
     if path.optimizer == "bf16_weights":
         # no fp32 copy: the module is bf16 and DeepSpeed, told of no precision, steps the client optimizer on it
         module.to(torch.bfloat16)
-        groups = param_groups(module, cfg["weight_decay"])
+        groups = param_groups(module, cfg.weight_decay)
         optimizer = master_optimizer(plan.master_weights, groups, cfg, plan.optimizer)
     else:
-        groups = param_groups(module, cfg["weight_decay"], cfg["loraplus_lr_ratio"])
+        groups = param_groups(module, cfg.weight_decay, cfg.loraplus_lr_ratio)
         optimizer = client_optimizer(plan.optimizer, groups, cfg)  # None: torch's AdamW from the config
     engine, _, _, _ = deepspeed.initialize(model=module, model_parameters=groups if optimizer is None else None,
                                            optimizer=optimizer, config=ds_config)

@@ -48,12 +48,12 @@ def loop(run, stop):
         lr = lr_at(run.iter_num, cfg)
         set_lr(run.engine, lr)
 
-        if run.iter_num % cfg["eval_interval"] == 0 or run.iter_num == cfg["max_iters"] or cfg["eval_only"]:
+        if run.iter_num % cfg.eval_interval == 0 or run.iter_num == cfg.max_iters or cfg.eval_only:
             evaluate_and_save(run, guard)
             timer.restart()  # evaluation time is not training time
             if stops_early(run):
                 break
-        if cfg["eval_only"] or run.iter_num >= cfg["max_iters"]:
+        if cfg.eval_only or run.iter_num >= cfg.max_iters:
             break
 
         loss, grad_norm = train_iteration(run, recovery)
@@ -68,7 +68,7 @@ def loop(run, stop):
         if broken:
             guard.stop_for_weights("after its step")
         guard.update(bad)
-        if run.iter_num % cfg["log_interval"] == 0:
+        if run.iter_num % cfg.log_interval == 0:
             log_progress(run, loss, grad_norm, lr, timer)
         if stop_requested:  # SIGINT/SIGTERM: save this iteration and leave cleanly
             stop.saving = True
@@ -113,7 +113,7 @@ def micro_steps(run):
         loss = token_weighted(loss, int((y != IGNORE_INDEX).sum()), loss_tokens, accum * run.world)
         engine.backward(loss)
         if run.clips_by_hand and engine.is_gradient_accumulation_boundary():
-            grad_norm = clip_or_skip(engine, run.cfg["grad_clip"])
+            grad_norm = clip_or_skip(engine, run.cfg.grad_clip)
         engine.step()  # AdamW (and clipping, ZeRO's reductions) at the accumulation boundary
         loss_sum = loss.detach() if loss_sum is None else loss_sum + loss.detach()  # stays on the device
     if not run.clips_by_hand:
@@ -142,23 +142,23 @@ def evaluate_and_save(run, guard):
     run.log.scalar("eval/val_loss", losses["val"], run.iter_num)
     if not all(map(math.isfinite, losses.values())):  # the same on every rank: the losses are all-reduced
         guard.stop_for_weights("at its evaluation", f"non-finite losses (train {losses['train']}, val {losses['val']})")
-    if (cfg["tensorboard"] or cfg["wandb_log"]) and cfg["sample_max_new_tokens"] > 0:
+    if (cfg.tensorboard or cfg.wandb_log) and cfg.sample_max_new_tokens > 0:
         run.log.text("sample", sample_text(run), run.iter_num)
-    if cfg["eval_generate"]:
+    if cfg.eval_generate:
         log_answers(run)
     improved = losses["val"] < run.best_val_loss
     if run.iter_num > run.start_iter:  # the state a run starts from was counted before it was saved
         run.evals_without_improvement = 0 if improved else run.evals_without_improvement + 1
-    if improved or cfg["always_save_checkpoint"]:
+    if improved or cfg.always_save_checkpoint:
         run.best_val_loss = min(run.best_val_loss, losses["val"])
-        if run.iter_num > run.start_iter and not cfg["eval_only"]:  # nothing new to save at the start
+        if run.iter_num > run.start_iter and not cfg.eval_only:  # nothing new to save at the start
             path, size = save(run, guard)
             run.log.print(f"saved checkpoint {path} ({format_bytes(size, sep='')})")
 
 
 def stops_early(run):
     """early_stop=N: N evaluations in a row without a new best val loss end the run (its best checkpoint kept)."""
-    patience = run.cfg["early_stop"]
+    patience = run.cfg.early_stop
     if not patience or run.evals_without_improvement < patience:
         return False
     best = checkpoint.latest_tag(run.out_dir)  # always_save_checkpoint=False: only improvements were saved
@@ -186,7 +186,7 @@ def estimate_loss(run):
     engine.eval()
     out = {}
     for split in ("train", "val"):
-        offsets = data.eval_offsets(split, cfg["eval_iters"] * cfg["batch_size"], cfg["seed"])
+        offsets = data.eval_offsets(split, cfg.eval_iters * cfg.batch_size, cfg.seed)
         batches = [offsets[i:i + micro] for i in range(0, len(offsets), micro)]
         loss_sum = count = 0.0
         for r in range(math.ceil(len(batches) / run.world)):
@@ -207,10 +207,10 @@ def sample_text(run):
     """A short sample for TensorBoard (run on every rank: ZeRO-3 forward passes are collective)."""
     lm, cfg, device = run.engine.module.lm, run.cfg, run.device
     lm.eval()
-    start = run.tokenizer.encode(cfg["sample_start"]) or [0]
+    start = run.tokenizer.encode(cfg.sample_start) or [0]
     idx = torch.tensor([start], dtype=torch.long, device=device)
-    gen = torch.Generator(device=device).manual_seed(cfg["seed"])
-    out = generate(lm, idx, cfg["sample_max_new_tokens"], cfg["block_size"], temperature=0.8, top_k=200,
+    gen = torch.Generator(device=device).manual_seed(cfg.seed)
+    out = generate(lm, idx, cfg.sample_max_new_tokens, cfg.block_size, temperature=0.8, top_k=200,
                    vocab_limit=run.data.vocab_size, generator=gen)
     lm.train()
     return run.tokenizer.decode(out[0].tolist())
@@ -226,12 +226,12 @@ def log_answers(run, shown=3):
     examples = run.data.examples("val")
     if not examples:
         return
-    chosen = np.random.default_rng(run.cfg["seed"]).permutation(len(examples))[:run.cfg["eval_generate"]]
+    chosen = np.random.default_rng(run.cfg.seed).permutation(len(examples))[:run.cfg.eval_generate]
     prompts, references = [examples[i][0] for i in chosen], [examples[i][1] for i in chosen]
     lm, eot = run.engine.module.lm, run.tokenizer.eot_token
     all_done = None if run.world == 1 else (lambda done: not agree_any([not bool(done.all())], run.device)[0])
     lm.eval()
-    answers = generate_answers(lm, prompts, run.cfg["block_size"], answer_budget(map(len, references)), eot,
+    answers = generate_answers(lm, prompts, run.cfg.block_size, answer_budget(map(len, references)), eot,
                                batch_size=run.plan.micro_batch_size, vocab_limit=run.data.vocab_size,
                                all_done=all_done)
     lm.train()
@@ -251,7 +251,7 @@ def log_answers(run, shown=3):
 
 def log_progress(run, loss, grad_norm, lr, timer):
     """The periodic line (loss, lr, speed, memory, MFU, ETA) and its TensorBoard scalars."""
-    it, max_iters = run.iter_num, run.cfg["max_iters"]
+    it, max_iters = run.iter_num, run.cfg.max_iters
     (loss_total,) = all_reduce_sum([loss], run.device)
     train_loss = loss_total / run.world
     seconds = timer.per_iteration()
@@ -333,7 +333,7 @@ class NonFiniteGuard:
         run.log.print(f"iter {run.iter_num}: non-finite loss or gradient norm, step skipped "
                       f"({self.in_a_row} in a row, {self.skipped} in all)")
         run.log.scalar("train/skipped_steps", self.skipped, run.iter_num)
-        if self.in_a_row >= run.cfg["max_bad_steps"]:
+        if self.in_a_row >= run.cfg.max_bad_steps:
             last = checkpoint.latest_tag(run.out_dir)
             raise UserError(f"{self.in_a_row} non-finite steps in a row up to iteration {run.iter_num}; stopped "
                             f"without saving (last good checkpoint: {last or 'none'}); lower --learning_rate "

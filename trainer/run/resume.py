@@ -1,6 +1,6 @@
 """Resuming a run: which keys come from the run, which from the command, and how a checkpoint saved on
 another number of ranks or ZeRO stage is loaded."""
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from trainer.config import DEFAULTS, GRAD_ACCUM_DTYPES
 from trainer.optim.optimizer import is_8bit, unpaged
@@ -26,22 +26,22 @@ def resume_config(cfg, out_dir):
         raise UserError(f"init_from='resume' but {out_dir / CONFIG} does not exist; start a new run without "
                         f"--init_from=resume")
     saved_cfg = run_dir.config()
-    if cfg["dataset"] != saved_cfg["dataset"] and cfg["dataset"] != DEFAULTS["dataset"]:  # sequential finetuning
-        raise UserError(f"{out_dir} trained on dataset={saved_cfg['dataset']!r} and a resume continues the same run on "
-                        f"the same data, but this run asks for dataset={cfg['dataset']!r}; to continue its model on "
+    if cfg.dataset != saved_cfg.dataset and cfg.dataset != DEFAULTS["dataset"]:  # sequential finetuning
+        raise UserError(f"{out_dir} trained on dataset={saved_cfg.dataset!r} and a resume continues the same run on "
+                        f"the same data, but this run asks for dataset={cfg.dataset!r}; to continue its model on "
                         f"other data, start a new run from it: --init_from={out_dir} --out_dir=<a new folder> "
-                        f"--dataset={cfg['dataset']!r}")
-    merged_cfg = dict(cfg)
+                        f"--dataset={cfg.dataset!r}")
+    merged_cfg = replace(cfg)
     for key in RUN_MODEL_KEYS:
         # A value the recipe or command asks for (not the default) must match the run's.
-        if cfg[key] != saved_cfg[key] and cfg[key] != DEFAULTS[key]:
-            raise UserError(f"{out_dir} holds a model with {key}={saved_cfg[key]!r}, but this run asks for "
-                            f"{key}={cfg[key]!r}; resume with the run's own settings or start a new out_dir")
-        merged_cfg[key] = saved_cfg[key]
-    merged_cfg["init_from"] = saved_cfg["init_from"]
-    merged_cfg["resumed_from"] = str(out_dir)
-    if "continued_from" in saved_cfg:  # a run started from another run's weights stays so
-        merged_cfg["continued_from"] = saved_cfg["continued_from"]
+        if getattr(cfg, key) != getattr(saved_cfg, key) and getattr(cfg, key) != DEFAULTS[key]:
+            raise UserError(f"{out_dir} holds a model with {key}={getattr(saved_cfg, key)!r}, but this run asks for "
+                            f"{key}={getattr(cfg, key)!r}; resume with the run's own settings or start a new out_dir")
+        setattr(merged_cfg, key, getattr(saved_cfg, key))
+    merged_cfg.init_from = saved_cfg.init_from
+    merged_cfg.resumed_from = str(out_dir)
+    if saved_cfg.continued_from:  # a run started from another run's weights stays so
+        merged_cfg.continued_from = saved_cfg.continued_from
     return merged_cfg
 
 
@@ -51,11 +51,11 @@ def resume_layout(cfg, info, world):
     Returns (cfg, universal). DeepSpeed re-partitions ZeRO-1/2/3 optimizer states for a new number of
     ranks only from its universal format; a ZeRO-0 checkpoint holds whole states and loads anywhere.
     """
-    cfg = dict(cfg)
-    if cfg["mode"] == "auto":
-        cfg["mode"] = info["mode"]
-    if cfg["zero_stage"] == "auto":
-        cfg["zero_stage"] = info["zero_stage"]
+    cfg = replace(cfg)
+    if cfg.mode == "auto":
+        cfg.mode = info["mode"]
+    if cfg.zero_stage == "auto":
+        cfg.zero_stage = info["zero_stage"]
     saved_optimizer = info.get("optimizer", "adamw")  # checkpoints from before the optimizer key: torch's AdamW
     if saved_optimizer == "adamw4bit":
         # DeepSpeed 0.19.8 loads optimizer files with a callable map_location, which torch cannot apply to
@@ -63,23 +63,23 @@ def resume_layout(cfg, info, world):
         raise UserError("the checkpoint holds torchao's 4-bit AdamW states, which DeepSpeed's checkpoint loader cannot "
                         "read back (torchao's tensor subclass); continue its weights in a new run with "
                         "--init_from=<this out_dir> --out_dir=<a new folder> (Adam's moments restart)")
-    if cfg["optimizer"] == "auto":
-        cfg["optimizer"] = saved_optimizer
-    elif unpaged(cfg["optimizer"]) != unpaged(saved_optimizer):  # paging does not change the states
-        raise UserError(f"the checkpoint holds {saved_optimizer}'s optimizer states, not {cfg['optimizer']}'s; "
+    if cfg.optimizer == "auto":
+        cfg.optimizer = saved_optimizer
+    elif unpaged(cfg.optimizer) != unpaged(saved_optimizer):  # paging does not change the states
+        raise UserError(f"the checkpoint holds {saved_optimizer}'s optimizer states, not {cfg.optimizer}'s; "
                         f"resume with --optimizer={saved_optimizer}")
     saved_masters = info.get("master_weights", "fp32")  # checkpoints from before the key: fp32 masters
-    if cfg["master_weights"] == "auto":
-        cfg["master_weights"] = saved_masters
-    elif cfg["master_weights"] != saved_masters:
+    if cfg.master_weights == "auto":
+        cfg.master_weights = saved_masters
+    elif cfg.master_weights != saved_masters:
         raise UserError(f"the checkpoint holds master_weights={saved_masters} (its optimizer states are of that "
-                        f"kind), not {cfg['master_weights']}; resume with --master_weights={saved_masters}")
-    if "grad_accum_dtype" in info and cfg["grad_accum_dtype"] == "auto":
-        cfg["grad_accum_dtype"] = info["grad_accum_dtype"] if info["grad_accum_dtype"] in GRAD_ACCUM_DTYPES \
+                        f"kind), not {cfg.master_weights}; resume with --master_weights={saved_masters}")
+    if "grad_accum_dtype" in info and cfg.grad_accum_dtype == "auto":
+        cfg.grad_accum_dtype = info["grad_accum_dtype"] if info["grad_accum_dtype"] in GRAD_ACCUM_DTYPES \
             else "auto"
-    saved, wanted = info["zero_stage"], cfg["zero_stage"]
-    if cfg["mode"] != info["mode"]:
-        raise UserError(f"the checkpoint was trained in {info['mode']} mode, not {cfg['mode']}; "
+    saved, wanted = info["zero_stage"], cfg.zero_stage
+    if cfg.mode != info["mode"]:
+        raise UserError(f"the checkpoint was trained in {info['mode']} mode, not {cfg.mode}; "
                         f"resume with --mode={info['mode']}")
     # a ZeRO-0 plan's engine may be partitioned too (the bf16_optimizer path: trainer/plan/memory.deepspeed_path)
     partitioned = saved_deepspeed_path(info).engine_stage >= 1

@@ -69,7 +69,7 @@ class RunDir:
     def mode(self):
         """The mode the run trained in: its plan's (config.json may say 'auto')."""
         plan = self.plan()
-        return plan["mode"] if plan else self.config()["mode"]
+        return plan["mode"] if plan else self.config().mode
 
     def dtype(self):
         plan = self.plan()
@@ -80,7 +80,7 @@ class RunDir:
 
     def write(self, cfg, model_config, plan, meta):
         """The run's files, at its start (after a resume too: the config may have changed)."""
-        atomic_write(self.path / CONFIG, json.dumps(dict(cfg), indent=2))
+        atomic_write(self.path / CONFIG, json.dumps(cfg.to_dict(), indent=2))
         atomic_write(self.model_config_path, model_config.to_json_string())
         self.write_plan(plan)
         write_meta_json(self.path, meta)

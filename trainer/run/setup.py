@@ -85,16 +85,16 @@ class Run:
 
     @property
     def sequences(self):
-        return self.cfg["batch_size"] * self.cfg["gradient_accumulation_steps"]
+        return self.cfg.batch_size * self.cfg.gradient_accumulation_steps
 
     @property
     def tokens_per_iter(self):
-        return self.sequences * self.cfg["block_size"]
+        return self.sequences * self.cfg.block_size
 
     @property
     def flops_per_token(self):
         s = self.shape
-        return flops_per_token(self.n_params, s.n_layer, s.n_head, s.n_embd, self.cfg["block_size"],
+        return flops_per_token(self.n_params, s.n_layer, s.n_head, s.n_embd, self.cfg.block_size,
                                self.plan.mode, self.n_trainable)
 
     @property
@@ -105,7 +105,7 @@ class Run:
 
     def client_state(self):
         """What a checkpoint saves beside DeepSpeed's states."""
-        return {"iter_num": self.iter_num, "best_val_loss": self.best_val_loss, "config": dict(self.cfg),
+        return {"iter_num": self.iter_num, "best_val_loss": self.best_val_loss, "config": self.cfg.to_dict(),
                 "plan": self.plan_dict, "sampler": self.sampler.state_dict(),
                 "evals_without_improvement": self.evals_without_improvement}
 
@@ -115,9 +115,9 @@ class Run:
 def check_out_dir(cfg):
     """A fresh run refuses an out_dir holding another run's checkpoints, unless overwrite=True (nothing is touched
     yet). A run folder without a checkpoint (stopped during its setup) is taken as it is."""
-    out_dir = Path(cfg["out_dir"])
+    out_dir = Path(cfg.out_dir)
     taken = bool(checkpoint.complete_tags(out_dir))
-    if cfg["init_from"] != "resume" and taken and not cfg["overwrite"]:
+    if cfg.init_from != "resume" and taken and not cfg.overwrite:
         raise UserError(f"out_dir {out_dir} already holds a run; resume it with --init_from=resume, "
                         f"choose another --out_dir, or pass --overwrite=True to replace it")
     return out_dir
@@ -131,30 +131,30 @@ def final_config(cfg, out_dir, world):
     max_iters (and lr_decay_iters) from the data's size. `notes` are lines for the console.
     """
     resume, start = None, None
-    if cfg["init_from"] == "resume":
+    if cfg.init_from == "resume":
         cfg = resume_config(cfg, out_dir)
-        tag = checkpoint.choose_tag(out_dir, cfg["resume_tag"])
+        tag = checkpoint.choose_tag(out_dir, cfg.resume_tag)
         cfg, universal = resume_layout(cfg, checkpoint.read_info(out_dir, tag), world)
         resume = Resume(tag, universal)
     else:  # a new run from another run's out_dir or a nanoGPT checkpoint (trainer/run/continuation.py)
         start = continuation.starting_point(cfg)
         cfg = start.cfg if start else cfg
     data = open_data(cfg)  # one dataset, or a MixedData for a list of them
-    if cfg["eval_generate"]:  # answers are scored at every evaluation: instructions and the scorers needed
+    if cfg.eval_generate:  # answers are scored at every evaluation: instructions and the scorers needed
         if not data.packed:
-            raise UserError(f"eval_generate={cfg['eval_generate']} answers the instructions of the val split, but "
-                            f"dataset={cfg['dataset']!r} is text; train on instruction data (data/prepare.py "
+            raise UserError(f"eval_generate={cfg.eval_generate} answers the instructions of the val split, but "
+                            f"dataset={cfg.dataset!r} is text; train on instruction data (data/prepare.py "
                             f"--format=instructions) or leave eval_generate=0")
-        require_metric_packages(f"eval_generate={cfg['eval_generate']}")
+        require_metric_packages(f"eval_generate={cfg.eval_generate}")
     notes = []
     if start:
         continuation.check_vocabulary(start, data)
         notes.append(start.note)
-    if cfg["max_epochs"] > 0:
+    if cfg.max_epochs > 0:
         cfg, line = epochs_to_iters(cfg, data)
         notes.append(line)
     if len(data.names) > 1:
-        notes.append(f"mixing datasets ({cfg['mix']}): {data.describe()}")
+        notes.append(f"mixing datasets ({cfg.mix}): {data.describe()}")
     return cfg, data, resume, notes
 
 
@@ -171,16 +171,16 @@ def build_engine(run, module, plan, universal=False):
 def build_trained_module(cfg, plan, vocab_size, device_type, model_config=None, run_dir=None):
     """The module of a plan, as training and a step-down build it (trainer/model/builder.py)."""
     base = base_model(cfg, plan, vocab_size, device_type, model_config, run_dir)
-    return build_module(cfg, plan, base, packed_kernel(device_type, cfg["dropout"]))
+    return build_module(cfg, plan, base, packed_kernel(device_type, cfg.dropout))
 
 
 # ----------------------------------------------------------------------------- the run
 
 def claim_out_dir(cfg, rank):
     """Once every input is known good: clear a run being overwritten, create out_dir."""
-    out_dir = Path(cfg["out_dir"])
+    out_dir = Path(cfg.out_dir)
     if rank == 0:
-        if cfg["init_from"] != "resume" and cfg["overwrite"]:
+        if cfg.init_from != "resume" and cfg.overwrite:
             shutil.rmtree(checkpoint.checkpoint_dir(out_dir), ignore_errors=True)
             for events in out_dir.glob("events.out.tfevents.*"):
                 events.unlink()
@@ -191,7 +191,7 @@ def claim_out_dir(cfg, rank):
 def build_run(cfg, hardware=None):
     """The whole setup of a training run (see the module docstring); returns the Run."""
     rank, world = rank_and_world()
-    check_shared_out_dir(Path(cfg["out_dir"]), rank, world)  # its marker is the only write before the checks
+    check_shared_out_dir(Path(cfg.out_dir), rank, world)  # its marker is the only write before the checks
     out_dir = check_out_dir(cfg)
     cfg, data, resume, notes = on_every_rank(final_config, cfg, out_dir, world)  # each rank opens its own data
     check_same_data(data)
@@ -214,15 +214,15 @@ def build_run(cfg, hardware=None):
     if resume is None:
         continuation.load_weights(module, cfg)  # a new run from another run's weights or adapters
     data.check_vocab(module.lm.config.vocab_size)
-    if cfg["wandb_log"]:
+    if cfg.wandb_log:
         require_wandb()
     stop_point("loading the model")
 
     # Every input checked: only now is anything written.
     claim_out_dir(cfg, rank)
-    wandb_run = {"project": cfg["wandb_project"], "name": cfg["wandb_run_name"], "config": dict(cfg)} \
-        if cfg["wandb_log"] else None
-    log = RunLogger(out_dir, rank == 0, cfg["tensorboard"], cfg["max_iters"], 0, wandb_run)
+    wandb_run = {"project": cfg.wandb_project, "name": cfg.wandb_run_name, "config": cfg.to_dict()} \
+        if cfg.wandb_log else None
+    log = RunLogger(out_dir, rank == 0, cfg.tensorboard, cfg.max_iters, 0, wandb_run)
     log.print(format_plan(plan))
     for line in notes:
         log.print(line)
@@ -230,10 +230,10 @@ def build_run(cfg, hardware=None):
     log.print(f"parameters: {total:,} total, {trainable:,} trainable ({100 * trainable / total:.2f}%)")
 
     run = Run(cfg=cfg, out_dir=out_dir, rank=rank, world=world, data=data, shape=shape, plan_input=plan_input, hw=hw,
-              plan=plan, engine=None, ds_config={}, sampler=TrainSampler(data, cfg["seed"]), log=log,
+              plan=plan, engine=None, ds_config={}, sampler=TrainSampler(data, cfg.seed), log=log,
               tokenizer=load_tokenizer(data.meta), n_params=total, n_trainable=trainable)
     run.engine, run.ds_config = build_engine(run, module, plan, universal=bool(resume and resume.universal))
-    torch.manual_seed(cfg["seed"] + rank)  # dropout differs by rank, as in nanoGPT
+    torch.manual_seed(cfg.seed + rank)  # dropout differs by rank, as in nanoGPT
     stop_point("building the engine")
 
     if resume is not None:
@@ -241,14 +241,14 @@ def build_run(cfg, hardware=None):
         stop_point("loading the checkpoint")
     if run.master:
         RunDir(out_dir).write(cfg, module.lm.config, run.plan_dict, data.meta)
-    log.json_text("config", dict(cfg))
+    log.json_text("config", cfg.to_dict())
     log.json_text("plan", run.plan_dict)
     log.json_text("deepspeed_config", run.ds_config)
     stop_point("writing the run's files")
     if log.bar is not None:
-        log.bar.reset(total=cfg["max_iters"])
+        log.bar.reset(total=cfg.max_iters)
         log.bar.update(run.iter_num)
-    log.print(f"tokens per iteration: {run.tokens_per_iter:,} ({run.sequences} sequences of {cfg['block_size']}; "
+    log.print(f"tokens per iteration: {run.tokens_per_iter:,} ({run.sequences} sequences of {cfg.block_size}; "
               f"micro-batch {plan.micro_batch_size} x {plan.grad_accum_per_rank} accumulation x {world} ranks)")
     return run
 

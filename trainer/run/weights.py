@@ -2,6 +2,7 @@
 and the adapter model rebuilt around its base (or another base: tools/loading.dequantized_base). Sampling,
 evaluation and export read them (trainer/tools/), and so does a new run that continues this one (trainer/run/continuation.py).
 """
+from dataclasses import replace
 import torch
 
 from trainer.config import ADAPTER_MODES
@@ -39,9 +40,9 @@ def adapter_model(out_dir, quantized=None, base=None):
     if mode not in ADAPTER_MODES:
         raise UserError(f"{out_dir} trained in mode {mode!r}, not lora or qlora")
     quantized = (mode == "qlora") if quantized is None else quantized
-    torch.manual_seed(cfg["seed"])  # a scratch base is rebuilt from the run's seed, as the loop built it
+    torch.manual_seed(cfg.seed)  # a scratch base is rebuilt from the run's seed, as the loop built it
     if base is None:
-        base = build_base({**cfg, "dropout": 0.0}, run_dir.meta()["vocab_size"], "qlora" if quantized else "lora",
+        base = build_base(replace(cfg, dropout=0.0), run_dir.meta()["vocab_size"], "qlora" if quantized else "lora",
                           "fp32", "cpu", run_dir=out_dir)
     model = wrap_lora(base, lora_config(cfg, quantized=quantized))
     if quantized:

@@ -85,7 +85,7 @@ def tolerance_for(reference, dtype, override=None):
 
 def base_source(cfg):
     """Where the base weights came from, as a loadable name: a hub name or an absolute directory."""
-    init_from = cfg["init_from"]
+    init_from = cfg.init_from
     return str(Path(init_from).resolve()) if Path(init_from).is_dir() else init_from
 
 
@@ -179,12 +179,12 @@ def _check_run(out_dir):
 
 def describe_adapters(cfg):
     """' (r=8, alpha=16, targets c_attn, c_proj, c_fc, DoRA, init pissa)'."""
-    variants = [name for key, name in (("use_dora", "DoRA"), ("use_rslora", "rsLoRA")) if cfg[key]]
-    if cfg["lora_init"] != "default":
-        variants.append(f"init {cfg['lora_init']}")
-    if cfg["loraplus_lr_ratio"] != 1:
-        variants.append(f"LoRA+ ratio {cfg['loraplus_lr_ratio']:g}")
-    return (f" (r={cfg['lora_r']}, alpha={cfg['lora_alpha']}, targets {', '.join(cfg['lora_targets'])}"
+    variants = [name for key, name in (("use_dora", "DoRA"), ("use_rslora", "rsLoRA")) if getattr(cfg, key)]
+    if cfg.lora_init != "default":
+        variants.append(f"init {cfg.lora_init}")
+    if cfg.loraplus_lr_ratio != 1:
+        variants.append(f"LoRA+ ratio {cfg.loraplus_lr_ratio:g}")
+    return (f" (r={cfg.lora_r}, alpha={cfg.lora_alpha}, targets {', '.join(cfg.lora_targets)}"
             + "".join(f", {v}" for v in variants) + ")")
 
 
@@ -234,7 +234,7 @@ def refusals(out_dir, dtype, adapter_only, qlora_base, gguf_type=None):
     if adapter_only and mode not in ADAPTER_MODES:
         raise UserError(f"--adapter_only needs a lora or qlora run, but {out_dir} trained in {mode} mode; "
                         f"export it without --adapter_only")
-    if adapter_only and not cfg["bias"]:
+    if adapter_only and not cfg.bias:
         raise UserError(f"{out_dir} trained with bias=False (biases zeroed), which an adapter directory cannot "
                         f"carry; export the merged model without --adapter_only")
     if qlora_base == "dequantized" and mode != "qlora":
@@ -244,15 +244,15 @@ def refusals(out_dir, dtype, adapter_only, qlora_base, gguf_type=None):
         raise UserError("--adapter_only writes the adapters without a base, so --qlora_base has nothing to choose; "
                         "load them on a 4-bit base (BitsAndBytesConfig nf4) for the model as trained, or export "
                         "the merged model with --qlora_base=dequantized")
-    if adapter_only and cfg["use_dora"] and cfg["lora_init"] != "default":
-        raise UserError(f"{out_dir} trained DoRA adapters started by lora_init={cfg['lora_init']}, which peft cannot "
+    if adapter_only and cfg.use_dora and cfg.lora_init != "default":
+        raise UserError(f"{out_dir} trained DoRA adapters started by lora_init={cfg.lora_init}, which peft cannot "
                         f"convert for the original base (the conversion drops DoRA's magnitudes); export the merged "
                         f"model without --adapter_only")
-    if adapter_only and cfg["init_from"] == "scratch":
+    if adapter_only and cfg.init_from == "scratch":
         raise UserError(f"{out_dir} trained adapters on a from-scratch base, which exists nowhere on disk for "
                         f"PeftModel.from_pretrained(base, ...); export the merged model without --adapter_only")
-    if adapter_only and nanogpt.checkpoint_path(cfg["init_from"]) is not None:
-        raise UserError(f"{out_dir} trained adapters on the nanoGPT checkpoint {cfg['init_from']}, which "
+    if adapter_only and nanogpt.checkpoint_path(cfg.init_from) is not None:
+        raise UserError(f"{out_dir} trained adapters on the nanoGPT checkpoint {cfg.init_from}, which "
                         f"PeftModel.from_pretrained cannot load as a base; export the merged model without "
                         f"--adapter_only (or export the checkpoint with merge_adapter.py and train the adapters on "
                         f"that)")
@@ -374,8 +374,8 @@ def merged_model(source, reference, qlora_base, log):
     into = {"original": "unquantized original weights",
             "dequantized": "dequantized 4-bit weights the run trained on (bitsandbytes' dequantize_4bit)"}
     into = into[qlora_base] if source.mode == "qlora" else "base weights"
-    if source.cfg["lora_init"] != "default":
-        into += (f" (the rest of each weight after the {source.cfg['lora_init']} decomposition the adapters "
+    if source.cfg.lora_init != "default":
+        into += (f" (the rest of each weight after the {source.cfg.lora_init} decomposition the adapters "
                  f"started from)")
     log(f"merged the adapters of {reference.n_adapted} layers into the {into}")
     return model
@@ -408,14 +408,14 @@ def _write_adapters(source, reference, folder, dtype, qlora_base, log):
     peft_config.base_model_name_or_path = base_source(cfg)
     peft_config.inference_mode = True
     model = model.to(TORCH_DTYPES[dtype])
-    if cfg["lora_init"] == "default":
+    if cfg.lora_init == "default":
         saving_into(folder, lambda: model.save_pretrained(folder, safe_serialization=True,
                                                           save_embedding_layers=False))
         converted = ""
     else:
         _save_converted(model, source.out_dir, folder, dtype)
-        converted = (f"; {cfg['lora_init']} adapters converted for the original base by peft: rank "
-                     f"{2 * cfg['lora_r']}, the trained adapters beside the negated initial ones")
+        converted = (f"; {cfg.lora_init} adapters converted for the original base by peft: rank "
+                     f"{2 * cfg.lora_r}, the trained adapters beside the negated initial ones")
     del model
     gc.collect()
     log(f"saved the adapters of {reference.n_adapted} layers ({dtype}) as a peft adapter directory "

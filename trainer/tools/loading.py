@@ -6,7 +6,7 @@ adapter run (LoRA/QLoRA) from its original base (init_from) and the adapters in 
 (trainer/run/weights.py); a nanoGPT checkpoint as transformers' GPT-2 with nanoGPT's architecture
 (trainer/model/nanogpt.py), its characters from its dataset's meta.pkl.
 """
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -40,7 +40,7 @@ def dequantized_base(out_dir):
     else (embeddings, LayerNorms, biases) as loaded."""
     import bitsandbytes as bnb
     run_dir = RunDir(out_dir)
-    cfg, vocab = {**run_dir.config(), "dropout": 0.0}, run_dir.meta()["vocab_size"]
+    cfg, vocab = replace(run_dir.config(), dropout=0.0), run_dir.meta()["vocab_size"]
     quantized = build_base(cfg, vocab, "qlora", "fp32", "cpu", run_dir=out_dir)
     base = build_base(cfg, vocab, "lora", "fp32", "cpu", run_dir=out_dir)
     for name, module in quantized.named_modules():
@@ -56,7 +56,7 @@ def load_run(out_dir, tag=None):
     cfg, meta = run_dir.config(), run_dir.meta()
     if run_dir.mode() in ADAPTER_MODES:  # base rebuilt from the run's init_from, adapters from the checkpoint
         lm = load_adapter_run(out_dir, weights=adapter_state_dict(out_dir, tag))
-        return LoadedModel(lm, load_tokenizer(meta), lm.config.n_positions, meta["vocab_size"], dict(cfg),
+        return LoadedModel(lm, load_tokenizer(meta), lm.config.n_positions, meta["vocab_size"], cfg.to_dict(),
                            meta.get("template"))
     lm = model_from_config_file(run_dir.model_config_path)
     missing, unexpected = lm.load_state_dict(consolidated_state_dict(out_dir, tag), strict=False)
@@ -65,7 +65,7 @@ def load_run(out_dir, tag=None):
         raise UserError(f"checkpoint in {out_dir} does not match its model_config.json "
                         f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
     lm.tie_weights()
-    return LoadedModel(lm.eval(), load_tokenizer(meta), lm.config.n_positions, meta["vocab_size"], dict(cfg),
+    return LoadedModel(lm.eval(), load_tokenizer(meta), lm.config.n_positions, meta["vocab_size"], cfg.to_dict(),
                        meta.get("template"))
 
 
