@@ -3,7 +3,8 @@ anything: a misspelt `cfg.learnig_rate` fails here, not an hour into a run.
 
 The config object is named `cfg`, `<something>_cfg` or `<object>.cfg` (run.cfg, start.cfg); on it the test
 checks attribute reads and writes, getattr/setattr with a name, dataclasses.replace(cfg, key=...),
-Config(key=...), and a key read through a loop over a module constant (`for key in PLAN_KEYS: getattr(cfg, key)`).
+Config(key=...), and a key read through a loop over a module constant (`for key in PLAN_KEYS: getattr(cfg, key)`);
+`cfg[...]` is refused (a Config is no mapping).
 """
 import ast
 import dataclasses
@@ -114,7 +115,7 @@ def unknown_uses(source, path="<text>"):
             if node.attr not in FIELDS and node.attr not in METHODS:
                 bad(node, f"cfg.{node.attr} is not a config key")
         elif isinstance(node, ast.Subscript) and is_config(node.value):
-            check_dynamic(node, node.slice, "cfg[...]", scope)
+            bad(node, f"{ast.unparse(node)}: the config is read by attribute (cfg.key, getattr(cfg, name))")
         elif isinstance(node, ast.Call):
             func = ast.unparse(node.func)
             if func in ("getattr", "setattr", "hasattr") and len(node.args) >= 2 and is_config(node.args[0]):
@@ -140,17 +141,17 @@ def test_every_config_use_names_a_key():
 @pytest.mark.parametrize("snippet, found", [
     ("def f(cfg):\n    return cfg.learnig_rate\n", "cfg.learnig_rate is not a config key"),
     ("def f(run):\n    run.cfg.mdoe = 'full'\n", "cfg.mdoe is not a config key"),
-    ("def f(saved_cfg):\n    return saved_cfg['n_layr']\n", "'n_layr' is not a config key"),
+    ("def f(saved_cfg):\n    return saved_cfg['n_layer']\n", "the config is read by attribute"),
     ("def f(cfg):\n    return getattr(cfg, 'lora_rr')\n", "'lora_rr' is not a config key"),
     ("def f(cfg):\n    return replace(cfg, max_iter=3)\n", "'max_iter' is not a config key"),
     ("Config(batchsize=3)\n", "'batchsize' is not a config key"),
     ("KEYS = ('mode', 'zero_stag')\ndef f(cfg):\n    return {k: getattr(cfg, k) for k in KEYS}\n",
      "'zero_stag' is not a config key"),
     ("def f(cfg, k):\n    return getattr(cfg, k)\n", "computed name 'k'"),
-    ("def f(cfg):\n    return [cfg[k] for k, _ in (('use_dora', 'DoRA'), ('use_rslor', 'rsLoRA'))]\n",
+    ("def f(cfg):\n    return [getattr(cfg, k) for k, _ in (('use_dora', 'DoRA'), ('use_rslor', 'rsLoRA'))]\n",
      "'use_rslor' is not a config key"),
     ("from trainer.run.resume import RUN_MODEL_KEYS\n"
-     "def f(cfg):\n    return [cfg[k] for k in RUN_MODEL_KEYS], cfg.n_layr\n",
+     "def f(cfg):\n    return [getattr(cfg, k) for k in RUN_MODEL_KEYS], cfg.n_layr\n",
      "cfg.n_layr is not a config key"),
 ])
 def test_a_misspelt_key_is_found(snippet, found):

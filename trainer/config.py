@@ -281,7 +281,8 @@ class RunAdded(_Checked):
 class Config(RunAdded, *reversed(GROUPS)):  # reversed: a dataclass lists the last base's fields first
     """The resolved configuration: every group's keys as flat attributes (cfg.learning_rate), as nanoGPT's
     flat names; each group's __post_init__ has checked its own (Config(...) and dataclasses.replace check
-    again). A name that is no key fails on assignment here and in tests/test_config_uses.py for reads."""
+    again). Read by attribute only (to_dict() for JSON); a name that is no key fails on assignment here,
+    and tests/test_config_uses.py finds a misspelt read before anything runs."""
 
     def __setattr__(self, name, value):
         if name not in FIELDS:
@@ -298,34 +299,6 @@ class Config(RunAdded, *reversed(GROUPS)):  # reversed: a dataclass lists the la
         """What config.json holds: every key, and the run's own keys once set."""
         return {name: list(v) if isinstance(v, list) else v for name, v in
                 ((f.name, getattr(self, f.name)) for f in fields(self)) if name in KEYS or v}
-
-    # While callers move from cfg["key"] to cfg.key: the config also reads and writes as a mapping.
-    def __getitem__(self, name):
-        if name not in FIELDS:
-            raise KeyError(name)
-        return getattr(self, name)
-
-    def __setitem__(self, name, value):
-        setattr(self, name, value)
-
-    def __contains__(self, name):
-        return name in FIELDS and (name in KEYS or bool(getattr(self, name)))
-
-    def keys(self):
-        return self.to_dict().keys()
-
-    def __iter__(self):
-        return iter(self.keys())
-
-    def items(self):
-        return self.to_dict().items()
-
-    def get(self, name, default=None):
-        return self[name] if name in self else default
-
-    def update(self, values=(), **more):
-        for name, value in {**dict(values), **more}.items():
-            setattr(self, name, value)
 
 
 FIELDS = frozenset(f.name for f in fields(Config))
