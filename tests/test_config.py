@@ -222,3 +222,23 @@ def test_nanogpts_device_and_backend_are_accepted(tmp_path):
     cfg, _ = resolve_config([str(recipe), "--device=cpu"])
     assert cfg.device == "cpu" and cfg.backend == "nccl"
     assert DEFAULTS["device"] == DEFAULTS["backend"] == ""  # not given: nothing is printed about them
+
+
+def test_the_groups_check_their_fields_and_config_json_reads_back(tmp_path):
+    import dataclasses
+    import json
+
+    from trainer.run.run_dir import RunDir
+    cfg = Config(dtype="bfloat16", learning_rate=1)  # nanoGPT's spelling is ours; an int widens
+    assert (cfg.dtype, cfg.learning_rate) == ("bf16", 1.0) and isinstance(cfg.learning_rate, float)
+    with pytest.raises(ConfigError, match=re.escape("lora_r=0 in the config must be 1 or more")):
+        dataclasses.replace(cfg, lora_r=0)
+    with pytest.raises(AttributeError, match="the config has no key 'learnig_rate' \\(did you mean learning_rate"):
+        cfg.learnig_rate = 1e-4
+    # a run saved before a key existed, with a key this version no longer has ('packed')
+    old = {k: v for k, v in DEFAULTS.items() if k not in ("use_dora", "lora_init")}
+    (tmp_path / "config.json").write_text(json.dumps({**old, "packed": True, "mode": "lora"}))
+    saved = RunDir(tmp_path).config()
+    assert (saved.mode, saved.use_dora, saved.lora_init, saved.continued_from) == ("lora", False, "default", "")
+    assert saved.to_dict() == {**DEFAULTS, "mode": "lora"}  # a run's own keys appear once it sets them
+    assert dataclasses.replace(saved, continued_from="x").to_dict()["continued_from"] == "x"
