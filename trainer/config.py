@@ -188,6 +188,8 @@ _GROUPS = {
         "sample_start": _key("\n", "prompt of that sample"),
         "eval_generate": _key(0, "instruction data: at each evaluation answer this many fixed val examples "
                               "(greedy) and log exact match, ROUGE-L, BLEU and a few answers (0: off)", _NON_NEGATIVE),
+        "log_level": _choice("info", ("info", "debug"), "debug: also print the start-up's phases (seconds from the "
+                             "command to the first iteration: launcher, imports, plan, model, engine, data)"),
         "seed": _key(1337, "seed of weights, data order and dropout", _NON_NEGATIVE),
         "wandb_log": _key(False, "also log the scalars and texts to Weights & Biases (pip install wandb; "
                           "WANDB_MODE=offline works without an account)"),

@@ -39,6 +39,7 @@ from trainer.run.preflight import check_same_data, check_shared_out_dir, on_ever
 from trainer.run.ranks import barrier, rank_and_world
 from trainer.run.resume import Resume, resume_config, resume_layout
 from trainer.run.run_dir import RunDir
+from trainer.startup import CLOCK, format_phases
 
 
 @dataclass
@@ -176,6 +177,20 @@ def build_trained_module(cfg, plan, vocab_size, device_type, model_config=None, 
 
 # ----------------------------------------------------------------------------- the run
 
+def stage_done(stage):
+    """A stage of the setup is over: the start-up clock's mark (trainer/startup.py), then a signal's stop point."""
+    CLOCK.mark(stage)
+    stop_point(stage)
+
+
+def report_startup(run):
+    """Before the first iteration: the start-up's phases, printed with log_level=debug, logged either way."""
+    phases = CLOCK.finish()
+    if run.cfg["log_level"] == "debug":
+        run.log.print(format_phases(phases))
+    run.log.json_text("startup", {phase: round(seconds, 3) for phase, seconds in phases.items()})
+
+
 def claim_out_dir(cfg, rank):
     """Once every input is known good: clear a run being overwritten, create out_dir."""
     out_dir = Path(cfg["out_dir"])
@@ -195,7 +210,7 @@ def build_run(cfg, hardware=None):
     out_dir = check_out_dir(cfg)
     cfg, data, resume, notes = on_every_rank(final_config, cfg, out_dir, world)  # each rank opens its own data
     check_same_data(data)
-    stop_point("checking the data and the run")
+    stage_done("checking the data and the run")
 
     saved_model = RunDir(out_dir).model_config_path if resume else continuation.model_config(cfg)
     # the model's shape, and whether batches are packed instruction blocks: what the planner plans for
@@ -205,7 +220,7 @@ def build_run(cfg, hardware=None):
     plan = make_plan(plan_input, hw)
     if may_offload(plan, cfg, hw):
         ensure_cpu_adam()  # built now, not hours in when a step-down first offloads
-    stop_point("planning")
+    stage_done("planning")
 
     full_resume = resume is not None and plan.mode not in ADAPTER_MODES  # adapter runs rebuild their base
     module = build_trained_module(cfg, plan, data.vocab_size, hw.device_type,
@@ -216,7 +231,7 @@ def build_run(cfg, hardware=None):
     data.check_vocab(module.lm.config.vocab_size)
     if cfg["wandb_log"]:
         require_wandb()
-    stop_point("loading the model")
+    stage_done("loading the model")
 
     # Every input checked: only now is anything written.
     claim_out_dir(cfg, rank)
@@ -234,17 +249,17 @@ def build_run(cfg, hardware=None):
               tokenizer=load_tokenizer(data.meta), n_params=total, n_trainable=trainable)
     run.engine, run.ds_config = build_engine(run, module, plan, universal=bool(resume and resume.universal))
     torch.manual_seed(cfg["seed"] + rank)  # dropout differs by rank, as in nanoGPT
-    stop_point("building the engine")
+    stage_done("building the engine")
 
     if resume is not None:
         load_resume_state(run, resume)
-        stop_point("loading the checkpoint")
+        stage_done("loading the checkpoint")
     if run.master:
         RunDir(out_dir).write(cfg, module.lm.config, run.plan_dict, data.meta)
     log.json_text("config", cfg)
     log.json_text("plan", run.plan_dict)
     log.json_text("deepspeed_config", run.ds_config)
-    stop_point("writing the run's files")
+    stage_done("writing the run's files")
     if log.bar is not None:
         log.bar.reset(total=cfg["max_iters"])
         log.bar.update(run.iter_num)
