@@ -26,20 +26,18 @@ def _stat_fields(pid):
     return text[text.rindex(")") + 2:].split()
 
 
-def _boot_time():
-    for line in Path("/proc/stat").read_text().splitlines():
-        if line.startswith("btime "):
-            return int(line.split()[1])
-    raise OSError("no btime in /proc/stat")
-
-
 def process_start(pid="self"):
-    """The wall-clock time (time.time()) a process started, to the kernel's clock tick; None off Linux."""
+    """The wall-clock time (time.time()) a process started, to the kernel's clock tick; None off Linux.
+
+    From its age (the system's uptime less its start in ticks since boot), not from the boot time, which
+    /proc gives in whole seconds only."""
     fields = _stat_fields(pid)
     if fields is None:
         return None
     try:
-        return _boot_time() + int(fields[19]) / os.sysconf("SC_CLK_TCK")  # field 22 of stat: starttime in ticks
+        uptime = float(Path("/proc/uptime").read_text().split()[0])
+        now = time.time()
+        return now - (uptime - int(fields[19]) / os.sysconf("SC_CLK_TCK"))  # field 22 of stat: starttime
     except (OSError, ValueError, IndexError):
         return None
 
