@@ -1,7 +1,7 @@
 """Benchmark: the trainer against Hugging Face's Trainer, iteration for iteration and at start-up.
 
     python bench/vs_hf_trainer.py [--rounds=3] [--short=2] [--long=10] [--modes=full,lora] [--results=FILE]
-    python bench/vs_hf_trainer.py --dry_run        # a tiny GPT-2, 1 and 3 iterations, one round (tests/)
+    python bench/vs_hf_trainer.py --dry_run        # a tiny GPT-2, 1 and 2 iterations, one round (tests/)
 
 The same GPT-2 124M shape for both (random weights saved once in Hugging Face format, block 128, micro-batch
 2, one accumulation step, AdamW betas (0.9, 0.999) without weight decay, lr 3e-5 constant, clipping at 1.0,
@@ -237,7 +237,7 @@ def main():
     p.add_argument("--short", type=int, default=2)
     p.add_argument("--long", type=int, default=10)
     p.add_argument("--modes", default="full,lora")
-    p.add_argument("--dry_run", action="store_true", help="a tiny GPT-2, 1 and 3 iterations, one round")
+    p.add_argument("--dry_run", action="store_true", help="a tiny GPT-2, 1 and 2 iterations, one round")
     p.add_argument("--profile", action="store_true", help="instead: one iteration of each under torch.profiler")
     p.add_argument("--rows", type=int, default=15, help="--profile: the ops shown, by self CPU time")
     p.add_argument("--results", default=None, help="append the table to this file (bench/RESULTS.md)")
@@ -253,7 +253,7 @@ def main():
     if args.trainer_profile_worker:
         return profile_trainer(args)
     if args.dry_run:
-        args.rounds, args.short, args.long = 1, 1, 3
+        args.rounds, args.short, args.long = 1, 1, 2
     if args.profile:
         return profile(args)
     import torch
