@@ -1,6 +1,6 @@
 """One prepared GPU check of the trainer's GPU paths, written to bench/GPU.md as it goes (docs/gpu.md).
 
-    python bench/gpu_check.py                                  # one H100/H200-class GPU, about 10 minutes
+    python bench/gpu_check.py                                  # one H100/H200-class GPU, about 12 minutes
     python bench/gpu_check.py --only=speed,packed              # some steps
     python bench/gpu_check.py --dry_run --out=/tmp/GPU.md      # CPU: tiny shapes through every step's code
 
@@ -43,7 +43,7 @@ sys.path.insert(0, str(REPO / "bench"))
 import memory_fit  # noqa: E402
 
 GiB, MiB = 2**30, 2**20
-# (step, seconds it may take on one H100/H200): 10 minutes in all
+# (step, seconds it may take on one H100/H200): 12 minutes in all
 # (the offload step builds DeepSpeed's CPU Adam op, about a minute on 16 cores; later starts load it cached)
 STEPS = {"context": 30, "memory": 150, "speed": 100, "qlora": 40, "packed": 30, "offload": 90, "oom": 40,
          "toolbox": 150, "loop": 60}

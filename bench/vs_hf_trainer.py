@@ -11,8 +11,9 @@ dropout 0, fp32; on a GPU with bf16 also a bf16 row), on tiny Shakespeare in GPT
 - transformers' Trainer (`python bench/vs_hf_trainer.py --hf_worker ...`, this file): GPT2LMHeadModel from
   the same folder, peft's LoRA for mode lora (r 8 on c_attn, c_proj, c_fc, dropout 0, as the trainer's
   --lora_targets), a Dataset of random windows of the same tokens, save_strategy "no", no evaluation.
-Per-iteration time is the difference of a long and a short run's wall time over the difference of their
-iterations (start-up, the trainer's evaluations at the start and the end and its last save cancel out);
+Per-iteration time is the difference of a long and a short run's wall time after each run's own start-up,
+over the difference of their iterations (the trainer's evaluations at the start and the end and its last
+save cancel out, and the start-up's variance on a loaded machine stays out);
 start-up is each process's own account of the seconds from its command to its first iteration (the trainer's
 `--log_level=debug` table, the worker's own clock from its process's start, trainer/startup.py). The runs
 interleave (trainer short, HF short, trainer long, HF long, per mode and round), so that drift in a shared
@@ -260,7 +261,7 @@ def main():
     dtypes = ["fp32"] + (["bf16"] if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else [])
     cases = [(mode, dtype) for mode in args.modes.split(",") for dtype in dtypes]
     sides = {"trainer": trainer_command, "HF Trainer": hf_command}
-    walls = {}    # (case, side, iters) -> [seconds per round]
+    after_startup = {}  # (case, side, iters) -> [seconds after the start-up, per round]
     startups = {}  # (case, side) -> [(start-up, launcher's share)]
     began = time.time()
     with tempfile.TemporaryDirectory() as tmp:
@@ -270,25 +271,28 @@ def main():
                 for iters in (args.short, args.long):
                     for side, command in sides.items():
                         wall, startup, launcher = timed(command(data_dir, model_dir, Path(tmp) / "out", *case, iters))
-                        walls.setdefault((case, side, iters), []).append(wall)
+                        # the wall time after the run's own start-up: its variance (imports on a loaded
+                        # machine) stays out of the difference
+                        after_startup.setdefault((case, side, iters), []).append(wall - startup)
                         startups.setdefault((case, side), []).append((startup, launcher))
                         print(f"round {r + 1}/{args.rounds} {case[0]} {case[1]} {side} {iters} iterations: "
-                              f"{wall:.1f} s (start-up {startup:.1f} s); {time.time() - began:.0f} s so far",
-                              flush=True)
+                              f"{wall:.1f} s (start-up {startup:.1f} s, launcher {launcher:.1f} s); "
+                              f"{time.time() - began:.0f} s so far", flush=True)
     shape = "tiny GPT-2 (2 x 64)" if args.dry_run else "GPT-2 124M"
     command = "python bench/vs_hf_trainer.py" + (" --dry_run" if args.dry_run else
                                                  f" --rounds={args.rounds} --short={args.short} --long={args.long}")
     lines = [f"### The trainer against Hugging Face's Trainer, {shape} ({time.strftime('%Y-%m-%d')}, {machine()})",
              "", f"`{command}`: block {BLOCK}, micro-batch {MICRO}, 1 accumulation step, AdamW, lr {LR} constant, "
              f"dropout 0, one thread per process; {args.rounds} rounds, median (min-max). ms/iter from the "
-             f"difference of {args.long}- and {args.short}-iteration runs; start-up from the command to the first "
+             f"difference of {args.long}- and {args.short}-iteration runs after their start-ups; start-up from the command to the first "
              "iteration, the trainer's with and without its `deepspeed` launcher's own processes.", "",
              "| mode | dtype | trainer ms/iter | HF Trainer ms/iter | trainer speed ratio (HF ms / trainer ms) | trainer start-up s "
              "| of which launcher s | trainer less launcher s | HF Trainer start-up s |",
              "|---|---|---|---|---|---|---|---|---|"]
     for case in cases:
         per_iter = {side: [1000 * (lg - sh) / (args.long - args.short) for sh, lg in
-                           zip(walls[(case, side, args.short)], walls[(case, side, args.long)])] for side in sides}
+                           zip(after_startup[(case, side, args.short)], after_startup[(case, side, args.long)])]
+                    for side in sides}
         ratio = [hf / ours for ours, hf in zip(per_iter["trainer"], per_iter["HF Trainer"])]
         ours = startups[(case, "trainer")]
         lines.append(f"| {case[0]} | {case[1]} | {spread(per_iter['trainer'])} | {spread(per_iter['HF Trainer'])} | "
