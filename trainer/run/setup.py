@@ -11,6 +11,7 @@ checked, except that check's marker file, which is removed whatever the outcome.
 import math
 import shutil
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -58,7 +59,6 @@ class Run:
     ds_config: dict[str, Any]
     sampler: TrainSampler
     log: RunLogger
-    tokenizer: Gpt2Tokenizer | CharTokenizer
     n_params: int
     n_trainable: int = 0      # MFU: adapter runs do weight-gradient matmuls for these only
     iter_num: int = 0
@@ -66,6 +66,11 @@ class Run:
     start_iter: int = 0       # nothing new to save before the first step after a start or resume
     evals_without_improvement: int = 0  # for early_stop
     history: list[dict[str, Any]] = field(default_factory=list)  # out-of-memory step-downs, as plan.json has them
+
+    @cached_property
+    def tokenizer(self) -> Gpt2Tokenizer | CharTokenizer:
+        """Built at the first sample or answer (GPT-2's BPE tables take a few tenths of a second to load)."""
+        return load_tokenizer(self.data.meta)
 
     @property
     def master(self):
@@ -246,7 +251,7 @@ def build_run(cfg, hardware=None):
 
     run = Run(cfg=cfg, out_dir=out_dir, rank=rank, world=world, data=data, shape=shape, plan_input=plan_input, hw=hw,
               plan=plan, engine=None, ds_config={}, sampler=TrainSampler(data, cfg["seed"]), log=log,
-              tokenizer=load_tokenizer(data.meta), n_params=total, n_trainable=trainable)
+              n_params=total, n_trainable=trainable)
     run.engine, run.ds_config = build_engine(run, module, plan, universal=bool(resume and resume.universal))
     torch.manual_seed(cfg["seed"] + rank)  # dropout differs by rank, as in nanoGPT
     stage_done("building the engine")
