@@ -70,6 +70,15 @@ def sync():
         torch.cuda.synchronize()
 
 
+def char_data(args, tmp):
+    """A data_dir with tiny Shakespeare in characters: --data_dir's, or prepared under tmp from the repository's copy."""
+    data_dir = Path(args.data_dir) if args.data_dir else Path(tmp) / "data"
+    if not (data_dir / "shakespeare_char" / "train.bin").is_file():
+        subprocess.run([sys.executable, str(REPO / "data/shakespeare_char/prepare.py"), f"--data_dir={data_dir}",
+                        f"--input={REPO / 'data/tinyshakespeare.txt'}"], check=True, cwd=REPO, capture_output=True)
+    return data_dir
+
+
 def tiny_or(shape, dry_run):
     return dict(memory_fit.TINY) if dry_run else shape
 
@@ -253,11 +262,7 @@ def step_oom(args):
     from trainer.run.loop import train
 
     with tempfile.TemporaryDirectory() as tmp:
-        data_dir = Path(args.data_dir) if args.data_dir else Path(tmp) / "data"
-        if not (data_dir / "shakespeare_char" / "train.bin").is_file():
-            subprocess.run([sys.executable, str(REPO / "data/shakespeare_char/prepare.py"), f"--data_dir={data_dir}",
-                            f"--input={REPO / 'data/tinyshakespeare.txt'}"], check=True, cwd=REPO,
-                           capture_output=True)
+        data_dir = char_data(args, tmp)
         out_dir = Path(tmp) / "out"
         words = ["--recipe", "shakespeare_char_cpu", f"--data_dir={data_dir}", f"--out_dir={out_dir}",
                  "--max_iters=6", "--eval_interval=6", "--eval_iters=2", "--log_interval=1", "--tensorboard=False",
@@ -299,11 +304,7 @@ def step_loop(args):
     from trainer.run.setup import build_run
     on_gpu = torch.cuda.is_available() and not args.dry_run
     with tempfile.TemporaryDirectory() as tmp:
-        data_dir = Path(args.data_dir) if args.data_dir else Path(tmp) / "data"
-        if not (data_dir / "shakespeare_char" / "train.bin").is_file():
-            subprocess.run([sys.executable, str(REPO / "data/shakespeare_char/prepare.py"), f"--data_dir={data_dir}",
-                            f"--input={REPO / 'data/tinyshakespeare.txt'}"], check=True, cwd=REPO,
-                           capture_output=True)
+        data_dir = char_data(args, tmp)
         words = ["--recipe", "shakespeare_char_cpu", f"--data_dir={data_dir}", f"--out_dir={Path(tmp) / 'out'}",
                  "--tensorboard=False", "--sample_max_new_tokens=0", "--compile=False", "--dropout=0.0",
                  "--mode=full", "--zero_stage=0", "--offload=none"]
