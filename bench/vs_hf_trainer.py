@@ -2,6 +2,8 @@
 
     python bench/vs_hf_trainer.py [--rounds=3] [--short=2] [--long=10] [--modes=full,lora] [--results=FILE]
     python bench/vs_hf_trainer.py --dry_run        # a tiny GPT-2, 1 and 2 iterations, one round (tests/)
+    python bench/vs_hf_trainer.py --profile        # one iteration of each under torch.profiler
+    python bench/vs_hf_trainer.py --from_log=LOG --rounds=3   # the table from saved progress lines
 
 The same GPT-2 124M shape for both (random weights saved once in Hugging Face format, block 128, micro-batch
 2, one accumulation step, AdamW betas (0.9, 0.999) without weight decay, lr 3e-5 constant, clipping at 1.0,
@@ -56,8 +58,10 @@ def prepare(root, shape):
 
 
 def trainer_command(data_dir, model_dir, out_dir, mode, dtype, iters):
+    from trainer.launcher import free_port
     launcher = Path(sys.executable).with_name("deepspeed")
-    args = [str(launcher), str(REPO / "launch/train.py"), f"--init_from={model_dir}", f"--data_dir={data_dir}",
+    # its own rendezvous port: another deepspeed run on the machine may hold the default 29500
+    args = [str(launcher), f"--master_port={free_port()}", str(REPO / "launch/train.py"), f"--init_from={model_dir}", f"--data_dir={data_dir}",
             "--dataset=shakespeare", f"--out_dir={out_dir}", "--overwrite=True", f"--mode={mode}",
             f"--block_size={BLOCK}", f"--batch_size={MICRO}", f"--micro_batch_size={MICRO}",
             "--gradient_accumulation_steps=1", f"--max_iters={iters}", "--decay_lr=False",
@@ -175,7 +179,7 @@ def profile_trainer(args):
     from trainer.run.ranks import agree_any
     from trainer.run.setup import build_run
     command = trainer_command(args.data_dir, args.model_dir, args.out_dir, args.mode, args.dtype, PROFILED + 1)
-    cfg, _ = resolve_config(command[2:])
+    cfg, _ = resolve_config(command[3:])
     run = build_run(cfg)
     recovery = oom.Recovery(run)
 
@@ -227,7 +231,7 @@ def profile(args):
     shape = "tiny GPT-2 (2 x 64)" if args.dry_run else "GPT-2 124M"
     header = (f"### Profile of one iteration, the trainer and Hugging Face's Trainer, {shape} "
               f"({time.strftime('%Y-%m-%d')}, {machine()})\n\n`python bench/vs_hf_trainer.py --profile"
-              f"{' --dry_run' if args.dry_run else ''}`: torch.profiler over the iteration after {PROFILED} of "
+              f"{' --dry_run' if args.dry_run else ''}{f' --rows={args.rows}' if args.rows != 15 else ''}`: torch.profiler over the iteration after {PROFILED} of "
               "warm-up, one thread, ops by self CPU time.")
     publish("\n\n".join([header, *sections]), args.results)
 
@@ -242,6 +246,8 @@ def main():
     p.add_argument("--profile", action="store_true", help="instead: one iteration of each under torch.profiler")
     p.add_argument("--rows", type=int, default=15, help="--profile: the ops shown, by self CPU time")
     p.add_argument("--results", default=None, help="append the table to this file (bench/RESULTS.md)")
+    p.add_argument("--from_log", default=None, help="the table from a run's saved progress lines (one stopped early: "
+                   "its complete rounds), measuring nothing")
     # the Hugging Face side, run by this file in its own process
     p.add_argument("--hf_worker", action="store_true", help=argparse.SUPPRESS)
     for name in ("data_dir", "model_dir", "out_dir", "mode", "dtype"):
@@ -260,48 +266,78 @@ def main():
     import torch
     dtypes = ["fp32"] + (["bf16"] if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else [])
     cases = [(mode, dtype) for mode in args.modes.split(",") for dtype in dtypes]
-    sides = {"trainer": trainer_command, "HF Trainer": hf_command}
-    after_startup = {}  # (case, side, iters) -> [seconds after the start-up, per round]
-    startups = {}  # (case, side) -> [(start-up, launcher's share)]
-    began = time.time()
+    runs = runs_from_log(Path(args.from_log).read_text(), cases) if args.from_log else measure(args, cases)
+    publish(table(args, runs), args.results)
+
+
+SIDES = {"trainer": trainer_command, "HF Trainer": hf_command}
+PROGRESS = re.compile(r"^round (\d+)/\d+ (\w+) (\w+) (trainer|HF Trainer) (\d+) iterations: ([\d.]+) s "
+                      r"\(start-up ([\d.]+) s, launcher ([\d.]+) s\)", re.M)
+
+
+def measure(args, cases):
+    """Every run, interleaved: [(round, (mode, dtype), side, iterations, wall s, start-up s, launcher s)],
+    each also printed as a progress line (which --from_log reads back)."""
+    runs, began = [], time.time()
     with tempfile.TemporaryDirectory() as tmp:
         data_dir, model_dir = prepare(Path(tmp), TINY if args.dry_run else {})
         for r in range(args.rounds):
             for case in cases:
                 for iters in (args.short, args.long):
-                    for side, command in sides.items():
+                    for side, command in SIDES.items():
                         wall, startup, launcher = timed(command(data_dir, model_dir, Path(tmp) / "out", *case, iters))
-                        # the wall time after the run's own start-up: its variance (imports on a loaded
-                        # machine) stays out of the difference
-                        after_startup.setdefault((case, side, iters), []).append(wall - startup)
-                        startups.setdefault((case, side), []).append((startup, launcher))
+                        runs.append((r + 1, case, side, iters, wall, startup, launcher))
                         print(f"round {r + 1}/{args.rounds} {case[0]} {case[1]} {side} {iters} iterations: "
                               f"{wall:.1f} s (start-up {startup:.1f} s, launcher {launcher:.1f} s); "
                               f"{time.time() - began:.0f} s so far", flush=True)
+    return runs
+
+
+def runs_from_log(text, cases):
+    """measure()'s runs from its progress lines (a run stopped early: only its complete rounds count)."""
+    runs = [(int(m[1]), (m[2], m[3]), m[4], int(m[5]), float(m[6]), float(m[7]), float(m[8]))
+            for m in PROGRESS.finditer(text)]
+    per_round = 4 * len(cases)  # short and long, for each side
+    runs = [run for run in runs if run[1] in cases]
+    complete = {r for r in {run[0] for run in runs} if sum(1 for run in runs if run[0] == r) == per_round}
+    if not complete:
+        sys.exit("error: no complete round in the log; pass the --modes it measured")
+    return [run for run in runs if run[0] in complete]
+
+
+def table(args, runs):
+    """The markdown table of the runs: per mode and dtype, median (min-max) over the rounds."""
+    rounds = sorted({run[0] for run in runs})
+    iters = sorted({run[3] for run in runs})
+    short, long = iters[0], iters[-1]
+    cases = list(dict.fromkeys(run[1] for run in runs))
+    # the wall time after each run's own start-up: its variance (imports on a loaded machine) stays out
+    after = {(r, case, side, n): wall - startup for r, case, side, n, wall, startup, _ in runs}
     shape = "tiny GPT-2 (2 x 64)" if args.dry_run else "GPT-2 124M"
     command = "python bench/vs_hf_trainer.py" + (" --dry_run" if args.dry_run else
-                                                 f" --rounds={args.rounds} --short={args.short} --long={args.long}")
+                                                 f" --rounds={args.rounds} --short={short} --long={long}")
+    stopped = f" (stopped after {len(rounds)} of its {args.rounds} rounds)" if len(rounds) < args.rounds else ""
     lines = [f"### The trainer against Hugging Face's Trainer, {shape} ({time.strftime('%Y-%m-%d')}, {machine()})",
-             "", f"`{command}`: block {BLOCK}, micro-batch {MICRO}, 1 accumulation step, AdamW, lr {LR} constant, "
-             f"dropout 0, one thread per process; {args.rounds} rounds, median (min-max). ms/iter from the "
-             f"difference of {args.long}- and {args.short}-iteration runs after their start-ups; start-up from the command to the first "
-             "iteration, the trainer's with and without its `deepspeed` launcher's own processes.", "",
-             "| mode | dtype | trainer ms/iter | HF Trainer ms/iter | trainer speed ratio (HF ms / trainer ms) | trainer start-up s "
-             "| of which launcher s | trainer less launcher s | HF Trainer start-up s |",
+             "", f"`{command}`{stopped}: block {BLOCK}, micro-batch {MICRO}, 1 accumulation step, AdamW, lr {LR} "
+             f"constant, dropout 0, one thread per process; {len(rounds)} rounds, median (min-max). ms/iter from the "
+             f"difference of {long}- and {short}-iteration runs after their start-ups; start-up from the command to "
+             "the first iteration, the trainer's with and without its `deepspeed` launcher's own processes.", "",
+             "| mode | dtype | trainer ms/iter | HF Trainer ms/iter | trainer speed ratio (HF ms / trainer ms) "
+             "| trainer start-up s | of which launcher s | trainer less launcher s | HF Trainer start-up s |",
              "|---|---|---|---|---|---|---|---|---|"]
     for case in cases:
-        per_iter = {side: [1000 * (lg - sh) / (args.long - args.short) for sh, lg in
-                           zip(after_startup[(case, side, args.short)], after_startup[(case, side, args.long)])]
-                    for side in sides}
+        per_iter = {side: [1000 * (after[(r, case, side, long)] - after[(r, case, side, short)]) / (long - short)
+                           for r in rounds] for side in SIDES}
         ratio = [hf / ours for ours, hf in zip(per_iter["trainer"], per_iter["HF Trainer"])]
-        ours = startups[(case, "trainer")]
+        ours = [(run[5], run[6]) for run in runs if run[1] == case and run[2] == "trainer"]
+        hf = [run[5] for run in runs if run[1] == case and run[2] == "HF Trainer"]
         lines.append(f"| {case[0]} | {case[1]} | {spread(per_iter['trainer'])} | {spread(per_iter['HF Trainer'])} | "
                      f"{spread(ratio, '{:.2f}')} | {spread([s for s, _ in ours], '{:.1f}')} | "
                      f"{spread([la for _, la in ours], '{:.1f}')} | {spread([s - la for s, la in ours], '{:.1f}')} | "
-                     f"{spread([s for s, _ in startups[(case, 'HF Trainer')]], '{:.1f}')} |")
-    if dtypes == ["fp32"]:
+                     f"{spread(hf, '{:.1f}')} |")
+    if all(case[1] == "fp32" for case in cases):
         lines += ["", "No bf16 row: this machine has no GPU with bf16 (the CPU path trains in fp32)."]
-    publish("\n".join(lines), args.results)
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":
