@@ -27,6 +27,7 @@ import math
 import os
 import platform
 import re
+import resource
 import statistics
 import subprocess
 import sys
@@ -83,11 +84,14 @@ def hf_command(data_dir, model_dir, out_dir, mode, dtype, iters):
 
 def timed(args):
     """(wall seconds of the whole command, its start-up seconds to the first iteration as it reports them,
-    the launcher's share of those or 0)."""
+    the launcher's share of those or 0, CPU seconds of the command's processes)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
     proc = subprocess.run(args, cwd=REPO, capture_output=True, text=True, env=env)
     wall = time.perf_counter() - start
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)  # every process of the command, once reaped
+    cpu = (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
     if proc.returncode != 0:
         sys.exit(f"failed: {' '.join(map(str, args))}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
     out = proc.stdout + proc.stderr
@@ -95,7 +99,7 @@ def timed(args):
     launcher = re.search(r"launcher \(its own processes\)\s+([\d.]+) s", out)
     if total is None:
         sys.exit(f"no start-up line in the output of {' '.join(map(str, args))}:\n{out[-3000:]}")
-    return wall, float(total.group(1)), float(launcher.group(1)) if launcher else 0.0
+    return wall, float(total.group(1)), float(launcher.group(1)) if launcher else 0.0, cpu
 
 
 def hf_worker(args):
@@ -199,7 +203,7 @@ def profile_trainer(args):
 
 
 def spread(values, fmt="{:.0f}"):
-    return f"{fmt.format(statistics.median(values))} ({fmt.format(min(values))}-{fmt.format(max(values))})"
+    return f"{fmt.format(statistics.median(values))} ({fmt.format(min(values))} to {fmt.format(max(values))})"
 
 
 def machine():
@@ -272,7 +276,7 @@ def main():
 
 SIDES = {"trainer": trainer_command, "HF Trainer": hf_command}
 PROGRESS = re.compile(r"^round (\d+)/\d+ (\w+) (\w+) (trainer|HF Trainer) (\d+) iterations: ([\d.]+) s "
-                      r"\(start-up ([\d.]+) s, launcher ([\d.]+) s\)", re.M)
+                      r"\(start-up ([\d.]+) s, launcher ([\d.]+) s(?:, cpu ([\d.]+) s)?\)", re.M)
 
 
 def measure(args, cases):
@@ -285,18 +289,19 @@ def measure(args, cases):
             for case in cases:
                 for iters in (args.short, args.long):
                     for side, command in SIDES.items():
-                        wall, startup, launcher = timed(command(data_dir, model_dir, Path(tmp) / "out", *case, iters))
-                        runs.append((r + 1, case, side, iters, wall, startup, launcher))
+                        wall, startup, launcher, cpu = timed(command(data_dir, model_dir, Path(tmp) / "out", *case,
+                                                                     iters))
+                        runs.append((r + 1, case, side, iters, wall, startup, launcher, cpu))
                         print(f"round {r + 1}/{args.rounds} {case[0]} {case[1]} {side} {iters} iterations: "
-                              f"{wall:.1f} s (start-up {startup:.1f} s, launcher {launcher:.1f} s); "
+                              f"{wall:.1f} s (start-up {startup:.1f} s, launcher {launcher:.1f} s, cpu {cpu:.1f} s); "
                               f"{time.time() - began:.0f} s so far", flush=True)
     return runs
 
 
 def runs_from_log(text, cases):
     """measure()'s runs from its progress lines (a run stopped early: only its complete rounds count)."""
-    runs = [(int(m[1]), (m[2], m[3]), m[4], int(m[5]), float(m[6]), float(m[7]), float(m[8]))
-            for m in PROGRESS.finditer(text)]
+    runs = [(int(m[1]), (m[2], m[3]), m[4], int(m[5]), float(m[6]), float(m[7]), float(m[8]),
+             float(m[9]) if m[9] else None) for m in PROGRESS.finditer(text)]
     per_round = 4 * len(cases)  # short and long, for each side
     runs = [run for run in runs if run[1] in cases]
     complete = {r for r in {run[0] for run in runs} if sum(1 for run in runs if run[0] == r) == per_round}
@@ -306,25 +311,28 @@ def runs_from_log(text, cases):
 
 
 def table(args, runs):
-    """The markdown table of the runs: per mode and dtype, median (min-max) over the rounds."""
+    """The markdown table of the runs: per mode and dtype, median (min to max) over the rounds."""
     rounds = sorted({run[0] for run in runs})
     iters = sorted({run[3] for run in runs})
     short, long = iters[0], iters[-1]
     cases = list(dict.fromkeys(run[1] for run in runs))
     # the wall time after each run's own start-up: its variance (imports on a loaded machine) stays out
-    after = {(r, case, side, n): wall - startup for r, case, side, n, wall, startup, _ in runs}
+    after = {(r, case, side, n): wall - startup for r, case, side, n, wall, startup, *_ in runs}
+    cpu = {(r, case, side, n): seconds for r, case, side, n, *_, seconds in runs}
+    with_cpu = all(seconds is not None for seconds in cpu.values())
     shape = "tiny GPT-2 (2 x 64)" if args.dry_run else "GPT-2 124M"
     command = "python bench/vs_hf_trainer.py" + (" --dry_run" if args.dry_run else
                                                  f" --rounds={args.rounds} --short={short} --long={long}")
     stopped = f" (stopped after {len(rounds)} of its {args.rounds} rounds)" if len(rounds) < args.rounds else ""
     lines = [f"### The trainer against Hugging Face's Trainer, {shape} ({time.strftime('%Y-%m-%d')}, {machine()})",
              "", f"`{command}`{stopped}: block {BLOCK}, micro-batch {MICRO}, 1 accumulation step, AdamW, lr {LR} "
-             f"constant, dropout 0, one thread per process; {len(rounds)} rounds, median (min-max). ms/iter from the "
+             f"constant, dropout 0, one thread per process; {len(rounds)} rounds, median (min to max). ms/iter from the "
              f"difference of {long}- and {short}-iteration runs after their start-ups; start-up from the command to "
              "the first iteration, the trainer's with and without its `deepspeed` launcher's own processes.", "",
              "| mode | dtype | trainer ms/iter | HF Trainer ms/iter | trainer speed ratio (HF ms / trainer ms) "
-             "| trainer start-up s | of which launcher s | trainer less launcher s | HF Trainer start-up s |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "| trainer start-up s | of which launcher s | trainer less launcher s | HF Trainer start-up s |"
+             + (" trainer CPU ms/iter | HF Trainer CPU ms/iter | CPU ratio (HF / trainer) |" if with_cpu else ""),
+             "|---|---|---|---|---|---|---|---|---|" + ("---|---|---|" if with_cpu else "")]
     for case in cases:
         per_iter = {side: [1000 * (after[(r, case, side, long)] - after[(r, case, side, short)]) / (long - short)
                            for r in rounds] for side in SIDES}
@@ -335,6 +343,11 @@ def table(args, runs):
                      f"{spread(ratio, '{:.2f}')} | {spread([s for s, _ in ours], '{:.1f}')} | "
                      f"{spread([la for _, la in ours], '{:.1f}')} | {spread([s - la for s, la in ours], '{:.1f}')} | "
                      f"{spread(hf, '{:.1f}')} |")
+        if with_cpu:  # CPU seconds of the long run less the short run's: what another job's load changes least
+            per_cpu = {side: [1000 * (cpu[(r, case, side, long)] - cpu[(r, case, side, short)]) / (long - short)
+                              for r in rounds] for side in SIDES}
+            lines[-1] += (f" {spread(per_cpu['trainer'])} | {spread(per_cpu['HF Trainer'])} | "
+                          f"{spread([h / t for t, h in zip(per_cpu['trainer'], per_cpu['HF Trainer'])], '{:.2f}')} |")
     if all(case[1] == "fp32" for case in cases):
         lines += ["", "No bf16 row: this machine has no GPU with bf16 (the CPU path trains in fp32)."]
     return "\n".join(lines)

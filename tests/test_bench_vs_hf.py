@@ -30,13 +30,16 @@ def test_dry_run_appends_the_comparison_table(tmp_path):
     assert "`python bench/vs_hf_trainer.py --dry_run`" in text and "cores, torch" in text  # command, machine
     rows = {m.group(1): m.group(2) for m in re.finditer(r"^\| (full|lora) \| fp32 \| (.*) \|$", text, re.M)}
     assert set(rows) == {"full", "lora"}
-    number = r"(-?[\d.]+) \((-?[\d.]+)--?(-?[\d.]+)\)"  # median (min-max) of one round: all three equal
+    number = r"(-?[\d.]+) \((-?[\d.]+) to (-?[\d.]+)\)"  # median (min to max)
     for mode, row in rows.items():
         cells = [re.fullmatch(number, cell.strip()) for cell in row.split("|")]
         assert all(cells), (mode, row)
-        median = [float(c.group(1)) for c in cells]
-        assert all(c.group(1) == c.group(2) == c.group(3) for c in cells)
-        ours, launcher, ours_less, hf = median[3:]
+        median, low, high = ([float(c.group(i)) for c in cells] for i in (1, 2, 3))
+        assert all(lo <= m <= hi for m, lo, hi in zip(median, low, high))
+        assert median[:3] == low[:3] == high[:3]  # ms/iter and ratio: one per round, one round
+        assert median[7:] == low[7:] == high[7:]  # CPU ms/iter and their ratio: one round
+        assert len(cells) == 10  # ms/iter of both and their ratio, the start-ups, CPU ms/iter of both and theirs
+        ours, launcher, ours_less, hf = median[3:7]
         assert ours > launcher > 0 and hf > 0  # the trainer's debug table was read, the launcher's share in it
         assert ours_less == pytest.approx(ours - launcher, abs=0.15)
 
