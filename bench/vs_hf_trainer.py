@@ -15,7 +15,9 @@ dropout 0, fp32; on a GPU with bf16 also a bf16 row), on tiny Shakespeare in GPT
   --lora_targets), a Dataset of random windows of the same tokens, save_strategy "no", no evaluation.
 Per-iteration time is the difference of a long and a short run's wall time after each run's own start-up,
 over the difference of their iterations (the trainer's evaluations at the start and the end and its last
-save cancel out, and the start-up's variance on a loaded machine stays out);
+save cancel out, and the start-up's variance on a loaded machine stays out), and the same difference of
+the CPU seconds of each command's processes (getrusage of the reaped children), which another job's load
+changes far less than wall time;
 start-up is each process's own account of the seconds from its command to its first iteration (the trainer's
 `--log_level=debug` table, the worker's own clock from its process's start, trainer/startup.py). The runs
 interleave (trainer short, HF short, trainer long, HF long, per mode and round), so that drift in a shared
