@@ -1,6 +1,6 @@
 """One prepared GPU check of the trainer's GPU paths, written to bench/GPU.md as it goes (docs/gpu.md).
 
-    python bench/gpu_check.py                                  # one H100/H200-class GPU, about 10 minutes
+    python bench/gpu_check.py                                  # one H100/H200-class GPU, about 12 minutes
     python bench/gpu_check.py --only=speed,packed              # some steps
     python bench/gpu_check.py --dry_run --out=/tmp/GPU.md      # CPU: tiny shapes through every step's code
 
@@ -19,6 +19,9 @@ ends (a step that runs over says so and the next one starts):
            predicted against measured memory, reserved against allocated, tokens/s (memory_fit rows)
   oom      a real CUDA out-of-memory under a cap: the trainer steps the plan down and finishes the run
   context  the CUDA context (and cuBLAS workspace) outside torch's allocator, measured
+  loop     what the training loop adds on a GPU (docs/gpu.md): GPT-2 124M bf16 through the loop's iteration
+           against the same engine stepped bare on the same batches; host syncs and pinned copies per
+           iteration, counted by torch.profiler
 --dry_run: the same steps on the CPU with a tiny GPT-2 (compile, the CUDA context and the real OOM are
 replaced by what the CPU can do: eager only, nothing to measure, an injected OOM), for CI.
 """
@@ -47,10 +50,10 @@ ALLOCATOR = use_expandable_segments()
 import memory_fit  # noqa: E402
 
 GiB, MiB = 2**30, 2**20
-# (step, seconds it may take on one H100/H200): 10 minutes in all
+# (step, seconds it may take on one H100/H200): 12 minutes in all
 # (the offload step builds DeepSpeed's CPU Adam op, about a minute on 16 cores; later starts load it cached)
 STEPS = {"context": 30, "memory": 150, "speed": 100, "qlora": 40, "packed": 30, "offload": 90, "oom": 40,
-         "toolbox": 150}
+         "toolbox": 150, "loop": 60}
 # (model, cap in GB, fixed keys) of the toolbox step: the targets of docs/plan.md's table, and each tool forced once
 TOOLBOX_ROWS = [("gpt2-xl", 24, {"mode": "full"}), ("gpt2-medium", 8, {"mode": "full"}),
                 ("gpt2-xl", 24, {"mode": "qlora", "optimizer": "paged_adamw8bit"}),
@@ -75,6 +78,15 @@ def sync():
     import torch
     if torch.cuda.is_available():
         torch.cuda.synchronize()
+
+
+def char_data(args, tmp):
+    """A data_dir with tiny Shakespeare in characters: --data_dir's, or prepared under tmp from the repository's copy."""
+    data_dir = Path(args.data_dir) if args.data_dir else Path(tmp) / "data"
+    if not (data_dir / "shakespeare_char" / "train.bin").is_file():
+        subprocess.run([sys.executable, str(REPO / "data/shakespeare_char/prepare.py"), f"--data_dir={data_dir}",
+                        f"--input={REPO / 'data/tinyshakespeare.txt'}"], check=True, cwd=REPO, capture_output=True)
+    return data_dir
 
 
 def tiny_or(shape, dry_run):
@@ -260,11 +272,7 @@ def step_oom(args):
     from trainer.run.loop import train
 
     with tempfile.TemporaryDirectory() as tmp:
-        data_dir = Path(args.data_dir) if args.data_dir else Path(tmp) / "data"
-        if not (data_dir / "shakespeare_char" / "train.bin").is_file():
-            subprocess.run([sys.executable, str(REPO / "data/shakespeare_char/prepare.py"), f"--data_dir={data_dir}",
-                            f"--input={REPO / 'data/tinyshakespeare.txt'}"], check=True, cwd=REPO,
-                           capture_output=True)
+        data_dir = char_data(args, tmp)
         out_dir = Path(tmp) / "out"
         words = ["--recipe", "shakespeare_char_cpu", f"--data_dir={data_dir}", f"--out_dir={out_dir}",
                  "--max_iters=6", "--eval_interval=6", "--eval_iters=2", "--log_interval=1", "--tensorboard=False",
@@ -288,8 +296,74 @@ def step_oom(args):
             "iter_num": result["iter_num"], "step_downs": len(history)}
 
 
+def step_loop(args):
+    """The loop's own cost on a GPU: ms/iteration of the loop's work (the learning rate, the sampler's batches
+    pinned and copied, token weighting, the clip or DeepSpeed's norm, the one host sync, the guard's agreement)
+    against the same engine stepped bare on batches already on the GPU, and one iteration's host syncs and
+    pinned copies (torch.profiler's CUDA runtime calls)."""
+    import math
+
+    import torch
+
+    from trainer.config import resolve_config
+    from trainer.optim.schedule import lr_at
+    from trainer.run import oom
+    from trainer.run.engine import set_lr
+    from trainer.run.loop import to_device, train_iteration
+    from trainer.run.ranks import agree_any
+    from trainer.run.setup import build_run
+    on_gpu = torch.cuda.is_available() and not args.dry_run
+    with tempfile.TemporaryDirectory() as tmp:
+        data_dir = char_data(args, tmp)
+        words = ["--recipe", "shakespeare_char_cpu", f"--data_dir={data_dir}", f"--out_dir={Path(tmp) / 'out'}",
+                 "--tensorboard=False", "--sample_max_new_tokens=0", "--compile=False", "--dropout=0.0",
+                 "--mode=full", "--zero_stage=0", "--offload=none"]
+        if on_gpu:  # nanoGPT's GPT-2 124M shape and batch (12 x 1024 per micro-step), two micro-steps
+            words += ["--n_layer=12", "--n_head=12", "--n_embd=768", "--block_size=1024", "--batch_size=12",
+                      "--micro_batch_size=12", "--gradient_accumulation_steps=2", "--dtype=bf16"]
+        else:
+            words += ["--batch_size=2", "--micro_batch_size=2", "--gradient_accumulation_steps=2"]
+        cfg, _ = resolve_config(words)
+        run = build_run(cfg)
+        recovery = oom.Recovery(run)
+
+        def iteration():  # what loop.train does per iteration, less the periodic logging
+            set_lr(run.engine, lr_at(run.iter_num, cfg))
+            loss, grad_norm = train_iteration(run, recovery)
+            run.iter_num += 1
+            agree_any([False, not math.isfinite(loss + (grad_norm or 0.0))], run.device)
+
+        steps = max(2, args.speed_steps)
+        iteration()  # warm-up
+        sync()
+        start = time.time()
+        for _ in range(steps):
+            iteration()
+        sync()
+        loop_ms = 1000 * (time.time() - start) / steps
+        batches = run.sampler.iteration(run.sequences, 0, 1, run.plan.micro_batch_size).batches
+        on_device = [tuple(to_device(t, run.device) for t in batch) for batch in batches]
+        bare_ms = 1000 * timed_steps(run.engine, on_device, steps)[0]
+        activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if on_gpu else [])
+        with torch.profiler.profile(activities=activities) as prof:
+            iteration()
+        counts = {}
+        for event in prof.key_averages():
+            counts[event.key] = counts.get(event.key, 0) + event.count
+        syncs = sum(n for k, n in counts.items() if k in ("cudaStreamSynchronize", "cudaDeviceSynchronize",
+                                                            "cudaEventSynchronize"))
+        pinned = counts.get("aten::pin_memory", 0)
+        copies = sum(n for k, n in counts.items() if k.startswith("Memcpy HtoD"))
+    return {"rows": [["iteration through the loop", f"{loop_ms:.1f} ms"],
+                     ["the same engine stepped bare, batches already on the device", f"{bare_ms:.1f} ms"],
+                     ["the loop's own cost", f"{loop_ms - bare_ms:+.1f} ms ({100 * (loop_ms / bare_ms - 1):+.1f}%)"],
+                     ["host syncs in one iteration (cuda*Synchronize calls)", str(syncs)],
+                     ["pinned batch tensors / host-to-device copies in one iteration", f"{pinned} / {copies}"],
+                     ["micro-steps per iteration", str(run.plan.grad_accum_per_rank)]]}
+
+
 def child(args):
-    if args.step in ("speed", "oom"):  # the steps that build engines here (memory_fit rows start their own)
+    if args.step in ("speed", "oom", "loop"):  # the steps that build engines here (memory_fit rows start their own)
         init_single_rank()
     out = globals()[f"step_{args.step}"](args)
     Path(args.result).write_text(json.dumps(out))

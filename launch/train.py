@@ -14,6 +14,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this clone's trainer, even if another is installed
 
+from trainer.startup import CLOCK  # noqa: E402  (first: its clock times the rest of the start-up)
 from trainer.launcher import use_expandable_segments  # noqa: E402
 
 ALLOCATOR = use_expandable_segments()  # before anything starts CUDA's allocator (docs/plan.md: fragmentation)
@@ -77,6 +78,7 @@ def init_distributed():
     import torch
 
     from trainer.run.ranks import release_cpu_allreduce_buffer
+    CLOCK.mark("importing DeepSpeed")
     if torch.cuda.is_available():  # this node's GPU, by local rank: the setup's collectives run on it
         torch.cuda.set_device(local_rank() % torch.cuda.device_count())
     alone = started_alone()
@@ -98,6 +100,7 @@ def init_distributed():
             if attempt == PORT_ATTEMPTS - 1:
                 raise
     release_cpu_allreduce_buffer()
+    CLOCK.mark("starting torch.distributed")
 
 
 def deepspeed_decides(cfg):
@@ -142,6 +145,7 @@ def main(argv):
     flags = parser()
     args, unknown = flags.parse_known_args(argv)
     cfg, _ = config_from_args(flags.check_ranges(args), unknown)
+    CLOCK.mark("flags and config")
     if args.plan:
         if launcher_rank() == 0:
             print_plan(cfg, args)
@@ -161,14 +165,17 @@ def train_locked(cfg, args):
         # the run, so build_run checks its data.
         from trainer.data.mixing import open_data
         open_data(cfg)
+        CLOCK.mark("opening the data")
     check_model_folder(cfg.init_from)  # another architecture than GPT-2 is one line, before the imports
     from trainer.model.adapters import check_source
     check_source(cfg.mode, cfg.init_from)  # before any rank starts or writes
+    CLOCK.mark("importing torch and transformers")
     init_distributed()
     note = deepspeed_decides(cfg)
     if note and launcher_rank() == 0:
         print(note, flush=True)
     from trainer.run.loop import train
+    CLOCK.mark("importing the trainer's run modules")
     hardware = {"vram_gb": args.vram_gb, "gpus": args.gpus}
     train(cfg, {k: v for k, v in hardware.items() if v is not None})
     return 0

@@ -13,7 +13,7 @@ def test_dry_run_runs_every_step_and_writes_the_report(tmp_path):
                           "--time_scale=20", "--row_timeout=700"), cwd=REPO, timeout=3600, check=False)
     text = out.read_text()
     assert text.startswith("# GPU check (DRY RUN on the CPU"), text
-    for step in ("context", "memory", "speed", "qlora", "packed", "offload", "oom", "toolbox"):
+    for step in ("context", "memory", "speed", "qlora", "packed", "offload", "oom", "toolbox", "loop"):
         assert f"## {step} (ok" in text, f"{step} did not finish:\n{text}\n{proc.stdout}\n{proc.stderr[-3000:]}"
     assert "| tiny | 2 GB | full, 0, none, off, 8 x 1 |" in text
     assert "| packed, dense_mask | forward (CPU) |" in text
@@ -23,6 +23,7 @@ def test_dry_run_runs_every_step_and_writes_the_report(tmp_path):
         assert f"| tiny | 2 GB | {tools}" in text, text
     assert "- CUDA allocator: PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True" in text
     assert "| iterations done | 6 of 6 |" in text and "iteration 1: out of memory" in text  # injected, stepped down
+    assert "| the loop's own cost |" in text and "| host syncs in one iteration (cuda*Synchronize calls) | 0 |" in text
     assert proc.returncode == 0 and "every step ok" in proc.stdout
 
 

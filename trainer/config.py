@@ -248,6 +248,8 @@ class Logging(_Checked):
     sample_start: str = key("\n", "prompt of that sample")
     eval_generate: int = key(0, "instruction data: at each evaluation answer this many fixed val examples "
                              "(greedy) and log exact match, ROUGE-L, BLEU and a few answers (0: off)", _NON_NEGATIVE)
+    log_level: str = choice("info", ("info", "debug"), "debug: also print the start-up's phases (seconds from the "
+                            "command to the first iteration: launcher, imports, plan, model, engine, data)")
     seed: int = key(1337, "seed of weights, data order and dropout", _NON_NEGATIVE)
     wandb_log: bool = key(False, "also log the scalars and texts to Weights & Biases (pip install wandb; "
                           "WANDB_MODE=offline works without an account)")

@@ -1,10 +1,12 @@
 """The hardware a plan is for: detected (this rank's GPU, or system memory on a CPU-only machine) or given
 (--vram_gb, --gpus), the share of its memory a plan may use, and each GPU's peak FLOP/s for MFU.
 
-torch is imported only to detect a GPU, and not at all when --vram_gb is given.
+torch is imported only to detect a GPU, and not at all when --vram_gb is given or the machine has no GPU
+driver (--plan then answers in well under a second instead of importing torch for seconds).
 """
 import os
 import re
+import sys
 from dataclasses import dataclass
 
 from trainer.launcher import local_rank
@@ -40,8 +42,15 @@ def _available_system_memory():
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
 
 
+# A GPU torch can use needs its driver's device node: NVIDIA's /dev/nvidiactl, /dev/dxg under WSL 2, ROCm's
+# /dev/kfd. Where none exists and torch is not imported yet (--plan), there is no GPU to ask torch about.
+GPU_DRIVER_NODES = ("/dev/nvidiactl", "/dev/dxg", "/dev/kfd")
+
+
 def _cuda_properties():
     """(name, total bytes, bf16 tensor cores) of this rank's GPU, or None without one."""
+    if "torch" not in sys.modules and not any(os.path.exists(node) for node in GPU_DRIVER_NODES):
+        return None
     try:
         import torch
     except ImportError:

@@ -24,7 +24,8 @@ from trainer.run.engine import clip_or_skip, set_lr
 from trainer.run.interrupts import StopRequest
 from trainer.run.logger import format_eta, peak_memory_bytes, reset_peak_memory
 from trainer.run.ranks import agree_any, all_reduce_sum
-from trainer.run.setup import build_run
+from trainer.run.setup import build_run, report_startup
+from trainer.startup import CLOCK
 from trainer.units import format_bytes
 
 
@@ -50,12 +51,15 @@ def loop(run, stop):
 
         if run.iter_num % cfg.eval_interval == 0 or run.iter_num == cfg.max_iters or cfg.eval_only:
             evaluate_and_save(run, guard)
+            CLOCK.mark("evaluation at the start")  # (only until the first iteration)
             timer.restart()  # evaluation time is not training time
             if stops_early(run):
                 break
         if cfg.eval_only or run.iter_num >= cfg.max_iters:
             break
 
+        if not CLOCK.done:
+            report_startup(run)
         loss, grad_norm = train_iteration(run, recovery)
         run.iter_num += 1
         timer.tick()

@@ -11,6 +11,7 @@ checked, except that check's marker file, which is removed whatever the outcome.
 import math
 import shutil
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +40,7 @@ from trainer.run.preflight import check_same_data, check_shared_out_dir, on_ever
 from trainer.run.ranks import barrier, rank_and_world
 from trainer.run.resume import Resume, resume_config, resume_layout
 from trainer.run.run_dir import RunDir
+from trainer.startup import CLOCK, format_phases
 
 
 @dataclass
@@ -57,7 +59,6 @@ class Run:
     ds_config: dict[str, Any]
     sampler: TrainSampler
     log: RunLogger
-    tokenizer: Gpt2Tokenizer | CharTokenizer
     n_params: int
     n_trainable: int = 0      # MFU: adapter runs do weight-gradient matmuls for these only
     iter_num: int = 0
@@ -65,6 +66,11 @@ class Run:
     start_iter: int = 0       # nothing new to save before the first step after a start or resume
     evals_without_improvement: int = 0  # for early_stop
     history: list[dict[str, Any]] = field(default_factory=list)  # out-of-memory step-downs, as plan.json has them
+
+    @cached_property
+    def tokenizer(self) -> Gpt2Tokenizer | CharTokenizer:
+        """Built at the first sample or answer (GPT-2's BPE tables take a few tenths of a second to load)."""
+        return load_tokenizer(self.data.meta)
 
     @property
     def master(self):
@@ -176,6 +182,20 @@ def build_trained_module(cfg, plan, vocab_size, device_type, model_config=None, 
 
 # ----------------------------------------------------------------------------- the run
 
+def stage_done(stage):
+    """A stage of the setup is over: the start-up clock's mark (trainer/startup.py), then a signal's stop point."""
+    CLOCK.mark(stage)
+    stop_point(stage)
+
+
+def report_startup(run):
+    """Before the first iteration: the start-up's phases, printed with log_level=debug, logged either way."""
+    phases = CLOCK.finish()
+    if run.cfg.log_level == "debug":
+        run.log.print(format_phases(phases))
+    run.log.json_text("startup", {phase: round(seconds, 3) for phase, seconds in phases.items()})
+
+
 def claim_out_dir(cfg, rank):
     """Once every input is known good: clear a run being overwritten, create out_dir."""
     out_dir = Path(cfg.out_dir)
@@ -195,7 +215,7 @@ def build_run(cfg, hardware=None):
     out_dir = check_out_dir(cfg)
     cfg, data, resume, notes = on_every_rank(final_config, cfg, out_dir, world)  # each rank opens its own data
     check_same_data(data)
-    stop_point("checking the data and the run")
+    stage_done("checking the data and the run")
 
     saved_model = RunDir(out_dir).model_config_path if resume else continuation.model_config(cfg)
     # the model's shape, and whether batches are packed instruction blocks: what the planner plans for
@@ -205,7 +225,7 @@ def build_run(cfg, hardware=None):
     plan = make_plan(plan_input, hw)
     if may_offload(plan, cfg, hw):
         ensure_cpu_adam()  # built now, not hours in when a step-down first offloads
-    stop_point("planning")
+    stage_done("planning")
 
     full_resume = resume is not None and plan.mode not in ADAPTER_MODES  # adapter runs rebuild their base
     module = build_trained_module(cfg, plan, data.vocab_size, hw.device_type,
@@ -216,7 +236,7 @@ def build_run(cfg, hardware=None):
     data.check_vocab(module.lm.config.vocab_size)
     if cfg.wandb_log:
         require_wandb()
-    stop_point("loading the model")
+    stage_done("loading the model")
 
     # Every input checked: only now is anything written.
     claim_out_dir(cfg, rank)
@@ -231,20 +251,20 @@ def build_run(cfg, hardware=None):
 
     run = Run(cfg=cfg, out_dir=out_dir, rank=rank, world=world, data=data, shape=shape, plan_input=plan_input, hw=hw,
               plan=plan, engine=None, ds_config={}, sampler=TrainSampler(data, cfg.seed), log=log,
-              tokenizer=load_tokenizer(data.meta), n_params=total, n_trainable=trainable)
+              n_params=total, n_trainable=trainable)
     run.engine, run.ds_config = build_engine(run, module, plan, universal=bool(resume and resume.universal))
     torch.manual_seed(cfg.seed + rank)  # dropout differs by rank, as in nanoGPT
-    stop_point("building the engine")
+    stage_done("building the engine")
 
     if resume is not None:
         load_resume_state(run, resume)
-        stop_point("loading the checkpoint")
+        stage_done("loading the checkpoint")
     if run.master:
         RunDir(out_dir).write(cfg, module.lm.config, run.plan_dict, data.meta)
     log.json_text("config", cfg.to_dict())
     log.json_text("plan", run.plan_dict)
     log.json_text("deepspeed_config", run.ds_config)
-    stop_point("writing the run's files")
+    stage_done("writing the run's files")
     if log.bar is not None:
         log.bar.reset(total=cfg.max_iters)
         log.bar.update(run.iter_num)
