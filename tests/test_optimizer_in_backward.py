@@ -83,7 +83,7 @@ def test_auto_keeps_the_ordinary_step_and_json_names_the_key():
                           "--optimizer_in_backward=True"), cwd=REPO)
     plan = json.loads(proc.stdout)
     assert plan["optimizer_in_backward"] is True and plan["memory"]["gradients"] == 0
-    assert plan["grad_accum_per_rank"] == 1
+    assert plan["grad_accum_per_rank"] == 1 and plan["reasons"]["optimizer_in_backward"].startswith("on: fixed by")
 
 
 XL = Shape(*GPT2_SHAPES["gpt2-xl"], 50257, 1024)

@@ -25,6 +25,7 @@ def cfg_for(model, **overrides):
            "zero_stage": "auto", "offload": "auto", "gradient_checkpointing": "auto", "micro_batch_size": "auto",
            "lora_r": 8, "lora_targets": ALL, "lora_dropout": 0.0, "dtype": "auto", "dropout": 0.0,
            "optimizer": "auto", "grad_accum_dtype": "auto", "activation_offload": "auto", "master_weights": "auto",
+           "optimizer_in_backward": "auto",
            "use_dora": False,
            "loraplus_lr_ratio": 1.0}
     cfg.update(overrides)
