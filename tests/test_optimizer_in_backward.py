@@ -188,3 +188,19 @@ def test_simulated_on_fake_tensors():
         assert abs(rows[item]["difference"]) <= 0.001, rows[item]
     assert abs(rows["activations_and_logits"]["difference"]) <= 0.01, rows
     assert rows["optimizer_step_transient"]["simulated"] < 1024, rows
+
+
+@pytest.mark.slow
+def test_a_resume_with_the_other_setting_and_an_out_of_memory_error_are_one_line(good_run, data_dir, tmp_path):
+    """optimi counts steps per tensor with the step in the backward and per group without: a resume with the other
+    setting is refused. An out-of-memory error (GPT2DS_INJECT_OOM) is not stepped down: the iteration's step may
+    be partly applied, so the run stops with its line, the last good checkpoint kept."""
+    out = copy_run(good_run[0], tmp_path)
+    args = [a for a in SMALL if a != "--optimizer_in_backward=True"]
+    fails_cleanly(train_args(data_dir, out, "--init_from=resume", "--max_iters=4", *args,
+                             "--optimizer_in_backward=False"),
+                  "the checkpoint holds optimizer_in_backward=True (its optimizer states are of that kind), not "
+                  "False; resume with --optimizer_in_backward=True", watch=out)
+    fails_cleanly(train_args(data_dir, out, "--init_from=resume", "--max_iters=4", *SMALL),
+                  "out of memory with optimizer_in_backward=True (", env={"GPT2DS_INJECT_OOM": "3"})
+    assert checkpoint.latest_tag(out) == "iter0000002"
