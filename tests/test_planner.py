@@ -26,7 +26,8 @@ def cfg_for(model, **overrides):
     cfg = Config(batch_size=bs, gradient_accumulation_steps=ga, block_size=1024, mode="auto", zero_stage="auto",
                  offload="auto", gradient_checkpointing="auto", micro_batch_size="auto", lora_r=8, lora_targets=ALL,
                  lora_dropout=0.0, dtype="auto", dropout=0.0, optimizer="auto", grad_accum_dtype="auto",
-                 activation_offload="auto", master_weights="auto", use_dora=False, loraplus_lr_ratio=1.0)
+                 activation_offload="auto", master_weights="auto", optimizer_in_backward="auto", use_dora=False,
+                 loraplus_lr_ratio=1.0)
     cfg = replace(cfg, **overrides)
     return PlanInput.of(cfg, shape_of(model))
 

@@ -213,6 +213,9 @@ class Plan(_Checked):
                                  "rounding, or plain: 4 to 6 bytes per parameter less)")
     activation_offload: bool | Auto = key("auto", "with gradient checkpointing: keep the checkpointed activations "
                                           "in pinned CPU memory, copied on a side stream", auto=bool)
+    optimizer_in_backward: bool | Auto = key("auto", "with master_weights=bf16_kahan, one rank and no accumulation: "
+                                             "step each tensor as soon as its gradient is complete (gradient "
+                                             "release: no gradient held whole; per-tensor clipping)", auto=bool)
 
 
 @group("speed")

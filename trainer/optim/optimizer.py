@@ -150,16 +150,17 @@ def master_step_temporaries(master_weights, numels, optimizer="adamw"):
     return per_element * max(numels)
 
 
-def master_optimizer(master_weights, groups, cfg, optimizer="adamw"):
+def master_optimizer(master_weights, groups, cfg, optimizer="adamw", released=False):
     """The client optimizer over the bf16 parameters for `master_weights` (not fp32) and `optimizer` (adamw, or
-    adamw4bit with bf16_sr), with the config's AdamW hyperparameters."""
+    adamw4bit with bf16_sr), with the config's AdamW hyperparameters; `released`: optimi's gradient release
+    (trainer/optim/release.py, bf16_kahan only)."""
     hyper = adamw_hyperparameters(cfg)
     if optimizer == "adamw4bit":
         from torchao.optim import AdamW4bit
         return AdamW4bit(groups, **hyper, bf16_stochastic_round=True)
     if master_weights == "bf16_kahan":
         from optimi import AdamW
-        return AdamW(groups, **hyper, kahan_sum=True, foreach=False)
+        return AdamW(groups, **hyper, kahan_sum=True, foreach=False, gradient_release=released)
     if master_weights == "bf16_sr":
         from torchao.optim import _AdamW
         return _AdamW(groups, **hyper, bf16_stochastic_round=True)

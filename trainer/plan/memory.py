@@ -113,6 +113,7 @@ class Candidate:
     grad_accum_dtype: str = "auto"    # 'auto': the path's own (default_grad_accum)
     activation_offload: bool = False  # checkpointed activations in pinned CPU memory (needs checkpointing)
     master_weights: str = "fp32"      # trainer/config.MASTER_WEIGHTS: fp32 masters, or the bf16 weights stepped
+    optimizer_in_backward: bool = False  # each tensor stepped in the backward as its gradient completes
 
 
 @dataclass(frozen=True)
@@ -301,13 +302,19 @@ def estimate(shape: Shape, cand: Candidate, dtype, n_devices, device_type, usabl
     model_bytes = held_weight_bytes(shape, cand.mode, base, trainable, w)
     resident, weights = weight_bytes(cand, model_bytes, numels + adapters, w, n_devices)
     states, host = optimizer_state_bytes(cand, path, trainable, stepped, model_bytes, w, n_devices)
+    if cand.optimizer_in_backward and device_type == "cpu":
+        # optimi's int32 step counters, host tensors (none on a GPU): one per tensor, and one per param group (decay,
+        # no decay: trainer/optim/optimizer.param_groups) made by DeepSpeed's engine.step() stepping no tensor
+        states += 4 * (len(stepped) + 2)
     buckets = bucket_sizes(cand.zero_stage, trainable, usable_bytes)
     activations, logits, offloaded = activation_bytes(shape, cand, w, device_type, dropout, packed, lora_r,
                                                       lora_targets, lora_dropout, dora)
     host += offloaded
     items = {
         "weights": int(weights),
-        "gradients": int(gradient_bytes(cand, path, trainable, w, n_devices)),
+        # the step inside the backward frees each gradient once stepped: none is held between steps (the one in
+        # flight is the step's transient, counted during the backward below)
+        "gradients": 0 if cand.optimizer_in_backward else int(gradient_bytes(cand, path, trainable, w, n_devices)),
         "optimizer_states": int(states),
         # stage_1_and_2.setup_buckets: one reduce_bucket_size buffer (contiguous_gradients, on by default), a
         # second one with overlap_comm (zero2/zero3 templates), in the compute dtype (grad_accum_dtype defaults
@@ -319,6 +326,12 @@ def estimate(shape: Shape, cand: Candidate, dtype, n_devices, device_type, usabl
         "optimizer_step_transient": int(step_transient_bytes(cand, path, device_type, trainable, trained, stepped,
                                                              buckets, w, n_devices)),
     }
+    if cand.optimizer_in_backward:
+        # the step inside the backward: the largest tensor (the tied wte/lm_head) is stepped last, when its
+        # gradient is complete and the activations are freed: its gradient beside its step's temporaries. The
+        # others step while the activations live, each gradient (at most a layer's c_fc) freed at once: within
+        # the activation term, which counts the head's wte gradient already (simulated: the peak unchanged)
+        items["optimizer_step_transient"] += int(w * max(stepped))
     allocated = (items["weights"] + items["gradients"] + items["optimizer_states"] + items["ds_buckets"]
                  + max(items["activations"] + items["logits_and_loss"], items["optimizer_step_transient"]))
     if device_type == "cpu":

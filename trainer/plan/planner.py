@@ -35,6 +35,7 @@ class Plan:
     grad_accum_dtype: str      # the dtype gradients accumulate in
     activation_offload: bool
     master_weights: str        # trainer/config.MASTER_WEIGHTS: fp32 masters, or the bf16 weights stepped (no copy)
+    optimizer_in_backward: bool  # gradient release (trainer/optim/release.py)
     # what it is for
     hardware: Hardware
     usable_bytes: int          # the budget the plan fits in
@@ -61,7 +62,8 @@ class Plan:
     @property
     def candidate(self):
         return Candidate(self.mode, self.zero_stage, self.offload, self.gradient_checkpointing, self.micro_batch_size,
-                         self.optimizer, self.grad_accum_dtype, self.activation_offload, self.master_weights)
+                         self.optimizer, self.grad_accum_dtype, self.activation_offload, self.master_weights,
+                         self.optimizer_in_backward)
 
     def keys(self):
         """The plan keys and their values (what a step-down changes, what plan.json's history records)."""
@@ -74,7 +76,8 @@ def _plan(search, scored, reasons, runners_up=()):
                 gradient_checkpointing=cand.gradient_checkpointing, micro_batch_size=cand.micro_batch_size,
                 grad_accum_per_rank=search.per_rank // cand.micro_batch_size, dtype=search.dtype,
                 optimizer=cand.optimizer, grad_accum_dtype=cand.grad_accum_dtype,
-                activation_offload=cand.activation_offload, master_weights=cand.master_weights, hardware=search.hw, usable_bytes=search.usable,
+                activation_offload=cand.activation_offload, master_weights=cand.master_weights,
+                optimizer_in_backward=cand.optimizer_in_backward, hardware=search.hw, usable_bytes=search.usable,
                 block_size=search.inp.shape.block_size, sequences_per_iteration=search.inp.sequences,
                 estimate=scored.est, step_time=scored.time, reasons=reasons, runners_up=list(runners_up))
 
@@ -187,7 +190,7 @@ def step_down(plan: Plan, inp: PlanInput, hw: Hardware, started=False) -> Plan |
             and hw.device_type == "cuda":
         new, key, what = dataclasses.replace(cur, activation_offload=True), "activation_offload", \
             "checkpointed activations moved to pinned CPU memory"
-    elif smaller and "micro_batch_size" not in f:
+    elif smaller and "micro_batch_size" not in f and not cur.optimizer_in_backward:  # (no accumulation)
         m = smaller[0]
         new, key = dataclasses.replace(cur, micro_batch_size=m), "micro_batch_size"
         what = f"micro-batch {cur.micro_batch_size} -> {m}, accumulation {search.per_rank // m} per rank"

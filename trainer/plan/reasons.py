@@ -202,6 +202,14 @@ def master_weights(search, chosen, others):
             "chosen by auto until the quality table (bench/RESULTS.md) shows they learn as well (docs/plan.md)")
 
 
+def optimizer_in_backward(search, chosen, others):
+    if chosen.cand.optimizer_in_backward:
+        return ("on: fixed by the user; each tensor stepped in the backward as its gradient completes, so no "
+                "gradient is held (one micro-batch per iteration, gradients clipped per tensor: docs/plan.md)")
+    return USER if "optimizer_in_backward" in search.fixed else (
+        "off: auto keeps the ordinary step until the quality table measures the step in the backward (docs/plan.md)")
+
+
 def budget(search):
     hw = search.hw
     if hw.device_type == "cuda":
@@ -219,7 +227,7 @@ def step_time(search, chosen, others):
 
 
 KEYS = (zero_stage, offload, gradient_checkpointing, activation_offload, micro_batch_size, grad_accum_per_rank,
-        dtype, optimizer, grad_accum_dtype, master_weights, step_time)
+        dtype, optimizer, grad_accum_dtype, master_weights, optimizer_in_backward, step_time)
 
 
 def explain(search, chosen, others, smallest):

@@ -34,6 +34,7 @@ def format_plan(plan: Plan):
               "micro_batch_size": plan.micro_batch_size, "grad_accum_per_rank": plan.grad_accum_per_rank,
               "dtype": plan.dtype, "optimizer": plan.optimizer, "grad_accum_dtype": plan.grad_accum_dtype,
               "master_weights": plan.master_weights,
+              "optimizer_in_backward": "on" if plan.optimizer_in_backward else "off",
               "activation_offload": "on" if plan.activation_offload else "off", "step_time": f"{plan.step_time:.2f}x"}
     for key, value in values.items():
         lines.append(f"  {key:<24}{value!s:<12}{plan.reasons.get(key, '')}")

@@ -21,7 +21,7 @@ from trainer.plan.hardware import Hardware, usable_bytes
 from trainer.plan.memory import Candidate, Estimate, default_grad_accum, estimate
 
 PLAN_KEYS = ("mode", "zero_stage", "offload", "gradient_checkpointing", "micro_batch_size", "dtype", "optimizer",
-             "grad_accum_dtype", "activation_offload", "master_weights")
+             "grad_accum_dtype", "activation_offload", "master_weights", "optimizer_in_backward")
 AUTO_OPTIMIZERS = ("adamw", "adamw8bit")  # paged ones only when asked for: they page out, they do not shrink
 # What `auto` may choose for master_weights: a tool that changes what is learned enters only where the quality
 # table (bench/RESULTS.md, bench/master_weights_quality.py) shows it learns as well as fp32 masters (docs/plan.md)
@@ -150,6 +150,7 @@ class Search:
                             "without offload; ZeRO 1-3 and offload accumulate in bf16: set zero_stage=0 and "
                             "offload=none, or grad_accum_dtype=auto")
         self.check_master_weights()
+        self.check_optimizer_in_backward()
         if f.get("activation_offload") and f.get("gradient_checkpointing") is False:
             raise PlanError("activation_offload=True keeps the checkpointed activations in CPU memory, so it needs "
                             "gradient_checkpointing=True (or auto)")
@@ -193,6 +194,28 @@ class Search:
             raise PlanError("master_weights=bf16_sr steps with torchao's compiled AdamW, which on the CPU needs a C++ "
                             "compiler; install one (apt-get install g++) or use --master_weights=bf16_kahan")
 
+    def check_optimizer_in_backward(self):
+        """The step inside the backward (trainer/optim/release.py): torch-optimi's gradient release on the bf16
+        weights (bf16_kahan), one rank (ZeRO-0's all-reduce would come after the hooks stepped un-averaged
+        gradients), no accumulation (a tensor stepped per micro-batch would not be the iteration's update)."""
+        f = self.fixed
+        if not f.get("optimizer_in_backward"):
+            return
+        masters = f.get("master_weights", "fp32")
+        if masters != "bf16_kahan":
+            raise PlanError(f"optimizer_in_backward=True steps torch-optimi's gradient release, which this trainer "
+                            f"runs on bf16 weights with Kahan summation, but master_weights={masters}; set "
+                            f"--master_weights=bf16_kahan --dtype=bf16")
+        if self.hw.n_devices > 1:
+            raise PlanError(f"optimizer_in_backward=True steps each tensor before ZeRO-0's all-reduce would average "
+                            f"its gradient over the {self.hw.n_devices} ranks; run on one rank or set "
+                            f"--optimizer_in_backward=False")
+        if self.per_rank != f.get("micro_batch_size", self.per_rank):
+            raise PlanError(f"optimizer_in_backward=True updates the weights in every backward, so it cannot "
+                            f"accumulate gradients, but micro_batch_size={f['micro_batch_size']} with "
+                            f"{self.per_rank} sequences per iteration accumulates {self.per_rank // f['micro_batch_size']}; "
+                            f"set --micro_batch_size={self.per_rank} (or auto) or --optimizer_in_backward=False")
+
     # --------------------------------------------------------------------- candidates
 
     def stages(self, mode, offload):
@@ -229,7 +252,8 @@ class Search:
     def candidates(self, mode, mode_fixed):
         """Every candidate of one mode the fixed keys allow."""
         cuda = self.hw.device_type == "cuda"
-        micros = self.options("micro_batch_size", divisors_desc(self.per_rank))
+        released = self.fixed.get("optimizer_in_backward", False)
+        micros = [self.per_rank] if released else self.options("micro_batch_size", divisors_desc(self.per_rank))
         masters = self.options("master_weights", AUTO_MASTER_WEIGHTS if self.dtype == "bf16" else ("fp32",))
         for offload in self.offloads(mode_fixed):
             optimizers = self.options("optimizer", ["adamw"] if offload != "none" else AUTO_OPTIMIZERS)
@@ -253,7 +277,8 @@ class Search:
                                         continue  # torchao's 4-bit AdamW runs on bf16_sr weights only
                                     for m in micros:
                                         yield Candidate(mode, zero, offload, ckpt, m, optimizer,
-                                                        accum if self.dtype == "bf16" else default, act, master)
+                                                        accum if self.dtype == "bf16" else default, act, master,
+                                                        released)
 
     def modes(self):
         mode = self.fixed.get("mode")
@@ -321,6 +346,8 @@ def describe(cand):
         parts.append(cand.optimizer)
     if cand.master_weights != "fp32":
         parts.append(f"{cand.master_weights} weights (no fp32 masters)")
+        if cand.optimizer_in_backward:
+            parts.append("step in the backward")
     elif cand.grad_accum_dtype == "bf16" and cand.zero_stage == 0 and cand.offload == "none":
         parts.append("bf16 accumulation")
     return ", ".join(parts)

@@ -186,7 +186,7 @@ class _Bf16WeightsStep:
     def __init__(self, params, cfg, plan):
         self.masters = [p for group in param_groups(params, 0.0) for p in group["params"]]
         self.opt = master_optimizer(plan.master_weights, param_groups(self.masters, cfg.weight_decay), cfg,
-                                    plan.optimizer)
+                                    plan.optimizer, plan.optimizer_in_backward)
         if plan.optimizer == "adamw4bit":
             # torchao computes its 4-bit maps (real, tiny constants, cached) at the first step: with real tensors
             from torchao.optim.subclass_4bit import get_qmap_signed, get_qmap_unsigned
@@ -194,6 +194,9 @@ class _Bf16WeightsStep:
                 get_qmap_signed(), get_qmap_unsigned()
 
     def step(self):
+        if all(p.grad is None for p in self.masters):  # the step inside the backward: nothing left to step
+            self.opt.step()
+            return
         torch.nn.utils.get_total_norm([p.grad for p in self.masters])
         if self.opt.__module__.startswith("torchao"):
             # torchao compiles its per-tensor step, and fake tensors cannot go through inductor (it crashes):
@@ -448,6 +451,11 @@ def _weights_bytes(module):
     return total
 
 
+def _fake_batch(b, s, packed):
+    """(idx, targets[, position_ids]) of zeros: what the module is called with."""
+    return [torch.zeros(b, s, dtype=torch.long) for _ in range(3 if packed else 2)]
+
+
 def simulate(cfg, shape, plan, packed=False, cpu_step=False):
     """Run one micro-step (forward, backward) and one optimizer step of `plan` on fake tensors.
 
@@ -466,18 +474,27 @@ def simulate(cfg, shape, plan, packed=False, cpu_step=False):
     with fake_mode, cuda_kernels():
         params = [p for p in module.parameters() if p.requires_grad]
         extra = []
-        if path == "bf16_optimizer":
+        released = plan.optimizer_in_backward  # each tensor stepped by optimi's hook in the backward
+        if released:
+            # (trainer/optim/release.py: its own hook's norm check is a host sync, which fake tensors cannot do; its
+            # scalars and in-place clip add nothing measurable)
+            from optimi import prepare_for_gradient_release
+            opt = _Bf16WeightsStep(params, cfg, plan)
+            prepare_for_gradient_release(module, opt.opt)
+            warm = module(*_fake_batch(b, s, packed))  # the first backward creates the states: the second is a step
+            warm.backward()
+            del warm
+        elif path == "bf16_optimizer":
             # the fp32 buffer holds the earlier micro-steps' gradients; no bf16 gradient stays between them
             opt = _Bf16Step(module, cfg, plan)  # the module: LoRA+ finds its B matrices by name
             opt.install_hooks()
             extra = opt.hp_flat
-        else:
+        elif not released:
             # accumulated gradients of the earlier micro-steps are already there (DeepSpeed accumulates into .grad)
             for p in params:
                 p.grad = torch.zeros_like(p)
-        idx = torch.zeros(b, s, dtype=torch.long)
-        targets = torch.zeros(b, s, dtype=torch.long)
-        position_ids = torch.zeros(b, s, dtype=torch.long) if packed else None
+        idx, targets, *position_ids = _fake_batch(b, s, packed)
+        position_ids = position_ids[0] if packed else None
 
         tracker = peak_tracker()
         tracker.track_external(*module.parameters(), *(p.grad for p in params if p.grad is not None), *extra)
@@ -493,7 +510,7 @@ def simulate(cfg, shape, plan, packed=False, cpu_step=False):
         gradients = _nbytes([p.grad for p in params] + extra)
         transient = states = 0
         if plan.offload == "none":
-            if path != "bf16_optimizer":  # (that optimizer is built above: its hooks run in backward)
+            if path != "bf16_optimizer" and not released:  # (those are built above: their hooks run in backward)
                 opt = _Bf16WeightsStep(params, cfg, plan) if path == "bf16_weights" \
                     else _Zero0Step(params, cfg, plan, cpu_step) if plan.zero_stage == 0 \
                     else _ZeroStep(module, cfg, plan, cpu_step)
@@ -502,7 +519,7 @@ def simulate(cfg, shape, plan, packed=False, cpu_step=False):
                 and path != "bf16_weights"  # (that path's optimizer steps the module's own parameters)
             states = _nbytes([t for m in opt.masters for t in opt.opt.state[m].values() if isinstance(t, torch.Tensor)]
                              + (opt.masters if own_masters else []))
-            if path != "bf16_optimizer":
+            if path != "bf16_optimizer" and not released:
                 for p in params:  # the next micro-step's accumulation starts from these
                     p.grad = torch.zeros_like(p)
             step_tracker = peak_tracker()
@@ -523,11 +540,15 @@ def simulate(cfg, shape, plan, packed=False, cpu_step=False):
 
 
 def comparison(plan, sim):
-    """Rows (item, estimated, simulated, difference) for the items the simulation holds."""
+    """Rows (item, estimated, simulated, difference) for the items the simulation holds. The step inside the
+    backward: its transient (the last, largest tensor's gradient and step) is inside the backward's peak, and
+    nothing is left for engine.step() to do."""
     m = plan.estimate.items
+    act, transient = m["activations"] + m["logits_and_loss"], m["optimizer_step_transient"]
+    if plan.optimizer_in_backward:
+        act, transient = max(act, transient), 0
     est = {"weights": m["weights"], "gradients": m["gradients"], "optimizer_states": m["optimizer_states"],
-           "activations_and_logits": m["activations"] + m["logits_and_loss"],
-           "optimizer_step_transient": m["optimizer_step_transient"]}
+           "activations_and_logits": act, "optimizer_step_transient": transient}
     rows = []
     for item, e in est.items():
         s = sim.items.get(item)

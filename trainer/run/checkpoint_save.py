@@ -141,7 +141,8 @@ def save(engine, out_dir, iter_num, client_state, adapters_only=False):
                      "engine_zero_stage": engine.zero_optimization_stage(), "mode": plan["mode"],
                      "optimizer": plan["optimizer"], "grad_accum_dtype": plan["grad_accum_dtype"],
                      # what saved_deepspeed_path needs to know which DeepSpeed path wrote the files
-                     "dtype": plan["dtype"], "offload": plan["offload"], "master_weights": plan["master_weights"]}))
+                     "dtype": plan["dtype"], "offload": plan["offload"], "master_weights": plan["master_weights"],
+                     "optimizer_in_backward": plan["optimizer_in_backward"]}))
                 write_manifest(root / tmp_tag, streamed)
             except OSError as exc:
                 error = exc

@@ -12,6 +12,7 @@ from trainer.config import REPO_ROOT
 from trainer.errors import UserError
 from trainer.optim.optimizer import (adamw_hyperparameters, client_optimizer, group_lr, is_client, master_optimizer,
                                      param_groups)
+from trainer.optim.release import GradientRelease
 from trainer.plan.memory import deepspeed_path
 
 DS_CONFIGS = REPO_ROOT / "ds_configs"
@@ -130,7 +131,7 @@ def create_engine(module, cfg, plan, world_size, on_gpu, load_universal=False):
         # no fp32 copy: the module is bf16 and DeepSpeed, told of no precision, steps the client optimizer on it
         module.to(torch.bfloat16)
         groups = param_groups(module, cfg.weight_decay)
-        optimizer = master_optimizer(plan.master_weights, groups, cfg, plan.optimizer)
+        optimizer = master_optimizer(plan.master_weights, groups, cfg, plan.optimizer, plan.optimizer_in_backward)
     else:
         groups = param_groups(module, cfg.weight_decay, cfg.loraplus_lr_ratio)
         optimizer = client_optimizer(plan.optimizer, groups, cfg)  # None: torch's AdamW from the config
@@ -142,6 +143,9 @@ def create_engine(module, cfg, plan, world_size, on_gpu, load_universal=False):
         # unfused path keeps it: without it FP16_UnfusedOptimizer's step holds 2 bytes per parameter more
         # (measured, tests/optimizer_step.py).
         engine.enable_backward_allreduce = False
+    # the step inside the backward: its hooks on the module's parameters (DeepSpeed's module is ours)
+    engine.gradient_release = GradientRelease(module, optimizer, cfg.grad_clip) \
+        if plan.optimizer_in_backward else None
     if compiles(cfg, on_gpu):
         # module.compile() in place: parameter names and checkpoints stay those of the uncompiled module
         engine.compile()

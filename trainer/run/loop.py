@@ -17,6 +17,7 @@ from trainer.metrics import answer_metrics
 from trainer.model.generate import answer_budget, generate_answers
 from trainer.model.loss import token_weighted
 from trainer.model.sampling import generate
+from trainer.optim.release import NonFiniteGradient
 from trainer.optim.schedule import lr_at
 from trainer.plan.hardware import peak_flops
 from trainer.run import checkpoint, checkpoint_save, oom
@@ -60,7 +61,12 @@ def loop(run, stop):
 
         if not CLOCK.done:
             report_startup(run)
-        loss, grad_norm = train_iteration(run, recovery)
+        try:
+            loss, grad_norm = train_iteration(run, recovery)
+        except NonFiniteGradient as exc:  # part of the step is applied: it cannot be skipped
+            run.iter_num += 1
+            guard.stop_for_weights("in its backward", f"a non-finite gradient of {exc} (the tensors before it "
+                                   f"already stepped)")
         run.iter_num += 1
         timer.tick()
         run.log.advance()
@@ -95,6 +101,10 @@ def train_iteration(run, recovery):
             return micro_steps(run)
         except torch.OutOfMemoryError as exc:
             error = oom.describe(exc)  # let go of the traceback and graph holding the activations
+        if run.engine.gradient_release is not None:  # some tensors may have stepped: the iteration cannot be redone
+            raise UserError(f"out of memory with optimizer_in_backward=True ({error}); the iteration's step may be "
+                            f"partly applied, so it cannot be redone smaller; lower --batch_size or set "
+                            f"--optimizer_in_backward=False, then continue with --init_from=resume")
         recovery.step_down(error)
         run.sampler.load_state_dict(sampler_state)
 
@@ -111,16 +121,20 @@ def micro_steps(run):
     engine, device = run.engine, run.device
     accum = engine.gradient_accumulation_steps()  # what engine.backward divides each loss by
     loss_sum, grad_norm = None, None
+    release = engine.gradient_release  # the step inside the backward (trainer/optim/release.py), or None
     batches, loss_tokens = run.sampler.iteration(run.sequences, run.rank, run.world, run.plan.micro_batch_size)
     for x, y, *pos in batches:
         loss = engine(*[to_device(t, device) for t in (x, y, *pos)])  # pos: packed data's positions
         loss = token_weighted(loss, int((y != IGNORE_INDEX).sum()), loss_tokens, accum * run.world)
-        engine.backward(loss)
-        if run.clips_by_hand and engine.is_gradient_accumulation_boundary():
+        if release is None or release.finite(loss):
+            engine.backward(loss)
+        if run.clips_by_hand and release is None and engine.is_gradient_accumulation_boundary():
             grad_norm = clip_or_skip(engine, run.cfg.grad_clip)
         engine.step()  # AdamW (and clipping, ZeRO's reductions) at the accumulation boundary
         loss_sum = loss.detach() if loss_sum is None else loss_sum + loss.detach()  # stays on the device
-    if not run.clips_by_hand:
+    if release is not None:
+        grad_norm = release.take_norm()
+    elif not run.clips_by_hand:
         grad_norm = engine.get_global_grad_norm()  # DeepSpeed skips non-finite steps itself
     if isinstance(grad_norm, torch.Tensor):  # the loss sum and the norm cross to the host in one copy
         loss_total, grad_norm = torch.stack([loss_sum.float(), grad_norm.to(loss_sum.device).float()]).tolist()

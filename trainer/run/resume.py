@@ -74,6 +74,13 @@ def resume_layout(cfg, info, world):
     elif cfg.master_weights != saved_masters:
         raise UserError(f"the checkpoint holds master_weights={saved_masters} (its optimizer states are of that "
                         f"kind), not {cfg.master_weights}; resume with --master_weights={saved_masters}")
+    saved_released = info.get("optimizer_in_backward", False)  # optimi keeps a step count per tensor, or per group
+    if cfg.optimizer_in_backward == "auto":
+        cfg.optimizer_in_backward = saved_released
+    elif cfg.optimizer_in_backward != saved_released:
+        raise UserError(f"the checkpoint holds optimizer_in_backward={saved_released} (its optimizer states are of "
+                        f"that kind), not {cfg.optimizer_in_backward}; resume with "
+                        f"--optimizer_in_backward={saved_released}")
     if "grad_accum_dtype" in info and cfg.grad_accum_dtype == "auto":
         cfg.grad_accum_dtype = info["grad_accum_dtype"] if info["grad_accum_dtype"] in GRAD_ACCUM_DTYPES \
             else "auto"
