@@ -474,7 +474,7 @@ def test_tiny_gpt2_learns_reversing_words(tmp_path):
     # eval_generate=16: 16 fixed val answers scored at each evaluation (the first and the last)
     scores = {tag: tb_scalars(tmp_path / "out", f"eval/{tag}") for tag in ("exact_match", "rougeL", "bleu")}
     assert scores["exact_match"][0] == 0 and scores["exact_match"][iters] >= 0.75, scores
-    assert scores["rougeL"][iters] >= 0.75 and scores["bleu"][iters] == 0, scores  # 3 words: no 4-gram to match
+    assert scores["rougeL"][iters] >= 0.75 and scores["bleu"][iters] >= 75, scores  # effective order: 3 words score
     assert re.search(rf"^step {iters}: 16 val answers: exact match [\d.]+, ROUGE-L [\d.]+, BLEU [\d.]+$", proc.stdout,
                      re.M)
 
@@ -599,10 +599,10 @@ def test_neftune_off_leaves_no_trace(tiny_lm):
     import copy
     from types import SimpleNamespace
 
-    from trainer.config import DEFAULTS, Config
+    from trainer.config import Config
     from trainer.model.builder import build_module
     plan = SimpleNamespace(mode="full", gradient_checkpointing=False, activation_offload=False)
-    off = build_module(DEFAULTS, plan, copy.deepcopy(tiny_lm), "dense_mask")
+    off = build_module(Config(), plan, copy.deepcopy(tiny_lm), "dense_mask")
     assert not off._forward_pre_hooks and not off.lm.get_input_embeddings()._forward_hooks
     lora = SimpleNamespace(mode="lora", gradient_checkpointing=False, activation_offload=False)
     on = build_module(Config(neftune_alpha=5.0), lora, copy.deepcopy(tiny_lm), "dense_mask").train()

@@ -299,7 +299,8 @@ def test_refusals_are_one_line(data_dir, full_run, pretrained, runs):
     with pytest.raises(UserError, match="init_from='scratch' has none"):
         check_source("qlora", "scratch")
     from trainer.model.adapters import build_base
-    moved = {**json.loads((full_run[0] / "config.json").read_text()), "init_from": str(runs / "moved")}
+    from trainer.config import Config
+    moved = Config.saved({**json.loads((full_run[0] / "config.json").read_text()), "init_from": str(runs / "moved")})
     with pytest.raises(UserError, match="the base weights of the adapter run out-x, .* are no longer there"):
         build_base(moved, VOCAB, "lora", run_dir="out-x")
     with pytest.raises(UserError, match="--adapter_only needs a lora or qlora run"):

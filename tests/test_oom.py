@@ -116,7 +116,7 @@ def test_nothing_left_to_give_up_is_one_error_line(tmp_path):
     plan_input = PlanInput.of(cfg, shape)
     hw = Hardware("cpu", 8 * 2**30, 1, False, "CPU")
     run = Run(cfg=cfg, out_dir=tmp_path, rank=0, world=1, data=None, shape=shape, plan_input=plan_input, hw=hw,
-              plan=make_plan(plan_input, hw), engine=None, ds_config={}, sampler=None, log=None, tokenizer=None,
+              plan=make_plan(plan_input, hw), engine=None, ds_config={}, sampler=None, log=None,
               n_params=0, iter_num=7)
     recovery = Recovery(run)
     with pytest.raises(UserError) as info:
