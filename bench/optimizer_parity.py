@@ -75,11 +75,13 @@ def run(args, cwd=REPO):
     return proc.stdout
 
 
-def train(data_dir, out_dir, words, seed):
-    """(val loss at the last evaluation on the recipe's fixed batches, on the whole val split)."""
+def train(data_dir, out_dir, words, seed, whole_val=True):
+    """(val loss at the last evaluation on the recipe's fixed batches, on the whole val split or nan)."""
     out = run([REPO / "launch/train.py", *words, f"--data_dir={data_dir}", f"--out_dir={out_dir}", f"--seed={seed}",
                "--always_save_checkpoint=True", "--sample_max_new_tokens=0", "--tensorboard=False"])
     fixed = float(re.findall(r"val loss ([\d.]+)", out)[-1])
+    if not whole_val:
+        return fixed, float("nan")
     report = json.loads(run([REPO / "launch/eval.py", f"--out_dir={out_dir}", "--json"]).strip().splitlines()[-1])
     return fixed, report["results"][0]["loss"]
 
@@ -97,6 +99,8 @@ def lora_base(data_dir, work):
 
 
 def mean_sd(values):
+    if any(v != v for v in values):  # not measured (--whole_val=False)
+        return "–"
     return f"{statistics.mean(values):.4f} ± {statistics.stdev(values):.4f}" if len(values) > 1 else f"{values[0]:.4f}"
 
 
@@ -117,6 +121,8 @@ def main():
     ap.add_argument("--only", default=",".join(EXPERIMENTS))
     ap.add_argument("--lora_seeds", default="1337,1,2", help="seeds of the other experiments (lora, accum, masters_*)")
     ap.add_argument("--finetune_iters", type=int, default=200, help="iterations of the masters_* finetunes")
+    ap.add_argument("--whole_val", default="True", choices=("True", "False"),
+                    help="also evaluate each run on the whole val split (launch/eval.py; about 2 min a run here)")
     ap.add_argument("--results", default=str(REPO / "bench" / "RESULTS.md"))
     ap.add_argument("--work_dir", default=None, help="keep the data and runs here (default: a temporary folder)")
     args = ap.parse_args()
@@ -136,13 +142,16 @@ def main():
             rows = {}
             for seed in seeds:  # every row's first seed first: a run cut short still compares them all
                 for value in values:
-                    rows[value, seed] = train(data_dir, work / f"{name}-{value}-{seed}", variant(words, key, value), seed)
+                    rows[value, seed] = train(data_dir, work / f"{name}-{value}-{seed}", variant(words, key, value), seed,
+                                              args.whole_val == "True")
                     print(f"{name} {key}={value} seed {seed}: val {rows[value, seed][0]:.4f} (whole val "
                           f"{rows[value, seed][1]:.4f}); {time.time() - started:.0f} s so far", flush=True)
             seed_flag = "seeds" if name == "adamw8bit" else "lora_seeds"
             command = f"python bench/optimizer_parity.py --only={name} --{seed_flag}={','.join(map(str, seeds))}"
             if name.startswith("masters"):
                 command += f" --finetune_iters={args.finetune_iters}"
+            if args.whole_val == "False":
+                command += " --whole_val=False"
             lines = [f"\n#### {name}: `{key}` {' vs '.join(values)} (`{command}`; launch/train.py "
                      f"{' '.join(w for w in words if not w.startswith('--init_from'))})\n",
                      f"| {key} | " + " | ".join(f"seed {s}" for s in seeds) + " | mean ± sd | whole val mean ± sd |",
