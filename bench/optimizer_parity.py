@@ -17,7 +17,8 @@ accumulation, each trained by the documented command on this CPU with the same s
              exported 4 x 512 model, as a user finetunes (bf16, constant learning rate 1e-4 or 3e-5, the
              recipe's batch of 12), 200 iterations, fp32 masters (BF16_Optimizer, the baseline), plain bf16
              (the danger: updates under bf16's rounding step are lost), Kahan summation (torch-optimi),
-             stochastic rounding (torchao)
+             stochastic rounding (torchao), 4-bit states (torchao's AdamW4bit with bf16_sr), and LoRA on the same
+             task (r=16, alpha=32 as alpaca_lora, the same learning rate) for the ranking
 For every run: the val loss at the last iteration on the recipe's fixed val batches and on the whole val split
 (launch/eval.py); the table gives each seed and the mean ± sd, and is appended to the results file.
 """
@@ -43,11 +44,27 @@ EXPERIMENTS = {
     "accum": ("grad_accum_dtype", ("fp32", "bf16"), ["--recipe", "shakespeare_char_cpu", "--dtype=bf16",
                                                      "--micro_batch_size=1", "--max_iters=500",
                                                      "--lr_decay_iters=500", "--eval_interval=500"]),
-    **{f"masters_{lr}": ("master_weights", ("fp32", "bf16", "bf16_kahan", "bf16_sr"),
+    **{f"masters_{lr}": ("master_weights", ("fp32", "bf16", "bf16_kahan", "bf16_sr", "bf16_sr+adamw4bit", "lora"),
                          ["--recipe", "shakespeare_char_cpu", "--dtype=bf16", "--mode=full", "--max_iters=200",
                           "--decay_lr=False", f"--learning_rate={lr}", "--warmup_iters=0", "--eval_interval=200"])
        for lr in ("1e-4", "3e-5")},
 }
+# Rows that are more than one flag: the label in the table, the words that replace `--{key}={label}`.
+# lora: the same finetune with adapters instead (alpaca_lora's r=16, alpha=32 on every projection, fp32 masters
+# of the adapters), at the table's learning rate, for the ranking of a tool that fails the quality rule.
+COMPOUND = {"bf16_sr+adamw4bit": ["--master_weights=bf16_sr", "--optimizer=adamw4bit"],
+            "lora": ["--mode=lora", "--lora_r=16", "--lora_alpha=32", "--master_weights=fp32"]}
+
+
+def replace(words, extra):
+    """`words` with `extra` appended, in place of the words that set the same keys."""
+    keys = {w.split("=")[0] for w in extra}
+    return [w for w in words if w.split("=")[0] not in keys] + extra
+
+
+def variant(words, key, value):
+    """The launch/train.py words of one row: the experiment's, with `value` set (a compound row's flags)."""
+    return replace(words, COMPOUND.get(value, [f"--{key}={value}"]))
 
 
 def run(args, cwd=REPO):
@@ -58,11 +75,13 @@ def run(args, cwd=REPO):
     return proc.stdout
 
 
-def train(data_dir, out_dir, words, seed):
-    """(val loss at the last evaluation on the recipe's fixed batches, on the whole val split)."""
+def train(data_dir, out_dir, words, seed, whole_val=True):
+    """(val loss at the last evaluation on the recipe's fixed batches, on the whole val split or nan)."""
     out = run([REPO / "launch/train.py", *words, f"--data_dir={data_dir}", f"--out_dir={out_dir}", f"--seed={seed}",
                "--always_save_checkpoint=True", "--sample_max_new_tokens=0", "--tensorboard=False"])
     fixed = float(re.findall(r"val loss ([\d.]+)", out)[-1])
+    if not whole_val:
+        return fixed, float("nan")
     report = json.loads(run([REPO / "launch/eval.py", f"--out_dir={out_dir}", "--json"]).strip().splitlines()[-1])
     return fixed, report["results"][0]["loss"]
 
@@ -80,6 +99,8 @@ def lora_base(data_dir, work):
 
 
 def mean_sd(values):
+    if any(v != v for v in values):  # not measured (--whole_val=False)
+        return "–"
     return f"{statistics.mean(values):.4f} ± {statistics.stdev(values):.4f}" if len(values) > 1 else f"{values[0]:.4f}"
 
 
@@ -98,7 +119,10 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seeds", default="1337,1,2,3,4")
     ap.add_argument("--only", default=",".join(EXPERIMENTS))
-    ap.add_argument("--lora_seeds", default="1337,1,2", help="seeds of the LoRA and accumulation experiments")
+    ap.add_argument("--lora_seeds", default="1337,1,2", help="seeds of the other experiments (lora, accum, masters_*)")
+    ap.add_argument("--finetune_iters", type=int, default=200, help="iterations of the masters_* finetunes")
+    ap.add_argument("--whole_val", default="True", choices=("True", "False"),
+                    help="also evaluate each run on the whole val split (launch/eval.py; about 2 min a run here)")
     ap.add_argument("--results", default=str(REPO / "bench" / "RESULTS.md"))
     ap.add_argument("--work_dir", default=None, help="keep the data and runs here (default: a temporary folder)")
     args = ap.parse_args()
@@ -113,14 +137,21 @@ def main():
             seeds = [int(s) for s in (args.seeds if name == "adamw8bit" else args.lora_seeds).split(",")]
             if name == "lora" or name.startswith("masters"):  # finetunes of the same pretrained model
                 words = [*words, f"--init_from={lora_base(data_dir, work)}"]
+            if name.startswith("masters"):
+                words = replace(words, [f"--max_iters={args.finetune_iters}", f"--eval_interval={args.finetune_iters}"])
             rows = {}
-            for value in values:
-                for seed in seeds:
-                    rows[value, seed] = train(data_dir, work / f"{name}-{value}-{seed}", [*words, f"--{key}={value}"],
-                                              seed)
+            for seed in seeds:  # every row's first seed first: a run cut short still compares them all
+                for value in values:
+                    rows[value, seed] = train(data_dir, work / f"{name}-{value}-{seed}", variant(words, key, value), seed,
+                                              args.whole_val == "True")
                     print(f"{name} {key}={value} seed {seed}: val {rows[value, seed][0]:.4f} (whole val "
                           f"{rows[value, seed][1]:.4f}); {time.time() - started:.0f} s so far", flush=True)
-            command = f"python bench/optimizer_parity.py --only={name}"
+            seed_flag = "seeds" if name == "adamw8bit" else "lora_seeds"
+            command = f"python bench/optimizer_parity.py --only={name} --{seed_flag}={','.join(map(str, seeds))}"
+            if name.startswith("masters"):
+                command += f" --finetune_iters={args.finetune_iters}"
+            if args.whole_val == "False":
+                command += " --whole_val=False"
             lines = [f"\n#### {name}: `{key}` {' vs '.join(values)} (`{command}`; launch/train.py "
                      f"{' '.join(w for w in words if not w.startswith('--init_from'))})\n",
                      f"| {key} | " + " | ".join(f"seed {s}" for s in seeds) + " | mean ± sd | whole val mean ± sd |",
