@@ -38,6 +38,15 @@ def gpt2_bpe_files() -> Path:
     return Path(list(spec.submodule_search_locations)[0]) / "data"
 
 
+def gpt2_vocab_and_merges() -> tuple[dict[str, int], list[str]]:
+    """GPT-2's BPE as its two files give it: encoder.json's {token: id} and vocab.bpe's merges ("a b" lines,
+    in rank order), for the exports that carry the tokenizer (transformers' files, GGUF)."""
+    data = gpt2_bpe_files()
+    encoder = json.loads((data / "encoder.json").read_text(encoding="utf-8"))
+    lines = (data / "vocab.bpe").read_text(encoding="utf-8").split("\n")[1:]  # after '#version: 0.2'
+    return encoder, [line for line in lines if line.strip()]
+
+
 def _gpt2_stand_in_bytes() -> dict[int, int]:
     """encoder.json writes each byte of a token as a printable character: printable Latin-1 bytes
     other than space as themselves, every other byte (controls, space, ...) as chr(256 + n), n counting

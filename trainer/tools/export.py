@@ -24,7 +24,6 @@ Every export is the same three steps, after `refusals` has turned down what it c
 import functools
 import gc
 import importlib.util
-import json
 import pickle
 import shutil
 from dataclasses import dataclass
@@ -33,7 +32,7 @@ from pathlib import Path
 import torch
 
 from trainer.config import ADAPTER_MODES
-from trainer.data.tokenizer import gpt2_bpe_files, tokenizer_kind
+from trainer.data.tokenizer import gpt2_vocab_and_merges, tokenizer_kind
 from trainer.data.tokens import dataset_dir
 from trainer.errors import UserError
 from trainer.lock import FolderLock
@@ -117,11 +116,8 @@ def write_tokenizer(meta, folder):
 
     from transformers import GPT2TokenizerFast
 
-    data = gpt2_bpe_files()
-    vocab = json.loads((data / "encoder.json").read_text(encoding="utf-8"))
-    lines = (data / "vocab.bpe").read_text(encoding="utf-8").split("\n")[1:]  # after '#version: 0.2'
-    merges = [tuple(line.split(" ")) for line in lines if line.strip()]
-    GPT2TokenizerFast(vocab=vocab, merges=merges).save_pretrained(folder)
+    vocab, merges = gpt2_vocab_and_merges()
+    GPT2TokenizerFast(vocab=vocab, merges=[tuple(m.split(" ")) for m in merges]).save_pretrained(folder)
     return True
 
 

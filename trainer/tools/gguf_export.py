@@ -9,14 +9,13 @@ the file with llama.cpp's runtime (the llama-cpp-python package), feeds it the e
 compares its logits with the trained model's; it also tokenizes a fixed text with llama.cpp and with tiktoken.
 docs/export.md says what each type keeps and how it is checked.
 """
-import json
 import math
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from trainer.data.tokenizer import ENDOFTEXT, GPT2_EOT, Gpt2Tokenizer, gpt2_bpe_files
+from trainer.data.tokenizer import ENDOFTEXT, GPT2_EOT, Gpt2Tokenizer, gpt2_vocab_and_merges
 from trainer.model.nanogpt import LINEAR_WEIGHTS as PROJECTIONS  # GPT-2's four Conv1D weights, kept (in, out)
 
 GGUF_FILE = "model.gguf"
@@ -55,13 +54,12 @@ def gpt2_vocab(n_vocab):
     """(tokens, token types, merges) of GPT-2's BPE as llama.cpp's `gpt2` tokenizer reads them; rows past
     GPT-2's 50,257 (a vocabulary padded for speed) are unused placeholders, never produced."""
     from gguf import TokenType
-    encoder = json.loads((gpt2_bpe_files() / "encoder.json").read_text(encoding="utf-8"))
+    encoder, merges = gpt2_vocab_and_merges()
     by_id = {i: token for token, i in encoder.items()}
     tokens = [by_id.get(i, f"[PAD{i}]") for i in range(n_vocab)]
     types = [TokenType.CONTROL if i == GPT2_EOT else TokenType.NORMAL if i in by_id else TokenType.UNUSED
              for i in range(n_vocab)]
-    lines = (gpt2_bpe_files() / "vocab.bpe").read_text(encoding="utf-8").split("\n")[1:]  # after '#version'
-    return tokens, types, [line for line in lines if line.strip()]
+    return tokens, types, merges
 
 
 def write_gguf(model, path, gguf_type, name):
