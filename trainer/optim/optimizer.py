@@ -108,7 +108,8 @@ def client_optimizer(name, groups, cfg):
 #               parameter (block_size inf: never quantized), 4 bytes per element; its step is compiled per
 #               tensor (torch.compile, fullgraph), which on the CPU needs a C++ compiler.
 #   bf16        torch's AdamW on the bf16 parameters (states zeros_like them: 4 bytes per element), every update
-#               rounded to nearest: the danger bench/master_weights_quality.py measures; never chosen by auto.
+#               rounded to nearest: the danger bench/optimizer_parity.py's masters_* experiments measure; never
+#               chosen by auto.
 MASTER_STATE_BYTES = {"bf16_kahan": 6, "bf16_sr": 4, "bf16": 4}
 # and per tensor a step counter: an fp32 scalar tensor in torch's and torchao's state, a float in optimi's group
 STEP_COUNTER_BYTES = {"bf16_kahan": 0, "bf16_sr": 4, "bf16": 4}

@@ -32,7 +32,7 @@ CUDA_CONTEXT_BYTES = 500 * MiB    # CUDA context + cuBLAS/NCCL workspaces, outsi
 CPU_PROCESS_BYTES = 1 * GiB       # resident python + torch + deepspeed per rank on a CPU-only machine
 FRAGMENTATION = 0.10              # caching allocator: reserved exceeds allocated by this fraction at peak
 # Per layer, 16-bit, flash SDPA, the fused tanh GELU: 32 (was 34, Korthikanti et al.'s count for
-# Megatron's layer). Measured by trainer/simulate.py on the real step (bench/SIMULATE.md): ln_1 input 2,
+# Megatron's layer). Measured by trainer/plan/simulate.py on the real step (bench/SIMULATE.md): ln_1 input 2,
 # c_attn input 2 + output 6, attention output 2, c_proj input (the same) 0, residual + ln_2 input 2,
 # c_fc input 2, GELU input 8, c_proj input 8: 32. Flash attention adds an fp32 log-sum-exp per head and
 # token (ATTN_LSE_BYTES). GPT-2's own gelu_new would add four more 4h-wide tensors (56).

@@ -24,7 +24,7 @@ PLAN_KEYS = ("mode", "zero_stage", "offload", "gradient_checkpointing", "micro_b
              "grad_accum_dtype", "activation_offload", "master_weights", "optimizer_in_backward")
 AUTO_OPTIMIZERS = ("adamw", "adamw8bit")  # paged ones only when asked for: they page out, they do not shrink
 # What `auto` may choose for master_weights: a tool that changes what is learned enters only where the quality
-# table (bench/RESULTS.md, bench/master_weights_quality.py) shows it learns as well as fp32 masters (docs/plan.md)
+# table (bench/RESULTS.md, bench/optimizer_parity.py) shows it learns as well as fp32 masters (docs/plan.md)
 AUTO_MASTER_WEIGHTS = ("fp32",)
 
 
