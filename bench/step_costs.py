@@ -59,7 +59,7 @@ def random_gpt2(folder):
 def time_variant(name, model_dir, block_size, iters):
     """CPU seconds of each timed iteration of this variant: (forward and backward passes, optimizer step)."""
     import torch
-    from trainer.config import DEFAULTS, Config
+    from trainer.config import Config
     from trainer.model.shapes import model_shape
     from trainer.plan.hardware import detect_hardware
     from trainer.plan.planner import PlanInput, make_plan
@@ -109,7 +109,7 @@ def main():
                       MASTER_PORT=os.environ.get("MASTER_PORT", "29731"))
     import deepspeed
     import torch
-    from trainer.config import DEFAULTS, Config
+    from trainer.config import DEFAULTS
     from trainer.model.shapes import Shape, flops_per_token, recompute_flops_per_token
     from trainer.plan.memory import parameter_counts
     from trainer.run.ranks import release_cpu_allreduce_buffer
