@@ -57,11 +57,14 @@ STEPS = {"context": 30, "memory": 150, "speed": 100, "qlora": 40, "packed": 30, 
 # (model, cap in GB, fixed keys) of the toolbox step: the targets of docs/plan.md's table, and each tool forced once
 TOOLBOX_ROWS = [("gpt2-xl", 24, {"mode": "full"}), ("gpt2-medium", 8, {"mode": "full"}),
                 ("gpt2-xl", 24, {"mode": "qlora", "optimizer": "paged_adamw8bit"}),
-                ("gpt2", 16, {"mode": "full", "grad_accum_dtype": "bf16", "zero_stage": 0}),
+                ("gpt2", 16, {"mode": "full", "grad_accum_dtype": "bf16", "zero_stage": 0, "master_weights": "fp32"}),
                 ("gpt2-large", 16, {"mode": "full", "activation_offload": True}),
                 # bf16 weights without fp32 masters (master_weights): Kahan (torch-optimi), stochastic rounding
                 ("gpt2-large", 16, {"mode": "full", "master_weights": "bf16_kahan"}),
-                ("gpt2-xl", 24, {"mode": "full", "master_weights": "bf16_sr", "gradient_checkpointing": True})]
+                ("gpt2-xl", 24, {"mode": "full", "master_weights": "bf16_sr", "gradient_checkpointing": True}),
+                # the step inside the backward (optimizer_in_backward), torchao's 4-bit states (adamw4bit)
+                ("gpt2-xl", 16, {"mode": "full", "master_weights": "bf16_kahan", "optimizer_in_backward": True}),
+                ("gpt2-large", 16, {"mode": "full", "master_weights": "bf16_sr", "optimizer": "adamw4bit"})]
 CAPS_GB = (16, 24, 40)
 
 

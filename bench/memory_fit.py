@@ -226,6 +226,7 @@ def table(rows):
                 + (f", {p['optimizer']}" if p.get("optimizer", "adamw") != "adamw" else "")
                 + (f", {p['master_weights']} weights" if p.get("master_weights", "fp32") != "fp32" else
                    ", accum bf16" if p.get("grad_accum_dtype") == "bf16" and p.get("dtype") == "bf16" else "")
+                + (", in backward" if p.get("optimizer_in_backward") else "")
                 + (", act. offload" if p.get("activation_offload") else "")) if p else r.get("error", "")[:120]
         d_alloc, d_res = pct(r.get("predicted_allocated"), r.get("allocated")), pct(r.get("predicted_reserved"),
                                                                                     r.get("reserved"))

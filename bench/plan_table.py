@@ -1,4 +1,4 @@
-"""Print the README's table of plans: the four GPT-2 sizes x 8, 12, 16, 24, 40, 80 GB GPUs.
+"""Print the README's table of plans: the four GPT-2 sizes x 4, 8, 10, 12, 16, 24, 40, 80 GB GPUs.
 
 Each row is what `deepspeed launch/train.py --recipe gpt2_<size> --plan --vram_gb=G --gpus=N`
 chooses: the recipe's values (recipes/gpt2_small|medium|large|xl.py) on top of the
@@ -28,7 +28,7 @@ from trainer.plan.planner import PlanError, PlanInput, make_plan  # noqa: E402
 from trainer.units import format_bytes  # noqa: E402
 
 RECIPES = {"gpt2": "gpt2_small", "gpt2-medium": "gpt2_medium", "gpt2-large": "gpt2_large", "gpt2-xl": "gpt2_xl"}
-VRAM_GB = (8, 12, 16, 24, 40, 80)
+VRAM_GB = (4, 8, 10, 12, 16, 24, 40, 80)
 
 
 def recipe_cfg(model, **overrides):
@@ -56,11 +56,13 @@ def rows(mode, gpus, simulate=False):
                 p = make_plan(PlanInput.of(cfg, shape), hw)
             except PlanError as exc:
                 need = str(exc).split(", i.e. ")[1].split(";")[0] if ", i.e. " in str(exc) else str(exc)
-                yield [model, f"{gb} GB", "does not fit", "", "", "", "", "", "", "", need] + ([""] if simulate else [])
+                yield [model, f"{gb} GB", "does not fit", "", "", "", "", "", "", "", "", "", need] + \
+                    ([""] if simulate else [])
                 continue
             row = [model, f"{gb} GB", p.mode, str(p.zero_stage), p.offload,
                    "on" if p.gradient_checkpointing else "off", "on" if p.activation_offload else "off",
-                   p.optimizer, p.grad_accum_dtype, f"{p.micro_batch_size} x {p.grad_accum_per_rank}",
+                   p.optimizer, p.grad_accum_dtype, p.master_weights, "in backward" if p.optimizer_in_backward else "",
+                   f"{p.micro_batch_size} x {p.grad_accum_per_rank}",
                    f"{p.step_time:.2f}",
                    f"{format_bytes(p.estimate.total)} / {format_bytes(p.usable_bytes)}"]
             if simulate:
@@ -76,7 +78,7 @@ def main():
     ap.add_argument("--simulate", action="store_true", help="add the simulated step's verdict per row")
     args = ap.parse_args()
     head = ["model", "GPU", "mode", "ZeRO", "offload", "checkpointing", "act. offload", "optimizer", "accum",
-            "micro x accum", "est. time", "est. peak / usable"] + (["simulated peak"] if args.simulate else [])
+            "weights", "step", "micro x accum", "est. time", "est. peak / usable"] + (["simulated peak"] if args.simulate else [])
     print(f"Plans with --mode={args.mode} on {args.gpus} GPU{'s' if args.gpus > 1 else ''} "
           f"(recipes gpt2_small/medium/large/xl, block 1024, bf16):\n")
     print("| " + " | ".join(head) + " |")

@@ -12,6 +12,12 @@ backward and optimizer step. Every variant trains the same tokens per iteration 
   full_ckpt     with gradient checkpointing
   full_8bit     bitsandbytes' AdamW8bit
   lora, qlora   r=8 on c_attn (the recipes' default); lora_micro1 in 2 micro-steps: the fixed cost alone
+  bf16          bf16 training with fp32 masters (DeepSpeed's BF16_Optimizer), the baseline of the four below
+  bf16_kahan, bf16_sr, bf16_sr_4bit
+                bf16 weights without fp32 masters: torch-optimi's Kahan-summed AdamW, torchao's AdamW with
+                stochastic rounding, torchao's AdamW4bit on bf16_sr (master_weights, optimizer=adamw4bit)
+  bf16_kahan_release
+                the step inside the backward (optimizer_in_backward): its step is part of the passes' time
 
 The variants alternate (--rounds), so that drift in the machine's load spreads over all of them. Times are
 the process's CPU seconds with torch on one thread (time.process_time): other processes sharing the cores
@@ -43,6 +49,12 @@ VARIANTS = {
     "lora": {"mode": "lora"},
     "lora_micro1": {"mode": "lora", "micro_batch_size": 1},
     "qlora": {"mode": "qlora"},
+    # bf16 training: fp32 masters (BF16_Optimizer) against the tools that keep none (trainer/optim/optimizer.py)
+    "bf16": {"dtype": "bf16"},
+    "bf16_kahan": {"dtype": "bf16", "master_weights": "bf16_kahan"},
+    "bf16_sr": {"dtype": "bf16", "master_weights": "bf16_sr"},
+    "bf16_sr_4bit": {"dtype": "bf16", "master_weights": "bf16_sr", "optimizer": "adamw4bit"},
+    "bf16_kahan_release": {"dtype": "bf16", "master_weights": "bf16_kahan", "optimizer_in_backward": True},
 }
 SEQUENCES = 2  # per iteration
 
@@ -174,6 +186,15 @@ def main():
             lora_fpt = flops_per_token(total, 12, 12, 768, args.block_size, "lora", adapters)
             derived.append(f"LoRA's passes: {fb['lora'] / fb['full']:.3f}x full's; the FLOPs count says "
                            f"{lora_fpt / fpt:.3f}x")
+        for tool in ("bf16_kahan", "bf16_sr", "bf16_sr_4bit"):
+            if tool in st and "bf16" in st:
+                derived.append(f"{tool} step, CPU seconds per trained parameter: {st[tool]:.3f} / {base} = "
+                               f"{st[tool] / base:.3g} (fp32 masters' step in bf16 training: {st['bf16'] / base:.3g})")
+        if "bf16_kahan_release" in fb and "bf16_kahan" in fb:
+            inside = fb["bf16_kahan_release"] + st["bf16_kahan_release"] - fb["bf16_kahan"]
+            derived.append(f"the step inside the backward, CPU seconds per trained parameter: passes and step "
+                           f"{fb['bf16_kahan_release'] + st['bf16_kahan_release']:.3f} - bf16_kahan's passes "
+                           f"{fb['bf16_kahan']:.3f} = {inside:.3f} / {base} = {inside / base:.3g}")
         if "qlora" in fb and "lora" in fb:
             quantized = 12 * (768 * 2304 + 768 * 768 + 2 * 768 * 3072)  # the blocks' four projections
             derived.append(f"QLoRA's dequantization per micro-step: {fb['qlora']:.3f} - {fb['lora']:.3f} s over "

@@ -90,7 +90,7 @@ XL = Shape(*GPT2_SHAPES["gpt2-xl"], 50257, 1024)
 
 
 @pytest.mark.parametrize("keys,gpus,message", [
-    ({"master_weights": "auto"}, 1, r"^optimizer_in_backward=True steps torch-optimi's gradient release, which this "
+    ({"master_weights": "fp32"}, 1, r"^optimizer_in_backward=True steps torch-optimi's gradient release, which this "
                                    r"trainer runs on bf16 weights with Kahan summation, but master_weights=fp32; set "
                                    r"--master_weights=bf16_kahan --dtype=bf16$"),
     ({"master_weights": "bf16_sr"}, 1, r"but master_weights=bf16_sr; set --master_weights=bf16_kahan"),
@@ -107,6 +107,24 @@ def test_settings_it_cannot_keep_are_one_line(keys, gpus, message):
                     "master_weights": "bf16_kahan", "optimizer_in_backward": True, **keys})
     with pytest.raises(PlanError, match=message):
         make_plan(PlanInput.of(cfg, XL), detect_hardware(gpus, vram_gb=80, gpus=gpus))
+
+
+def test_auto_steps_in_the_backward_only_where_the_ordinary_step_does_not_fit():
+    """gpt2-xl, 8 sequences per iteration: at 16 GB only the step in the backward fits full finetuning (no
+    gradient held), so auto takes it with bf16_kahan and the whole iteration in one micro-batch; at 24 GB the
+    ordinary step fits and it stays off (its host sync per tensor costs time); with several GPUs never."""
+    def plan(gb, gpus=1, **keys):
+        cfg = Config(**{"batch_size": 1, "gradient_accumulation_steps": 8, "block_size": 1024, **keys})
+        return make_plan(PlanInput.of(cfg, XL), detect_hardware(gpus, vram_gb=gb, gpus=gpus))
+    tight = plan(16)
+    assert tight.mode == "full" and tight.optimizer_in_backward and tight.master_weights == "bf16_kahan"
+    assert tight.micro_batch_size == 8 and tight.grad_accum_per_rank == 1
+    assert tight.reasons["optimizer_in_backward"].startswith("on: with the ordinary step the plan needs")
+    assert tight.estimate.items["gradients"] == 0
+    assert not plan(24).optimizer_in_backward
+    assert not plan(16, gpus=2).optimizer_in_backward
+    fixed = plan(80, optimizer_in_backward=True)  # master_weights left on auto: the one it runs on
+    assert fixed.master_weights == "bf16_kahan" and fixed.optimizer_in_backward
 
 
 def test_a_setting_it_cannot_keep_exits_2_and_writes_nothing(data_dir, tmp_path):

@@ -20,7 +20,7 @@ On the CPU every term is in seconds measured on this project's machine:
 from trainer.model.shapes import flops_per_token, recompute_flops_per_token
 from trainer.optim.optimizer import is_8bit
 from trainer.plan.hardware import gpu_model, peak_flops
-from trainer.plan.memory import DTYPE_BYTES, Candidate, parameter_counts, path_of
+from trainer.plan.memory import DTYPE_BYTES, Candidate, parameter_counts, path_of, trained_tensors
 
 # ---------------------------------------------------------------------------------------------------------
 # On the CPU (one memory, nothing to move) every term is measured here, in CPU seconds of one thread
@@ -31,7 +31,12 @@ from trainer.plan.memory import DTYPE_BYTES, Candidate, parameter_counts, path_o
 # fixed cost and the addition of each trained parameter's gradient into the accumulated one.
 CPU_FLOPS = 1.16e11
 CPU_DEQUANT_SECONDS = 2.07e-9          # per 4-bit weight and micro-step
-CPU_STEP_SECONDS = {"adamw": 5.32e-9, "adamw8bit": 2.23e-8}  # per trained parameter (bitsandbytes' CPU kernel)
+# per trained parameter: torch's AdamW, bitsandbytes' CPU kernel; in bf16 training (2026-12-07) DeepSpeed's
+# BF16_Optimizer on the fp32 masters, and without masters torch-optimi's Kahan AdamW, torchao's AdamW with
+# stochastic rounding and its AdamW4bit (compiled for the CPU), and optimi's step inside the backward (the
+# passes' extra time with it, against bf16_kahan's passes)
+CPU_STEP_SECONDS = {"adamw": 5.32e-9, "adamw8bit": 2.23e-8, "bf16_masters": 1.33e-8, "bf16_kahan": 2.90e-9,
+                    "bf16_sr": 1.41e-8, "adamw4bit": 4.41e-8, "in_backward": 3.41e-9}
 CPU_MICRO_STEP_SECONDS = 0.187         # per micro-step
 CPU_ACCUMULATE_SECONDS = 1.83e-9       # per trained parameter and micro-step after the first
 # On GPUs LoRA's cost is its FLOPs count, and QLORA_OVER_LORA_GPU stands for the dequantization (the QLoRA
@@ -45,6 +50,17 @@ GPU_MICRO_STEP_SECONDS = 0.015
 # each flag added to the previous) measured -4.7% tokens/s for 8-bit AdamW; scaled by the trained share of
 # the parameters (the optimizer of a LoRA run steps ~1% of them).
 EIGHT_BIT_COST = 0.049
+# torchao's 4-bit AdamW: its published benchmark (Llama-2-7B, full bf16 fine-tuning on one A100, torchao's
+# optim README) measured about 9% fewer tokens/s than fused AdamW; scaled like 8-bit's.
+FOUR_BIT_COST = 0.09
+# bf16 weights without fp32 masters (bf16_kahan, bf16_sr): no cost. torch-optimi's README reports pure bf16
+# training with Kahan summation up to 10% faster than mixed precision at the same batch size; the gain is not
+# counted, so a plan keeps fp32 masters wherever they fit at the same estimated time (fewer tools on ties).
+MASTERLESS_COST = 0.0
+# The step inside the backward: per trained tensor one host sync (its gradient's norm, for the non-finite
+# check: trainer/optim/release.py) and a Python hook between backward kernels. An assumption to calibrate with
+# bench/gpu_check.py's toolbox step.
+RELEASE_SECONDS_PER_TENSOR = 5e-5
 # FP16_UnfusedOptimizer (bf16 accumulation at ZeRO-0): a Python loop and a host sync per parameter tensor and
 # an fp32 copy of every gradient at each step (trainer/plan/memory.py). An assumption, scaled like 8-bit's.
 UNFUSED_COST = 0.10
@@ -95,7 +111,21 @@ def _cpu_seconds(search, cand):
     if cand.mode == "qlora":
         seconds += micro_steps * _quantized_weights(shape) * CPU_DEQUANT_SECONDS
     seconds += micro_steps * CPU_MICRO_STEP_SECONDS + (micro_steps - 1) * trainable * CPU_ACCUMULATE_SECONDS
-    return seconds + trainable * CPU_STEP_SECONDS["adamw8bit" if is_8bit(cand.optimizer) else "adamw"]
+    return seconds + trainable * CPU_STEP_SECONDS[_cpu_step(search, cand)]
+
+
+def _cpu_step(search, cand):
+    """Which measured optimizer step a candidate runs on the CPU (the keys of CPU_STEP_SECONDS)."""
+    if cand.optimizer_in_backward:
+        return "in_backward"
+    if cand.optimizer == "adamw4bit":
+        return "adamw4bit"
+    if cand.master_weights != "fp32":
+        return cand.master_weights if cand.master_weights in CPU_STEP_SECONDS else "bf16_kahan"
+    if is_8bit(cand.optimizer):
+        return "adamw8bit"
+    # fp32 masters in bf16 training (BF16_Optimizer, measured; FP16_UnfusedOptimizer counted the same)
+    return "bf16_masters" if search.dtype == "bf16" else "adamw"
 
 
 def _compute_share(search, cand, plain_flops):
@@ -111,6 +141,8 @@ def _compute_share(search, cand, plain_flops):
         recompute += recompute_flops_per_token(shape.n_layer, shape.n_embd, shape.block_size) / flops
     trained_share = trainable / base
     optimizer = 1.0 + (EIGHT_BIT_COST * trained_share if is_8bit(cand.optimizer) else 0.0)
+    optimizer += FOUR_BIT_COST * trained_share if cand.optimizer == "adamw4bit" else 0.0
+    optimizer += MASTERLESS_COST * trained_share if cand.master_weights != "fp32" else 0.0
     if path_of(cand, search.dtype) == "unfused" and search.dtype == "bf16":
         optimizer += UNFUSED_COST * trained_share
     return mode * recompute * optimizer
@@ -134,6 +166,8 @@ def step_time(search, cand):
     w = DTYPE_BYTES[search.dtype]
     _, trainable, total = parameter_counts(shape, cand.mode, inp.lora_r, inp.lora_targets)
     exposed = micro_steps * overhead
+    if cand.optimizer_in_backward:
+        exposed += len(trained_tensors(shape, cand.mode, inp.lora_r, inp.lora_targets)) * RELEASE_SECONDS_PER_TENSOR
     if cand.activation_offload:
         # each layer's input goes to host memory in the forward pass and back in the backward pass, on a side
         # stream: only what the compute cannot cover costs time

@@ -198,16 +198,35 @@ def master_weights(search, chosen, others):
                 f"optimizer.py), DeepSpeed ZeRO-0 steps the client optimizer on the bf16 module")
     if search.dtype != "bf16" or cand.mode != "full":
         return "fp32: the weights the optimizer updates are fp32 (masters in 16-bit training)"
-    return ("fp32: DeepSpeed keeps fp32 master weights; bf16 weights without them (bf16_kahan, bf16_sr) are not "
-            "chosen by auto until the quality table (bench/RESULTS.md) shows they learn as well (docs/plan.md)")
+    if cand.master_weights == "fp32":
+        return ("fp32: DeepSpeed keeps fp32 master weights" +
+                _also_fits(chosen, others, "master_weights", lambda m: f"{m} weights (no masters)"))
+    how = "Kahan summation (torch-optimi)" if cand.master_weights == "bf16_kahan" else \
+        "stochastic rounding (torchao)"
+    masters = next((s for s in others if s.cand.master_weights == "fp32"), None)
+    instead = f"fp32 masters also fit, {_slower(chosen, masters)}" if masters else \
+        f"with fp32 masters the plan needs {_needs(search, cand, master_weights='fp32', optimizer_in_backward=False)}"
+    return (f"{cand.master_weights}: {instead}; the bf16 weights updated with {how}, which learn as fp32 masters "
+            f"do by the quality table (bench/RESULTS.md, docs/plan.md's paired rule); "
+            f"{format_bytes(chosen.est.items['optimizer_states'])} of optimizer states")
 
 
 def optimizer_in_backward(search, chosen, others):
-    if chosen.cand.optimizer_in_backward:
+    cand = chosen.cand
+    if "optimizer_in_backward" in search.fixed:
+        if not cand.optimizer_in_backward:
+            return USER
         return ("on: fixed by the user; each tensor stepped in the backward as its gradient completes, so no "
                 "gradient is held (one micro-batch per iteration, gradients clipped per tensor: docs/plan.md)")
-    return USER if "optimizer_in_backward" in search.fixed else (
-        "off: auto keeps the ordinary step until the quality table measures the step in the backward (docs/plan.md)")
+    if cand.optimizer_in_backward:
+        return (f"on: with the ordinary step the plan needs "
+                f"{_needs(search, cand, optimizer_in_backward=False)}; each tensor stepped in the backward as "
+                f"its gradient completes (no gradient held; one micro-batch per iteration, gradients clipped per "
+                f"tensor, a host sync per tensor: docs/plan.md)")
+    if cand.master_weights != "bf16_kahan" or search.hw.n_devices > 1:
+        return "off: it runs on bf16_kahan weights on one rank only"
+    return "off: the ordinary step fits" + _also_fits(chosen, others, "optimizer_in_backward",
+                                                       lambda on: "the step in the backward" if on else "off")
 
 
 def budget(search):

@@ -22,10 +22,14 @@ from trainer.plan.memory import Candidate, Estimate, default_grad_accum, estimat
 
 PLAN_KEYS = ("mode", "zero_stage", "offload", "gradient_checkpointing", "micro_batch_size", "dtype", "optimizer",
              "grad_accum_dtype", "activation_offload", "master_weights", "optimizer_in_backward")
-AUTO_OPTIMIZERS = ("adamw", "adamw8bit")  # paged ones only when asked for: they page out, they do not shrink
-# What `auto` may choose for master_weights: a tool that changes what is learned enters only where the quality
-# table (bench/RESULTS.md, bench/optimizer_parity.py) shows it learns as well as fp32 masters (docs/plan.md)
-AUTO_MASTER_WEIGHTS = ("fp32",)
+# paged ones only when asked for: they page out, they do not shrink. adamw4bit only when asked for: its
+# checkpoints cannot be resumed yet (trainer/run/resume.py), and auto never gives up exact resume
+AUTO_OPTIMIZERS = ("adamw", "adamw8bit")
+# What `auto` may choose for master_weights and optimizer_in_backward: a tool that changes what is learned
+# enters only where the quality table (bench/RESULTS.md, bench/optimizer_parity.py) shows it learns as well as
+# fp32 masters by the paired rule of docs/plan.md. Plain bf16 rounding fails it and is never chosen.
+AUTO_MASTER_WEIGHTS = ("fp32", "bf16_kahan", "bf16_sr")
+AUTO_IN_BACKWARD = (False, True)
 
 
 class PlanError(UserError):
@@ -90,7 +94,8 @@ def memory_tools(cand):
     """How much of the memory toolbox a candidate uses: equal times go to the simpler plan (a lower ZeRO stage)."""
     bf16_accumulation = cand.grad_accum_dtype == "bf16" and cand.zero_stage == 0 and cand.offload == "none"
     return cand.zero_stage + 2 * (cand.offload != "none") + cand.gradient_checkpointing + cand.activation_offload \
-        + (cand.optimizer != "adamw") + bf16_accumulation + (cand.master_weights != "fp32")
+        + (cand.optimizer != "adamw") + bf16_accumulation + (cand.master_weights != "fp32") \
+        + cand.optimizer_in_backward
 
 
 class Search:
@@ -201,7 +206,7 @@ class Search:
         f = self.fixed
         if not f.get("optimizer_in_backward"):
             return
-        masters = f.get("master_weights", "fp32")
+        masters = f.get("master_weights", "bf16_kahan" if self.dtype == "bf16" else "fp32")
         if masters != "bf16_kahan":
             raise PlanError(f"optimizer_in_backward=True steps torch-optimi's gradient release, which this trainer "
                             f"runs on bf16 weights with Kahan summation, but master_weights={masters}; set "
@@ -252,9 +257,8 @@ class Search:
     def candidates(self, mode, mode_fixed):
         """Every candidate of one mode the fixed keys allow."""
         cuda = self.hw.device_type == "cuda"
-        released = self.fixed.get("optimizer_in_backward", False)
-        micros = [self.per_rank] if released else self.options("micro_batch_size", divisors_desc(self.per_rank))
-        masters = self.options("master_weights", AUTO_MASTER_WEIGHTS if self.dtype == "bf16" else ("fp32",))
+        micros = self.options("micro_batch_size", divisors_desc(self.per_rank))
+        masters = self.options("master_weights", self.auto_master_weights())
         for offload in self.offloads(mode_fixed):
             optimizers = self.options("optimizer", ["adamw"] if offload != "none" else AUTO_OPTIMIZERS)
             for ckpt in self.options("gradient_checkpointing", (False, True)):
@@ -275,15 +279,36 @@ class Search:
                                     if master != "fp32" and optimizer not in ("adamw", "adamw4bit") \
                                             or optimizer == "adamw4bit" and master != "bf16_sr":
                                         continue  # torchao's 4-bit AdamW runs on bf16_sr weights only
-                                    for m in micros:
-                                        yield Candidate(mode, zero, offload, ckpt, m, optimizer,
-                                                        accum if self.dtype == "bf16" else default, act, master,
-                                                        released)
+                                    for released in self.in_backward_options(master):
+                                        for m in [self.per_rank] if released else micros:
+                                            if released and m not in micros:
+                                                continue  # a fixed micro-batch that accumulates
+                                            yield Candidate(mode, zero, offload, ckpt, m, optimizer,
+                                                            accum if self.dtype == "bf16" else default, act,
+                                                            master, released)
+
+    def auto_master_weights(self):
+        """What `auto` may choose for master_weights: the compensated tools in bf16 training (the quality
+        rule), bf16_sr only where torchao's compiled step can be built."""
+        if self.dtype != "bf16":
+            return ("fp32",)
+        compiler = self.hw.device_type == "cuda" or shutil.which("c++") or shutil.which("g++")
+        return tuple(m for m in AUTO_MASTER_WEIGHTS if m != "bf16_sr" or compiler)
+
+    def in_backward_options(self, master):
+        """The step inside the backward where it can run (check_optimizer_in_backward): torch-optimi's
+        gradient release on bf16_kahan weights, one rank, the iteration in one micro-batch."""
+        if "optimizer_in_backward" in self.fixed:
+            fixed = self.fixed["optimizer_in_backward"]
+            return [] if fixed and master != "bf16_kahan" else [fixed]
+        if master != "bf16_kahan" or self.hw.n_devices > 1:
+            return [False]
+        return list(AUTO_IN_BACKWARD)
 
     def modes(self):
         mode = self.fixed.get("mode")
-        if self.fixed.get("master_weights", "fp32") != "fp32":
-            return ["full"]  # bf16 weights without masters are a full-finetuning tool
+        if self.fixed.get("master_weights", "fp32") != "fp32" or self.fixed.get("optimizer_in_backward"):
+            return ["full"]  # bf16 weights without masters (and the step in the backward) are full-finetuning tools
         return [mode] if mode else list(MODES)
 
     def choose(self, modes=None):
