@@ -325,6 +325,7 @@ def table(args, runs):
     shape = "tiny GPT-2 (2 x 64)" if args.dry_run else "GPT-2 124M"
     command = "python bench/vs_hf_trainer.py" + (" --dry_run" if args.dry_run else
                                                  f" --rounds={args.rounds} --short={short} --long={long}")
+    command += f" --modes={args.modes}" if args.modes != "full,lora" else ""
     stopped = f" (stopped after {len(rounds)} of its {args.rounds} rounds)" if len(rounds) < args.rounds else ""
     lines = [f"### The trainer against Hugging Face's Trainer, {shape} ({time.strftime('%Y-%m-%d')}, {machine()})",
              "", f"`{command}`{stopped}: block {BLOCK}, micro-batch {MICRO}, 1 accumulation step, AdamW, lr {LR} "

@@ -190,21 +190,24 @@ def test_a_real_divergence_stops_with_the_guards_line(good_run, data_dir, tmp_pa
     assert checkpoint.latest_tag(out) == "iter0000002", line
 
 
-def test_simulated_on_fake_tensors():
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_simulated_on_fake_tensors(checkpointing):
     """--plan --simulate's step (optimi's own gradient release hooks on fake tensors, after a first backward that
     creates the states): no gradient left, the states and weights exactly, the backward's peak (the wte/lm_head
-    stepped last, its gradient whole) within 1% of the estimate without recomputation; nothing left for
-    engine.step(). (With gradient checkpointing the simulated peak is above the estimate: see docs/plan.md.)"""
+    stepped last, its gradient whole) within 1% of the estimate, with recomputation within 3% (the states are
+    known to the tracker before the hooks update them in place: without that they were counted again as the
+    hooks touched them: 4.7% over here, 9.4 against 0.95 GiB for gpt2-xl's 16 GB plan); nothing left for
+    engine.step()."""
     from tests.test_simulate import plan_for
     from trainer.plan.simulate import comparison, simulate
-    cfg, shape, plan = plan_for(mode="full", gradient_checkpointing=False, dtype="bf16", master_weights="bf16_kahan",
-                                optimizer_in_backward=True, batch_size=2, gradient_accumulation_steps=1,
-                                micro_batch_size=2)
+    cfg, shape, plan = plan_for(mode="full", gradient_checkpointing=checkpointing, dtype="bf16",
+                                master_weights="bf16_kahan", optimizer_in_backward=True, batch_size=2,
+                                gradient_accumulation_steps=1, micro_batch_size=2)
     rows = {r["item"]: r for r in comparison(plan, simulate(cfg, shape, plan))}
     assert rows["gradients"]["estimated"] == rows["gradients"]["simulated"] == 0, rows
     for item in ("weights", "optimizer_states"):
         assert abs(rows[item]["difference"]) <= 0.001, rows[item]
-    assert abs(rows["activations_and_logits"]["difference"]) <= 0.01, rows
+    assert abs(rows["activations_and_logits"]["difference"]) <= (0.03 if checkpointing else 0.01), rows
     assert rows["optimizer_step_transient"]["simulated"] < 1024, rows
 
 

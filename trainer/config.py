@@ -210,12 +210,14 @@ class Plan(_Checked):
                                    "less between steps)")
     master_weights: str = choice("auto", ("auto",) + MASTER_WEIGHTS, "with dtype=bf16 in full mode: fp32 master "
                                  "weights, or none (the bf16 weights updated with Kahan summation, stochastic "
-                                 "rounding, or plain: 4 to 6 bytes per parameter less)")
+                                 "rounding, or plain: 8 to 10 bytes per parameter less; auto: fp32 where it fits "
+                                 "as fast, else bf16_kahan or bf16_sr, which the quality table admits)")
     activation_offload: bool | Auto = key("auto", "with gradient checkpointing: keep the checkpointed activations "
                                           "in pinned CPU memory, copied on a side stream", auto=bool)
     optimizer_in_backward: bool | Auto = key("auto", "with master_weights=bf16_kahan, one rank and no accumulation: "
                                              "step each tensor as soon as its gradient is complete (gradient "
-                                             "release: no gradient held whole; per-tensor clipping)", auto=bool)
+                                             "release: no gradient held whole; per-tensor clipping; auto: only "
+                                             "where the ordinary step does not fit)", auto=bool)
 
 
 @group("speed")
