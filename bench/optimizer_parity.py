@@ -121,6 +121,50 @@ def append(results, section, started):
         f.write(table)
 
 
+# The paired quality rule (docs/plan.md): runs of one seed see the same batches, so a tool's effect is its
+# per-seed difference against fp32 masters; it passes where, at each learning rate, the mean difference is
+# within PAIRED_MEAN and every seed's within PAIRED_EACH (a fifth and a half of the seed-to-seed sd here)
+PAIRED_MEAN, PAIRED_EACH = 0.002, 0.005
+
+
+def paired_table(rows, seeds, values, baseline="fp32"):
+    """Each row's per-seed val loss difference against the baseline, its mean and the rule's verdict."""
+    lines = [f"| {'tool'} | " + " | ".join(f"seed {s}" for s in seeds) + " | mean | paired rule |",
+             "|---|" + "---|" * (len(seeds) + 2)]
+    for value in values:
+        if value == baseline:
+            continue
+        diffs = [rows[value, s] - rows[baseline, s] for s in seeds]
+        mean = statistics.mean(diffs)
+        verdict = "passes" if abs(mean) <= PAIRED_MEAN and max(map(abs, diffs)) <= PAIRED_EACH else "fails"
+        if value == "lora":
+            verdict = "(the ranking: another mode)"
+        lines.append(f"| {value} | " + " | ".join(f"{d:+.4f}" for d in diffs) + f" | {mean:+.4f} | {verdict} |")
+    return lines
+
+
+def summarize(log):
+    """The masters tables from a run's own progress lines (a run stopped early, or several run in parallel)."""
+    rows, order = {}, {}
+    for line in Path(log).read_text().splitlines():
+        m = re.match(r"(masters_\S+) master_weights=(\S+) seed (\d+): val ([\d.]+)", line)
+        if m:
+            name, value, seed = m.group(1), m.group(2), int(m.group(3))
+            rows.setdefault(name, {})[value, seed] = float(m.group(4))
+            order.setdefault(name, {}).setdefault(value, None)
+    for name, got in rows.items():
+        values = list(order[name])
+        seeds = [s for s in dict.fromkeys(s for _, s in got) if all((v, s) in got for v in values)]
+        print(f"\n#### {name}: per-seed val loss (seeds with every row: {', '.join(map(str, seeds))})\n")
+        print("| master_weights | " + " | ".join(f"seed {s}" for s in seeds) + " | mean ± sd |")
+        print("|---|" + "---|" * (len(seeds) + 1))
+        for value in values:
+            vals = [got[value, s] for s in seeds]
+            print(f"| {value} | " + " | ".join(f"{v:.4f}" for v in vals) + f" | {mean_sd(vals)} |")
+        print(f"\n{name}: difference against fp32 masters, seed by seed (negative: lower val loss)\n")
+        print("\n".join(paired_table(got, seeds, values)))
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seeds", default="1337,1,2,3,4")
@@ -131,7 +175,11 @@ def main():
                     help="also evaluate each run on the whole val split (launch/eval.py; about 2 min a run here)")
     ap.add_argument("--results", default=str(REPO / "bench" / "RESULTS.md"))
     ap.add_argument("--work_dir", default=None, help="keep the data and runs here (default: a temporary folder)")
+    ap.add_argument("--summarize", default=None, help="print the masters tables (per seed, paired) from the "
+                                                      "progress lines of this run's log, and stop")
     args = ap.parse_args()
+    if args.summarize:
+        return summarize(args.summarize)
     started = time.time()
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(args.work_dir or tmp)
@@ -167,6 +215,9 @@ def main():
                 whole = [rows[value, s][1] for s in seeds]
                 lines.append(f"| {value} | " + " | ".join(f"{v:.4f}" for v in fixed) +
                              f" | {mean_sd(fixed)} | {mean_sd(whole)} |")
+            if name.startswith("masters"):
+                lines += ["", "Against fp32 masters, seed by seed:", "",
+                          *paired_table({k: v[0] for k, v in rows.items()}, seeds, values)]
             append(args.results, "\n".join(lines), started)
 
 

@@ -62,7 +62,7 @@ def test_bf16_zero0_steps_down_in_place_on_deepspeeds_bf16_optimizer(data_dir, t
     gradient from BF16_Optimizer's fp32 buffer. Two micro-batches per iteration, so that buffer holds one when
     the error comes: kept, iteration 2's update would count it twice and the losses from iteration 3 on would
     part from the uninterrupted run's. Checkpointing recomputes the same bf16 forward, so they are equal."""
-    bf16 = [*RUN, "--dtype=bf16", "--micro_batch_size=6"]
+    bf16 = [*RUN, "--dtype=bf16", "--master_weights=fp32", "--micro_batch_size=6"]
     ref = run_cmd(python(*train_args(data_dir, tmp_path / "ref", *bf16)), cwd=REPO).stdout
     out = tmp_path / "out"
     proc = run_cmd(python(*train_args(data_dir, out, *bf16)), cwd=REPO, env={"GPT2DS_INJECT_OOM": "2"})
