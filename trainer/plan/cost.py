@@ -121,6 +121,8 @@ def _cpu_step(search, cand):
     if cand.optimizer == "adamw4bit":
         return "adamw4bit"
     if cand.master_weights != "fp32":
+        # plain bf16 (torch's AdamW per tensor on the bf16 weights, never chosen by auto) is not measured: it
+        # is counted as Kahan's step, the other per-tensor bf16 AdamW
         return cand.master_weights if cand.master_weights in CPU_STEP_SECONDS else "bf16_kahan"
     if is_8bit(cand.optimizer):
         return "adamw8bit"

@@ -9,6 +9,7 @@ CPU, so auto mode prefers a cheaper mode. Keys the user fixed are never changed;
 accumulation change, tokens per iteration never do.
 """
 import dataclasses
+import functools
 import shutil
 from dataclasses import dataclass
 
@@ -30,6 +31,13 @@ AUTO_OPTIMIZERS = ("adamw", "adamw8bit")
 # fp32 masters by the paired rule of docs/plan.md. Plain bf16 rounding fails it and is never chosen.
 AUTO_MASTER_WEIGHTS = ("fp32", "bf16_kahan", "bf16_sr")
 AUTO_IN_BACKWARD = (False, True)
+
+
+@functools.cache
+def has_cxx_compiler():
+    """Whether torchao's compiled AdamW (bf16_sr, adamw4bit) can be built on the CPU: once per process, since
+    the planner asks for every candidate."""
+    return bool(shutil.which("c++") or shutil.which("g++"))
 
 
 class PlanError(UserError):
@@ -195,7 +203,7 @@ class Search:
         if f.get("grad_accum_dtype", "bf16") != "bf16":
             raise PlanError(f"master_weights={masters} accumulates gradients in the bf16 weights' own .grad, not "
                             f"in fp32; set --grad_accum_dtype=bf16 (or auto)")
-        if masters == "bf16_sr" and self.hw.device_type == "cpu" and not (shutil.which("c++") or shutil.which("g++")):
+        if masters == "bf16_sr" and self.hw.device_type == "cpu" and not has_cxx_compiler():
             raise PlanError("master_weights=bf16_sr steps with torchao's compiled AdamW, which on the CPU needs a C++ "
                             "compiler; install one (apt-get install g++) or use --master_weights=bf16_kahan")
 
@@ -280,9 +288,9 @@ class Search:
                                             or optimizer == "adamw4bit" and master != "bf16_sr":
                                         continue  # torchao's 4-bit AdamW runs on bf16_sr weights only
                                     for released in self.in_backward_options(master):
-                                        for m in [self.per_rank] if released else micros:
-                                            if released and m not in micros:
-                                                continue  # a fixed micro-batch that accumulates
+                                        # released: the iteration in one micro-batch (none, if a fixed one
+                                        # accumulates)
+                                        for m in [m for m in micros if m == self.per_rank] if released else micros:
                                             yield Candidate(mode, zero, offload, ckpt, m, optimizer,
                                                             accum if self.dtype == "bf16" else default, act,
                                                             master, released)
@@ -292,7 +300,7 @@ class Search:
         rule), bf16_sr only where torchao's compiled step can be built."""
         if self.dtype != "bf16":
             return ("fp32",)
-        compiler = self.hw.device_type == "cuda" or shutil.which("c++") or shutil.which("g++")
+        compiler = self.hw.device_type == "cuda" or has_cxx_compiler()
         return tuple(m for m in AUTO_MASTER_WEIGHTS if m != "bf16_sr" or compiler)
 
     def in_backward_options(self, master):
