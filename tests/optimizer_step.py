@@ -36,7 +36,7 @@ DATA_VOCAB = 65
 
 def measure(mode, dtype, accum, optimizer):
     cfg = Config(**{**SHAPE, "init_from": "scratch", "mode": mode, "zero_stage": 0, "offload": "none", "dtype": dtype,
-                    "grad_accum_dtype": accum, "optimizer": optimizer, "batch_size": 2,
+                    "grad_accum_dtype": accum, "optimizer": optimizer, "master_weights": "fp32", "batch_size": 2,
                     "gradient_accumulation_steps": 1, "micro_batch_size": 2, "gradient_checkpointing": False,
                     "dropout": 0.0, "lora_dropout": 0.0})
     shape = Shape(SHAPE["n_layer"], SHAPE["n_head"], SHAPE["n_embd"], 128, SHAPE["block_size"])
