@@ -3,6 +3,8 @@
 trainer/run/engine.py hands these to DeepSpeed; trainer/plan/simulate.py builds the same optimizer on
 fake tensors, so the simulated step is the trained one.
 """
+from trainer.optim.quantized_states import keep_in_plain_tensors
+
 ADAM_EPS = 1e-8
 
 
@@ -153,12 +155,14 @@ def master_step_temporaries(master_weights, numels, optimizer="adamw"):
 
 def master_optimizer(master_weights, groups, cfg, optimizer="adamw", released=False):
     """The client optimizer over the bf16 parameters for `master_weights` (not fp32) and `optimizer` (adamw, or
-    adamw4bit with bf16_sr), with the config's AdamW hyperparameters; `released`: optimi's gradient release
-    (trainer/optim/release.py, bf16_kahan only)."""
+    adamw4bit with bf16_sr), with the config's AdamW hyperparameters; `released`: the step inside the backward
+    (trainer/optim/release.py), which optimi's AdamW is told of; torchao's and torch's need no flag."""
     hyper = adamw_hyperparameters(cfg)
     if optimizer == "adamw4bit":
         from torchao.optim import AdamW4bit
-        return AdamW4bit(groups, **hyper, bf16_stochastic_round=True)
+        optimizer = AdamW4bit(groups, **hyper, bf16_stochastic_round=True)
+        keep_in_plain_tensors(optimizer)  # its checkpoints hold no tensor subclass (trainer/optim/quantized_states.py)
+        return optimizer
     if master_weights == "bf16_kahan":
         from optimi import AdamW
         return AdamW(groups, **hyper, kahan_sum=True, foreach=False, gradient_release=released)

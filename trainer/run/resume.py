@@ -57,12 +57,6 @@ def resume_layout(cfg, info, world):
     if cfg.zero_stage == "auto":
         cfg.zero_stage = info["zero_stage"]
     saved_optimizer = info.get("optimizer", "adamw")  # checkpoints from before the optimizer key: torch's AdamW
-    if saved_optimizer == "adamw4bit":
-        # DeepSpeed 0.19.8 loads optimizer files with a callable map_location, which torch cannot apply to
-        # torchao's tensor subclass ("Callable map_location not supported with _rebuild_wrapper_subclass")
-        raise UserError("the checkpoint holds torchao's 4-bit AdamW states, which DeepSpeed's checkpoint loader cannot "
-                        "read back (torchao's tensor subclass); continue its weights in a new run with "
-                        "--init_from=<this out_dir> --out_dir=<a new folder> (Adam's moments restart)")
     if cfg.optimizer == "auto":
         cfg.optimizer = saved_optimizer
     elif unpaged(cfg.optimizer) != unpaged(saved_optimizer):  # paging does not change the states
