@@ -46,7 +46,7 @@ EXPERIMENTS = {
                                                      "--micro_batch_size=1", "--max_iters=500",
                                                      "--lr_decay_iters=500", "--eval_interval=500"]),
     **{f"masters_{lr}": ("master_weights", ("fp32", "bf16", "bf16_kahan", "bf16_sr", "bf16_sr+adamw4bit",
-                                            "bf16_kahan+in_backward", "lora"),
+                                            "bf16_kahan+in_backward", "bf16_sr+adamw4bit+in_backward", "lora"),
                          ["--recipe", "shakespeare_char_cpu", "--dtype=bf16", "--mode=full", "--max_iters=200",
                           "--decay_lr=False", f"--learning_rate={lr}", "--warmup_iters=0", "--eval_interval=200"])
        for lr in ("1e-4", "3e-5")},
@@ -56,9 +56,12 @@ EXPERIMENTS = {
 # of the adapters), at the table's learning rate, for the ranking of a tool that fails the quality rule.
 # bf16_kahan+in_backward: the step inside the backward (gradient release), each tensor's gradient clipped to
 # grad_clip on its own; the recipe's batch of 12 is one micro-batch, so there is no accumulation to refuse.
+# bf16_sr+adamw4bit+in_backward: the same over torchao's 4-bit AdamW (the tools of gpt2-xl's 10 GB plan).
 COMPOUND = {"bf16_sr+adamw4bit": ["--master_weights=bf16_sr", "--optimizer=adamw4bit"],
             "bf16_kahan+in_backward": ["--master_weights=bf16_kahan", "--optimizer_in_backward=True",
                                        "--micro_batch_size=12"],
+            "bf16_sr+adamw4bit+in_backward": ["--master_weights=bf16_sr", "--optimizer=adamw4bit",
+                                              "--optimizer_in_backward=True", "--micro_batch_size=12"],
             "lora": ["--mode=lora", "--lora_r=16", "--lora_alpha=32", "--master_weights=fp32"]}
 
 
@@ -173,6 +176,8 @@ def main():
     ap.add_argument("--finetune_iters", type=int, default=200, help="iterations of the masters_* finetunes")
     ap.add_argument("--whole_val", default="True", choices=("True", "False"),
                     help="also evaluate each run on the whole val split (launch/eval.py; about 2 min a run here)")
+    ap.add_argument("--values", default=None, help="only these rows of each experiment (comma-separated, e.g. "
+                                                   "fp32,bf16_sr+adamw4bit+in_backward): a row added later")
     ap.add_argument("--results", default=str(REPO / "bench" / "RESULTS.md"))
     ap.add_argument("--work_dir", default=None, help="keep the data and runs here (default: a temporary folder)")
     ap.add_argument("--summarize", default=None, help="print the masters tables (per seed, paired) from the "
@@ -188,6 +193,8 @@ def main():
             run([REPO / "data/shakespeare_char/prepare.py", f"--data_dir={data_dir}", f"--input={SHAKESPEARE}"])
         for name in args.only.split(","):
             key, values, words = EXPERIMENTS[name]
+            if args.values:
+                values = tuple(v for v in values if v in args.values.split(","))
             seeds = [int(s) for s in (args.seeds if name == "adamw8bit" else args.lora_seeds).split(",")]
             if name == "lora" or name.startswith("masters"):  # finetunes of the same pretrained model
                 words = [*words, f"--init_from={lora_base(data_dir, work)}"]

@@ -1,8 +1,9 @@
 """The optimizer step inside the backward (optimizer_in_backward, trainer/optim/release.py): torch-optimi's
-gradient release on the bf16 weights (master_weights=bf16_kahan), one rank, no accumulation.
+gradient release on bf16_kahan weights, and the hooks stepping torchao's optimizers (bf16_sr, adamw4bit) or torch's
+(bf16) one tensor at a time; one rank, no accumulation.
 
-On real CPU engines (tests/optimizer_in_backward.py): the update equals the ordinary step tensor for tensor
-(grad_clip 0), per-tensor clipping equals the ordinary step with each gradient clipped on its own (and differs
+On real CPU engines (tests/optimizer_in_backward.py), for each: the update equals the ordinary step tensor for
+tensor (grad_clip 0; with stochastic rounding within a rounding step), per-tensor clipping equals the ordinary step with each gradient clipped on its own (and differs
 from the global clip), no gradient is left after the backward and the engine's bytes are the plan's, a
 non-finite gradient behind a finite loss raises before its tensor is stepped. Here besides: the plan's
 arithmetic, the refusals, and real runs: training, the injection hook (a non-finite loss: the step skipped whole)
@@ -32,28 +33,38 @@ def engines(tmp_path_factory):
     return json.loads(out.read_text())
 
 
-def test_one_micro_step_is_the_ordinary_step_tensor_for_tensor(engines):
-    exact = engines["exact"]
+ALL_TOOLS = ("bf16_kahan+adamw", "bf16+adamw", "bf16_sr+adamw4bit")
+STATEFUL = ("bf16_kahan+adamw", "bf16_sr+adamw4bit")  # measured for bytes and the non-finite check
+
+
+@pytest.mark.parametrize("tools", ALL_TOOLS)
+def test_one_micro_step_is_the_ordinary_step_tensor_for_tensor(engines, tools):
+    exact = engines[tools]["exact"]
     assert exact["equal"] == [True, True], exact
+    assert all(".ln_" in n for n in exact["unmoved"]) and (tools != "bf16_sr+adamw4bit" or not exact["unmoved"]), exact
     assert all(n > 0 for n in exact["norms"])  # the global norm of the iteration, summed from the tensors'
 
 
-def test_clipping_is_per_tensor(engines):
+@pytest.mark.parametrize("tools", ["bf16_kahan+adamw", "bf16+adamw"])
+def test_clipping_is_per_tensor(engines, tools):
     """grad_clip 1e-3 (every tensor clipped): the update is the ordinary step's with each gradient clipped to
     the limit on its own, not the global clip's."""
-    per_tensor = engines["per_tensor"]
+    per_tensor = engines[tools]["per_tensor"]
     assert per_tensor["equal"] == [True, True] and per_tensor["equal_to_global_clip"] is False, per_tensor
 
 
-def test_no_gradient_is_held_and_the_bytes_are_the_estimate(engines):
-    b = engines["bytes"]
-    assert b["held_grads"] == 0 and b["measured"]["gradients"] == 0 == b["predicted"]["gradients"], b
+@pytest.mark.parametrize("tools", STATEFUL)
+def test_no_gradient_is_held_and_the_bytes_are_the_estimate(engines, tools):
+    b = engines[tools]["bytes"]
+    assert b["held_grads"] == 0 and b["predicted"]["gradients"] == 0, b
+    assert b["measured"]["gradients"] <= 64, b  # (torchao keeps each group's lr a 4-byte tensor)
     assert b["measured"]["weights"] == b["predicted"]["weights"], b
     assert b["measured"]["optimizer_states"] == b["predicted"]["optimizer_states"], b
 
 
-def test_a_non_finite_gradient_stops_before_its_tensor_is_stepped(engines):
-    nonfinite = engines["nonfinite"]
+@pytest.mark.parametrize("tools", STATEFUL)
+def test_a_non_finite_gradient_stops_before_its_tensor_is_stepped(engines, tools):
+    nonfinite = engines[tools]["nonfinite"]
     assert nonfinite["raised"] == nonfinite["name"] and nonfinite["unstepped"], nonfinite
     assert nonfinite["stepped_before_it"]  # the tensors whose gradients came first are stepped: no skip possible
 
@@ -90,10 +101,9 @@ XL = Shape(*GPT2_SHAPES["gpt2-xl"], 50257, 1024)
 
 
 @pytest.mark.parametrize("keys,gpus,message", [
-    ({"master_weights": "fp32"}, 1, r"^optimizer_in_backward=True steps torch-optimi's gradient release, which this "
-                                   r"trainer runs on bf16 weights with Kahan summation, but master_weights=fp32; set "
-                                   r"--master_weights=bf16_kahan --dtype=bf16$"),
-    ({"master_weights": "bf16_sr"}, 1, r"but master_weights=bf16_sr; set --master_weights=bf16_kahan"),
+    ({"master_weights": "fp32"}, 1, r"^optimizer_in_backward=True steps the optimizer over the bf16 weights in the "
+                                   r"backward \(DeepSpeed's fp32-master optimizers step only whole\), but "
+                                   r"master_weights=fp32; set --master_weights=bf16_kahan \(or bf16_sr\) --dtype=bf16$"),
     ({"micro_batch_size": 2}, 1, r"^optimizer_in_backward=True updates the weights in every backward, so it cannot "
                                  r"accumulate gradients, but micro_batch_size=2 with 8 sequences per iteration "
                                  r"accumulates 4; set --micro_batch_size=8 \(or auto\) or --optimizer_in_backward"),
@@ -110,28 +120,34 @@ def test_settings_it_cannot_keep_are_one_line(keys, gpus, message):
 
 
 def test_auto_steps_in_the_backward_only_where_the_ordinary_step_does_not_fit():
-    """gpt2-xl, 8 sequences per iteration: at 16 GB only the step in the backward fits full finetuning (no
-    gradient held), so auto takes it with bf16_kahan and the whole iteration in one micro-batch; at 24 GB the
-    ordinary step fits and it stays off (its host sync per tensor costs time); with several GPUs never."""
+    """gpt2-xl, 8 sequences per iteration: at 10 GB only the step in the backward over torchao's 4-bit AdamW fits
+    full finetuning (no gradient held), so auto takes it with bf16_sr and the whole iteration in one micro-batch;
+    with 32-bit states (optimizer=adamw) at 16 GB it takes it with bf16_kahan; at 16 GB with the optimizer on auto
+    the ordinary 4-bit step fits and it stays off (its host sync per tensor costs time); with several GPUs
+    never."""
     def plan(gb, gpus=1, **keys):
         cfg = Config(**{"batch_size": 1, "gradient_accumulation_steps": 8, "block_size": 1024, **keys})
         return make_plan(PlanInput.of(cfg, XL), detect_hardware(gpus, vram_gb=gb, gpus=gpus))
-    tight = plan(16)
-    assert tight.mode == "full" and tight.optimizer_in_backward and tight.master_weights == "bf16_kahan"
+    tight = plan(10)
+    assert tight.mode == "full" and tight.optimizer_in_backward
+    assert (tight.master_weights, tight.optimizer) == ("bf16_sr", "adamw4bit")
     assert tight.micro_batch_size == 8 and tight.grad_accum_per_rank == 1
     assert tight.reasons["optimizer_in_backward"].startswith("on: with the ordinary step the plan needs")
     assert tight.estimate.items["gradients"] == 0
+    kahan = plan(16, optimizer="adamw")
+    assert kahan.optimizer_in_backward and kahan.master_weights == "bf16_kahan" and kahan.micro_batch_size == 8
+    assert not plan(16).optimizer_in_backward and plan(16).optimizer == "adamw4bit"
     assert not plan(24).optimizer_in_backward
-    assert not plan(16, gpus=2).optimizer_in_backward
-    fixed = plan(80, optimizer_in_backward=True)  # master_weights left on auto: the one it runs on
-    assert fixed.master_weights == "bf16_kahan" and fixed.optimizer_in_backward
+    assert plan(10, gpus=2).mode != "full" or not plan(10, gpus=2).optimizer_in_backward
+    fixed = plan(80, optimizer_in_backward=True, optimizer="adamw")  # master_weights on auto: one it runs on
+    assert fixed.master_weights in ("bf16_kahan", "bf16_sr") and fixed.optimizer_in_backward
 
 
 def test_a_setting_it_cannot_keep_exits_2_and_writes_nothing(data_dir, tmp_path):
     out = tmp_path / "out"
-    fails_cleanly(train_args(data_dir, out, "--dtype=bf16", "--master_weights=bf16_sr",
+    fails_cleanly(train_args(data_dir, out, "--dtype=bf16", "--master_weights=fp32",
                              "--optimizer_in_backward=True"),
-                  "optimizer_in_backward=True steps torch-optimi's gradient release")
+                  "optimizer_in_backward=True steps the optimizer over the bf16 weights in the backward")
     assert not out.exists()
 
 
@@ -190,18 +206,20 @@ def test_a_real_divergence_stops_with_the_guards_line(good_run, data_dir, tmp_pa
     assert checkpoint.latest_tag(out) == "iter0000002", line
 
 
-@pytest.mark.parametrize("checkpointing", [False, True])
-def test_simulated_on_fake_tensors(checkpointing):
-    """--plan --simulate's step (optimi's own gradient release hooks on fake tensors, after a first backward that
-    creates the states): no gradient left, the states and weights exactly, the backward's peak (the wte/lm_head
+@pytest.mark.parametrize("checkpointing,tools", [(False, "bf16_kahan+adamw"), (True, "bf16_kahan+adamw"),
+                                                (True, "bf16_sr+adamw4bit")])
+def test_simulated_on_fake_tensors(checkpointing, tools):
+    """--plan --simulate's step (the hooks of trainer/optim/release.step_in_backward on fake tensors, after a first
+    backward that creates the states; torchao's step eagerly): no gradient left, the states and weights exactly, the backward's peak (the wte/lm_head
     stepped last, its gradient whole) within 1% of the estimate, with recomputation within 3% (the states are
     known to the tracker before the hooks update them in place: without that they were counted again as the
     hooks touched them: 4.7% over here, 9.4 against 0.95 GiB for gpt2-xl's 16 GB plan); nothing left for
     engine.step()."""
     from tests.test_simulate import plan_for
     from trainer.plan.simulate import comparison, simulate
+    masters, optimizer = tools.split("+")
     cfg, shape, plan = plan_for(mode="full", gradient_checkpointing=checkpointing, dtype="bf16",
-                                master_weights="bf16_kahan", optimizer_in_backward=True, batch_size=2,
+                                master_weights=masters, optimizer=optimizer, optimizer_in_backward=True, batch_size=2,
                                 gradient_accumulation_steps=1, micro_batch_size=2)
     rows = {r["item"]: r for r in comparison(plan, simulate(cfg, shape, plan))}
     assert rows["gradients"]["estimated"] == rows["gradients"]["simulated"] == 0, rows

@@ -245,7 +245,7 @@ def test_nothing_fits_names_smallest_memory_and_options():
 
 def test_nothing_fits_suggests_more_gpus_and_shorter_blocks():
     with pytest.raises(PlanError) as info:
-        make_plan(cfg_for("gpt2-xl", mode="full", offload="none"), gpu(12))
+        make_plan(cfg_for("gpt2-xl", mode="full", offload="none", optimizer="adamw"), gpu(12))
     assert re.search(r"--gpus=\d+ fits", str(info.value))
     assert re.search(r"--block_size=\d+ fits|--mode=", str(info.value))
 

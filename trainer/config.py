@@ -214,10 +214,11 @@ class Plan(_Checked):
                                  "as fast, else bf16_kahan or bf16_sr, which the quality table admits)")
     activation_offload: bool | Auto = key("auto", "with gradient checkpointing: keep the checkpointed activations "
                                           "in pinned CPU memory, copied on a side stream", auto=bool)
-    optimizer_in_backward: bool | Auto = key("auto", "with master_weights=bf16_kahan, one rank and no accumulation: "
+    optimizer_in_backward: bool | Auto = key("auto", "with bf16 weights without masters (master_weights bf16_kahan, "
+                                             "bf16_sr, bf16), one rank and no accumulation: "
                                              "step each tensor as soon as its gradient is complete (gradient "
                                              "release: no gradient held whole; per-tensor clipping; auto: only "
-                                             "where the ordinary step does not fit)", auto=bool)
+                                             "where the ordinary step does not fit, with bf16_kahan or bf16_sr+adamw4bit)", auto=bool)
 
 
 @group("speed")

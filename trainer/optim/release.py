@@ -1,10 +1,15 @@
 """The optimizer step inside the backward (plan key optimizer_in_backward): gradient release.
 
-torch-optimi 0.3.3's gradient release (optimi/gradientrelease.py prepare_for_gradient_release) registers a
-post-accumulate-grad hook on every trainable parameter that steps that one tensor (AdamW with Kahan summation on
-the bf16 weights, master_weights=bf16_kahan) and frees its gradient as soon as backward has completed it: no
-gradient is ever held whole, only the one in flight. DeepSpeed's engine.step() then finds no gradient left: its
-optimizer.step() steps nothing and its zero_grad frees nothing.
+A post-accumulate-grad hook on every trainable parameter steps that one tensor and frees its gradient as soon as
+backward has completed it: no gradient is ever held whole, only the one in flight. DeepSpeed's engine.step()
+then finds no gradient left: its optimizer.step() steps nothing and its zero_grad frees nothing.
+  - master_weights=bf16_kahan: torch-optimi 0.3.3's own gradient release (optimi/gradientrelease.py
+    prepare_for_gradient_release: optimizer.step(param=p), then its zero_grad(param=p)).
+  - master_weights=bf16_sr (torchao's _AdamW or AdamW4bit): torchao has no per-tensor step, and its step()
+    steps every tensor that has a gradient. Here step_one hands it a view of the tensor's group holding that
+    one tensor (the group's own lr tensor, betas, decay: the schedule reaches it), then frees the gradient.
+    Its states are the optimizer's own (keyed by the tensor), so its state_dict, checkpoints and resume are
+    those of the ordinary step.
 
 A hook of ours runs first on each tensor (hooks run in the order registered), because the update is applied
 before the iteration's gradient norm could be known:
@@ -28,17 +33,11 @@ class NonFiniteGradient(Exception):
 
 class GradientRelease:
     def __init__(self, module, optimizer, max_norm):
-        from optimi import prepare_for_gradient_release
         self.max_norm, self.sum_sq = max_norm, 0.0
         self.names = {p: name for name, p in module.named_parameters() if p.requires_grad}
         for p in self.names:
             p.register_post_accumulate_grad_hook(self.check)
-        prepare_for_gradient_release(module, optimizer, ignore_existing_hooks=True)  # after ours: they step
-        # optimi keeps each tensor's param group in its state (state["group"]): a checkpoint would save a copy of
-        # it (its lr frozen, its params list); saved without it, and pointed back at the live groups on load, so
-        # the schedule's learning rate (trainer/run/engine.set_lr) reaches a resumed run's steps
-        optimizer.register_state_dict_post_hook(_without_groups)
-        optimizer.register_load_state_dict_post_hook(_point_at_groups)
+        step_in_backward(module, optimizer)  # after ours: they step
 
     def check(self, param):
         norm = torch.linalg.vector_norm(param.grad, dtype=torch.float32)
@@ -60,6 +59,37 @@ class GradientRelease:
         """The global norm of this iteration's unclipped gradients (nan for a skipped step); resets it."""
         norm, self.sum_sq = math.sqrt(self.sum_sq), 0.0
         return norm
+
+
+def step_in_backward(module, optimizer):
+    """The hooks that step each trainable tensor of `module` with `optimizer` and free its gradient (also what
+    trainer/plan/simulate.py runs on fake tensors, without GradientRelease's norm check: a host sync)."""
+    from optimi.optimizer import OptimiOptimizer
+    if isinstance(optimizer, OptimiOptimizer):
+        from optimi import prepare_for_gradient_release
+        prepare_for_gradient_release(module, optimizer, ignore_existing_hooks=True)
+        # optimi keeps each tensor's param group in its state (state["group"]): a checkpoint would save a copy
+        # of it (its lr frozen, its params list); saved without it, and pointed back at the live groups on
+        # load, so the schedule's learning rate (trainer/run/engine.set_lr) reaches a resumed run's steps
+        optimizer.register_state_dict_post_hook(_without_groups)
+        optimizer.register_load_state_dict_post_hook(_point_at_groups)
+        return
+    # by index: load_state_dict replaces the group dicts (a resumed run's lr tensors are new ones)
+    group_of = {p: i for i, group in enumerate(optimizer.param_groups) for p in group["params"]}
+
+    def step_one(param):
+        """Step one tensor with an optimizer whose step() steps every tensor with a gradient (torchao's)."""
+        groups = optimizer.param_groups
+        optimizer.param_groups = [{**groups[group_of[param]], "params": [param]}]
+        try:
+            optimizer.step()
+        finally:
+            optimizer.param_groups = groups
+        param.grad = None
+
+    for p in module.parameters():
+        if p.requires_grad:
+            p.register_post_accumulate_grad_hook(step_one)
 
 
 def _without_groups(optimizer, state_dict):

@@ -116,10 +116,10 @@ def _cpu_seconds(search, cand):
 
 def _cpu_step(search, cand):
     """Which measured optimizer step a candidate runs on the CPU (the keys of CPU_STEP_SECONDS)."""
-    if cand.optimizer_in_backward:
-        return "in_backward"
+    if cand.optimizer_in_backward and cand.master_weights == "bf16_kahan":
+        return "in_backward"  # optimi's gradient release, measured
     if cand.optimizer == "adamw4bit":
-        return "adamw4bit"
+        return "adamw4bit"  # also in the backward: the same per-tensor steps, each from a hook
     if cand.master_weights != "fp32":
         # plain bf16 (torch's AdamW per tensor on the bf16 weights, never chosen by auto) is not measured: it
         # is counted as Kahan's step, the other per-tensor bf16 AdamW

@@ -302,7 +302,7 @@ def estimate(shape: Shape, cand: Candidate, dtype, n_devices, device_type, usabl
     model_bytes = held_weight_bytes(shape, cand.mode, base, trainable, w)
     resident, weights = weight_bytes(cand, model_bytes, numels + adapters, w, n_devices)
     states, host = optimizer_state_bytes(cand, path, trainable, stepped, model_bytes, w, n_devices)
-    if cand.optimizer_in_backward and device_type == "cpu":
+    if cand.optimizer_in_backward and cand.master_weights == "bf16_kahan" and device_type == "cpu":
         # optimi's int32 step counters, host tensors (none on a GPU): one per tensor, and one per param group (decay,
         # no decay: trainer/optim/optimizer.param_groups) made by DeepSpeed's engine.step() stepping no tensor
         states += 4 * (len(stepped) + 2)

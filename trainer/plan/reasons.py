@@ -12,7 +12,7 @@ import functools
 from trainer.config import MODES
 from trainer.optim.optimizer import is_8bit, unpaged
 from trainer.plan.hardware import USABLE_FRACTION_CPU, USABLE_FRACTION_GPU
-from trainer.plan.search import describe, divisors_desc
+from trainer.plan.search import AUTO_IN_BACKWARD_TOOLS, describe, divisors_desc
 from trainer.units import format_bytes
 
 USER = "fixed by the user"
@@ -112,6 +112,10 @@ def gradient_checkpointing(search, chosen, others):
     if without:
         return (f"on: recomputing the forward pass costs less than the smaller micro-batches that fit without it "
                 f"({describe(without[0].cand)}: estimated {without[0].time / chosen.time - 1:+.0%} time)")
+    if cand.optimizer_in_backward:  # the step in the backward takes the whole iteration in one micro-batch
+        off = _needs(search, cand, gradient_checkpointing=False, activation_offload=False)
+        return (f"on: without it the iteration's micro-batch of {cand.micro_batch_size} (the step in the backward "
+                f"cannot accumulate) needs {off}; recomputation costs about a third more compute")
     off = _needs(search, cand, gradient_checkpointing=False, activation_offload=False, micro_batch_size=1)
     return (f"on: without it even micro-batch 1 needs {off}; "
             f"recomputation costs about a third more compute")
@@ -164,6 +168,10 @@ def dtype(search, chosen, others):
 @_unless_fixed
 def optimizer(search, chosen, others):
     cand = chosen.cand
+    if cand.optimizer == "adamw4bit":
+        return (f"adamw4bit: with 32-bit states the plan needs {_needs(search, cand, optimizer='adamw')}; torchao's "
+                f"block-wise 4-bit moments ({format_bytes(chosen.est.items['optimizer_states'])}) on the bf16_sr "
+                f"weights, which learn as fp32 masters do by the quality table (bench/RESULTS.md)")
     if not is_8bit(cand.optimizer):
         return "adamw: 32-bit states fit" + _also_fits(chosen, others, "optimizer", lambda o: o)
     states = format_bytes(chosen.est.items["optimizer_states"])
@@ -223,8 +231,11 @@ def optimizer_in_backward(search, chosen, others):
                 f"{_needs(search, cand, optimizer_in_backward=False)}; each tensor stepped in the backward as "
                 f"its gradient completes (no gradient held; one micro-batch per iteration, gradients clipped per "
                 f"tensor, a host sync per tensor: docs/plan.md)")
-    if cand.master_weights != "bf16_kahan" or search.hw.n_devices > 1:
-        return "off: it runs on bf16_kahan weights on one rank only"
+    if cand.master_weights == "fp32" or search.hw.n_devices > 1:
+        return "off: it runs on bf16 weights without masters, on one rank only"
+    if (cand.master_weights, cand.optimizer) not in AUTO_IN_BACKWARD_TOOLS:
+        return (f"off: auto takes it only with the tools its quality rows measured (bf16_kahan with adamw, "
+                f"bf16_sr with adamw4bit), not {cand.master_weights} with {cand.optimizer}")
     return "off: the ordinary step fits" + _also_fits(chosen, others, "optimizer_in_backward",
                                                        lambda on: "the step in the backward" if on else "off")
 

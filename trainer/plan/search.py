@@ -23,14 +23,16 @@ from trainer.plan.memory import Candidate, Estimate, default_grad_accum, estimat
 
 PLAN_KEYS = ("mode", "zero_stage", "offload", "gradient_checkpointing", "micro_batch_size", "dtype", "optimizer",
              "grad_accum_dtype", "activation_offload", "master_weights", "optimizer_in_backward")
-# paged ones only when asked for: they page out, they do not shrink. adamw4bit only when asked for: its
-# checkpoints cannot be resumed yet (trainer/run/resume.py), and auto never gives up exact resume
-AUTO_OPTIMIZERS = ("adamw", "adamw8bit")
+# paged ones only when asked for: they page out, they do not shrink. adamw4bit (torchao's 4-bit moments) only on
+# bf16_sr weights (the candidate loop), where the quality table admits it
+AUTO_OPTIMIZERS = ("adamw", "adamw8bit", "adamw4bit")
 # What `auto` may choose for master_weights and optimizer_in_backward: a tool that changes what is learned
 # enters only where the quality table (bench/RESULTS.md, bench/optimizer_parity.py) shows it learns as well as
 # fp32 masters by the paired rule of docs/plan.md. Plain bf16 rounding fails it and is never chosen.
 AUTO_MASTER_WEIGHTS = ("fp32", "bf16_kahan", "bf16_sr")
 AUTO_IN_BACKWARD = (False, True)
+# ... and the step inside the backward only with the optimizers its quality rows measured (per-tensor clipping)
+AUTO_IN_BACKWARD_TOOLS = {("bf16_kahan", "adamw"), ("bf16_sr", "adamw4bit")}
 
 
 @functools.cache
@@ -208,17 +210,18 @@ class Search:
                             "compiler; install one (apt-get install g++) or use --master_weights=bf16_kahan")
 
     def check_optimizer_in_backward(self):
-        """The step inside the backward (trainer/optim/release.py): torch-optimi's gradient release on the bf16
-        weights (bf16_kahan), one rank (ZeRO-0's all-reduce would come after the hooks stepped un-averaged
-        gradients), no accumulation (a tensor stepped per micro-batch would not be the iteration's update)."""
+        """The step inside the backward (trainer/optim/release.py): the optimizer over the bf16 weights
+        (master_weights other than fp32) steps each tensor in a hook, one rank (ZeRO-0's all-reduce would come
+        after the hooks stepped un-averaged gradients), no accumulation (a tensor stepped per micro-batch would
+        not be the iteration's update)."""
         f = self.fixed
         if not f.get("optimizer_in_backward"):
             return
         masters = f.get("master_weights", "bf16_kahan" if self.dtype == "bf16" else "fp32")
-        if masters != "bf16_kahan":
-            raise PlanError(f"optimizer_in_backward=True steps torch-optimi's gradient release, which this trainer "
-                            f"runs on bf16 weights with Kahan summation, but master_weights={masters}; set "
-                            f"--master_weights=bf16_kahan --dtype=bf16")
+        if masters == "fp32":
+            raise PlanError("optimizer_in_backward=True steps the optimizer over the bf16 weights in the backward "
+                            "(DeepSpeed's fp32-master optimizers step only whole), but master_weights=fp32; set "
+                            "--master_weights=bf16_kahan (or bf16_sr) --dtype=bf16")
         if self.hw.n_devices > 1:
             raise PlanError(f"optimizer_in_backward=True steps each tensor before ZeRO-0's all-reduce would average "
                             f"its gradient over the {self.hw.n_devices} ranks; run on one rank or set "
@@ -287,7 +290,7 @@ class Search:
                                     if master != "fp32" and optimizer not in ("adamw", "adamw4bit") \
                                             or optimizer == "adamw4bit" and master != "bf16_sr":
                                         continue  # torchao's 4-bit AdamW runs on bf16_sr weights only
-                                    for released in self.in_backward_options(master):
+                                    for released in self.in_backward_options(master, optimizer):
                                         # released: the iteration in one micro-batch (none, if a fixed one
                                         # accumulates)
                                         for m in [m for m in micros if m == self.per_rank] if released else micros:
@@ -303,13 +306,13 @@ class Search:
         compiler = self.hw.device_type == "cuda" or has_cxx_compiler()
         return tuple(m for m in AUTO_MASTER_WEIGHTS if m != "bf16_sr" or compiler)
 
-    def in_backward_options(self, master):
-        """The step inside the backward where it can run (check_optimizer_in_backward): torch-optimi's
-        gradient release on bf16_kahan weights, one rank, the iteration in one micro-batch."""
+    def in_backward_options(self, master, optimizer):
+        """The step inside the backward where it can run (check_optimizer_in_backward): bf16 weights without
+        masters, one rank, the iteration in one micro-batch; on auto only with AUTO_IN_BACKWARD_TOOLS."""
         if "optimizer_in_backward" in self.fixed:
             fixed = self.fixed["optimizer_in_backward"]
-            return [] if fixed and master != "bf16_kahan" else [fixed]
-        if master != "bf16_kahan" or self.hw.n_devices > 1:
+            return [] if fixed and master == "fp32" else [fixed]
+        if (master, optimizer) not in AUTO_IN_BACKWARD_TOOLS or self.hw.n_devices > 1:
             return [False]
         return list(AUTO_IN_BACKWARD)
 

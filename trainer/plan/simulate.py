@@ -41,6 +41,7 @@ from trainer.model.gpt2 import TORCH_DTYPES, fit_to_config, gpt2_config
 from trainer.model.loss import LMWithLoss, chunked_lm_loss
 from trainer.model.offload import MIN_BYTES as OFFLOAD_MIN_BYTES
 from trainer.optim.optimizer import adamw_hyperparameters, client_optimizer, is_client, master_optimizer, param_groups
+from trainer.optim.release import step_in_backward
 from trainer.plan.cuda_kernels import cuda_kernels
 from trainer.plan.memory import ZERO0_ALLREDUCE_ELEMENTS, deepspeed_path
 from trainer.units import MiB, format_bytes
@@ -198,18 +199,14 @@ class _Bf16WeightsStep:
             self.opt.step()
             return
         torch.nn.utils.get_total_norm([p.grad for p in self.masters])
-        if self.opt.__module__.startswith("torchao"):
-            # torchao compiles its per-tensor step, and fake tensors cannot go through inductor (it crashes):
-            # its math runs eagerly here, each intermediate made (what MASTER_STEP_TEMP_BYTES counts; compiled,
-            # inductor fuses them, so the estimate is an upper bound)
-            with _eager_compile():
-                self.opt.step()
-        else:
-            self.opt.step()
+        self.opt.step()  # (torchao's compiled step runs eagerly: simulate()'s _eager_compile)
 
 
 @contextlib.contextmanager
 def _eager_compile():
+    """torch.compile as the identity: torchao compiles its per-tensor step, and fake tensors cannot go through
+    inductor (it crashes). Its math runs eagerly, each intermediate made (what MASTER_STEP_TEMP_BYTES counts;
+    compiled, inductor fuses them, so the estimate is an upper bound)."""
     compile_ = torch.compile
     torch.compile = lambda fn=None, **kwargs: fn if fn is not None else (lambda f: f)
     try:
@@ -471,16 +468,15 @@ def simulate(cfg, shape, plan, packed=False, cpu_step=False):
     module = build_fake_module(cfg, shape, plan, fake_mode, packed)
     if plan.activation_offload:
         module.offload = _HostOffload()
-    with fake_mode, cuda_kernels():
+    with fake_mode, cuda_kernels(), _eager_compile():
         params = [p for p in module.parameters() if p.requires_grad]
         extra = []
-        released = plan.optimizer_in_backward  # each tensor stepped by optimi's hook in the backward
+        released = plan.optimizer_in_backward  # each tensor stepped by a hook in the backward
         if released:
             # (trainer/optim/release.py: its own hook's norm check is a host sync, which fake tensors cannot do; its
             # scalars and in-place clip add nothing measurable)
-            from optimi import prepare_for_gradient_release
             opt = _Bf16WeightsStep(params, cfg, plan)
-            prepare_for_gradient_release(module, opt.opt)
+            step_in_backward(module, opt.opt)
             warm = module(*_fake_batch(b, s, packed))  # the first backward creates the states: the second is a step
             warm.backward()
             del warm
