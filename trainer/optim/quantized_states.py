@@ -10,10 +10,8 @@ own casting, which for OptimState4bit changes only its appearance dtype and devi
 aten._to_copy). The codes and scales are saved bit for bit: a resumed run's moments are the saved ones.
 Nothing in the file names a class: the one rebuilt is fixed here.
 """
-import torch
-
 QUANTIZED = "torchao_optim_state_4bit"
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_DTYPES = ("float32", "bfloat16", "float16")  # (torch imported only when a state is rebuilt: --plan stays light)
 
 
 def keep_in_plain_tensors(optimizer):
@@ -47,8 +45,9 @@ def _rebuilt(optimizer, state_dict):
 
 
 def _unpack(packed):
+    import torch
     from torchao.optim.subclass_4bit import OptimState4bit
     if packed["dtype"] not in _DTYPES:
         raise ValueError(f"a 4-bit optimizer state of dtype {packed['dtype']!r} (expected one of {sorted(_DTYPES)})")
     return OptimState4bit(packed["codes"], packed["scale"], packed["qmap"], bool(packed["signed"]),
-                          tuple(int(n) for n in packed["shape"]), dtype=_DTYPES[packed["dtype"]])
+                          tuple(int(n) for n in packed["shape"]), dtype=getattr(torch, packed["dtype"]))
