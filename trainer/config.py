@@ -218,7 +218,8 @@ class Plan(_Checked):
                                              "bf16_sr, bf16), one rank and no accumulation: "
                                              "step each tensor as soon as its gradient is complete (gradient "
                                              "release: no gradient held whole; per-tensor clipping; auto: only "
-                                             "where the ordinary step does not fit, with bf16_kahan or bf16_sr+adamw4bit)", auto=bool)
+                                             "where the ordinary step does not fit, with bf16_kahan or "
+                                             "bf16_sr+adamw4bit)", auto=bool)
 
 
 @group("speed")

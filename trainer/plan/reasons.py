@@ -234,8 +234,9 @@ def optimizer_in_backward(search, chosen, others):
     if cand.master_weights == "fp32" or search.hw.n_devices > 1:
         return "off: it runs on bf16 weights without masters, on one rank only"
     if (cand.master_weights, cand.optimizer) not in AUTO_IN_BACKWARD_TOOLS:
-        return (f"off: auto takes it only with the tools its quality rows measured (bf16_kahan with adamw, "
-                f"bf16_sr with adamw4bit), not {cand.master_weights} with {cand.optimizer}")
+        measured = ", ".join(f"{m} with {o}" for m, o in sorted(AUTO_IN_BACKWARD_TOOLS))
+        return (f"off: auto takes it only with the tools its quality rows measured ({measured}), not "
+                f"{cand.master_weights} with {cand.optimizer}")
     return "off: the ordinary step fits" + _also_fits(chosen, others, "optimizer_in_backward",
                                                        lambda on: "the step in the backward" if on else "off")
 
