@@ -18,8 +18,9 @@ accumulation, each trained by the documented command on this CPU with the same s
              recipe's batch of 12), 200 iterations, fp32 masters (BF16_Optimizer, the baseline), plain bf16
              (the danger: updates under bf16's rounding step are lost), Kahan summation (torch-optimi),
              stochastic rounding (torchao), 4-bit states (torchao's AdamW4bit with bf16_sr), the step inside the
-             backward (bf16_kahan, per-tensor clipping; no accumulation, which it refuses), and LoRA on the same
-             task (r=16, alpha=32 as alpaca_lora, the same learning rate) for the ranking
+             backward (bf16_kahan, per-tensor clipping; no accumulation, which it refuses), Adam-mini's
+             factored second moments (on plain bf16 weights, and against AdamW in fp32 training), and LoRA on
+             the same task (r=16, alpha=32 as alpaca_lora, the same learning rate) for the ranking
 For every run: the val loss at the last iteration on the recipe's fixed val batches and on the whole val split
 (launch/eval.py); the table gives each seed and the mean ± sd, and is appended to the results file.
 """
@@ -46,7 +47,8 @@ EXPERIMENTS = {
                                                      "--micro_batch_size=1", "--max_iters=500",
                                                      "--lr_decay_iters=500", "--eval_interval=500"]),
     **{f"masters_{lr}": ("master_weights", ("fp32", "bf16", "bf16_kahan", "bf16_sr", "bf16_sr+adamw4bit",
-                                            "bf16_kahan+in_backward", "bf16_sr+adamw4bit+in_backward", "lora"),
+                                            "bf16_kahan+in_backward", "bf16_sr+adamw4bit+in_backward",
+                                            "bf16+adam_mini", "fp32_weights", "fp32_weights+adam_mini", "lora"),
                          ["--recipe", "shakespeare_char_cpu", "--dtype=bf16", "--mode=full", "--max_iters=200",
                           "--decay_lr=False", f"--learning_rate={lr}", "--warmup_iters=0", "--eval_interval=200"])
        for lr in ("1e-4", "3e-5")},
@@ -57,12 +59,20 @@ EXPERIMENTS = {
 # bf16_kahan+in_backward: the step inside the backward (gradient release), each tensor's gradient clipped to
 # grad_clip on its own; the recipe's batch of 12 is one micro-batch, so there is no accumulation to refuse.
 # bf16_sr+adamw4bit+in_backward: the same over torchao's 4-bit AdamW (the tools of gpt2-xl's 10 GB plan).
+# bf16+adam_mini: Adam-mini's factored second moments where a bf16 plan can run it, on the bf16 weights themselves
+# (plain rounding: no library compensates Adam-mini's update). fp32_weights, fp32_weights+adam_mini: AdamW and
+# Adam-mini in fp32 training, so that the factoring's own effect is seen without bf16's (FACTORED, below).
 COMPOUND = {"bf16_sr+adamw4bit": ["--master_weights=bf16_sr", "--optimizer=adamw4bit"],
             "bf16_kahan+in_backward": ["--master_weights=bf16_kahan", "--optimizer_in_backward=True",
                                        "--micro_batch_size=12"],
             "bf16_sr+adamw4bit+in_backward": ["--master_weights=bf16_sr", "--optimizer=adamw4bit",
                                               "--optimizer_in_backward=True", "--micro_batch_size=12"],
+            "bf16+adam_mini": ["--master_weights=bf16", "--optimizer=adam_mini"],
+            "fp32_weights": ["--dtype=fp32", "--master_weights=auto", "--optimizer=adamw"],
+            "fp32_weights+adam_mini": ["--dtype=fp32", "--master_weights=auto", "--optimizer=adam_mini"],
             "lora": ["--mode=lora", "--lora_r=16", "--lora_alpha=32", "--master_weights=fp32"]}
+# The factoring alone: Adam-mini against AdamW, both on fp32 weights in fp32 training (the plain path), paired
+FACTORED = ("fp32_weights", "fp32_weights+adam_mini")
 
 
 def replace(words, extra):
@@ -166,6 +176,9 @@ def summarize(log):
             print(f"| {value} | " + " | ".join(f"{v:.4f}" for v in vals) + f" | {mean_sd(vals)} |")
         print(f"\n{name}: difference against fp32 masters, seed by seed (negative: lower val loss)\n")
         print("\n".join(paired_table(got, seeds, values)))
+        if all(v in values for v in FACTORED):
+            print(f"\n{name}: Adam-mini against AdamW in fp32 training, seed by seed\n")
+            print("\n".join(paired_table(got, seeds, FACTORED, baseline=FACTORED[0])))
 
 
 def main():
@@ -223,8 +236,11 @@ def main():
                 lines.append(f"| {value} | " + " | ".join(f"{v:.4f}" for v in fixed) +
                              f" | {mean_sd(fixed)} | {mean_sd(whole)} |")
             if name.startswith("masters"):
-                lines += ["", "Against fp32 masters, seed by seed:", "",
-                          *paired_table({k: v[0] for k, v in rows.items()}, seeds, values)]
+                fixed = {k: v[0] for k, v in rows.items()}
+                lines += ["", "Against fp32 masters, seed by seed:", "", *paired_table(fixed, seeds, values)]
+                if all(v in values for v in FACTORED):
+                    lines += ["", "Adam-mini against AdamW in fp32 training, seed by seed:", "",
+                              *paired_table(fixed, seeds, FACTORED, baseline=FACTORED[0])]
             append(args.results, "\n".join(lines), started)
 
 

@@ -18,6 +18,9 @@ backward and optimizer step. Every variant trains the same tokens per iteration 
                 stochastic rounding, torchao's AdamW4bit on bf16_sr (master_weights, optimizer=adamw4bit)
   bf16_kahan_release
                 the step inside the backward (optimizer_in_backward): its step is part of the passes' time
+  full_adam_mini, bf16_adam_mini
+                Adam-mini's factored second moments (optimizer=adam_mini) on fp32 weights, and on plain bf16
+                weights (master_weights=bf16)
 
 The variants alternate (--rounds), so that drift in the machine's load spreads over all of them. Times are
 the process's CPU seconds with torch on one thread (time.process_time): other processes sharing the cores
@@ -55,6 +58,9 @@ VARIANTS = {
     "bf16_sr": {"dtype": "bf16", "master_weights": "bf16_sr"},
     "bf16_sr_4bit": {"dtype": "bf16", "master_weights": "bf16_sr", "optimizer": "adamw4bit"},
     "bf16_kahan_release": {"dtype": "bf16", "master_weights": "bf16_kahan", "optimizer_in_backward": True},
+    # Adam-mini's factored second moments: on fp32 weights (against full), on plain bf16 weights (against bf16)
+    "full_adam_mini": {"optimizer": "adam_mini"},
+    "bf16_adam_mini": {"dtype": "bf16", "master_weights": "bf16", "optimizer": "adam_mini"},
 }
 SEQUENCES = 2  # per iteration
 
@@ -186,7 +192,10 @@ def main():
             lora_fpt = flops_per_token(total, 12, 12, 768, args.block_size, "lora", adapters)
             derived.append(f"LoRA's passes: {fb['lora'] / fb['full']:.3f}x full's; the FLOPs count says "
                            f"{lora_fpt / fpt:.3f}x")
-        for tool in ("bf16_kahan", "bf16_sr", "bf16_sr_4bit"):
+        if "full_adam_mini" in st:
+            derived.append(f"Adam-mini step on fp32 weights, CPU seconds per trained parameter: "
+                           f"{st['full_adam_mini']:.3f} / {base} = {st['full_adam_mini'] / base:.3g}")
+        for tool in ("bf16_kahan", "bf16_sr", "bf16_sr_4bit", "bf16_adam_mini"):
             if tool in st and "bf16" in st:
                 derived.append(f"{tool} step, CPU seconds per trained parameter: {st[tool]:.3f} / {base} = "
                                f"{st[tool] / base:.3g} (fp32 masters' step in bf16 training: {st['bf16'] / base:.3g})")

@@ -45,11 +45,11 @@ SHAPE = {"n_layer": 2, "n_head": 2, "n_embd": 384, "block_size": 64}
 # (mode, ZeRO stage, optimizer); ZeRO-3 last: it rewires the module in place, and engines are built one after another
 CONFIGS = [("full", 0, "adamw"), ("full", 1, "adamw"), ("full", 2, "adamw"), ("lora", 0, "adamw"), ("lora", 1, "adamw"),
            ("lora", 2, "adamw"), ("full", 0, "adamw8bit"), ("full", 2, "adamw8bit"), ("lora", 0, "adamw8bit"),
-           ("full", 3, "adamw"), ("lora", 3, "adamw"), ("full", 3, "adamw8bit")]
+           ("full", 0, "adam_mini"), ("full", 3, "adamw"), ("lora", 3, "adamw"), ("full", 3, "adamw8bit")]
 # `engine_states.py OUT.json bf16`: bf16 training on one rank, fp32 masters (BF16_Optimizer) and each bf16 weights
 # setting (master_weights: the client optimizer on the bf16 module), full mode, ZeRO-0: (master_weights, optimizer)
 BF16_CONFIGS = [("fp32", "adamw"), ("bf16_kahan", "adamw"), ("bf16_sr", "adamw"), ("bf16", "adamw"),
-                ("bf16_sr", "adamw4bit")]
+                ("bf16_sr", "adamw4bit"), ("bf16", "adam_mini")]
 
 
 def storage(t):

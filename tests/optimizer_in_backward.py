@@ -42,7 +42,7 @@ from trainer.run.engine import clip_or_skip, create_engine  # noqa: E402
 
 SHAPE = {"n_layer": 2, "n_head": 2, "n_embd": 64, "block_size": 32}
 TOOLS = {"bf16_kahan+adamw": ("bf16_kahan", "adamw"), "bf16+adamw": ("bf16", "adamw"),
-         "bf16_sr+adamw4bit": ("bf16_sr", "adamw4bit")}
+         "bf16_sr+adamw4bit": ("bf16_sr", "adamw4bit"), "bf16+adam_mini": ("bf16", "adam_mini")}
 
 
 def engine_of(released, grad_clip, tools):

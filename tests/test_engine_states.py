@@ -17,7 +17,8 @@ pytestmark = pytest.mark.slow  # launches training runs
 TOLERANCE = 0.05
 ITEMS = ("weights", "gradients", "optimizer_states")
 CONFIGS = {(mode, zero, "adamw") for mode in ("full", "lora") for zero in (0, 1, 2, 3)} | {
-    ("full", 0, "adamw8bit"), ("full", 2, "adamw8bit"), ("full", 3, "adamw8bit"), ("lora", 0, "adamw8bit")}
+    ("full", 0, "adamw8bit"), ("full", 2, "adamw8bit"), ("full", 3, "adamw8bit"), ("lora", 0, "adamw8bit"),
+    ("full", 0, "adam_mini")}
 
 
 @pytest.fixture(scope="module", params=[1, 2], ids=["1rank", "2ranks"])
@@ -57,6 +58,17 @@ def test_8bit_optimizer_states_are_counted_byte_for_byte(records):
         assert r["measured"]["optimizer_states"] < 0.7 * thirty_two["measured"]["optimizer_states"]
 
 
+def test_adam_mini_states_are_counted_byte_for_byte(records):
+    """Adam-mini on the fp32 weights (the plain path, one and two ranks): the first moment per element, the
+    second per row, per tensor or (biases) per element, by name (trainer/optim/optimizer.adam_mini_state_bytes):
+    exactly the engine's; against AdamW's two moments about half."""
+    ranks, rows = records
+    mini = next(r for r in rows if r["optimizer"] == "adam_mini")
+    adamw = next(r for r in rows if (r["mode"], r["zero_stage"], r["optimizer"]) == ("full", 0, "adamw"))
+    assert mini["predicted"]["optimizer_states"] == mini["measured"]["optimizer_states"], mini
+    assert 0.5 < mini["measured"]["optimizer_states"] / adamw["measured"]["optimizer_states"] < 0.52, (mini, adamw)
+
+
 def test_sharding_shows_in_the_engine(records):
     """The engine really shards: two ranks hold less than one, stage by stage, as predicted."""
     ranks, rows = records
@@ -84,7 +96,7 @@ def test_bf16_weights_without_masters_are_counted_byte_for_byte(bf16_records):
     trainer/plan/memory.py counts them, the bf16 gradients to a few bytes (small flags); against fp32 masters
     (BF16_Optimizer) the states shrink as counted."""
     assert set(bf16_records) == {("fp32", "adamw"), ("bf16_kahan", "adamw"), ("bf16_sr", "adamw"), ("bf16", "adamw"),
-                                 ("bf16_sr", "adamw4bit")}
+                                 ("bf16_sr", "adamw4bit"), ("bf16", "adam_mini")}
     for (masters, _), r in bf16_records.items():
         predicted, measured = r["predicted"], r["measured"]
         assert r["dtype"] == "bf16", r

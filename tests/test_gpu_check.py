@@ -20,7 +20,8 @@ def test_dry_run_runs_every_step_and_writes_the_report(tmp_path):
     for tools in ("qlora, 0, none, off, 8 x 1, adamw8bit |", "full, 0, none, off, 8 x 1, accum bf16 |",
                   "full, 0, none, on, 8 x 1, act. offload |", "full, 0, none, off, 8 x 1, bf16_kahan weights |",
                   "full, 0, none, on, 8 x 1, bf16_sr weights |", "full, 0, none, off, 8 x 1, bf16_kahan weights, "
-                  "in backward |", "full, 0, none, off, 8 x 1, adamw4bit, bf16_sr weights, in backward |"):  # each tool forced once
+                  "in backward |", "full, 0, none, off, 8 x 1, adamw4bit, bf16_sr weights, in backward |",
+                  "full, 0, none, off, 8 x 1, adam_mini, bf16 weights |"):  # each tool forced once
         assert f"| tiny | 2 GB | {tools}" in text, text
     assert "- CUDA allocator: PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True" in text
     assert "| iterations done | 6 of 6 |" in text and "iteration 1: out of memory" in text  # injected, stepped down

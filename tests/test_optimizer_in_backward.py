@@ -1,6 +1,6 @@
 """The optimizer step inside the backward (optimizer_in_backward, trainer/optim/release.py): torch-optimi's
-gradient release on bf16_kahan weights, and the hooks stepping torchao's optimizers (bf16_sr, adamw4bit) or torch's
-(bf16) one tensor at a time; one rank, no accumulation.
+gradient release on bf16_kahan weights, and the hooks stepping torchao's optimizers (bf16_sr, adamw4bit), torch's
+or Adam-mini (bf16) one tensor at a time; one rank, no accumulation.
 
 On real CPU engines (tests/optimizer_in_backward.py), for each: the update equals the ordinary step tensor for
 tensor (grad_clip 0; with stochastic rounding within a rounding step), per-tensor clipping equals the ordinary step with each gradient clipped on its own (and differs
@@ -33,7 +33,7 @@ def engines(tmp_path_factory):
     return json.loads(out.read_text())
 
 
-ALL_TOOLS = ("bf16_kahan+adamw", "bf16+adamw", "bf16_sr+adamw4bit")
+ALL_TOOLS = ("bf16_kahan+adamw", "bf16+adamw", "bf16_sr+adamw4bit", "bf16+adam_mini")
 STATEFUL = ("bf16_kahan+adamw", "bf16_sr+adamw4bit")  # measured for bytes and the non-finite check
 
 
@@ -45,7 +45,7 @@ def test_one_micro_step_is_the_ordinary_step_tensor_for_tensor(engines, tools):
     assert all(n > 0 for n in exact["norms"])  # the global norm of the iteration, summed from the tensors'
 
 
-@pytest.mark.parametrize("tools", ["bf16_kahan+adamw", "bf16+adamw"])
+@pytest.mark.parametrize("tools", ["bf16_kahan+adamw", "bf16+adamw", "bf16+adam_mini"])
 def test_clipping_is_per_tensor(engines, tools):
     """grad_clip 1e-3 (every tensor clipped): the update is the ordinary step's with each gradient clipped to
     the limit on its own, not the global clip's."""
@@ -207,7 +207,7 @@ def test_a_real_divergence_stops_with_the_guards_line(good_run, data_dir, tmp_pa
 
 
 @pytest.mark.parametrize("checkpointing,tools", [(False, "bf16_kahan+adamw"), (True, "bf16_kahan+adamw"),
-                                                (True, "bf16_sr+adamw4bit")])
+                                                (True, "bf16_sr+adamw4bit"), (False, "bf16+adam_mini")])
 def test_simulated_on_fake_tensors(checkpointing, tools):
     """--plan --simulate's step (the hooks of trainer/optim/release.step_in_backward on fake tensors, after a first
     backward that creates the states; torchao's step eagerly): no gradient left, the states and weights exactly, the backward's peak (the wte/lm_head
@@ -226,7 +226,8 @@ def test_simulated_on_fake_tensors(checkpointing, tools):
     for item in ("weights", "optimizer_states"):
         assert abs(rows[item]["difference"]) <= 0.001, rows[item]
     assert abs(rows["activations_and_logits"]["difference"]) <= (0.03 if checkpointing else 0.01), rows
-    assert rows["optimizer_step_transient"]["simulated"] < 1024, rows
+    # (Adam-mini's step() squares a LayerNorm weight with no gradient, one at a time: 1.5 KiB here)
+    assert rows["optimizer_step_transient"]["simulated"] < 4096, rows
 
 
 @pytest.mark.slow

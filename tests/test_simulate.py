@@ -30,7 +30,10 @@ def plan_for(model="gpt2", **fixed):
     ("lora", True, 2, "bf16", {"optimizer": "adamw8bit"}),
     # micro-batch 64 with recomputation: the peak is a recomputed layer's backward, not the loss
     ("full", True, 64, "bf16", {"optimizer": "adamw8bit", "activation_offload": True}),
-    ("lora", True, 64, "bf16", {})])
+    ("lora", True, 64, "bf16", {}),
+    # Adam-mini on the module's own tensors: on bf16 weights, and on fp32 ones (the plain path)
+    ("full", False, 1, "bf16", {"optimizer": "adam_mini", "master_weights": "bf16"}),
+    ("full", False, 1, "fp32", {"optimizer": "adam_mini"})])
 def test_estimate_within_5_percent_of_the_simulated_step(mode, ckpt, micro, dtype, tools):
     batch = {"batch_size": 64, "gradient_accumulation_steps": 1} if micro > 32 else {}
     cfg, shape, plan = plan_for(mode=mode, gradient_checkpointing=ckpt, micro_batch_size=micro, dtype=dtype,

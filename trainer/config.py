@@ -31,7 +31,7 @@ OFFLOADS = ("none", "optimizer", "optimizer+params")
 DTYPES = ("bf16", "fp16", "fp32")
 ZERO_STAGES = (0, 1, 2, 3)
 # AdamW with 32-bit states (torch), or bitsandbytes' AdamW with 8-bit states, and either paged (CUDA unified memory)
-OPTIMIZERS = ("adamw", "adamw8bit", "paged_adamw8bit", "paged_adamw", "adamw4bit")
+OPTIMIZERS = ("adamw", "adamw8bit", "paged_adamw8bit", "paged_adamw", "adamw4bit", "adam_mini")
 GRAD_ACCUM_DTYPES = ("fp32", "bf16")
 # The weights the optimizer updates: fp32 masters (DeepSpeed's), or the bf16 weights themselves, their updates
 # compensated by Kahan summation (torch-optimi) or stochastic rounding (torchao), or not (bf16: measured, never auto)
@@ -204,7 +204,8 @@ class Plan(_Checked):
                         spellings=NANOGPT_DTYPES)
     optimizer: str = choice("auto", ("auto",) + OPTIMIZERS, "AdamW with 32-bit states, or bitsandbytes' 8-bit "
                             "states (paged_*: states in CUDA unified memory, paged to CPU under pressure), or "
-                            "torchao's 4-bit states (adamw4bit, with master_weights=bf16_sr)")
+                            "torchao's 4-bit states (adamw4bit, with master_weights=bf16_sr), or Adam-mini's factored "
+                            "second moments (adam_mini: full mode at fp32, or on bf16 weights with master_weights=bf16)")
     grad_accum_dtype: str = choice("auto", ("auto",) + GRAD_ACCUM_DTYPES, "with dtype=bf16 at ZeRO-0: "
                                    "accumulate gradients in an fp32 buffer, or in bf16 (2 bytes per parameter "
                                    "less between steps)")

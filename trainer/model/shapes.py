@@ -3,7 +3,9 @@ and tensor counts, LoRA's additions, the loss chunk, and reading a model's shape
 
 The planner (trainer/plan/) and the model code share these, so each count is written once.
 """
+import functools
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -50,13 +52,30 @@ def gpt2_param_count(n_layer, n_head, n_embd, vocab_size, block_size):
     return vocab_size * c + block_size * c + n_layer * (12 * c * c + 13 * c) + 2 * c
 
 
+@functools.cache  # the planner asks for every candidate: a tuple, made once per shape
+def gpt2_named_shapes(n_layer, n_embd, vocab_size, block_size):
+    """(name, shape) of every parameter tensor of HF's GPT2LMHeadModel (lm_head tied to wte), in the model's
+    order. Its projections are Conv1D: weights are (in, out), the transpose of nn.Linear's."""
+    c = n_embd
+    block = [("ln_1.weight", (c,)), ("ln_1.bias", (c,)), ("attn.c_attn.weight", (c, 3 * c)),
+             ("attn.c_attn.bias", (3 * c,)), ("attn.c_proj.weight", (c, c)), ("attn.c_proj.bias", (c,)),
+             ("ln_2.weight", (c,)), ("ln_2.bias", (c,)), ("mlp.c_fc.weight", (c, 4 * c)), ("mlp.c_fc.bias", (4 * c,)),
+             ("mlp.c_proj.weight", (4 * c, c)), ("mlp.c_proj.bias", (c,))]
+    return tuple([("transformer.wte.weight", (vocab_size, c)), ("transformer.wpe.weight", (block_size, c))]
+                 + [(f"transformer.h.{i}.{name}", shape) for i in range(n_layer) for name, shape in block]
+                 + [("transformer.ln_f.weight", (c,)), ("transformer.ln_f.bias", (c,))])
+
+
+@functools.cache
+def _gpt2_tensors(n_layer, n_embd, vocab_size, block_size):
+    return tuple((math.prod(shape), len(shape) == 2)
+                 for _, shape in gpt2_named_shapes(n_layer, n_embd, vocab_size, block_size))
+
+
 def gpt2_tensors(n_layer, n_embd, vocab_size, block_size):
     """(element count, is a matrix) of every parameter tensor of HF's GPT2LMHeadModel (lm_head tied to wte),
     in the model's order. Matrices are what AdamW decays (trainer/optim/optimizer.param_groups)."""
-    c = n_embd
-    block = [(c, False), (c, False), (3 * c * c, True), (3 * c, False), (c * c, True), (c, False), (c, False),
-             (c, False), (4 * c * c, True), (4 * c, False), (4 * c * c, True), (c, False)]  # ln_1, attn, ln_2, mlp
-    return [(vocab_size * c, True), (block_size * c, True)] + block * n_layer + [(c, False), (c, False)]
+    return list(_gpt2_tensors(n_layer, n_embd, vocab_size, block_size))
 
 
 def gpt2_tensor_numels(n_layer, n_embd, vocab_size, block_size):
@@ -64,7 +83,7 @@ def gpt2_tensor_numels(n_layer, n_embd, vocab_size, block_size):
 
     Sums to gpt2_param_count; ZeRO-3 needs the single tensors (which stay whole on every rank).
     """
-    return [n for n, _ in gpt2_tensors(n_layer, n_embd, vocab_size, block_size)]
+    return [n for n, _ in _gpt2_tensors(n_layer, n_embd, vocab_size, block_size)]
 
 
 def lora_projections(n_embd):

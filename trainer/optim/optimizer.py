@@ -1,8 +1,11 @@
-"""The optimizer a run steps with: AdamW with nanoGPT's parameter groups and the config's hyperparameters.
+"""The optimizer a run steps with: AdamW (torch's, bitsandbytes', torch-optimi's, torchao's) with nanoGPT's
+parameter groups, or Adam-mini with its own, and the config's hyperparameters; and the bytes of their states.
 
 trainer/run/engine.py hands these to DeepSpeed; trainer/plan/simulate.py builds the same optimizer on
 fake tensors, so the simulated step is the trained one.
 """
+import math
+
 from trainer.optim.quantized_states import keep_in_plain_tensors
 
 ADAM_EPS = 1e-8
@@ -57,8 +60,9 @@ CODEBOOK_BYTES = 2 * 256 * 4
 
 
 def is_client(name):
-    """bitsandbytes' optimizers go to DeepSpeed as a client optimizer; torch's AdamW comes from its config."""
-    return name in BNB_CLASSES
+    """bitsandbytes' optimizers and Adam-mini go to DeepSpeed as a client optimizer; torch's AdamW comes from its
+    config."""
+    return name in BNB_CLASSES or name == "adam_mini"
 
 
 def is_8bit(name):
@@ -140,6 +144,61 @@ def adamw4bit_state_bytes(numels):
         else:
             total += 2 * 2 * n
     return total + 4 * len(numels)
+
+
+# ----------------------------------------------------------------------------- Adam-mini: factored second moments
+# optimizer=adam_mini: Adam-mini 1.1.1 (adam_mini/adam_mini.py), full mode, stepping the model's own parameters
+# (the plain fp32 path, or bf16 weights with master_weights=bf16: DeepSpeed's fp32-master paths hand an optimizer
+# flat partitions, where Adam-mini cannot see a tensor's rows). It keeps Adam's first moment (zeros_like the
+# parameter) and, in place of the second, one mean of the squared gradient per block, by the tensor's name:
+#   "bias" in it        plain Adam (a second moment per element)
+#   a row block         one per row: embeddings (wte, and wpe, added here: per token, per position), and the
+#                       projections, which GPT-2 names c_attn, attn.c_proj, mlp.* (the first two added here:
+#                       Adam-mini's defaults know q_proj/k_proj/v_proj and o_proj). GPT-2's projections are
+#                       Conv1D, weights (in, out): a row is an input feature's outgoing weights, not an output
+#                       neuron as for the nn.Linear Adam-mini was designed on; its per-head rule for queries and
+#                       keys (q_proj, k_proj) matches none of GPT-2's fused c_attn, which gets one per row
+#   anything else       one for the whole tensor (the LayerNorms' weights)
+# Its step counters are Python ints. Its decay skips names with "norm", "ln" or "bias": for GPT-2 exactly the
+# 1-D tensors, nanoGPT's rule (param_groups).
+ADAM_MINI_NAMES = {"embd_names": ("wpe",), "wv_names": ("c_attn",), "attn_proj_names": ("attn.c_proj",)}
+_ADAM_MINI_ROWS = ("embed", "embd", "wte", "wpe", "lm_head", "output", "final_layer", "v_proj", "wv", "value",
+                   "c_attn", "o_proj", "wo", "attn.proj", "attn.c_proj", "feed_forward", "linear", "mlp")
+# its step per tensor: the squared gradient, then the update and its negation (2 per element of the largest)
+ADAM_MINI_TEMP_ELEMENTS = 2
+
+
+def adam_mini_block(name):
+    """How Adam-mini 1.1.1 (with ADAM_MINI_NAMES added) keeps this tensor's second moment: 'elements' (plain
+    Adam), 'rows' or 'tensor' (one mean); the order of its step's tests."""
+    name = name.lower()
+    if "bias" in name:
+        return "elements"
+    return "rows" if any(key in name for key in _ADAM_MINI_ROWS) else "tensor"
+
+
+def adam_mini_state_bytes(named_shapes, element_bytes):
+    """Bytes of Adam-mini's states for tensors (name, shape) of `element_bytes` each (the parameters' dtype)."""
+    total = 0
+    for name, shape in named_shapes:
+        n = math.prod(shape)
+        second = {"elements": n, "rows": shape[0], "tensor": 1}[adam_mini_block(name)]
+        total += (n + second) * element_bytes
+    return total
+
+
+def adam_mini_optimizer(module, cfg):
+    """Adam-mini over the module's trainable parameters (one group per tensor, its own), the config's
+    hyperparameters. world_size 1: its cross-rank sums are for sharded tensors; at ZeRO-0 every rank holds each
+    whole tensor with the same averaged gradient (and it counts ranks by torch.cuda.device_count())."""
+    from adam_mini import Adam_mini
+    hyper = adamw_hyperparameters(cfg)
+    optimizer = Adam_mini([(n, p) for n, p in module.named_parameters() if p.requires_grad], lr=hyper["lr"],
+                          betas=hyper["betas"], eps=hyper["eps"], weight_decay=hyper["weight_decay"], verbose=False)
+    for names, added in ADAM_MINI_NAMES.items():
+        getattr(optimizer, names).update(added)
+    optimizer.world_size = 1
+    return optimizer
 
 
 def master_state_bytes(master_weights, numels, optimizer="adamw"):

@@ -16,10 +16,11 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 from trainer.config import LORA_TARGETS
-from trainer.model.shapes import (LOSS_CHUNK_BYTES, Shape, gpt2_param_count, gpt2_tensor_numels, gpt2_tensors,
-                                  linear_weight_count, lora_group_numels, lora_projections, lora_tensor_numels,
-                                  lora_trainable_count)
-from trainer.optim.optimizer import master_state_bytes, master_step_temporaries, state_bytes, unpaged
+from trainer.model.shapes import (LOSS_CHUNK_BYTES, Shape, gpt2_named_shapes, gpt2_param_count,
+                                  gpt2_tensor_numels, gpt2_tensors, linear_weight_count, lora_group_numels,
+                                  lora_projections, lora_tensor_numels, lora_trainable_count)
+from trainer.optim.optimizer import (ADAM_MINI_TEMP_ELEMENTS, adam_mini_state_bytes, master_state_bytes,
+                                     master_step_temporaries, state_bytes, unpaged)
 from trainer.units import GiB, MiB
 
 # ---------------------------------------------------------------------------------------
@@ -302,6 +303,9 @@ def estimate(shape: Shape, cand: Candidate, dtype, n_devices, device_type, usabl
     model_bytes = held_weight_bytes(shape, cand.mode, base, trainable, w)
     resident, weights = weight_bytes(cand, model_bytes, numels + adapters, w, n_devices)
     states, host = optimizer_state_bytes(cand, path, trainable, stepped, model_bytes, w, n_devices)
+    if cand.optimizer == "adam_mini":  # by each tensor's name and shape, in the weights' dtype (full mode)
+        states = adam_mini_state_bytes(gpt2_named_shapes(shape.n_layer, shape.n_embd, shape.vocab_size,
+                                                         shape.block_size), w)
     if cand.optimizer_in_backward and cand.master_weights == "bf16_kahan" and device_type == "cpu":
         # optimi's int32 step counters, host tensors (none on a GPU): one per tensor, and one per param group (decay,
         # no decay: trainer/optim/optimizer.param_groups) made by DeepSpeed's engine.step() stepping no tensor
@@ -475,8 +479,12 @@ def step_transient_bytes(cand, path, device_type, trainable, trained, stepped, b
     freed; `trained`: the trainable tensors, `stepped`: the tensors the optimizer updates."""
     if path == "cpu_adam":
         return 0  # DeepSpeedCPUAdam updates in place on the CPU
-    optimizer = master_step_temporaries(cand.master_weights, stepped, cand.optimizer) if path == "bf16_weights" \
-        else optimizer_temporaries(cand.optimizer, device_type, stepped)
+    if cand.optimizer == "adam_mini":  # (on GPUs too: its step is eager torch, one tensor at a time)
+        optimizer = ADAM_MINI_TEMP_ELEMENTS * w * max(stepped)
+    elif path == "bf16_weights":
+        optimizer = master_step_temporaries(cand.master_weights, stepped, cand.optimizer)
+    else:
+        optimizer = optimizer_temporaries(cand.optimizer, device_type, stepped)
     if path == "bf16_optimizer":
         return max(bf16_optimizer_transient(stepped, n), optimizer)
     if path == "zero":

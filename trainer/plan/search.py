@@ -164,6 +164,7 @@ class Search:
             raise PlanError("grad_accum_dtype=fp32 is DeepSpeed's BF16_Optimizer, which this trainer runs at ZeRO-0 "
                             "without offload; ZeRO 1-3 and offload accumulate in bf16: set zero_stage=0 and "
                             "offload=none, or grad_accum_dtype=auto")
+        self.check_adam_mini()
         self.check_master_weights()
         self.check_optimizer_in_backward()
         if f.get("activation_offload") and f.get("gradient_checkpointing") is False:
@@ -175,6 +176,27 @@ class Search:
             raise PlanError(f"micro_batch_size={micro} does not divide the {self.per_rank} sequences each rank "
                             f"processes per iteration (batch_size x gradient_accumulation_steps / ranks); "
                             f"use one of {options}")
+
+    def check_adam_mini(self):
+        """Adam-mini keeps a second moment per row or tensor of the model's own parameters, by their names
+        (trainer/optim/optimizer.py): full mode at ZeRO-0 without offload, on the weights themselves (fp32 in
+        fp32 training; bf16 without masters in bf16 training). DeepSpeed's master-weight paths hand an
+        optimizer flat partitions, whose rows it cannot see."""
+        f = self.fixed
+        if f.get("optimizer") != "adam_mini":
+            return
+        if f.get("mode", "full") != "full":
+            raise PlanError(f"optimizer=adam_mini factors the second moments of the model's own matrices, a "
+                            f"full-finetuning tool, but mode={f['mode']}; set --mode=full or --optimizer=auto")
+        if f.get("zero_stage", 0) != 0 or f.get("offload", "none") != "none":
+            raise PlanError(f"optimizer=adam_mini steps whole tensors at ZeRO-0 without offload (ZeRO 1-3 hand it "
+                            f"flat partitions, whose rows it cannot see), but zero_stage={f.get('zero_stage', 0)}, "
+                            f"offload={f.get('offload', 'none')}; set --zero_stage=0 --offload=none (or auto)")
+        if self.dtype == "fp16" or self.dtype == "bf16" and f.get("master_weights") != "bf16":
+            raise PlanError(f"optimizer=adam_mini steps the weights themselves (DeepSpeed's {self.dtype} paths hand "
+                            f"it flat fp32 masters), but dtype={self.dtype} with master_weights="
+                            f"{f.get('master_weights', 'auto')}; set --dtype=fp32, or --dtype=bf16 "
+                            f"--master_weights=bf16 (plain rounding, which its quality row measures: bench/RESULTS.md)")
 
     def check_master_weights(self):
         """bf16 weights without fp32 masters: bf16 training, full mode, ZeRO-0 without offload, their own AdamW
@@ -199,7 +221,8 @@ class Search:
             raise PlanError(f"master_weights={masters} runs at ZeRO-0 without offload (DeepSpeed steps a client "
                             f"optimizer on the bf16 module: docs/plan.md), but zero_stage={f.get('zero_stage', 0)}, "
                             f"offload={f.get('offload', 'none')}; set --zero_stage=0 --offload=none (or auto)")
-        if f.get("optimizer", "adamw") not in ("adamw", "adamw4bit"):
+        own = ("adamw", "adamw4bit") + (("adam_mini",) if masters == "bf16" else ())
+        if f.get("optimizer", "adamw") not in own:
             raise PlanError(f"master_weights={masters} steps its own AdamW on the bf16 weights, not "
                             f"optimizer={f['optimizer']}; set --optimizer=adamw (or auto)")
         if f.get("grad_accum_dtype", "bf16") != "bf16":
@@ -287,9 +310,8 @@ class Search:
                                 for master in masters:
                                     if master != "fp32" and (mode, zero, offload, accum) != ("full", 0, "none", "bf16"):
                                         continue  # the bf16_weights path (check_master_weights)
-                                    if master != "fp32" and optimizer not in ("adamw", "adamw4bit") \
-                                            or optimizer == "adamw4bit" and master != "bf16_sr":
-                                        continue  # torchao's 4-bit AdamW runs on bf16_sr weights only
+                                    if not self.optimizer_runs(optimizer, master, mode, zero, offload):
+                                        continue
                                     for released in self.in_backward_options(master, optimizer):
                                         # released: the iteration in one micro-batch (none, if a fixed one
                                         # accumulates)
@@ -297,6 +319,16 @@ class Search:
                                             yield Candidate(mode, zero, offload, ckpt, m, optimizer,
                                                             accum if self.dtype == "bf16" else default, act,
                                                             master, released)
+
+    def optimizer_runs(self, optimizer, master, mode, zero, offload):
+        """Whether `optimizer` can step this plan's weights: torchao's 4-bit AdamW on bf16_sr weights only;
+        Adam-mini on the model's own tensors (check_adam_mini); the other bf16 weights' optimizers AdamW."""
+        if optimizer == "adam_mini":
+            own = "fp32" if self.dtype == "fp32" else "bf16"
+            return (mode, zero, offload, master) == ("full", 0, "none", own)
+        if optimizer == "adamw4bit":
+            return master == "bf16_sr"
+        return master == "fp32" or optimizer == "adamw"
 
     def auto_master_weights(self):
         """What `auto` may choose for master_weights: the compensated tools in bf16 training (the quality
@@ -318,8 +350,10 @@ class Search:
 
     def modes(self):
         mode = self.fixed.get("mode")
-        if self.fixed.get("master_weights", "fp32") != "fp32" or self.fixed.get("optimizer_in_backward"):
-            return ["full"]  # bf16 weights without masters (and the step in the backward) are full-finetuning tools
+        if self.fixed.get("master_weights", "fp32") != "fp32" or self.fixed.get("optimizer_in_backward") \
+                or self.fixed.get("optimizer") == "adam_mini":
+            # bf16 weights without masters, the step in the backward and Adam-mini are full-finetuning tools
+            return ["full"]
         return [mode] if mode else list(MODES)
 
     def choose(self, modes=None):

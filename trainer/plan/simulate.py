@@ -40,7 +40,8 @@ from trainer.model.builder import build_module
 from trainer.model.gpt2 import TORCH_DTYPES, fit_to_config, gpt2_config
 from trainer.model.loss import LMWithLoss, chunked_lm_loss
 from trainer.model.offload import MIN_BYTES as OFFLOAD_MIN_BYTES
-from trainer.optim.optimizer import adamw_hyperparameters, client_optimizer, is_client, master_optimizer, param_groups
+from trainer.optim.optimizer import (adam_mini_optimizer, adamw_hyperparameters, client_optimizer, is_client,
+                                     master_optimizer, param_groups)
 from trainer.optim.release import step_in_backward
 from trainer.plan.cuda_kernels import cuda_kernels
 from trainer.plan.memory import ZERO0_ALLREDUCE_ELEMENTS, deepspeed_path
@@ -200,6 +201,20 @@ class _Bf16WeightsStep:
             return
         torch.nn.utils.get_total_norm([p.grad for p in self.masters])
         self.opt.step()  # (torchao's compiled step runs eagerly: simulate()'s _eager_compile)
+
+
+class _AdamMiniStep(_Bf16WeightsStep):
+    """optimizer=adam_mini (the plain path at fp32, or the bf16_weights path): Adam-mini on the module's own
+    tensors, by name (trainer/optim/optimizer.adam_mini_optimizer), after the trainer's gradient norm."""
+
+    def __init__(self, module, cfg):  # (not super().__init__: it builds the bf16_weights path's optimizer)
+        self.masters = [p for p in module.parameters() if p.requires_grad]
+        self.opt = adam_mini_optimizer(module, cfg)
+
+
+def _own_weights_step(module, params, cfg, plan):
+    """The step on the module's own parameters: Adam-mini's, or the bf16_weights path's client optimizer."""
+    return _AdamMiniStep(module, cfg) if plan.optimizer == "adam_mini" else _Bf16WeightsStep(params, cfg, plan)
 
 
 @contextlib.contextmanager
@@ -475,7 +490,7 @@ def simulate(cfg, shape, plan, packed=False, cpu_step=False):
         if released:
             # (trainer/optim/release.py: its own hook's norm check is a host sync, which fake tensors cannot do; its
             # scalars and in-place clip add nothing measurable)
-            opt = _Bf16WeightsStep(params, cfg, plan)
+            opt = _own_weights_step(module, params, cfg, plan)
             step_in_backward(module, opt.opt)
             warm = module(*_fake_batch(b, s, packed))  # the first backward creates the states: the second is a step
             warm.backward()
@@ -512,7 +527,8 @@ def simulate(cfg, shape, plan, packed=False, cpu_step=False):
         transient = states = 0
         if plan.offload == "none":
             if path != "bf16_optimizer" and not released:  # (those are built above: their hooks run in backward)
-                opt = _Bf16WeightsStep(params, cfg, plan) if path == "bf16_weights" \
+                opt = _own_weights_step(module, params, cfg, plan) \
+                    if path == "bf16_weights" or plan.optimizer == "adam_mini" \
                     else _Zero0Step(params, cfg, plan, cpu_step) if plan.zero_stage == 0 \
                     else _ZeroStep(module, cfg, plan, cpu_step)
             opt.step()  # the first step creates the states; the second is every later step

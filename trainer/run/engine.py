@@ -10,8 +10,8 @@ import torch
 
 from trainer.config import REPO_ROOT
 from trainer.errors import UserError
-from trainer.optim.optimizer import (adamw_hyperparameters, client_optimizer, group_lr, is_client, master_optimizer,
-                                     param_groups)
+from trainer.optim.optimizer import (adam_mini_optimizer, adamw_hyperparameters, client_optimizer, group_lr,
+                                     is_client, master_optimizer, param_groups)
 from trainer.optim.release import GradientRelease
 from trainer.plan.memory import deepspeed_path
 
@@ -130,6 +130,9 @@ def create_engine(module, cfg, plan, world_size, on_gpu, load_universal=False):
     if path.optimizer == "bf16_weights":
         # no fp32 copy: the module is bf16 and DeepSpeed, told of no precision, steps the client optimizer on it
         module.to(torch.bfloat16)
+    if plan.optimizer == "adam_mini":  # on the module's own tensors, one group each, by name
+        groups, optimizer = None, adam_mini_optimizer(module, cfg)
+    elif path.optimizer == "bf16_weights":
         groups = param_groups(module, cfg.weight_decay)
         optimizer = master_optimizer(plan.master_weights, groups, cfg, plan.optimizer, plan.optimizer_in_backward)
     else:
