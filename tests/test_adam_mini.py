@@ -11,6 +11,7 @@ import pytest
 
 from conftest import REPO, fails_cleanly, python, run_cmd, train_args
 from test_master_weights import ITERS, RUN as MASTER_RUN, losses, xl_plan
+from test_multirank import TOLERANCE, launch
 from trainer.config import Config
 from trainer.model.shapes import gpt2_named_shapes
 from trainer.optim.optimizer import adam_mini_block
@@ -106,3 +107,14 @@ def test_a_run_trains_and_the_fp32_one_resumes_exactly(data_dir, tmp_path, keys)
     run_cmd(python(*train_args(data_dir, half, *RUN, *keys, f"--max_iters={ITERS // 2}")), cwd=REPO)
     resumed = run_cmd(python(*train_args(data_dir, half, *RUN, "--init_from=resume")), cwd=REPO).stdout
     assert losses(resumed) == ran[ITERS // 2:], (losses(resumed), ran)
+
+
+@pytest.mark.slow
+def test_two_ranks_step_as_one_rank(data_dir, tmp_path):
+    """ZeRO-0 on two CPU ranks (fp32): each rank steps its whole tensors with the averaged gradient, Adam-mini's
+    own cross-rank sums off (trainer/optim/optimizer.adam_mini_optimizer): the val loss is one rank's within
+    test_multirank.py's tolerance, the order of the floating-point reductions aside."""
+    one = launch(data_dir, tmp_path / "r1", 1, 0, "--optimizer=adam_mini")[0]
+    two, stdout = launch(data_dir, tmp_path / "r2", 2, 0, "--optimizer=adam_mini")
+    assert "x 2 ranks" in stdout and one[30] < one[0] - 0.8, (one, stdout[-2000:])
+    assert abs(two[30] - one[30]) < TOLERANCE, (two, one)

@@ -21,9 +21,9 @@ RUN = ["--recipe", "shakespeare_char_cpu", "--max_iters=30", "--eval_interval=30
        "--log_interval=10", "--warmup_iters=5", "--lr_decay_iters=30", "--sample_max_new_tokens=0"]
 
 
-def launch(data_dir, out_dir, num_gpus, zero_stage):
+def launch(data_dir, out_dir, num_gpus, zero_stage, *extra):
     cmd = deepspeed_cmd(REPO / "launch/train.py", *RUN, f"--data_dir={data_dir}", f"--out_dir={out_dir}",
-                        f"--zero_stage={zero_stage}", num_gpus=num_gpus)
+                        f"--zero_stage={zero_stage}", *extra, num_gpus=num_gpus)
     proc = run_cmd(cmd, cwd=REPO)
     # DeepSpeed's CPU all-reduce makes a 66 MiB /dev/shm file per rank, named by the master port, and never
     # removes it; the trainer unlinks each once every rank has mapped it (trainer/ranks.py)
