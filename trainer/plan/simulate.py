@@ -180,13 +180,16 @@ class _Zero0Step:
                 p.data.copy_(master.data)
 
 
-class _Bf16WeightsStep:
-    """The bf16_weights path: the client optimizer (trainer/optim/optimizer.master_optimizer) on the bf16
-    parameters themselves, after the trainer's gradient norm (trainer/run/engine.clip_or_skip: one norm per
-    tensor, then theirs)."""
+class _OwnWeightsStep:
+    """The optimizer on the module's own parameters, after the trainer's gradient norm
+    (trainer/run/engine.clip_or_skip: one norm per tensor, then theirs): the bf16_weights path's client optimizer
+    (trainer/optim/optimizer.master_optimizer), or Adam-mini on either of its paths (by name: adam_mini_optimizer)."""
 
-    def __init__(self, params, cfg, plan):
-        self.masters = [p for group in param_groups(params, 0.0) for p in group["params"]]
+    def __init__(self, module, cfg, plan):
+        self.masters = [p for group in param_groups(module, 0.0) for p in group["params"]]
+        if plan.optimizer == "adam_mini":
+            self.opt = adam_mini_optimizer(module, cfg)
+            return
         self.opt = master_optimizer(plan.master_weights, param_groups(self.masters, cfg.weight_decay), cfg,
                                     plan.optimizer, plan.optimizer_in_backward)
         if plan.optimizer == "adamw4bit":
@@ -201,20 +204,6 @@ class _Bf16WeightsStep:
             return
         torch.nn.utils.get_total_norm([p.grad for p in self.masters])
         self.opt.step()  # (torchao's compiled step runs eagerly: simulate()'s _eager_compile)
-
-
-class _AdamMiniStep(_Bf16WeightsStep):
-    """optimizer=adam_mini (the plain path at fp32, or the bf16_weights path): Adam-mini on the module's own
-    tensors, by name (trainer/optim/optimizer.adam_mini_optimizer), after the trainer's gradient norm."""
-
-    def __init__(self, module, cfg):  # (not super().__init__: it builds the bf16_weights path's optimizer)
-        self.masters = [p for p in module.parameters() if p.requires_grad]
-        self.opt = adam_mini_optimizer(module, cfg)
-
-
-def _own_weights_step(module, params, cfg, plan):
-    """The step on the module's own parameters: Adam-mini's, or the bf16_weights path's client optimizer."""
-    return _AdamMiniStep(module, cfg) if plan.optimizer == "adam_mini" else _Bf16WeightsStep(params, cfg, plan)
 
 
 @contextlib.contextmanager
@@ -490,7 +479,7 @@ def simulate(cfg, shape, plan, packed=False, cpu_step=False):
         if released:
             # (trainer/optim/release.py: its own hook's norm check is a host sync, which fake tensors cannot do; its
             # scalars and in-place clip add nothing measurable)
-            opt = _own_weights_step(module, params, cfg, plan)
+            opt = _OwnWeightsStep(module, cfg, plan)
             step_in_backward(module, opt.opt)
             warm = module(*_fake_batch(b, s, packed))  # the first backward creates the states: the second is a step
             warm.backward()
@@ -527,8 +516,7 @@ def simulate(cfg, shape, plan, packed=False, cpu_step=False):
         transient = states = 0
         if plan.offload == "none":
             if path != "bf16_optimizer" and not released:  # (those are built above: their hooks run in backward)
-                opt = _own_weights_step(module, params, cfg, plan) \
-                    if path == "bf16_weights" or plan.optimizer == "adam_mini" \
+                opt = _OwnWeightsStep(module, cfg, plan) if path == "bf16_weights" or plan.optimizer == "adam_mini" \
                     else _Zero0Step(params, cfg, plan, cpu_step) if plan.zero_stage == 0 \
                     else _ZeroStep(module, cfg, plan, cpu_step)
             opt.step()  # the first step creates the states; the second is every later step
